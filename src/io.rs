@@ -1,0 +1,453 @@
+//! Loading and saving ONNX models, with their external data.
+//!
+//! A model is decoded straight from a memory map: `raw_data` fields are `bytes::Bytes` slices of
+//! the map, so weights are never copied on load. External data (`data_location = EXTERNAL`,
+//! keys `location`, `offset`, `length`) is resolved against the model's folder and memory-mapped
+//! too. Saving writes into a staging folder beside the target, then renames, so an interrupted
+//! or failed save never leaves a half-written model.
+
+use crate::error::{Error, Result};
+use crate::proto::{tensor_proto::DataLocation, GraphProto, ModelProto, StringStringEntryProto, TensorProto};
+use crate::tensor::{checked_numel, elem_size};
+use bytes::Bytes;
+use prost::Message;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Component, Path, PathBuf};
+
+/// Protobuf's hard limit on a message: a model whose inline encoding would pass it must be
+/// saved with external data.
+pub const PROTOBUF_LIMIT: usize = (1usize << 31) - 1;
+/// Tensors of at least this many bytes go to the external data file when saving externally.
+pub const EXTERNAL_THRESHOLD: usize = 1024;
+
+/// A decoded model plus what is needed to read its weights.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub proto: ModelProto,
+    /// The file it was loaded from, if any.
+    pub path: Option<PathBuf>,
+    /// Memory maps of the external data files, by `location`.
+    external_files: HashMap<String, Bytes>,
+}
+
+fn map_file(path: &Path) -> Result<Bytes> {
+    let file = File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+    if len == 0 {
+        return Ok(Bytes::new());
+    }
+    // SAFETY: the map is read-only; a concurrent writer of the same file is outside what any
+    // model loader can defend against (the same holds for onnxruntime and tract).
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+    Ok(Bytes::from_owner(map))
+}
+
+fn entry<'a>(t: &'a TensorProto, key: &str) -> Option<&'a str> {
+    t.external_data.iter().find(|e| e.key() == key).map(|e| e.value())
+}
+
+/// Whether a tensor's data lives in an external file.
+pub fn is_external(t: &TensorProto) -> bool {
+    t.data_location == Some(DataLocation::External as i32)
+}
+
+/// Every tensor stored in a graph: initializers, sparse initializers' parts, Constant nodes'
+/// tensor attributes, and the same in subgraphs.
+fn for_each_tensor<'a>(g: &'a GraphProto, f: &mut dyn FnMut(&'a TensorProto) -> Result<()>) -> Result<()> {
+    for t in &g.initializer {
+        f(t)?;
+    }
+    for s in &g.sparse_initializer {
+        if let Some(v) = &s.values {
+            f(v)?;
+        }
+        if let Some(i) = &s.indices {
+            f(i)?;
+        }
+    }
+    for n in &g.node {
+        for a in &n.attribute {
+            if let Some(t) = &a.t {
+                f(t)?;
+            }
+            for t in &a.tensors {
+                f(t)?;
+            }
+            if let Some(sg) = &a.g {
+                for_each_tensor(sg, f)?;
+            }
+            for sg in &a.graphs {
+                for_each_tensor(sg, f)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn for_each_tensor_mut(g: &mut GraphProto, f: &mut dyn FnMut(&mut TensorProto) -> Result<()>) -> Result<()> {
+    for t in &mut g.initializer {
+        f(t)?;
+    }
+    for s in &mut g.sparse_initializer {
+        if let Some(v) = &mut s.values {
+            f(v)?;
+        }
+        if let Some(i) = &mut s.indices {
+            f(i)?;
+        }
+    }
+    for n in &mut g.node {
+        for a in &mut n.attribute {
+            if let Some(t) = &mut a.t {
+                f(t)?;
+            }
+            for t in &mut a.tensors {
+                f(t)?;
+            }
+            if let Some(sg) = &mut a.g {
+                for_each_tensor_mut(sg, f)?;
+            }
+            for sg in &mut a.graphs {
+                for_each_tensor_mut(sg, f)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A `location` must stay inside the model's folder: relative, no `..`, no root or prefix.
+fn safe_location(location: &str) -> bool {
+    let p = Path::new(location);
+    !location.is_empty()
+        && p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+}
+
+/// Where the bytes of an external tensor are: (location, offset, length).
+fn external_ref(t: &TensorProto) -> std::result::Result<(String, usize, Option<usize>), String> {
+    let loc = entry(t, "location").ok_or("no 'location' key")?.to_string();
+    let num = |k: &str| -> std::result::Result<Option<usize>, String> {
+        entry(t, k)
+            .map(|v| v.trim().parse::<usize>().map_err(|_| format!("'{k}' is not a byte count: {v:?}")))
+            .transpose()
+    };
+    Ok((loc, num("offset")?.unwrap_or(0), num("length")?))
+}
+
+impl Model {
+    /// Wrap a model built in memory (no file behind it).
+    pub fn from_proto(proto: ModelProto) -> Model {
+        Model { proto, path: None, external_files: HashMap::new() }
+    }
+
+    /// Load a model from a file, memory-mapped; resolve and check its external data.
+    pub fn load(path: impl AsRef<Path>) -> Result<Model> {
+        let path = path.as_ref();
+        let bytes = map_file(path)?;
+        if bytes.is_empty() {
+            return Err(Error::format(path, "empty file"));
+        }
+        Self::decode(bytes, path)
+    }
+
+    /// Decode a model from bytes; `path` names the file (and its folder holds external data).
+    pub fn decode(bytes: Bytes, path: &Path) -> Result<Model> {
+        let proto = ModelProto::decode(bytes)
+            .map_err(|e| Error::format(path, format!("not an ONNX model (protobuf: {e})")))?;
+        if proto.graph.is_none() {
+            return Err(Error::format(path, "not an ONNX model: no graph"));
+        }
+        if proto.ir_version.is_none() && proto.opset_import.is_empty() {
+            return Err(Error::format(path, "not an ONNX model: no ir_version and no opset_import"));
+        }
+        let mut model = Model { proto, path: Some(path.to_path_buf()), external_files: HashMap::new() };
+        model.resolve_external()?;
+        model.check_tensors()?;
+        Ok(model)
+    }
+
+    /// The folder external data locations are relative to.
+    pub fn dir(&self) -> PathBuf {
+        match self.path.as_ref().and_then(|p| p.parent()) {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        }
+    }
+
+    fn display_path(&self) -> PathBuf {
+        self.path.clone().unwrap_or_else(|| PathBuf::from("<memory>"))
+    }
+
+    fn resolve_external(&mut self) -> Result<()> {
+        let dir = self.dir();
+        let path = self.display_path();
+        let mut files: HashMap<String, Bytes> = HashMap::new();
+        let graph = self.proto.graph.as_ref().unwrap();
+        for_each_tensor(graph, &mut |t| {
+            if !is_external(t) {
+                return Ok(());
+            }
+            let bad = |msg: String| Error::ExternalData { path: path.clone(), msg: format!("tensor '{}': {msg}", t.name()) };
+            let (loc, offset, length) = external_ref(t).map_err(bad)?;
+            if !safe_location(&loc) {
+                return Err(bad(format!("location {loc:?} escapes the model's folder; refused as unsafe")));
+            }
+            if !files.contains_key(&loc) {
+                let file = dir.join(&loc);
+                let data = map_file(&file).map_err(|e| match e {
+                    Error::Io { msg, .. } => bad(format!("cannot read {}: {msg}", file.display())),
+                    e => e,
+                })?;
+                files.insert(loc.clone(), data);
+            }
+            let data = &files[&loc];
+            let end = match length {
+                Some(l) => offset.checked_add(l),
+                None => Some(data.len()),
+            };
+            match end {
+                Some(end) if end <= data.len() && offset <= end => Ok(()),
+                _ => Err(bad(format!(
+                    "{loc} holds {} bytes, tensor wants offset {offset} length {}",
+                    data.len(),
+                    length.map(|l| l.to_string()).unwrap_or_else(|| "(rest)".into())
+                ))),
+            }
+        })?;
+        self.external_files = files;
+        Ok(())
+    }
+
+    /// Check every stored tensor's size against its dims and type, so later code can trust them.
+    fn check_tensors(&self) -> Result<()> {
+        let path = self.display_path();
+        let graph = self.proto.graph.as_ref().unwrap();
+        for_each_tensor(graph, &mut |t| {
+            let bad = |msg: String| Error::format(path.clone(), format!("tensor '{}': {msg}", t.name()));
+            let n = checked_numel(&t.dims).map_err(bad)?;
+            let dt = t.data_type.unwrap_or(0);
+            if let Some(raw) = self.raw_bytes(t).map_err(|e| bad(e.to_string()))? {
+                if let Some(sz) = elem_size(dt) {
+                    let want = n.checked_mul(sz).ok_or_else(|| bad("size overflows".into()))?;
+                    if raw.len() != want {
+                        return Err(bad(format!(
+                            "{} bytes of data, but dims {:?} of {sz}-byte elements need {want}",
+                            raw.len(),
+                            t.dims
+                        )));
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// The raw bytes of a tensor: its `raw_data`, or the slice of its external file; `None`
+    /// when the values are in the typed fields (`float_data`, ...).
+    pub fn raw_bytes(&self, t: &TensorProto) -> Result<Option<Bytes>> {
+        if is_external(t) {
+            let (loc, offset, length) = external_ref(t)
+                .map_err(|m| Error::ExternalData { path: self.display_path(), msg: format!("tensor '{}': {m}", t.name()) })?;
+            let data = self.external_files.get(&loc).ok_or_else(|| Error::ExternalData {
+                path: self.display_path(),
+                msg: format!("tensor '{}': {loc} was not loaded", t.name()),
+            })?;
+            let end = length.map(|l| offset + l).unwrap_or(data.len());
+            return Ok(Some(data.slice(offset..end)));
+        }
+        Ok(t.raw_data.clone())
+    }
+
+    /// Whether any tensor of the model is stored externally.
+    pub fn has_external_data(&self) -> bool {
+        let mut any = false;
+        if let Some(g) = &self.proto.graph {
+            let _ = for_each_tensor(g, &mut |t| {
+                any |= is_external(t);
+                Ok(())
+            });
+        }
+        any
+    }
+
+    /// The model with every tensor inline: external tensors get their bytes as `raw_data`.
+    pub fn to_inline(&self) -> Result<ModelProto> {
+        let mut proto = self.proto.clone();
+        let mut err = None;
+        if let Some(g) = &mut proto.graph {
+            for_each_tensor_mut(g, &mut |t| {
+                if is_external(t) {
+                    match self.raw_bytes(t) {
+                        Ok(b) => {
+                            t.raw_data = b;
+                            t.external_data.clear();
+                            t.data_location = None;
+                        }
+                        Err(e) => err = Some(e),
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        match err {
+            Some(e) => Err(e),
+            None => Ok(proto),
+        }
+    }
+}
+
+/// How to store weights when saving.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DataMode {
+    /// External if the model came with external data or would pass protobuf's 2 GiB limit.
+    #[default]
+    Auto,
+    Inline,
+    External,
+}
+
+/// The files a save wrote.
+#[derive(Clone, Debug)]
+pub struct Saved {
+    pub model: PathBuf,
+    pub data: Option<PathBuf>,
+}
+
+/// A save written into a staging folder beside the target, not yet moved into place.
+/// Dropping it without [`Staged::commit`] removes everything it wrote.
+pub struct Staged {
+    dir: PathBuf,
+    name: std::ffi::OsString,
+    data_name: Option<String>,
+    target_dir: PathBuf,
+    committed: bool,
+}
+
+impl Staged {
+    /// The staged model file (its external data sits beside it), e.g. for verification.
+    pub fn model_path(&self) -> PathBuf {
+        self.dir.join(&self.name)
+    }
+
+    /// Move the staged files into place: the data file first, then the model; remove a stale
+    /// `<model>.data` left by an earlier run when the new model has none.
+    pub fn commit(mut self) -> Result<Saved> {
+        let target = self.target_dir.join(&self.name);
+        let stale = PathBuf::from(format!("{}.data", target.display()));
+        let data = match &self.data_name {
+            Some(d) => {
+                let to = self.target_dir.join(d);
+                std::fs::rename(self.dir.join(d), &to).map_err(|e| Error::io(&to, e))?;
+                Some(to)
+            }
+            None => {
+                if stale.exists() {
+                    std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, e))?;
+                }
+                None
+            }
+        };
+        std::fs::rename(self.model_path(), &target).map_err(|e| Error::io(&target, e))?;
+        self.committed = true;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        Ok(Saved { model: target, data })
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn write_synced(path: &Path, f: impl FnOnce(&mut std::io::BufWriter<&File>) -> std::io::Result<()>) -> Result<()> {
+    let file = File::create(path).map_err(|e| Error::io(path, e))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
+    f(&mut w).and_then(|_| w.flush()).map_err(|e| Error::io(path, e))?;
+    drop(w);
+    file.sync_all().map_err(|e| Error::io(path, e))
+}
+
+/// Stage a save of `model` to `path` (see [`Staged`]).
+pub fn stage(model: &Model, path: &Path, mode: DataMode) -> Result<Staged> {
+    let name = path.file_name().ok_or_else(|| Error::Usage(format!("{}: not a file name", path.display())))?.to_owned();
+    let target_dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !target_dir.is_dir() {
+        return Err(Error::io(&target_dir, "no such folder"));
+    }
+    let external = match mode {
+        DataMode::Inline => false,
+        DataMode::External => true,
+        DataMode::Auto => model.has_external_data() || model.proto.encoded_len() > PROTOBUF_LIMIT,
+    };
+    let dir = target_dir.join(format!(".acnet-onnx-{}-{}", std::process::id(), unique()));
+    std::fs::create_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+    let mut staged = Staged { dir, name, data_name: None, target_dir, committed: false };
+    let model_file = staged.model_path();
+
+    if !external {
+        let proto = if model.has_external_data() { std::borrow::Cow::Owned(model.to_inline()?) } else { std::borrow::Cow::Borrowed(&model.proto) };
+        let len = proto.encoded_len();
+        if len > PROTOBUF_LIMIT {
+            return Err(Error::Usage(format!(
+                "{}: the model is {len} bytes inline, over protobuf's 2 GiB limit; save with external data",
+                path.display()
+            )));
+        }
+        let mut buf = Vec::with_capacity(len);
+        proto.encode(&mut buf).expect("Vec has room");
+        write_synced(&model_file, |w| w.write_all(&buf))?;
+        return Ok(staged);
+    }
+
+    let data_name = format!("{}.data", staged.name.to_string_lossy());
+    let data_file = staged.dir.join(&data_name);
+    let mut proto = model.proto.clone();
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut offset = 0usize;
+    if let Some(g) = &mut proto.graph {
+        for_each_tensor_mut(g, &mut |t| {
+            let raw = match model.raw_bytes(t)? {
+                Some(r) if is_external(t) || r.len() >= EXTERNAL_THRESHOLD => r,
+                _ => return Ok(()),
+            };
+            t.raw_data = None;
+            t.data_location = Some(DataLocation::External as i32);
+            t.external_data = vec![
+                kv("location", &data_name),
+                kv("offset", &offset.to_string()),
+                kv("length", &raw.len().to_string()),
+            ];
+            offset += raw.len();
+            chunks.push(raw);
+            Ok(())
+        })?;
+    }
+    write_synced(&data_file, |w| chunks.iter().try_for_each(|c| w.write_all(c)))?;
+    staged.data_name = Some(data_name);
+    let buf = proto.encode_to_vec();
+    write_synced(&model_file, |w| w.write_all(&buf))?;
+    Ok(staged)
+}
+
+fn kv(k: &str, v: &str) -> StringStringEntryProto {
+    StringStringEntryProto { key: Some(k.to_string()), value: Some(v.to_string()) }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos() as u64).unwrap_or(0);
+    (t << 16) ^ N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Save `model` to `path` atomically (staged, then renamed).
+pub fn save(model: &Model, path: &Path, mode: DataMode) -> Result<Saved> {
+    stage(model, path, mode)?.commit()
+}

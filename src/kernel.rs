@@ -1,0 +1,219 @@
+//! An affine convolution — weight, bias and geometry — and the algebra of re-parameterisation:
+//! fold a BatchNormalization into it, place a smaller kernel inside a larger one at the tap offset
+//! its geometry implies, add. All maths in f64.
+
+use ndarray::{Array1, ArrayD, Dimension, IxDyn, Slice};
+
+/// A convolution `y = conv(crop(x), W) + b`, per spatial axis with stride, dilation, padding and
+/// a crop (a shift of the window: positive values read `x[crop_b .. len - crop_e]`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AffineConv {
+    /// `[O, C/groups, k_1, ..., k_n]`
+    pub weight: ArrayD<f64>,
+    /// `[O]`
+    pub bias: Array1<f64>,
+    pub groups: usize,
+    pub strides: Vec<usize>,
+    pub dilations: Vec<usize>,
+    pub pads_begin: Vec<i64>,
+    pub pads_end: Vec<i64>,
+    pub crop_begin: Vec<i64>,
+    pub crop_end: Vec<i64>,
+}
+
+/// BatchNormalization parameters in inference mode.
+#[derive(Clone, Debug)]
+pub struct BatchNorm {
+    pub scale: Array1<f64>,
+    pub bias: Array1<f64>,
+    pub mean: Array1<f64>,
+    pub var: Array1<f64>,
+    pub epsilon: f64,
+}
+
+impl BatchNorm {
+    /// `y = x * a + c` per channel.
+    pub fn affine(&self) -> (Array1<f64>, Array1<f64>) {
+        let std = self.var.mapv(|v| (v + self.epsilon).sqrt());
+        let a = &self.scale / &std;
+        let c = &self.bias - &(&self.mean * &a);
+        (a, c)
+    }
+}
+
+impl AffineConv {
+    pub fn out_channels(&self) -> usize {
+        self.weight.shape()[0]
+    }
+    pub fn in_channels(&self) -> usize {
+        self.weight.shape()[1] * self.groups
+    }
+    pub fn rank(&self) -> usize {
+        self.weight.ndim() - 2
+    }
+    pub fn kernel(&self) -> &[usize] {
+        &self.weight.shape()[2..]
+    }
+
+    /// A plain convolution with zero crop.
+    pub fn new(weight: ArrayD<f64>, bias: Option<Array1<f64>>, groups: usize, strides: Vec<usize>, dilations: Vec<usize>, pads_begin: Vec<i64>, pads_end: Vec<i64>) -> AffineConv {
+        let o = weight.shape()[0];
+        let r = weight.ndim() - 2;
+        AffineConv {
+            weight,
+            bias: bias.unwrap_or_else(|| Array1::zeros(o)),
+            groups,
+            strides,
+            dilations,
+            pads_begin,
+            pads_end,
+            crop_begin: vec![0; r],
+            crop_end: vec![0; r],
+        }
+    }
+
+    /// The identity on `channels` channels as a one-tap kernel (output channel o reads input
+    /// channel o, which is index `o mod (C/groups)` within its group).
+    pub fn identity(channels: usize, groups: usize, rank: usize) -> AffineConv {
+        let cg = channels / groups;
+        let mut shape = vec![channels, cg];
+        shape.extend(std::iter::repeat_n(1, rank));
+        let mut w = ArrayD::zeros(IxDyn(&shape));
+        for o in 0..channels {
+            let mut idx = vec![o, o % cg];
+            idx.extend(std::iter::repeat_n(0, rank));
+            w[IxDyn(&idx)] = 1.0;
+        }
+        AffineConv::new(w, None, groups, vec![1; rank], vec![1; rank], vec![0; rank], vec![0; rank])
+    }
+
+    /// Follow the convolution by a per-output-channel affine map `y * a + c`.
+    pub fn then_affine(&mut self, a: &Array1<f64>, c: &Array1<f64>) {
+        for (o, mut w) in self.weight.outer_iter_mut().enumerate() {
+            w *= a[o];
+        }
+        self.bias = &self.bias * a + c;
+    }
+
+    /// Fold a BatchNormalization that follows this convolution.
+    pub fn fold_bn(&mut self, bn: &BatchNorm) {
+        let (a, c) = bn.affine();
+        self.then_affine(&a, &c);
+    }
+
+    /// Where this (smaller) convolution's taps land inside `big`'s kernel, per axis, or why they
+    /// cannot. Both must read the same input; the merged convolution has `big`'s geometry, which
+    /// must have no crop.
+    pub fn offset_in(&self, big: &AffineConv) -> Result<Vec<usize>, String> {
+        if self.rank() != big.rank() {
+            return Err(format!("{}-d and {}-d convolutions", self.rank(), big.rank()));
+        }
+        if self.out_channels() != big.out_channels() {
+            return Err(format!("{} vs {} output channels", self.out_channels(), big.out_channels()));
+        }
+        if self.groups != big.groups {
+            return Err(format!("groups {} vs {}", self.groups, big.groups));
+        }
+        if self.weight.shape()[1] != big.weight.shape()[1] {
+            return Err(format!("{} vs {} input channels per group", self.weight.shape()[1], big.weight.shape()[1]));
+        }
+        let mut offs = Vec::with_capacity(self.rank());
+        for ax in 0..self.rank() {
+            let (k, kk) = (self.kernel()[ax] as i64, big.kernel()[ax] as i64);
+            if self.strides[ax] != big.strides[ax] {
+                return Err(format!("stride {} vs {} on axis {ax}", self.strides[ax], big.strides[ax]));
+            }
+            let dd = big.dilations[ax] as i64;
+            // a one-tap kernel has no dilation to speak of
+            let d = if k == 1 { dd } else { self.dilations[ax] as i64 };
+            if d != dd && kk > 1 {
+                return Err(format!("dilation {d} vs {dd} on axis {ax}"));
+            }
+            let (pb, pe, cb, ce) = (self.pads_begin[ax], self.pads_end[ax], self.crop_begin[ax], self.crop_end[ax]);
+            if (cb > 0 && pb > 0) || (ce > 0 && pe > 0) {
+                return Err(format!("crop and padding on the same side of axis {ax}"));
+            }
+            if cb < 0 || ce < 0 {
+                return Err(format!("negative crop on axis {ax}"));
+            }
+            // output length: floor((L - cb - ce + pb + pe - d(k-1) - 1)/s) + 1, equal for every L
+            let span_small = pb + pe - cb - ce - d * (k - 1);
+            let span_big = big.pads_begin[ax] + big.pads_end[ax] - dd * (kk - 1);
+            if span_small != span_big {
+                return Err(format!("paddings give a different output size on axis {ax}"));
+            }
+            let num = big.pads_begin[ax] - pb + cb;
+            if num % dd != 0 {
+                return Err(format!("taps fall between the large kernel's taps on axis {ax} (offset {num}/{dd})"));
+            }
+            let o = num / dd;
+            if o < 0 || o + k > kk {
+                return Err(format!("kernel of {k} at offset {o} does not fit in {kk} on axis {ax}"));
+            }
+            offs.push(o as usize);
+        }
+        Ok(offs)
+    }
+
+    /// Add `small` (weights and bias) into this convolution at tap offsets `offs`.
+    pub fn add_at(&mut self, small: &AffineConv, offs: &[usize]) {
+        let k = small.kernel().to_vec();
+        let mut view = self.weight.slice_each_axis_mut(|ax| {
+            let i = ax.axis.index();
+            if i < 2 {
+                Slice::from(..)
+            } else {
+                Slice::from(offs[i - 2]..offs[i - 2] + k[i - 2])
+            }
+        });
+        view += &small.weight;
+        self.bias += &small.bias;
+    }
+
+    /// Reference: compute the convolution directly on `x` (`[N, C, spatial...]`), loop by loop.
+    pub fn apply(&self, x: &ArrayD<f64>) -> ArrayD<f64> {
+        let r = self.rank();
+        let (n, o) = (x.shape()[0], self.out_channels());
+        let cg = self.weight.shape()[1];
+        let og = o / self.groups;
+        let len: Vec<i64> = (0..r).map(|a| x.shape()[2 + a] as i64 - self.crop_begin[a] - self.crop_end[a]).collect();
+        let out: Vec<usize> = (0..r)
+            .map(|a| {
+                let span = len[a] + self.pads_begin[a] + self.pads_end[a] - self.dilations[a] as i64 * (self.kernel()[a] as i64 - 1) - 1;
+                (span.div_euclid(self.strides[a] as i64) + 1).max(0) as usize
+            })
+            .collect();
+        let mut shape = vec![n, o];
+        shape.extend(&out);
+        let mut y = ArrayD::zeros(IxDyn(&shape));
+        let kernel = self.kernel().to_vec();
+        for idx in ndarray::indices(IxDyn(&shape)) {
+            let idx = idx.slice().to_vec();
+            let (b, oc) = (idx[0], idx[1]);
+            let g = oc / og;
+            let mut acc = self.bias[oc];
+            for c in 0..cg {
+                for t in ndarray::indices(IxDyn(&kernel)) {
+                    let t = t.slice();
+                    let mut xi = vec![b, g * cg + c];
+                    let mut inside = true;
+                    for a in 0..r {
+                        let q = idx[2 + a] as i64 * self.strides[a] as i64 - self.pads_begin[a] + t[a] as i64 * self.dilations[a] as i64;
+                        if q < 0 || q >= len[a] {
+                            inside = false;
+                            break;
+                        }
+                        xi.push((q + self.crop_begin[a]) as usize);
+                    }
+                    if inside {
+                        let mut wi = vec![oc, c];
+                        wi.extend_from_slice(t);
+                        acc += self.weight[IxDyn(&wi)] * x[IxDyn(&xi)];
+                    }
+                }
+            }
+            y[IxDyn(&idx)] = acc;
+        }
+        y
+    }
+}

@@ -1,0 +1,175 @@
+//! TensorProto ↔ ndarray. Float tensors convert to `f64` arrays (the kernel maths runs in f64)
+//! from `raw_data` or from the typed fields, and are written back in their own dtype.
+
+use crate::proto::{tensor_proto::DataType, TensorProto};
+use bytes::Bytes;
+use ndarray::{ArrayD, IxDyn};
+
+/// Floating-point element types the kernel maths handles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FloatType {
+    F32,
+    F16,
+    BF16,
+    F64,
+}
+
+impl FloatType {
+    pub fn from_onnx(dt: i32) -> Option<FloatType> {
+        match DataType::try_from(dt).ok()? {
+            DataType::Float => Some(FloatType::F32),
+            DataType::Float16 => Some(FloatType::F16),
+            DataType::Bfloat16 => Some(FloatType::BF16),
+            DataType::Double => Some(FloatType::F64),
+            _ => None,
+        }
+    }
+    pub fn onnx(self) -> i32 {
+        (match self {
+            FloatType::F32 => DataType::Float,
+            FloatType::F16 => DataType::Float16,
+            FloatType::BF16 => DataType::Bfloat16,
+            FloatType::F64 => DataType::Double,
+        }) as i32
+    }
+    pub fn size(self) -> usize {
+        match self {
+            FloatType::F32 => 4,
+            FloatType::F16 | FloatType::BF16 => 2,
+            FloatType::F64 => 8,
+        }
+    }
+}
+
+
+/// Size in bytes of one element of an ONNX data type, for the fixed-size types.
+pub fn elem_size(dt: i32) -> Option<usize> {
+    use DataType::*;
+    Some(match DataType::try_from(dt).ok()? {
+        Float | Int32 | Uint32 => 4,
+        Uint8 | Int8 | Bool | Float8e4m3fn | Float8e4m3fnuz | Float8e5m2 | Float8e5m2fnuz => 1,
+        Uint16 | Int16 | Float16 | Bfloat16 => 2,
+        Int64 | Uint64 | Double | Complex64 => 8,
+        Complex128 => 16,
+        _ => return None,
+    })
+}
+
+/// Number of elements from the dims, refusing negative dims and overflow.
+pub fn checked_numel(dims: &[i64]) -> Result<usize, String> {
+    let mut n: usize = 1;
+    for &d in dims {
+        if d < 0 {
+            return Err(format!("negative dimension {d} in {dims:?}"));
+        }
+        n = n.checked_mul(d as usize).ok_or_else(|| format!("dimensions {dims:?} overflow"))?;
+    }
+    Ok(n)
+}
+
+fn shape_of(t: &TensorProto) -> Result<Vec<usize>, String> {
+    checked_numel(&t.dims)?;
+    Ok(t.dims.iter().map(|&d| d as usize).collect())
+}
+
+/// Decode a float tensor to f64. `raw` is the tensor's bytes when stored as raw data (inline or
+/// resolved from external data); otherwise the typed fields are read.
+pub fn to_f64(t: &TensorProto, raw: Option<&[u8]>) -> Result<ArrayD<f64>, String> {
+    let ft = FloatType::from_onnx(t.data_type.unwrap_or(0))
+        .ok_or_else(|| format!("tensor '{}' has data type {} (not a float type)", t.name(), t.data_type.unwrap_or(0)))?;
+    let shape = shape_of(t)?;
+    let n = checked_numel(&t.dims)?;
+    let values: Vec<f64> = if let Some(raw) = raw {
+        if raw.len() != n * ft.size() {
+            return Err(format!(
+                "tensor '{}': {} bytes of data for {n} elements of {} bytes",
+                t.name(),
+                raw.len(),
+                ft.size()
+            ));
+        }
+        match ft {
+            FloatType::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+            FloatType::F64 => raw.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
+            FloatType::F16 => raw
+                .chunks_exact(2)
+                .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64())
+                .collect(),
+            FloatType::BF16 => raw
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64())
+                .collect(),
+        }
+    } else {
+        let v: Vec<f64> = match ft {
+            FloatType::F32 => t.float_data.iter().map(|&x| x as f64).collect(),
+            FloatType::F64 => t.double_data.clone(),
+            FloatType::F16 => t.int32_data.iter().map(|&x| half::f16::from_bits(x as u16).to_f64()).collect(),
+            FloatType::BF16 => t.int32_data.iter().map(|&x| half::bf16::from_bits(x as u16).to_f64()).collect(),
+        };
+        if v.len() != n {
+            return Err(format!("tensor '{}': {} values for {n} elements", t.name(), v.len()));
+        }
+        v
+    };
+    ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| e.to_string())
+}
+
+/// Decode an integer tensor (INT64 or INT32) to i64 values.
+pub fn to_i64(t: &TensorProto, raw: Option<&[u8]>) -> Result<Vec<i64>, String> {
+    let dt = DataType::try_from(t.data_type.unwrap_or(0)).map_err(|_| "unknown data type".to_string())?;
+    let n = checked_numel(&t.dims)?;
+    let v: Vec<i64> = match (dt, raw) {
+        (DataType::Int64, Some(r)) if r.len() == n * 8 => {
+            r.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
+        }
+        (DataType::Int32, Some(r)) if r.len() == n * 4 => {
+            r.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect()
+        }
+        (DataType::Int64, None) => t.int64_data.clone(),
+        (DataType::Int32, None) => t.int32_data.iter().map(|&x| x as i64).collect(),
+        (DataType::Int64 | DataType::Int32, Some(r)) => {
+            return Err(format!("tensor '{}': {} bytes of data for {n} elements", t.name(), r.len()))
+        }
+        _ => return Err(format!("tensor '{}' is not an integer tensor", t.name())),
+    };
+    if v.len() != n {
+        return Err(format!("tensor '{}': {} values for {n} elements", t.name(), v.len()));
+    }
+    Ok(v)
+}
+
+/// Encode an f64 array as a tensor of type `ft`, in `raw_data` (little-endian).
+pub fn from_f64(name: &str, a: &ArrayD<f64>, ft: FloatType) -> TensorProto {
+    let mut raw = Vec::with_capacity(a.len() * ft.size());
+    for &x in a.iter() {
+        match ft {
+            FloatType::F32 => raw.extend_from_slice(&(x as f32).to_le_bytes()),
+            FloatType::F64 => raw.extend_from_slice(&x.to_le_bytes()),
+            FloatType::F16 => raw.extend_from_slice(&half::f16::from_f64(x).to_bits().to_le_bytes()),
+            FloatType::BF16 => raw.extend_from_slice(&half::bf16::from_f64(x).to_bits().to_le_bytes()),
+        }
+    }
+    TensorProto {
+        dims: a.shape().iter().map(|&d| d as i64).collect(),
+        data_type: Some(ft.onnx()),
+        name: Some(name.to_string()),
+        raw_data: Some(Bytes::from(raw)),
+        ..Default::default()
+    }
+}
+
+/// Encode i64 values as an INT64 tensor.
+pub fn from_i64(name: &str, dims: &[i64], v: &[i64]) -> TensorProto {
+    let mut raw = Vec::with_capacity(v.len() * 8);
+    for x in v {
+        raw.extend_from_slice(&x.to_le_bytes());
+    }
+    TensorProto {
+        dims: dims.to_vec(),
+        data_type: Some(DataType::Int64 as i32),
+        name: Some(name.to_string()),
+        raw_data: Some(Bytes::from(raw)),
+        ..Default::default()
+    }
+}

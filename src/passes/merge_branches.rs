@@ -1,0 +1,378 @@
+//! A sum of branches of one input tensor becomes one Conv.
+//!
+//! Pattern: an Add tree (any nesting and operand order) or a Sum, whose leaves are branches.
+//! Leaves are grouped by the tensor they read; each branch is Conv(x), Conv(Slice(x)) (ACNet's
+//! crop), Conv(Pad(x)) with zero padding, BatchNormalization(x) (RepVGG's identity) or x itself.
+//! Check: every branch of a group fits, at a whole tap offset, inside the largest kernel with
+//! the same output size (see [`AffineConv::offset_in`]). Rewrite: one Conv with the largest
+//! branch's geometry writes the group's sum; what else the sum added stays an Add.
+
+use super::common::{graph, is_op, kernel_str, param_names, read_bn, read_conv, read_pad, read_slice, rewired_conv, fresh_name, const_f64};
+use super::{Ctx, Outcome, Patch, Refusal, Rewrite};
+use crate::graph::{default_opset, GraphIndex};
+use crate::io::Model;
+use crate::kernel::AffineConv;
+use crate::proto::{AttributeProto, NodeProto};
+use crate::tensor::FloatType;
+use std::collections::HashSet;
+
+const RULE: &str = "merge_branches";
+
+fn is_sum(n: &NodeProto, opset: i64) -> bool {
+    (is_op(n, "Add") && opset >= 7) || is_op(n, "Sum")
+}
+
+enum Kind {
+    /// A Conv (node index), through optional Slice/Pad nodes.
+    Conv { conv: usize },
+    /// The identity, optionally through a BatchNormalization (node index).
+    Identity { bn: Option<usize> },
+}
+
+struct Branch {
+    leaf: String,
+    source: String,
+    kind: Kind,
+    /// nodes that exist only for this branch
+    nodes: Vec<usize>,
+    /// geometry and weights, or why the branch cannot be read
+    conv: Result<(AffineConv, FloatType), String>,
+}
+
+/// Collect the leaves of the sum tree rooted at `root`; internal sum nodes into `internal`.
+fn leaves(m: &Model, ix: &GraphIndex, root: usize, opset: i64, internal: &mut Vec<usize>, out: &mut Vec<String>) {
+    let g = graph(m);
+    internal.push(root);
+    for inp in &g.node[root].input {
+        match ix.producer.get(inp) {
+            Some(&(p, _)) if is_sum(&g.node[p], opset) && ix.uses(inp) == 1 => leaves(m, ix, p, opset, internal, out),
+            _ => out.push(inp.clone()),
+        }
+    }
+}
+
+fn classify(m: &Model, ix: &GraphIndex, ctx: &Ctx, leaf: &str) -> Branch {
+    let g = graph(m);
+    let identity = |source: &str| Branch { leaf: leaf.to_string(), source: source.to_string(), kind: Kind::Identity { bn: None }, nodes: vec![], conv: Err(String::new()) };
+    let Some(&(p, _)) = ix.producer.get(leaf) else { return identity(leaf) };
+    let n = &g.node[p];
+    if ix.uses(leaf) != 1 {
+        return identity(leaf);
+    }
+    if is_op(n, "BatchNormalization") {
+        return Branch {
+            leaf: leaf.into(),
+            source: n.input[0].clone(),
+            kind: Kind::Identity { bn: Some(p) },
+            nodes: vec![p],
+            conv: Err(String::new()),
+        };
+    }
+    if !is_op(n, "Conv") {
+        return identity(leaf);
+    }
+    let mut nodes = vec![p];
+    let mut source = n.input[0].clone();
+    let mut conv = read_conv(m, ix, ctx, n);
+    // look through one Slice (crop) or Pad that only this branch reads
+    if let Some(&(q, _)) = ix.producer.get(&source) {
+        let pn = &g.node[q];
+        let through = (is_op(pn, "Slice") || is_op(pn, "Pad")) && ix.uses(&source) == 1;
+        if through {
+            if let Ok((k, _)) = &mut conv {
+                let rank = k.rank() + 2;
+                let geo = if is_op(pn, "Slice") {
+                    read_slice(m, ix, pn, rank).map(|(cb, ce)| (cb, ce, vec![0; rank - 2], vec![0; rank - 2]))
+                } else {
+                    read_pad(m, ix, ctx, pn, rank).map(|(pb, pe)| {
+                        let neg = |v: &Vec<i64>| v.iter().map(|&x| (-x).max(0)).collect::<Vec<_>>();
+                        let pos = |v: &Vec<i64>| v.iter().map(|&x| x.max(0)).collect::<Vec<_>>();
+                        (neg(&pb), neg(&pe), pos(&pb), pos(&pe))
+                    })
+                };
+                match geo {
+                    Ok((cb, ce, pb, pe)) => {
+                        for a in 0..k.rank() {
+                            k.crop_begin[a] += cb[a];
+                            k.crop_end[a] += ce[a];
+                            k.pads_begin[a] += pb[a];
+                            k.pads_end[a] += pe[a];
+                        }
+                    }
+                    Err(e) => conv = Err(e),
+                }
+            }
+            nodes.push(q);
+            source = pn.input[0].clone();
+        }
+    }
+    Branch { leaf: leaf.into(), source, kind: Kind::Conv { conv: p }, nodes, conv }
+}
+
+/// Merge one group of branches reading the same tensor. Returns the merged conv, its dtype and
+/// the index (into `group`) of the branch whose geometry and node it takes.
+fn merge(m: &Model, ix: &GraphIndex, ctx: &Ctx, group: &[&Branch]) -> Result<(AffineConv, FloatType, usize), String> {
+    let g = graph(m);
+    let mut base: Option<usize> = None;
+    for (k, b) in group.iter().enumerate() {
+        if let Kind::Conv { conv } = b.kind {
+            let (c, _) = b.conv.as_ref().map_err(|e| format!("Conv '{}': {e}", g.node[conv].name()))?;
+            let vol: usize = c.kernel().iter().product();
+            let better = match base {
+                None => true,
+                Some(j) => vol > group[j].conv.as_ref().unwrap().0.kernel().iter().product(),
+            };
+            if better {
+                base = Some(k);
+            }
+        }
+    }
+    let bi = base.ok_or("no Conv among the branches")?;
+    let (mut merged, ft) = group[bi].conv.clone().unwrap();
+    if merged.crop_begin.iter().chain(&merged.crop_end).any(|&c| c != 0) {
+        return Err(format!("the largest kernel reads a cropped input {:?}", merged));
+    }
+    let zero = AffineConv { weight: merged.weight.mapv(|_| 0.0), bias: merged.bias.mapv(|_| 0.0), ..merged.clone() };
+    let mut acc = zero;
+    for b in group.iter() {
+        let (k, kft) = match &b.kind {
+            Kind::Conv { .. } => b.conv.clone().unwrap(),
+            Kind::Identity { bn } => {
+                if merged.out_channels() != merged.in_channels() {
+                    return Err(format!(
+                        "identity branch '{}' but the Conv maps {} to {} channels",
+                        b.leaf,
+                        merged.in_channels(),
+                        merged.out_channels()
+                    ));
+                }
+                let mut id = AffineConv::identity(merged.out_channels(), merged.groups, merged.rank());
+                let mut ft_b = ft;
+                if let Some(bn) = bn {
+                    let (p, bft) = read_bn(m, ix, ctx, &g.node[*bn]).map_err(|e| format!("{e} ('{}')", g.node[*bn].name()))?;
+                    if p.scale.len() != merged.out_channels() {
+                        return Err(format!("identity BatchNormalization of {} channels", p.scale.len()));
+                    }
+                    id.fold_bn(&p);
+                    ft_b = bft;
+                }
+                (id, ft_b)
+            }
+        };
+        if kft != ft {
+            return Err("branches of different dtypes".into());
+        }
+        let offs = k.offset_in(&merged).map_err(|e| format!("branch '{}': {e}", b.leaf))?;
+        acc.add_at(&k, &offs);
+    }
+    merged.weight = acc.weight;
+    merged.bias = acc.bias;
+    Ok((merged, ft, bi))
+}
+
+/// A constant operand that adds a per-channel (or scalar) bias to a conv output of `o` channels
+/// and spatial rank `r`.
+fn channel_bias(a: &ndarray::ArrayD<f64>, o: usize, r: usize) -> Option<ndarray::Array1<f64>> {
+    let s = a.shape();
+    if s.len() > r + 2 {
+        return None;
+    }
+    let chan_pos = (r + 2) as isize - 1 - r as isize; // index of the channel axis, right-aligned
+    let off = (r + 2) - s.len();
+    let mut c = 1;
+    for (i, &d) in s.iter().enumerate() {
+        if (i + off) as isize == chan_pos {
+            c = d;
+        } else if d != 1 {
+            return None;
+        }
+    }
+    let flat: Vec<f64> = a.iter().copied().collect();
+    match c {
+        1 => Some(ndarray::Array1::from_elem(o, flat[0])),
+        c if c == o => Some(ndarray::Array1::from(flat)),
+        _ => None,
+    }
+}
+
+fn set_pads(n: &mut NodeProto, k: &AffineConv) {
+    n.attribute.retain(|a| a.name() != "auto_pad" && a.name() != "pads");
+    let mut pads = k.pads_begin.clone();
+    pads.extend(&k.pads_end);
+    n.attribute.push(AttributeProto {
+        name: Some("pads".into()),
+        ints: pads,
+        r#type: Some(crate::proto::attribute_proto::AttributeType::Ints as i32),
+        ..Default::default()
+    });
+}
+
+pub fn rule(m: &Model, ix: &GraphIndex, ctx: &Ctx, i: usize) -> Option<Outcome> {
+    let g = graph(m);
+    let opset = default_opset(&m.proto);
+    let root = &g.node[i];
+    if !is_sum(root, opset) || root.output.len() != 1 {
+        return None;
+    }
+    // only at the root of a sum tree
+    let out = &root.output[0];
+    if ix.uses(out) == 1 && !ix.outputs.contains(out) {
+        if let Some(&c) = ix.consumers_of(out).first() {
+            if is_sum(&g.node[c], opset) {
+                return None;
+            }
+        }
+    }
+    let mut internal = Vec::new();
+    let mut leaf_names = Vec::new();
+    leaves(m, ix, i, opset, &mut internal, &mut leaf_names);
+    let branches: Vec<Branch> = leaf_names.iter().map(|l| classify(m, ix, ctx, l)).collect();
+
+    // group by source, in order of first appearance
+    let mut sources: Vec<&str> = Vec::new();
+    for b in &branches {
+        if !sources.contains(&b.source.as_str()) {
+            sources.push(&b.source);
+        }
+    }
+    let mut outcome = Outcome::default();
+    let refuse = |reason: String| Refusal { rule: RULE, node: root.name().to_string(), reason };
+    struct Done {
+        members: Vec<usize>,
+        conv: AffineConv,
+        ft: FloatType,
+        base: usize,
+    }
+    let mut done: Vec<Done> = Vec::new();
+    for s in &sources {
+        let members: Vec<usize> = (0..branches.len()).filter(|&k| branches[k].source == *s).collect();
+        let n_conv = members.iter().filter(|&&k| matches!(branches[k].kind, Kind::Conv { .. })).count();
+        // a Conv on this source whose output is read elsewhere too
+        let leaked = branches.iter().find_map(|b| {
+            let (p, _) = ix.producer.get(&b.leaf)?;
+            let n = &g.node[*p];
+            let n = if is_op(n, "BatchNormalization") { ix.producer_node(g, &n.input[0])? } else { n };
+            let reads = ix.producer_node(g, &n.input[0]).filter(|q| is_op(q, "Slice") || is_op(q, "Pad")).map_or(&n.input[0], |q| &q.input[0]);
+            (is_op(n, "Conv") && matches!(b.kind, Kind::Identity { .. }) && reads == s && ix.uses(&b.leaf) > 1).then(|| n.name().to_string())
+        });
+        if n_conv == 0 || members.len() < 2 && leaked.is_none() {
+            continue;
+        }
+        if let Some(c) = leaked {
+            outcome.refusals.push(refuse(format!("output of Conv '{c}' is also used outside the block")));
+            continue;
+        }
+        if members.len() < 2 {
+            continue;
+        }
+        let group: Vec<&Branch> = members.iter().map(|&k| &branches[k]).collect();
+        match merge(m, ix, ctx, &group) {
+            Ok((conv, ft, b)) => done.push(Done { base: members[b], members, conv, ft }),
+            Err(e) => outcome.refusals.push(refuse(e)),
+        }
+    }
+    if done.is_empty() {
+        return Some(outcome);
+    }
+
+    // constant operands fold into the first merged conv's bias
+    let mut absorbed: HashSet<usize> = HashSet::new();
+    for (k, b) in branches.iter().enumerate() {
+        if matches!(b.kind, Kind::Identity { bn: None }) && ix.producer.get(&b.leaf).is_none_or(|&(p, _)| is_op(&g.node[p], "Constant")) {
+            if let Ok((a, aft)) = const_f64(m, ix, ctx, &b.leaf) {
+                let d = &mut done[0];
+                if aft == d.ft {
+                    if let Some(v) = channel_bias(&a, d.conv.out_channels(), d.conv.rank()) {
+                        d.conv.bias += &v;
+                        absorbed.insert(k);
+                    }
+                }
+            }
+        }
+    }
+
+    // rebuild: merged convs + whatever else the sum added
+    let in_group: HashSet<usize> = done.iter().flat_map(|d| d.members.iter().copied()).collect();
+    let rest: Vec<usize> = (0..branches.len()).filter(|k| !in_group.contains(k) && !absorbed.contains(k)).collect();
+    let n_terms = done.len() + rest.len();
+    let mut taken = HashSet::new();
+    let mut insert = Vec::new();
+    let mut inits = Vec::new();
+    let mut remove: Vec<usize> = internal.clone();
+    let mut terms: Vec<(usize, String)> = Vec::new();
+    let mut details = Vec::new();
+    for d in &done {
+        let Kind::Conv { conv: ci } = branches[d.base].kind else { unreachable!() };
+        let cnode = &g.node[ci];
+        let output = if n_terms == 1 { out.clone() } else { cnode.output[0].clone() };
+        let (wname, bname) = param_names(g, ix, cnode);
+        let (wname, bname) = if inits.iter().any(|(n, _, _): &(String, _, _)| n == &wname || n == &bname) {
+            (fresh_name(g, &mut taken, &format!("{wname}_m")), fresh_name(g, &mut taken, &format!("{bname}_m")))
+        } else {
+            (wname, bname)
+        };
+        let mut node = rewired_conv(cnode, &branches[d.base].source, &wname, &bname, &output);
+        let (own, _) = branches[d.base].conv.as_ref().unwrap();
+        if own.pads_begin != d.conv.pads_begin || own.pads_end != d.conv.pads_end || branches[d.base].nodes.len() > 1 {
+            set_pads(&mut node, &d.conv);
+        }
+        insert.push(node);
+        inits.push((wname, d.conv.weight.clone(), d.ft));
+        inits.push((bname, d.conv.bias.clone().into_dyn(), d.ft));
+        for &k in &d.members {
+            remove.extend(&branches[k].nodes);
+        }
+        terms.push((*d.members.iter().min().unwrap(), output));
+        let mut kernels: Vec<String> = d
+            .members
+            .iter()
+            .map(|&k| match &branches[k].kind {
+                Kind::Conv { .. } => kernel_str(branches[k].conv.as_ref().unwrap().0.kernel()),
+                Kind::Identity { bn: Some(_) } => "identity+BN".into(),
+                Kind::Identity { bn: None } => "identity".into(),
+            })
+            .collect();
+        kernels.dedup();
+        details.push(format!("{} branches ({}) into Conv '{}' {}", d.members.len(), kernels.join(", "), cnode.name(), kernel_str(d.conv.kernel())));
+    }
+    if !absorbed.is_empty() {
+        details.push(format!("{} constant(s) into the bias", absorbed.len()));
+    }
+    for &k in &rest {
+        terms.push((k, branches[k].leaf.clone()));
+    }
+    terms.sort_by_key(|t| t.0);
+    if n_terms > 1 {
+        if is_op(root, "Sum") {
+            let mut s = root.clone();
+            s.input = terms.iter().map(|t| t.1.clone()).collect();
+            insert.push(s);
+        } else {
+            let mut acc = terms[0].1.clone();
+            for (j, t) in terms.iter().enumerate().skip(1) {
+                let mut a = root.clone();
+                let last = j + 1 == terms.len();
+                let o = if last { out.clone() } else { fresh_name(g, &mut taken, &format!("{out}_part{j}")) };
+                if !last {
+                    a.name = Some(fresh_name(g, &mut taken, &format!("{}_part{j}", root.name())));
+                }
+                a.input = vec![acc, t.1.clone()];
+                a.output = vec![o.clone()];
+                insert.push(a);
+                acc = o;
+            }
+        }
+    }
+    remove.sort_unstable();
+    remove.dedup();
+    let node_name = insert[0].name().to_string();
+    outcome.patch = Some(Patch {
+        at: i,
+        remove,
+        insert,
+        initializers: inits,
+        log: Rewrite { rule: RULE, node: node_name, detail: details.join("; ") },
+    });
+    Some(outcome)
+}
+

@@ -6,6 +6,7 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
 }
 
+pub mod cli;
 pub mod error;
 pub mod fuse;
 pub mod graph;

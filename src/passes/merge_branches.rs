@@ -251,8 +251,12 @@ pub fn rule(m: &Model, ix: &GraphIndex, ctx: &Ctx, i: usize) -> Option<Outcome> 
         let leaked = branches.iter().find_map(|b| {
             let (p, _) = ix.producer.get(&b.leaf)?;
             let n = &g.node[*p];
-            let n = if is_op(n, "BatchNormalization") { ix.producer_node(g, &n.input[0])? } else { n };
-            let reads = ix.producer_node(g, &n.input[0]).filter(|q| is_op(q, "Slice") || is_op(q, "Pad")).map_or(&n.input[0], |q| &q.input[0]);
+            let n = if is_op(n, "BatchNormalization") { ix.producer_node(g, n.input.first()?)? } else { n };
+            if !is_op(n, "Conv") {
+                return None;
+            }
+            let x = n.input.first()?;
+            let reads = ix.producer_node(g, x).filter(|q| is_op(q, "Slice") || is_op(q, "Pad")).and_then(|q| q.input.first()).unwrap_or(x);
             (is_op(n, "Conv") && matches!(b.kind, Kind::Identity { .. }) && reads == s && ix.uses(&b.leaf) > 1).then(|| n.name().to_string())
         });
         if n_conv == 0 || members.len() < 2 && leaked.is_none() {

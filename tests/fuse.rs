@@ -1,0 +1,148 @@
+//! Every fixture export, fused, has PyTorch's deploy structure and reproduces PyTorch's outputs
+//! (saved in io.npz) in tract; merged weights match PyTorch's own deploy weights.
+
+use acnet_onnx::fuse::{fuse, Stats};
+use acnet_onnx::io::{save, DataMode};
+use acnet_onnx::passes::common::is_op;
+use acnet_onnx::tensor::to_f64;
+use acnet_onnx::Model;
+use ndarray::{ArrayD, IxDyn};
+use ndarray_npy::NpzReader;
+use std::path::{Path, PathBuf};
+use tract_onnx::prelude::*;
+
+const STYLES: &[&str] = &["ts_fold", "ts_nofold_op11", "dynamo_ext", "dynamo_inline", "ts_dynbatch"];
+/// Models whose every block the structural rules cover (DBB and RepOpt need issue 7's work).
+const MODELS: &[&str] = &["cifar_quick", "resnet20", "corners", "mobileone", "qarepvgg", "conv2"];
+
+fn dir(model: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(model)
+}
+
+fn npz(model: &str, key: &str) -> ArrayD<f32> {
+    let mut r = NpzReader::new(std::fs::File::open(dir(model).join("io.npz")).unwrap()).unwrap();
+    r.by_name(key).unwrap()
+}
+
+fn run(path: &Path, x: &ArrayD<f32>) -> ArrayD<f32> {
+    let m = tract_onnx::onnx()
+        .model_for_path(path)
+        .unwrap()
+        .with_input_fact(0, f32::fact(x.shape()).into())
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap();
+    let out = m.run(tvec!(Tensor::from(x.clone()).into())).unwrap();
+    let t = out[0].clone().into_tensor();
+    let v = t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+    ArrayD::from_shape_vec(IxDyn(t.shape()), v).unwrap()
+}
+
+fn close(got: &ArrayD<f32>, want: &ArrayD<f32>, what: &str) {
+    assert_eq!(got.shape(), want.shape(), "{what}");
+    let mag = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+    let diff = got.iter().zip(want.iter()).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff <= 1e-4 * mag, "{what}: max abs diff {diff} > 1e-4 x {mag}");
+}
+
+/// Conv weights and biases in graph order.
+fn conv_params(m: &Model) -> Vec<(ArrayD<f64>, Option<ArrayD<f64>>)> {
+    let g = m.proto.graph.as_ref().unwrap();
+    let ix = acnet_onnx::graph::GraphIndex::new(g);
+    let get = |name: &str| {
+        let t = ix.constant(g, name).unwrap();
+        to_f64(t, m.raw_bytes(t).unwrap().as_deref()).unwrap()
+    };
+    g.node
+        .iter()
+        .filter(|n| is_op(n, "Conv"))
+        .map(|n| (get(&n.input[1]), n.input.get(2).filter(|b| !b.is_empty()).map(|b| get(b))))
+        .collect()
+}
+
+fn check(model: &str, style: &str) {
+    let src = dir(model).join(format!("{style}.onnx"));
+    let what = format!("{model}/{style}");
+    let mut m = Model::load(&src).unwrap();
+    let original = m.clone();
+    let report = fuse(&mut m).unwrap();
+    assert!(report.refused.is_empty(), "{what}: {:?}", report.refused);
+    let deploy = Model::load(dir(model).join("deploy.onnx")).unwrap();
+    let ds = Stats::of(&deploy);
+    let fs = &report.after;
+    assert_eq!(fs.op("Conv"), ds.op("Conv"), "{what}: Conv count");
+    assert!(fs.op("BatchNormalization") <= ds.op("BatchNormalization"), "{what}: BN left");
+    assert!(fs.op("Add") <= ds.op("Add"), "{what}: Add count {} > {}", fs.op("Add"), ds.op("Add"));
+    assert_eq!(fs.op("Slice"), ds.op("Slice"), "{what}: Slice left");
+
+    // nothing lost: graph inputs/outputs, metadata, producer, opsets
+    assert_eq!(m.proto.opset_import, original.proto.opset_import);
+    assert_eq!(m.proto.metadata_props, original.proto.metadata_props);
+    assert_eq!(m.proto.producer_name, original.proto.producer_name);
+    let (g, og) = (m.proto.graph.as_ref().unwrap(), original.proto.graph.as_ref().unwrap());
+    assert_eq!(g.input, og.input);
+    assert_eq!(g.output, og.output);
+
+    // merged weights equal PyTorch's deploy weights: the convs of each shape, in graph order
+    // (a merged conv sits where its sum was, so convs of different shapes may interleave)
+    let by_shape = |v: Vec<(ArrayD<f64>, Option<ArrayD<f64>>)>| {
+        let mut v: Vec<_> = v.into_iter().enumerate().collect();
+        v.sort_by_key(|(i, (w, _))| (w.shape().to_vec(), *i));
+        v.into_iter().map(|(_, p)| p).collect::<Vec<_>>()
+    };
+    let (ours, theirs) = (by_shape(conv_params(&m)), by_shape(conv_params(&deploy)));
+    for (k, ((w, b), (dw, db))) in ours.iter().zip(&theirs).enumerate() {
+        assert_eq!(w.shape(), dw.shape(), "{what}: conv {k} shape");
+        let e = w.iter().zip(dw.iter()).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(e <= 1e-5, "{what}: conv {k} weight differs by {e}");
+        let zero = ArrayD::zeros(IxDyn(&[w.shape()[0]]));
+        let (b, db) = (b.as_ref().unwrap_or(&zero), db.as_ref().unwrap_or(&zero));
+        let e = b.iter().zip(db.iter()).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(e <= 1e-5, "{what}: conv {k} bias differs by {e}");
+    }
+
+    // PyTorch's numbers, in tract
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("deploy.onnx");
+    let saved = save(&m, &out, DataMode::Auto).unwrap();
+    assert_eq!(saved.data.is_some(), style == "dynamo_ext", "{what}: external data kept as it came");
+    close(&run(&out, &npz(model, "input")), &npz(model, "output"), &what);
+    if style == "ts_dynbatch" {
+        close(&run(&out, &npz(model, "input_b2")), &npz(model, "output_b2"), &format!("{what} batch 2"));
+    }
+}
+
+#[test]
+fn case_every_fixture_fuses_to_pytorch_deploy() {
+    for model in MODELS {
+        for style in STYLES {
+            check(model, style);
+        }
+    }
+}
+
+#[test]
+fn case_fuse_leaves_the_input_untouched_and_is_idempotent() {
+    let src = dir("corners").join("ts_fold.onnx");
+    let before = std::fs::read(&src).unwrap();
+    let mut m = Model::load(&src).unwrap();
+    fuse(&mut m).unwrap();
+    assert_eq!(std::fs::read(&src).unwrap(), before);
+    let once = m.proto.clone();
+    let again = fuse(&mut m).unwrap();
+    assert!(again.rewrites.is_empty());
+    assert_eq!(m.proto, once);
+}
+
+#[test]
+fn case_refusals_are_empty_on_plain_deploy_models() {
+    for model in MODELS {
+        let mut m = Model::load(dir(model).join("deploy.onnx")).unwrap();
+        let before = m.proto.clone();
+        let r = fuse(&mut m).unwrap();
+        assert!(r.rewrites.is_empty() && r.refused.is_empty(), "{model}");
+        assert_eq!(m.proto, before, "{model}: untouched");
+    }
+}

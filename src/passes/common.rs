@@ -17,16 +17,23 @@ pub fn is_op(n: &NodeProto, op: &str) -> bool {
     n.op_type() == op && is_default_domain(n)
 }
 
-/// A constant float tensor as f64 (exact values for tensors written by earlier passes).
+/// A constant float tensor as f64 (exact values for tensors written by earlier passes). Looks
+/// through Identity, Reshape and Unsqueeze of constants (exporters write per-channel scales as
+/// `Reshape(weight, [1, C, 1, 1])`).
 pub fn const_f64(m: &Model, ix: &GraphIndex, ctx: &Ctx, name: &str) -> Result<(ArrayD<f64>, FloatType), String> {
     let g = graph(m);
-    let t = ix.constant(g, name).ok_or_else(|| {
-        if ix.inputs.contains(name) {
+    let Some(t) = ix.constant(g, name) else {
+        if let Some(n) = ix.producer_node(g, name) {
+            if let Some(r) = const_through(m, ix, ctx, n) {
+                return r;
+            }
+        }
+        return Err(if ix.inputs.contains(name) {
             format!("'{name}' is a graph input, not a constant")
         } else {
             format!("'{name}' is computed, not a constant")
-        }
-    })?;
+        });
+    };
     let ft = FloatType::from_onnx(t.data_type.unwrap_or(0))
         .ok_or_else(|| format!("'{name}' has data type {}, which the kernel maths does not handle", t.data_type.unwrap_or(0)))?;
     if let Some(a) = ctx.pending.get(name) {
@@ -36,6 +43,66 @@ pub fn const_f64(m: &Model, ix: &GraphIndex, ctx: &Ctx, name: &str) -> Result<(A
     }
     let raw = m.raw_bytes(t).map_err(|e| e.to_string())?;
     Ok((to_f64(t, raw.as_deref())?, ft))
+}
+
+/// Shape-only operators on a constant: Identity, Reshape, Unsqueeze, Squeeze, Flatten-free.
+fn const_through(m: &Model, ix: &GraphIndex, ctx: &Ctx, n: &NodeProto) -> Option<Result<(ArrayD<f64>, FloatType), String>> {
+    let op = n.op_type();
+    if !is_default_domain(n) || !matches!(op, "Identity" | "Reshape" | "Unsqueeze" | "Squeeze") || n.input.is_empty() {
+        return None;
+    }
+    let (a, ft) = match const_f64(m, ix, ctx, &n.input[0]) {
+        Ok(v) => v,
+        Err(e) => return Some(Err(e)),
+    };
+    let shape: Vec<usize> = match op {
+        "Identity" => a.shape().to_vec(),
+        "Reshape" => {
+            let target = const_i64(m, ix, n.input.get(1)?).ok()?;
+            let mut out: Vec<i64> = target.iter().enumerate().map(|(i, &d)| if d == 0 { a.shape().get(i).map_or(-2, |&x| x as i64) } else { d }).collect();
+            let known: i64 = out.iter().filter(|&&d| d > 0).product();
+            if let Some(p) = out.iter().position(|&d| d == -1) {
+                if known == 0 {
+                    return None;
+                }
+                out[p] = a.len() as i64 / known;
+            }
+            if out.iter().any(|&d| d < 0) {
+                return None;
+            }
+            out.iter().map(|&d| d as usize).collect()
+        }
+        "Unsqueeze" | "Squeeze" => {
+            let axes = match attr_ints(n, "axes") {
+                Some(a) => a,
+                None => match n.input.get(1).filter(|s| !s.is_empty()) {
+                    Some(s) => const_i64(m, ix, s).ok()?,
+                    None if op == "Squeeze" => vec![],
+                    None => return None,
+                },
+            };
+            let mut shape = a.shape().to_vec();
+            if op == "Squeeze" {
+                let r = shape.len() as i64;
+                let axes: Vec<usize> = axes.iter().map(|&x| if x < 0 { (x + r) as usize } else { x as usize }).collect();
+                shape = shape.iter().enumerate().filter(|(i, &d)| !(d == 1 && (axes.is_empty() || axes.contains(i)))).map(|(_, &d)| d).collect();
+            } else {
+                let r = (shape.len() + axes.len()) as i64;
+                let mut axes: Vec<usize> = axes.iter().map(|&x| if x < 0 { (x + r) as usize } else { x as usize }).collect();
+                axes.sort_unstable();
+                for ax in axes {
+                    if ax > shape.len() {
+                        return None;
+                    }
+                    shape.insert(ax, 1);
+                }
+            }
+            shape
+        }
+        _ => return None,
+    };
+    let v: Vec<f64> = a.iter().copied().collect();
+    Some(ArrayD::from_shape_vec(ndarray::IxDyn(&shape), v).map(|a| (a, ft)).map_err(|e| e.to_string()))
 }
 
 /// A constant integer tensor (INT64/INT32), looking through Unsqueeze/Identity/Cast of a constant.

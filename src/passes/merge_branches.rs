@@ -37,6 +37,8 @@ struct Branch {
     nodes: Vec<usize>,
     /// geometry and weights, or why the branch cannot be read
     conv: Result<(AffineConv, FloatType), String>,
+    /// constant per-channel (or scalar) factors the branch is multiplied by, innermost first
+    scales: Vec<ndarray::ArrayD<f64>>,
 }
 
 /// Collect the leaves of the sum tree rooted at `root`; internal sum nodes into `internal`.
@@ -51,27 +53,69 @@ fn leaves(m: &Model, ix: &GraphIndex, root: usize, opset: i64, internal: &mut Ve
     }
 }
 
+/// A Mul of `t` by a constant: (the other operand, the constant).
+fn mul_by_const(m: &Model, ix: &GraphIndex, ctx: &Ctx, n: &NodeProto) -> Option<(String, ndarray::ArrayD<f64>)> {
+    if !is_op(n, "Mul") || n.input.len() != 2 {
+        return None;
+    }
+    for (k, other) in [(1, 0), (0, 1)] {
+        if let Ok((a, _)) = const_f64(m, ix, ctx, &n.input[k]) {
+            if ix.constant(graph(m), &n.input[other]).is_none() {
+                return Some((n.input[other].clone(), a));
+            }
+        }
+    }
+    None
+}
+
 fn classify(m: &Model, ix: &GraphIndex, ctx: &Ctx, leaf: &str) -> Branch {
     let g = graph(m);
-    let identity = |source: &str| Branch { leaf: leaf.to_string(), source: source.to_string(), kind: Kind::Identity { bn: None }, nodes: vec![], conv: Err(String::new()) };
-    let Some(&(p, _)) = ix.producer.get(leaf) else { return identity(leaf) };
+    // peel constant scales (RepOpt-style branch multipliers), outermost first
+    let mut scales = Vec::new();
+    let mut nodes = Vec::new();
+    let mut cur = leaf.to_string();
+    while let Some(&(p, _)) = ix.producer.get(&cur) {
+        if ix.uses(&cur) != 1 {
+            break;
+        }
+        match mul_by_const(m, ix, ctx, &g.node[p]) {
+            Some((inner, a)) => {
+                scales.push(a);
+                nodes.push(p);
+                cur = inner;
+            }
+            None => break,
+        }
+    }
+    scales.reverse();
+    let identity = |source: &str, nodes: Vec<usize>, scales: Vec<ndarray::ArrayD<f64>>| Branch {
+        leaf: leaf.to_string(),
+        source: source.to_string(),
+        kind: Kind::Identity { bn: None },
+        nodes,
+        conv: Err(String::new()),
+        scales,
+    };
+    let Some(&(p, _)) = ix.producer.get(&cur) else { return identity(&cur, nodes, scales) };
     let n = &g.node[p];
-    if ix.uses(leaf) != 1 {
-        return identity(leaf);
+    if ix.uses(&cur) != 1 {
+        return identity(&cur, nodes, scales);
     }
     if is_op(n, "BatchNormalization") {
+        nodes.push(p);
         return Branch {
             leaf: leaf.into(),
             source: n.input[0].clone(),
             kind: Kind::Identity { bn: Some(p) },
-            nodes: vec![p],
+            nodes,
             conv: Err(String::new()),
+            scales,
         };
     }
     if !is_op(n, "Conv") {
-        return identity(leaf);
+        return identity(&cur, nodes, scales);
     }
-    let mut nodes = vec![p];
+    nodes.push(p);
     let mut source = n.input[0].clone();
     let mut conv = read_conv(m, ix, ctx, n);
     // look through one Slice (crop) or Pad that only this branch reads
@@ -106,7 +150,7 @@ fn classify(m: &Model, ix: &GraphIndex, ctx: &Ctx, leaf: &str) -> Branch {
             source = pn.input[0].clone();
         }
     }
-    Branch { leaf: leaf.into(), source, kind: Kind::Conv { conv: p }, nodes, conv }
+    Branch { leaf: leaf.into(), source, kind: Kind::Conv { conv: p }, nodes, conv, scales }
 }
 
 /// Merge one group of branches reading the same tensor. Returns the merged conv, its dtype and
@@ -161,6 +205,12 @@ fn merge(m: &Model, ix: &GraphIndex, ctx: &Ctx, group: &[&Branch]) -> Result<(Af
         };
         if kft != ft {
             return Err("branches of different dtypes".into());
+        }
+        let mut k = k;
+        for sc in &b.scales {
+            let a = channel_bias(sc, k.out_channels(), k.rank())
+                .ok_or_else(|| format!("branch '{}' is multiplied by a constant of shape {:?}, not per channel", b.leaf, sc.shape()))?;
+            k.then_affine(&a, &ndarray::Array1::zeros(a.len()));
         }
         let offs = k.offset_in(&merged).map_err(|e| format!("branch '{}': {e}", b.leaf))?;
         acc.add_at(&k, &offs);
@@ -282,7 +332,7 @@ pub fn rule(m: &Model, ix: &GraphIndex, ctx: &Ctx, i: usize) -> Option<Outcome> 
     // constant operands fold into the first merged conv's bias
     let mut absorbed: HashSet<usize> = HashSet::new();
     for (k, b) in branches.iter().enumerate() {
-        if matches!(b.kind, Kind::Identity { bn: None }) && ix.producer.get(&b.leaf).is_none_or(|&(p, _)| is_op(&g.node[p], "Constant")) {
+        if matches!(b.kind, Kind::Identity { bn: None }) && b.scales.is_empty() && ix.producer.get(&b.leaf).is_none_or(|&(p, _)| is_op(&g.node[p], "Constant")) {
             if let Ok((a, aft)) = const_f64(m, ix, ctx, &b.leaf) {
                 let d = &mut done[0];
                 if aft == d.ft {
@@ -330,10 +380,13 @@ pub fn rule(m: &Model, ix: &GraphIndex, ctx: &Ctx, i: usize) -> Option<Outcome> 
         let mut kernels: Vec<String> = d
             .members
             .iter()
-            .map(|&k| match &branches[k].kind {
-                Kind::Conv { .. } => kernel_str(branches[k].conv.as_ref().unwrap().0.kernel()),
-                Kind::Identity { bn: Some(_) } => "identity+BN".into(),
-                Kind::Identity { bn: None } => "identity".into(),
+            .map(|&k| {
+                let name = match &branches[k].kind {
+                    Kind::Conv { .. } => kernel_str(branches[k].conv.as_ref().unwrap().0.kernel()),
+                    Kind::Identity { bn: Some(_) } => "identity+BN".into(),
+                    Kind::Identity { bn: None } => "identity".into(),
+                };
+                if branches[k].scales.is_empty() { name } else { format!("{name}*scale") }
             })
             .collect();
         kernels.dedup();

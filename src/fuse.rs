@@ -96,7 +96,7 @@ pub fn fuse(model: &mut Model) -> Result<FuseReport> {
     let (rewrites, refused) = passes::run(model);
     let after = Stats::of(model);
     Ok(FuseReport {
-        blocks_merged: rewrites.iter().filter(|r| r.rule == "merge_branches").count(),
+        blocks_merged: rewrites.iter().filter(|r| r.rule != "fold_bn").count(),
         bns_folded: rewrites.iter().filter(|r| r.rule == "fold_bn").count(),
         rewrites,
         refused,

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use tract_onnx::prelude::*;
 
 const STYLES: &[&str] = &["ts_fold", "ts_nofold_op11", "dynamo_ext", "dynamo_inline", "ts_dynbatch"];
-/// Models whose every block the structural rules cover (DBB is not covered yet).
-const MODELS: &[&str] = &["cifar_quick", "resnet20", "corners", "mobileone", "qarepvgg", "conv2", "repopt"];
+/// Every fixture model (DBB goes through the general affine-region path).
+const MODELS: &[&str] = &["cifar_quick", "resnet20", "corners", "mobileone", "qarepvgg", "conv2", "repopt", "dbb"];
 
 fn dir(model: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(model)

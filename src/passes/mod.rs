@@ -5,6 +5,7 @@
 pub mod common;
 pub mod fold_bn;
 pub mod merge_branches;
+pub mod region;
 
 use crate::graph::GraphIndex;
 use crate::io::Model;
@@ -55,11 +56,13 @@ pub struct Patch {
 #[derive(Default)]
 pub struct Ctx {
     pub pending: HashMap<String, ArrayD<f64>>,
+    /// concrete tensor shapes from tract's analysis of the model, computed when first needed
+    pub shapes: std::cell::RefCell<Option<HashMap<String, Vec<usize>>>>,
 }
 
 type Rule = fn(&Model, &GraphIndex, &Ctx, usize) -> Option<Outcome>;
 
-pub const RULES: &[(&str, Rule)] = &[("fold_bn", fold_bn::rule), ("merge_branches", merge_branches::rule)];
+pub const RULES: &[(&str, Rule)] = &[("fold_bn", fold_bn::rule), ("merge_branches", merge_branches::rule), ("affine_region", region::rule)];
 
 /// Run every rule to a fixed point. Returns what fired and the refusals still standing.
 pub fn run(model: &mut Model) -> (Vec<Rewrite>, Vec<Refusal>) {

@@ -174,7 +174,10 @@ fn merge(m: &Model, ix: &GraphIndex, ctx: &Ctx, group: &[&Branch]) -> Result<(Af
     let bi = base.ok_or("no Conv among the branches")?;
     let (mut merged, ft) = group[bi].conv.clone().unwrap();
     if merged.crop_begin.iter().chain(&merged.crop_end).any(|&c| c != 0) {
-        return Err(format!("the largest kernel reads a cropped input {:?}", merged));
+        return Err(format!(
+            "the largest kernel (Conv '{}') reads a cropped input (crop {:?}/{:?})",
+            group[bi].leaf, merged.crop_begin, merged.crop_end
+        ));
     }
     let zero = AffineConv { weight: merged.weight.mapv(|_| 0.0), bias: merged.bias.mapv(|_| 0.0), ..merged.clone() };
     let mut acc = zero;
@@ -309,7 +312,7 @@ pub fn rule(m: &Model, ix: &GraphIndex, ctx: &Ctx, i: usize) -> Option<Outcome> 
             let reads = ix.producer_node(g, x).filter(|q| is_op(q, "Slice") || is_op(q, "Pad")).and_then(|q| q.input.first()).unwrap_or(x);
             (is_op(n, "Conv") && matches!(b.kind, Kind::Identity { .. }) && reads == s && ix.uses(&b.leaf) > 1).then(|| n.name().to_string())
         });
-        if n_conv == 0 || members.len() < 2 && leaked.is_none() {
+        if leaked.is_none() && (n_conv == 0 || members.len() < 2) {
             continue;
         }
         if let Some(c) = leaked {

@@ -1,0 +1,572 @@
+//! The kernel algebra (BN fold, placing a small kernel at its tap offset inside a large one,
+//! identity, crop) against direct convolution: for every case, the merged convolution applied to
+//! a random input equals the sum of the branches applied to it, within 1e-9. `AffineConv::apply`
+//! is the reference; it is itself cross-checked against an independent direct 2-D convolution
+//! written here (explicit zero-padded copy, strided window slices).
+
+use acnet_onnx::kernel::{AffineConv, BatchNorm};
+use ndarray::{s, Array1, Array4, ArrayD, Ix1, Ix4, IxDyn};
+use rand::{rngs::StdRng, Rng, SeedableRng};
+
+const TOL: f64 = 1e-9;
+
+fn rand_arr(rng: &mut StdRng, shape: &[usize]) -> ArrayD<f64> {
+    ArrayD::from_shape_fn(IxDyn(shape), |_| rng.random_range(-1.0f64..=1.0))
+}
+
+/// A random convolution with weight `[o, cin/groups, k...]` and a random bias.
+#[allow(clippy::too_many_arguments)]
+fn conv(rng: &mut StdRng, o: usize, cin: usize, groups: usize, k: &[usize], strides: &[usize], dilations: &[usize], pb: &[i64], pe: &[i64]) -> AffineConv {
+    let mut shape = vec![o, cin / groups];
+    shape.extend_from_slice(k);
+    let w = rand_arr(rng, &shape);
+    let b = rand_arr(rng, &[o]).into_dimensionality::<Ix1>().unwrap();
+    AffineConv::new(w, Some(b), groups, strides.to_vec(), dilations.to_vec(), pb.to_vec(), pe.to_vec())
+}
+
+/// Stride 1, dilation 1, groups 1.
+fn plain(rng: &mut StdRng, o: usize, cin: usize, k: &[usize], pb: &[i64], pe: &[i64]) -> AffineConv {
+    let r = k.len();
+    conv(rng, o, cin, 1, k, &vec![1; r], &vec![1; r], pb, pe)
+}
+
+fn assert_close(got: &ArrayD<f64>, want: &ArrayD<f64>, what: &str) {
+    assert_eq!(got.shape(), want.shape(), "{what}: shapes");
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    assert!(scale > 1e-3, "{what}: reference is (almost) zero, the check would be vacuous");
+    let d = got.iter().zip(want.iter()).fold(0.0f64, |m, (a, b)| m.max((a - b).abs()));
+    assert!(d <= TOL, "{what}: max abs diff {d} > {TOL}");
+}
+
+/// Merge `smalls` into a copy of `big` at the offsets `offset_in` gives; check the merged conv
+/// equals the sum of all branches on `x`; return the offsets.
+fn check_merge(big: &AffineConv, smalls: &[&AffineConv], x: &ArrayD<f64>, what: &str) -> Vec<Vec<usize>> {
+    let mut merged = big.clone();
+    let mut offs = Vec::new();
+    let mut want = big.apply(x);
+    for (k, s) in smalls.iter().enumerate() {
+        let o = s.offset_in(big).unwrap_or_else(|e| panic!("{what}: branch {k} refused: {e}"));
+        merged.add_at(s, &o);
+        offs.push(o);
+        let y = s.apply(x);
+        assert_eq!(y.shape(), want.shape(), "{what}: branch {k} output shape");
+        want += &y;
+    }
+    // geometry is the big conv's
+    assert_eq!((&merged.pads_begin, &merged.pads_end, &merged.strides, &merged.dilations), (&big.pads_begin, &big.pads_end, &big.strides, &big.dilations));
+    assert_close(&merged.apply(x), &want, what);
+    offs
+}
+
+// ---------------------------------------------------------------------------------------------
+// An independent direct 2-D convolution: zero-pad a copy of x explicitly, then each output is
+// the dot product of a strided (dilated) window of the padded copy with the kernel.
+
+fn naive_conv2d(x: &ArrayD<f64>, w: &ArrayD<f64>, b: &Array1<f64>, groups: usize, stride: [usize; 2], dil: [usize; 2], pads: [usize; 4]) -> ArrayD<f64> {
+    let x = x.view().into_dimensionality::<Ix4>().unwrap();
+    let w = w.view().into_dimensionality::<Ix4>().unwrap();
+    let (n, c, h, wd) = x.dim();
+    let [top, left, bottom, right] = pads;
+    let mut xp = Array4::<f64>::zeros((n, c, h + top + bottom, wd + left + right));
+    xp.slice_mut(s![.., .., top..top + h, left..left + wd]).assign(&x);
+    let (o, cg, kh, kw) = w.dim();
+    assert_eq!(cg * groups, c);
+    let (eh, ew) = (dil[0] * (kh - 1) + 1, dil[1] * (kw - 1) + 1);
+    let (ph, pw) = (xp.dim().2, xp.dim().3);
+    let oh = if ph >= eh { (ph - eh) / stride[0] + 1 } else { 0 };
+    let ow = if pw >= ew { (pw - ew) / stride[1] + 1 } else { 0 };
+    let og = o / groups;
+    let mut y = Array4::<f64>::zeros((n, o, oh, ow));
+    for bi in 0..n {
+        for oc in 0..o {
+            let g = oc / og;
+            let kern = w.slice(s![oc, .., .., ..]);
+            for i in 0..oh {
+                for j in 0..ow {
+                    let (r0, c0) = (i * stride[0], j * stride[1]);
+                    let win = xp.slice(s![bi, g * cg..(g + 1) * cg, r0..r0 + eh;dil[0], c0..c0 + ew;dil[1]]);
+                    y[[bi, oc, i, j]] = (&win * &kern).sum() + b[oc];
+                }
+            }
+        }
+    }
+    y.into_dyn()
+}
+
+fn naive_of(k: &AffineConv, x: &ArrayD<f64>) -> ArrayD<f64> {
+    assert_eq!(k.rank(), 2);
+    assert!(k.crop_begin.iter().chain(&k.crop_end).all(|&c| c == 0));
+    let p = |v: i64| v as usize;
+    naive_conv2d(
+        x,
+        &k.weight,
+        &k.bias,
+        k.groups,
+        [k.strides[0], k.strides[1]],
+        [k.dilations[0], k.dilations[1]],
+        [p(k.pads_begin[0]), p(k.pads_begin[1]), p(k.pads_end[0]), p(k.pads_end[1])],
+    )
+}
+
+#[test]
+fn case_apply_matches_independent_direct_convolution() {
+    let mut rng = StdRng::seed_from_u64(1);
+    let cases: Vec<(AffineConv, Vec<usize>)> = vec![
+        (plain(&mut rng, 3, 2, &[3, 3], &[1, 1], &[1, 1]), vec![2, 2, 5, 6]),
+        // stride (2,1), dilation (1,2), groups 2, asymmetric pads
+        (conv(&mut rng, 4, 6, 2, &[3, 2], &[2, 1], &[1, 2], &[2, 0], &[1, 3]), vec![1, 6, 7, 6]),
+        // depthwise, stride 2 on an even and an odd axis, dilation 2
+        (conv(&mut rng, 3, 3, 3, &[3, 3], &[2, 2], &[2, 2], &[2, 1], &[2, 1]), vec![1, 3, 8, 9]),
+        // no padding, kernel the size of the input
+        (plain(&mut rng, 2, 2, &[4, 3], &[0, 0], &[0, 0]), vec![1, 2, 4, 3]),
+    ];
+    for (i, (k, xs)) in cases.iter().enumerate() {
+        let x = rand_arr(&mut rng, xs);
+        let got = k.apply(&x);
+        let want = naive_of(k, &x);
+        assert_close(&got, &want, &format!("case {i}"));
+    }
+}
+
+#[test]
+fn case_apply_crop_reads_the_sliced_input() {
+    let mut rng = StdRng::seed_from_u64(2);
+    let x = rand_arr(&mut rng, &[1, 2, 6, 7]);
+    // x[:, :, 1:, 1:-2] through a 3x1 conv with pads (0,1) on W
+    let mut k = plain(&mut rng, 3, 2, &[3, 1], &[0, 1], &[0, 1]);
+    k.crop_begin = vec![1, 1];
+    k.crop_end = vec![0, 2];
+    let xs = x.slice(s![.., .., 1.., 1..-2]).to_owned().into_dyn();
+    let mut uncropped = k.clone();
+    uncropped.crop_begin = vec![0, 0];
+    uncropped.crop_end = vec![0, 0];
+    assert_close(&k.apply(&x), &naive_of(&uncropped, &xs), "crop vs sliced input (naive)");
+    assert_close(&k.apply(&x), &uncropped.apply(&xs), "crop vs sliced input (apply)");
+}
+
+// ---------------------------------------------------------------------------------------------
+// BatchNormalization fold
+
+fn rand_bn(rng: &mut StdRng, c: usize, epsilon: f64) -> BatchNorm {
+    let v = |rng: &mut StdRng| rand_arr(rng, &[c]).into_dimensionality::<Ix1>().unwrap();
+    BatchNorm {
+        scale: v(rng),
+        bias: v(rng),
+        mean: v(rng),
+        var: Array1::from_shape_fn(c, |_| rng.random_range(0.05..2.0)),
+        epsilon,
+    }
+}
+
+/// BN by hand: (y - mean) / sqrt(var + eps) * gamma + beta on channel axis 1.
+fn bn_by_hand(y: &ArrayD<f64>, bn: &BatchNorm) -> ArrayD<f64> {
+    let mut out = y.clone();
+    for (idx, v) in out.indexed_iter_mut() {
+        let c = idx[1];
+        *v = (*v - bn.mean[c]) / (bn.var[c] + bn.epsilon).sqrt() * bn.scale[c] + bn.bias[c];
+    }
+    out
+}
+
+#[test]
+fn case_fold_bn_equals_conv_then_bn() {
+    let mut rng = StdRng::seed_from_u64(3);
+    for (i, eps) in [1e-5, 1e-3, 0.1].into_iter().enumerate() {
+        let k = conv(&mut rng, 4, 4, 2, &[3, 3], &[1, 1], &[1, 1], &[1, 1], &[1, 1]);
+        let bn = rand_bn(&mut rng, 4, eps);
+        let x = rand_arr(&mut rng, &[2, 4, 5, 4]);
+        let want = bn_by_hand(&k.apply(&x), &bn);
+        let mut f = k.clone();
+        f.fold_bn(&bn);
+        assert_close(&f.apply(&x), &want, &format!("eps {eps} ({i})"));
+    }
+    // a conv without bias (zero bias) folds too
+    let mut k = plain(&mut rng, 3, 2, &[1, 3], &[0, 1], &[0, 1]);
+    k.bias.fill(0.0);
+    let bn = rand_bn(&mut rng, 3, 1e-5);
+    let x = rand_arr(&mut rng, &[1, 2, 4, 4]);
+    let want = bn_by_hand(&k.apply(&x), &bn);
+    k.fold_bn(&bn);
+    assert_close(&k.apply(&x), &want, "no bias");
+}
+
+#[test]
+fn case_fold_non_affine_bn() {
+    let mut rng = StdRng::seed_from_u64(4);
+    let k = plain(&mut rng, 3, 2, &[3, 3], &[1, 1], &[1, 1]);
+    let mut bn = rand_bn(&mut rng, 3, 1e-5);
+    bn.scale.fill(1.0);
+    bn.bias.fill(0.0);
+    let x = rand_arr(&mut rng, &[1, 2, 5, 5]);
+    let want = bn_by_hand(&k.apply(&x), &bn);
+    let mut f = k.clone();
+    f.fold_bn(&bn);
+    assert_close(&f.apply(&x), &want, "non-affine BN");
+    // and the folded weight is the conv weight over sigma, per output channel
+    for o in 0..3 {
+        let sigma = (bn.var[o] + bn.epsilon).sqrt();
+        let w = f.weight.slice(s![o, .., .., ..]).to_owned() * sigma;
+        let d = (&w - &k.weight.slice(s![o, .., .., ..])).mapv(f64::abs).fold(0.0f64, |m, &v| m.max(v));
+        assert!(d < TOL, "channel {o}: {d}");
+        assert!((f.bias[o] - (k.bias[o] - bn.mean[o]) / sigma).abs() < TOL);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Placement at a tap offset
+
+#[test]
+fn case_acb_3x3_with_3x1_and_1x3() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let big = plain(&mut rng, 4, 3, &[3, 3], &[1, 1], &[1, 1]);
+    let ver = plain(&mut rng, 4, 3, &[3, 1], &[1, 0], &[1, 0]);
+    let hor = plain(&mut rng, 4, 3, &[1, 3], &[0, 1], &[0, 1]);
+    let x = rand_arr(&mut rng, &[2, 3, 5, 6]);
+    let offs = check_merge(&big, &[&ver, &hor], &x, "ACB 3x3");
+    assert_eq!(offs, vec![vec![0, 1], vec![1, 0]]);
+}
+
+#[test]
+fn case_5x5_with_1x3_and_3x1() {
+    let mut rng = StdRng::seed_from_u64(6);
+    let big = plain(&mut rng, 3, 2, &[5, 5], &[2, 2], &[2, 2]);
+    let hor = plain(&mut rng, 3, 2, &[1, 3], &[0, 1], &[0, 1]);
+    let ver = plain(&mut rng, 3, 2, &[3, 1], &[1, 0], &[1, 0]);
+    let sq = plain(&mut rng, 3, 2, &[3, 3], &[1, 1], &[1, 1]);
+    let one = plain(&mut rng, 3, 2, &[1, 1], &[0, 0], &[0, 0]);
+    let x = rand_arr(&mut rng, &[1, 2, 6, 7]);
+    let offs = check_merge(&big, &[&hor, &ver, &sq, &one], &x, "5x5");
+    assert_eq!(offs, vec![vec![2, 1], vec![1, 2], vec![1, 1], vec![2, 2]]);
+}
+
+#[test]
+fn case_7x7() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let big = plain(&mut rng, 2, 2, &[7, 7], &[3, 3], &[3, 3]);
+    let ver = plain(&mut rng, 2, 2, &[7, 1], &[3, 0], &[3, 0]);
+    let hor = plain(&mut rng, 2, 2, &[1, 7], &[0, 3], &[0, 3]);
+    let k5 = plain(&mut rng, 2, 2, &[5, 5], &[2, 2], &[2, 2]);
+    let k3 = plain(&mut rng, 2, 2, &[3, 3], &[1, 1], &[1, 1]);
+    let one = plain(&mut rng, 2, 2, &[1, 1], &[0, 0], &[0, 0]);
+    let x = rand_arr(&mut rng, &[1, 2, 7, 8]);
+    let offs = check_merge(&big, &[&ver, &hor, &k5, &k3, &one], &x, "7x7");
+    assert_eq!(offs, vec![vec![0, 3], vec![3, 0], vec![1, 1], vec![2, 2], vec![3, 3]]);
+}
+
+#[test]
+fn case_asymmetric_pads() {
+    let mut rng = StdRng::seed_from_u64(8);
+    // pads_begin (2, 1) != pads_end (0, 1): a "causal" 3x3 on H
+    let big = plain(&mut rng, 3, 2, &[3, 3], &[2, 1], &[0, 1]);
+    let hor = plain(&mut rng, 3, 2, &[1, 3], &[0, 1], &[0, 1]);
+    let ver = plain(&mut rng, 3, 2, &[3, 1], &[2, 0], &[0, 0]);
+    let even = plain(&mut rng, 3, 2, &[2, 2], &[1, 1], &[0, 0]);
+    let even2 = plain(&mut rng, 3, 2, &[2, 2], &[1, 0], &[0, 1]);
+    let one = plain(&mut rng, 3, 2, &[1, 1], &[0, 0], &[0, 0]);
+    let x = rand_arr(&mut rng, &[1, 2, 5, 6]);
+    let offs = check_merge(&big, &[&hor, &ver, &even, &even2, &one], &x, "asymmetric");
+    assert_eq!(offs, vec![vec![2, 0], vec![0, 1], vec![1, 0], vec![1, 1], vec![2, 1]]);
+    // the mirror image: big pads (0,2) on W
+    let big = plain(&mut rng, 3, 2, &[3, 3], &[1, 0], &[1, 2]);
+    let hor = plain(&mut rng, 3, 2, &[1, 3], &[0, 0], &[0, 2]);
+    let one = plain(&mut rng, 3, 2, &[1, 1], &[0, 0], &[0, 0]);
+    let offs = check_merge(&big, &[&hor, &one], &x, "asymmetric mirror");
+    assert_eq!(offs, vec![vec![1, 0], vec![1, 0]]);
+}
+
+#[test]
+fn case_shift_crop_begin_pad_end() {
+    // a 1x1 reading x shifted by one column (crop 1 at the start of W, pad 1 at its end), as a
+    // Pad with pads (-1 begin, +1 end) before a branch gives: lands at tap (1, 2) of a 3x3 p1
+    let mut rng = StdRng::seed_from_u64(9);
+    let big = plain(&mut rng, 3, 2, &[3, 3], &[1, 1], &[1, 1]);
+    let mut shift = plain(&mut rng, 3, 2, &[1, 1], &[0, 0], &[0, 1]);
+    shift.crop_begin = vec![0, 1];
+    let x = rand_arr(&mut rng, &[1, 2, 4, 5]);
+    let offs = check_merge(&big, &[&shift], &x, "shift");
+    assert_eq!(offs, vec![vec![1, 2]]);
+}
+
+#[test]
+fn case_conv1d() {
+    let mut rng = StdRng::seed_from_u64(10);
+    let big = plain(&mut rng, 3, 2, &[5], &[2], &[2]);
+    let k3 = plain(&mut rng, 3, 2, &[3], &[1], &[1]);
+    let k1 = plain(&mut rng, 3, 2, &[1], &[0], &[0]);
+    let k2 = plain(&mut rng, 3, 2, &[2], &[1], &[0]);
+    let x = rand_arr(&mut rng, &[2, 2, 9]);
+    let offs = check_merge(&big, &[&k3, &k1, &k2], &x, "conv1d");
+    assert_eq!(offs, vec![vec![1], vec![2], vec![1]]);
+    // stride 2 in 1-d
+    let big = conv(&mut rng, 3, 2, 1, &[3], &[2], &[1], &[1], &[1]);
+    let k1 = conv(&mut rng, 3, 2, 1, &[1], &[2], &[1], &[0], &[0]);
+    let x = rand_arr(&mut rng, &[1, 2, 8]);
+    assert_eq!(check_merge(&big, &[&k1], &x, "conv1d stride 2"), vec![vec![1]]);
+}
+
+#[test]
+fn case_conv3d() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let big = plain(&mut rng, 2, 2, &[3, 3, 3], &[1, 1, 1], &[1, 1, 1]);
+    let a = plain(&mut rng, 2, 2, &[3, 1, 1], &[1, 0, 0], &[1, 0, 0]);
+    let b = plain(&mut rng, 2, 2, &[1, 3, 1], &[0, 1, 0], &[0, 1, 0]);
+    let c = plain(&mut rng, 2, 2, &[1, 1, 3], &[0, 0, 1], &[0, 0, 1]);
+    let d = plain(&mut rng, 2, 2, &[1, 3, 3], &[0, 1, 1], &[0, 1, 1]);
+    let one = plain(&mut rng, 2, 2, &[1, 1, 1], &[0, 0, 0], &[0, 0, 0]);
+    let x = rand_arr(&mut rng, &[1, 2, 3, 4, 5]);
+    let offs = check_merge(&big, &[&a, &b, &c, &d, &one], &x, "conv3d");
+    assert_eq!(offs, vec![vec![0, 1, 1], vec![1, 0, 1], vec![1, 1, 0], vec![1, 0, 0], vec![1, 1, 1]]);
+}
+
+#[test]
+fn case_stride_2_even_and_odd_sizes() {
+    let mut rng = StdRng::seed_from_u64(12);
+    let s2 = [2, 2];
+    let d1 = [1, 1];
+    let big = conv(&mut rng, 3, 2, 1, &[3, 3], &s2, &d1, &[1, 1], &[1, 1]);
+    let ver = conv(&mut rng, 3, 2, 1, &[3, 1], &s2, &d1, &[1, 0], &[1, 0]);
+    let hor = conv(&mut rng, 3, 2, 1, &[1, 3], &s2, &d1, &[0, 1], &[0, 1]);
+    let one = conv(&mut rng, 3, 2, 1, &[1, 1], &s2, &d1, &[0, 0], &[0, 0]);
+    for shape in [[1, 2, 6, 6], [1, 2, 7, 7], [1, 2, 6, 7], [1, 2, 7, 6]] {
+        let x = rand_arr(&mut rng, &shape);
+        let offs = check_merge(&big, &[&ver, &hor, &one], &x, &format!("stride 2 on {shape:?}"));
+        assert_eq!(offs, vec![vec![0, 1], vec![1, 0], vec![1, 1]]);
+    }
+    // mixed strides per axis
+    let s21 = [2, 1];
+    let big = conv(&mut rng, 3, 2, 1, &[3, 3], &s21, &d1, &[1, 1], &[1, 1]);
+    let hor = conv(&mut rng, 3, 2, 1, &[1, 3], &s21, &d1, &[0, 1], &[0, 1]);
+    let x = rand_arr(&mut rng, &[1, 2, 7, 6]);
+    assert_eq!(check_merge(&big, &[&hor], &x, "stride (2,1)"), vec![vec![1, 0]]);
+}
+
+#[test]
+fn case_dilation_2() {
+    let mut rng = StdRng::seed_from_u64(13);
+    let s1 = [1, 1];
+    let big = conv(&mut rng, 3, 2, 1, &[3, 3], &s1, &[2, 2], &[2, 2], &[2, 2]);
+    // branch pads are scaled by the dilation; a one-tap axis has no dilation to speak of
+    let ver = conv(&mut rng, 3, 2, 1, &[3, 1], &s1, &[2, 1], &[2, 0], &[2, 0]);
+    let hor = conv(&mut rng, 3, 2, 1, &[1, 3], &s1, &[2, 2], &[0, 2], &[0, 2]);
+    let one = conv(&mut rng, 3, 2, 1, &[1, 1], &s1, &[1, 1], &[0, 0], &[0, 0]);
+    let x = rand_arr(&mut rng, &[1, 2, 6, 7]);
+    let offs = check_merge(&big, &[&ver, &hor, &one], &x, "dilation 2");
+    assert_eq!(offs, vec![vec![0, 1], vec![1, 0], vec![1, 1]]);
+    // dilation 2 with stride 2
+    let big = conv(&mut rng, 3, 2, 1, &[3, 3], &[2, 2], &[2, 2], &[2, 2], &[2, 2]);
+    let ver = conv(&mut rng, 3, 2, 1, &[3, 1], &[2, 2], &[2, 2], &[2, 0], &[2, 0]);
+    let x = rand_arr(&mut rng, &[1, 2, 7, 8]);
+    assert_eq!(check_merge(&big, &[&ver], &x, "dilation 2 stride 2"), vec![vec![0, 1]]);
+}
+
+#[test]
+fn case_groups_2_and_depthwise() {
+    let mut rng = StdRng::seed_from_u64(14);
+    let (s1, d1) = ([1, 1], [1, 1]);
+    // groups 2: 4 -> 6 channels
+    let big = conv(&mut rng, 6, 4, 2, &[3, 3], &s1, &d1, &[1, 1], &[1, 1]);
+    let ver = conv(&mut rng, 6, 4, 2, &[3, 1], &s1, &d1, &[1, 0], &[1, 0]);
+    let hor = conv(&mut rng, 6, 4, 2, &[1, 3], &s1, &d1, &[0, 1], &[0, 1]);
+    let one = conv(&mut rng, 6, 4, 2, &[1, 1], &s1, &d1, &[0, 0], &[0, 0]);
+    let x = rand_arr(&mut rng, &[1, 4, 5, 5]);
+    let offs = check_merge(&big, &[&ver, &hor, &one], &x, "groups 2");
+    assert_eq!(offs, vec![vec![0, 1], vec![1, 0], vec![1, 1]]);
+    // depthwise: groups = channels
+    let big = conv(&mut rng, 4, 4, 4, &[3, 3], &s1, &d1, &[1, 1], &[1, 1]);
+    let ver = conv(&mut rng, 4, 4, 4, &[3, 1], &s1, &d1, &[1, 0], &[1, 0]);
+    let one = conv(&mut rng, 4, 4, 4, &[1, 1], &s1, &d1, &[0, 0], &[0, 0]);
+    let id = AffineConv::identity(4, 4, 2);
+    let offs = check_merge(&big, &[&ver, &one, &id], &x, "depthwise");
+    assert_eq!(offs, vec![vec![0, 1], vec![1, 1], vec![1, 1]]);
+}
+
+#[test]
+fn case_identity_with_groups() {
+    let mut rng = StdRng::seed_from_u64(15);
+    for groups in [1, 2, 4] {
+        let c = 4;
+        let id = AffineConv::identity(c, groups, 2);
+        let x = rand_arr(&mut rng, &[2, c, 4, 5]);
+        // the identity kernel is the identity
+        assert_eq!(id.apply(&x), x, "groups {groups}: identity.apply");
+        let big = conv(&mut rng, c, c, groups, &[3, 3], &[1, 1], &[1, 1], &[1, 1], &[1, 1]);
+        let offs = id.offset_in(&big).unwrap();
+        assert_eq!(offs, vec![1, 1]);
+        let mut merged = big.clone();
+        merged.add_at(&id, &offs);
+        let want = big.apply(&x) + &x;
+        assert_close(&merged.apply(&x), &want, &format!("groups {groups}: conv(x) + x"));
+    }
+    // identity with a BN folded into it (RepVGG's identity branch) in 1-d and 3-d
+    for (rank, xs) in [(1usize, vec![1, 3, 6]), (3, vec![1, 3, 3, 4, 3])] {
+        let mut id = AffineConv::identity(3, 1, rank);
+        let bn = rand_bn(&mut rng, 3, 1e-5);
+        id.fold_bn(&bn);
+        let x = rand_arr(&mut rng, &xs);
+        let k = vec![3; rank];
+        let big = plain(&mut rng, 3, 3, &k, &vec![1; rank], &vec![1; rank]);
+        let offs = id.offset_in(&big).unwrap();
+        let mut merged = big.clone();
+        merged.add_at(&id, &offs);
+        let want = big.apply(&x) + bn_by_hand(&x, &bn);
+        assert_close(&merged.apply(&x), &want, &format!("identity+BN rank {rank}"));
+    }
+}
+
+#[test]
+fn case_crop_branches_into_unpadded_3x3() {
+    // ACNet with padding 0: the 3x1 branch reads x[:, :, :, 1:-1], the 1x3 x[:, :, 1:-1, :]
+    let mut rng = StdRng::seed_from_u64(16);
+    let big = plain(&mut rng, 3, 2, &[3, 3], &[0, 0], &[0, 0]);
+    let mut ver = plain(&mut rng, 3, 2, &[3, 1], &[0, 0], &[0, 0]);
+    ver.crop_begin = vec![0, 1];
+    ver.crop_end = vec![0, 1];
+    let mut hor = plain(&mut rng, 3, 2, &[1, 3], &[0, 0], &[0, 0]);
+    hor.crop_begin = vec![1, 0];
+    hor.crop_end = vec![1, 0];
+    let mut one = plain(&mut rng, 3, 2, &[1, 1], &[0, 0], &[0, 0]);
+    one.crop_begin = vec![1, 1];
+    one.crop_end = vec![1, 1];
+    let x = rand_arr(&mut rng, &[1, 2, 5, 6]);
+    // the crop is the slice, checked with the independent convolution
+    let mut plain_ver = ver.clone();
+    plain_ver.crop_begin = vec![0, 0];
+    plain_ver.crop_end = vec![0, 0];
+    assert_close(&ver.apply(&x), &naive_of(&plain_ver, &x.slice(s![.., .., .., 1..-1]).to_owned().into_dyn()), "3x1 on x[..., 1:-1]");
+    let offs = check_merge(&big, &[&ver, &hor, &one], &x, "crop");
+    assert_eq!(offs, vec![vec![0, 1], vec![1, 0], vec![1, 1]]);
+    // and the merged conv against the independent convolution
+    let mut merged = big.clone();
+    for (s, o) in [&ver, &hor, &one].iter().zip(&offs) {
+        merged.add_at(s, o);
+    }
+    let want = naive_of(&big, &x)
+        + naive_of(&plain_ver, &x.slice(s![.., .., .., 1..-1]).to_owned().into_dyn())
+        + {
+            let mut p = hor.clone();
+            p.crop_begin = vec![0, 0];
+            p.crop_end = vec![0, 0];
+            naive_of(&p, &x.slice(s![.., .., 1..-1, ..]).to_owned().into_dyn())
+        }
+        + {
+            let mut p = one.clone();
+            p.crop_begin = vec![0, 0];
+            p.crop_end = vec![0, 0];
+            naive_of(&p, &x.slice(s![.., .., 1..-1, 1..-1]).to_owned().into_dyn())
+        };
+    assert_close(&merged.apply(&x), &want, "crop merged vs naive");
+    assert_close(&naive_of(&merged, &x), &want, "crop merged (naive) vs naive branches");
+}
+
+// ---------------------------------------------------------------------------------------------
+// offset_in refusals
+
+fn refused(small: &AffineConv, big: &AffineConv, phrase: &str) {
+    match small.offset_in(big) {
+        Ok(o) => panic!("expected a refusal containing {phrase:?}, got offsets {o:?}"),
+        Err(e) => assert!(e.contains(phrase), "reason {e:?} does not contain {phrase:?}"),
+    }
+}
+
+#[test]
+fn case_offset_in_refuses_different_stride() {
+    let mut rng = StdRng::seed_from_u64(20);
+    let big = conv(&mut rng, 3, 2, 1, &[3, 3], &[2, 2], &[1, 1], &[1, 1], &[1, 1]);
+    let small = conv(&mut rng, 3, 2, 1, &[1, 1], &[1, 1], &[1, 1], &[0, 0], &[0, 0]);
+    refused(&small, &big, "stride");
+    // a stride differing on the second axis only
+    let small = conv(&mut rng, 3, 2, 1, &[1, 3], &[2, 1], &[1, 1], &[0, 1], &[0, 1]);
+    refused(&small, &big, "stride 1 vs 2 on axis 1");
+}
+
+#[test]
+fn case_offset_in_refuses_different_dilation() {
+    let mut rng = StdRng::seed_from_u64(21);
+    let big = conv(&mut rng, 3, 2, 1, &[3, 3], &[1, 1], &[2, 2], &[2, 2], &[2, 2]);
+    let small = conv(&mut rng, 3, 2, 1, &[3, 1], &[1, 1], &[1, 1], &[1, 0], &[1, 0]);
+    refused(&small, &big, "dilation 1 vs 2 on axis 0");
+    let small = conv(&mut rng, 3, 2, 1, &[3, 3], &[1, 1], &[1, 1], &[1, 1], &[1, 1]);
+    refused(&small, &big, "dilation");
+    // while a one-tap axis may have any dilation
+    let ok = conv(&mut rng, 3, 2, 1, &[3, 1], &[1, 1], &[2, 3], &[2, 0], &[2, 0]);
+    assert_eq!(ok.offset_in(&big), Ok(vec![0, 1]));
+}
+
+#[test]
+fn case_offset_in_refuses_different_groups_and_channels() {
+    let mut rng = StdRng::seed_from_u64(22);
+    let (s1, d1) = ([1, 1], [1, 1]);
+    let big = conv(&mut rng, 4, 4, 1, &[3, 3], &s1, &d1, &[1, 1], &[1, 1]);
+    let g2 = conv(&mut rng, 4, 4, 2, &[1, 1], &s1, &d1, &[0, 0], &[0, 0]);
+    refused(&g2, &big, "groups 2 vs 1");
+    let o2 = conv(&mut rng, 2, 4, 1, &[1, 1], &s1, &d1, &[0, 0], &[0, 0]);
+    refused(&o2, &big, "2 vs 4 output channels");
+    let c3 = conv(&mut rng, 4, 3, 1, &[1, 1], &s1, &d1, &[0, 0], &[0, 0]);
+    refused(&c3, &big, "input channels per group");
+    let r1 = conv(&mut rng, 4, 4, 1, &[1], &[1], &[1], &[0], &[0]);
+    refused(&r1, &big, "1-d and 2-d");
+    // the identity on a grouped conv with other groups
+    refused(&AffineConv::identity(4, 1, 2), &conv(&mut rng, 4, 4, 2, &[3, 3], &s1, &d1, &[1, 1], &[1, 1]), "groups");
+}
+
+#[test]
+fn case_offset_in_refuses_kernels_that_do_not_fit() {
+    let mut rng = StdRng::seed_from_u64(23);
+    let big = plain(&mut rng, 3, 2, &[3, 3], &[1, 1], &[1, 1]);
+    // 1x5 with pads keeping the output size: would start one tap left of the 3x3
+    let wide = plain(&mut rng, 3, 2, &[1, 5], &[0, 2], &[0, 2]);
+    refused(&wide, &big, "does not fit");
+    // 5x5 into 3x3
+    let k5 = plain(&mut rng, 3, 2, &[5, 5], &[2, 2], &[2, 2]);
+    refused(&k5, &big, "does not fit");
+    // a 3x1 shifted past the end of the 3x3 (pads (2,0) on H, same output size)
+    let low = plain(&mut rng, 3, 2, &[3, 1], &[0, 0], &[2, 0]);
+    refused(&low, &big, "does not fit");
+}
+
+#[test]
+fn case_offset_in_refuses_paddings_changing_output_size() {
+    let mut rng = StdRng::seed_from_u64(24);
+    let big = plain(&mut rng, 3, 2, &[3, 3], &[1, 1], &[1, 1]);
+    let hor = plain(&mut rng, 3, 2, &[1, 3], &[0, 0], &[0, 0]);
+    refused(&hor, &big, "paddings give a different output size on axis 1");
+    let one = plain(&mut rng, 3, 2, &[1, 1], &[1, 1], &[1, 1]);
+    refused(&one, &big, "different output size");
+    // a crop that shrinks the output
+    let mut ver = plain(&mut rng, 3, 2, &[3, 1], &[1, 0], &[1, 0]);
+    ver.crop_end = vec![0, 1];
+    refused(&ver, &big, "different output size");
+}
+
+#[test]
+fn case_offset_in_refuses_crop_and_pad_on_the_same_side() {
+    let mut rng = StdRng::seed_from_u64(25);
+    let big = plain(&mut rng, 3, 2, &[3, 3], &[1, 1], &[1, 1]);
+    let mut one = plain(&mut rng, 3, 2, &[1, 1], &[0, 1], &[0, 0]);
+    one.crop_begin = vec![0, 1];
+    refused(&one, &big, "crop and padding on the same side of axis 1");
+    let mut one = plain(&mut rng, 3, 2, &[1, 1], &[0, 0], &[1, 0]);
+    one.crop_end = vec![1, 0];
+    refused(&one, &big, "crop and padding on the same side of axis 0");
+    let mut neg = plain(&mut rng, 3, 2, &[1, 1], &[0, 0], &[0, 0]);
+    neg.crop_begin = vec![-1, 0];
+    refused(&neg, &big, "negative crop");
+}
+
+#[test]
+fn case_offset_in_refuses_taps_between_dilated_taps() {
+    let mut rng = StdRng::seed_from_u64(26);
+    let big = conv(&mut rng, 3, 2, 1, &[3, 3], &[1, 1], &[2, 2], &[2, 2], &[2, 2]);
+    // same dilation and output size, but shifted by one input pixel: offset 1/2 tap
+    let odd = conv(&mut rng, 3, 2, 1, &[3, 3], &[1, 1], &[2, 2], &[1, 2], &[3, 2]);
+    refused(&odd, &big, "taps fall between");
+    // a one-tap branch shifted by one pixel (pad 1 at the start, crop 1 at the end)
+    let mut one = conv(&mut rng, 3, 2, 1, &[1, 1], &[1, 1], &[1, 1], &[1, 0], &[0, 0]);
+    one.crop_end = vec![1, 0];
+    refused(&one, &big, "taps fall between");
+    // ... while shifted by two pixels it lands on a tap and merges
+    let mut two = conv(&mut rng, 3, 2, 1, &[1, 1], &[1, 1], &[1, 1], &[2, 0], &[0, 0]);
+    two.crop_end = vec![2, 0];
+    let x = rand_arr(&mut rng, &[1, 2, 6, 6]);
+    assert_eq!(check_merge(&big, &[&two], &x, "shift by 2 under dilation 2"), vec![vec![0, 1]]);
+}

@@ -115,6 +115,14 @@ impl From<VerifyError> for Fail {
 
 impl CheckArgs {
     pub fn options(&self) -> Result<VerifyOptions, Fail> {
+        if self.samples == 0 {
+            return Err(Fail(2, "--samples must be at least 1".into()));
+        }
+        for (what, v) in [("--atol", self.atol), ("--rtol", self.rtol)] {
+            if !(v >= 0.0 && v.is_finite()) {
+                return Err(Fail(2, format!("{what} must be a finite number >= 0, got {v}")));
+            }
+        }
         let mut o = VerifyOptions { seed: self.seed, samples: self.samples, atol: self.atol, rtol: self.rtol, progress: true, ..Default::default() };
         for s in &self.input_shape {
             let (name, dims) = s.rsplit_once(':').ok_or_else(|| Fail(2, format!("--input-shape {s:?}: expected name:d1,d2,...")))?;
@@ -139,11 +147,154 @@ fn write_json(path: &Path, v: &serde_json::Value) -> Result<(), Fail> {
     })
 }
 
+/// A path made absolute with its folder resolved; a file that does not exist yet still has one.
+fn canonical(p: &Path) -> Option<PathBuf> {
+    if let Ok(c) = p.canonicalize() {
+        return Some(c);
+    }
+    let name = p.file_name()?;
+    let parent = match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    Some(parent.canonicalize().ok()?.join(name))
+}
+
+/// Whether two paths name the same file (existing or not).
 fn same_file(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
+    match (canonical(a), canonical(b)) {
+        (Some(x), Some(y)) => x == y,
         _ => false,
     }
+}
+
+/// `<path>.data`: where a save of `path` writes its external data, or removes a stale one.
+fn data_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".data");
+    PathBuf::from(s)
+}
+
+/// A file we are asked to write must go to an existing folder and must not be a folder.
+fn check_writable(path: &Path, what: &str) -> Result<(), Fail> {
+    let parent = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if path.file_name().is_none() {
+        return Err(Fail(2, format!("{}: {what} must name a file", path.display())));
+    }
+    if !parent.is_dir() {
+        return Err(Fail(2, format!("{}: cannot write the {what}: no folder {}", path.display(), parent.display())));
+    }
+    if path.is_dir() {
+        return Err(Fail(2, format!("{}: cannot write the {what}: it is a folder", path.display())));
+    }
+    Ok(())
+}
+
+/// The report must not overwrite any file the run reads or writes.
+fn check_report_path(report: &Path, files: &[(&Path, &str)]) -> Result<(), Fail> {
+    check_writable(report, "report")?;
+    for (f, what) in files {
+        if same_file(report, f) {
+            return Err(Fail(2, format!("{}: --report names {what}; choose another file for the report", report.display())));
+        }
+    }
+    Ok(())
+}
+
+pub use crate::error::one_line;
+
+fn warn(msg: &str) {
+    eprintln!("acnet-onnx: warning: {}", one_line(msg));
+}
+
+thread_local! {
+    static LAST_PANIC: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Replace the default panic output (a message and maybe a backtrace) by recording the message:
+/// [`guarded`] and the binary's `main` turn it into one line on stderr.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let p = info.payload();
+        let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
+        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        LAST_PANIC.with(|l| *l.borrow_mut() = Some(format!("{msg}{at}")));
+    }));
+}
+
+/// The message of the last panic on this thread (recorded by [`install_panic_hook`]).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    LAST_PANIC
+        .with(|l| l.borrow_mut().take())
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic".into())
+}
+
+/// Run `f`; a panic in it (a bug) becomes a one-line error naming the file, exit code 2.
+/// Anything staged is removed while unwinding.
+fn guarded<T>(file: &Path, what: &str, f: impl FnOnce() -> Result<T, Fail>) -> Result<T, Fail> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => Err(Fail(
+            2,
+            format!(
+                "{}: internal error while {what}: {} (a bug in acnet-onnx: please report it with the model)",
+                file.display(),
+                panic_message(&*p)
+            ),
+        )),
+    }
+}
+
+/// Most elements a random input of the equivalence check may have (4 GiB as float32). A shape
+/// in a model is a declared size like any other: a file of a few KB must not make the check
+/// allocate terabytes (an allocation failure aborts the process; it is not an error).
+pub const MAX_INPUT_ELEMENTS: u128 = 1 << 30;
+
+/// The random inputs the check would make for `model`, by its declared input shapes (symbolic
+/// dims as 1, `--input-shape` overriding): refuse any past [`MAX_INPUT_ELEMENTS`].
+fn check_input_sizes(model: &Model, file: &Path, opts: &VerifyOptions) -> Result<(), Fail> {
+    use crate::proto::{tensor_shape_proto::dimension::Value, type_proto};
+    if opts.inputs_npz.is_some() {
+        return Ok(());
+    }
+    let g = model.proto.graph.as_ref().expect("a loaded model has a graph");
+    for v in g.input.iter().filter(|v| !g.initializer.iter().any(|t| t.name() == v.name())) {
+        if opts.input_files.iter().any(|(n, _)| n == v.name()) {
+            continue;
+        }
+        let dims: Vec<u128> = match opts.input_shapes.iter().find(|(n, _)| n == v.name()) {
+            Some((_, d)) => d.iter().map(|&x| x as u128).collect(),
+            None => {
+                let Some(type_proto::Value::TensorType(t)) = v.r#type.as_ref().and_then(|t| t.value.as_ref()) else { continue };
+                let Some(shape) = &t.shape else { continue };
+                shape
+                    .dim
+                    .iter()
+                    .map(|d| match d.value {
+                        Some(Value::DimValue(x)) if x >= 0 => x as u128,
+                        _ => 1,
+                    })
+                    .collect()
+            }
+        };
+        let n = dims.iter().try_fold(1u128, |a, &d| a.checked_mul(d)).unwrap_or(u128::MAX);
+        if n > MAX_INPUT_ELEMENTS {
+            return Err(Fail(
+                2,
+                format!(
+                    "{}: input '{}' of shape {dims:?} has {n} elements, too many to check (at most {MAX_INPUT_ELEMENTS}); set a smaller one with --input-shape, or pass --no-verify",
+                    file.display(),
+                    v.name()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// JSON of a fuse run: the verify report's fields (if it ran) plus `fuse`.
@@ -161,9 +312,43 @@ pub fn run_fuse(a: &FuseArgs) -> Result<i32, Fail> {
     if same_file(&a.model, &a.output) && !a.in_place {
         return Err(Fail(2, format!("{}: -o names the input itself; pass --in-place to overwrite it", a.output.display())));
     }
+    check_writable(&a.output, "output")?;
     let opts = a.check.options()?;
     let mut model = Model::load(&a.model)?;
-    let report = fuse(&mut model)?;
+    // a save writes `<output>.data` (or removes a stale one): neither may be a file of the input
+    let out_data = data_path(&a.output);
+    let inputs = model.files();
+    if !a.in_place {
+        for f in &inputs {
+            for out in [&a.output, &out_data] {
+                if same_file(f, out) {
+                    return Err(Fail(
+                        2,
+                        format!(
+                            "{}: writing it would replace or remove {}, a file of the input {}; choose another output (or pass --in-place)",
+                            a.output.display(),
+                            f.display(),
+                            a.model.display()
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    if !a.no_verify {
+        check_input_sizes(&model, &a.model, &opts)?;
+    }
+    if let Some(r) = &a.report {
+        let mut files: Vec<(&Path, &str)> = inputs.iter().map(|f| (f.as_path(), "a file of the input")).collect();
+        files.push((&a.output, "the output"));
+        files.push((&out_data, "the output's data file"));
+        check_report_path(r, &files)?;
+    }
+    guarded(&a.model, "fusing (nothing was written)", || fuse_and_write(a, &mut model, &opts))
+}
+
+fn fuse_and_write(a: &FuseArgs, model: &mut Model, opts: &VerifyOptions) -> Result<i32, Fail> {
+    let report = fuse(model)?;
     print!("{}", report.summary());
     let mode = if a.external_data {
         DataMode::External
@@ -172,33 +357,37 @@ pub fn run_fuse(a: &FuseArgs) -> Result<i32, Fail> {
     } else {
         DataMode::Auto
     };
-    let staged = stage(&model, &a.output, mode)?;
-    let mut code = 0;
+    let staged = stage(model, &a.output, mode)?;
     let mut vr = None;
     if !a.no_verify {
-        match verify_paths(&a.model, &staged.model_path(), &opts) {
+        match verify_paths(&a.model, &staged.model_path(), opts) {
             Ok(mut r) => {
                 r.candidate = a.output.display().to_string();
                 print!("{}", r.table());
                 if !r.passed {
                     if a.force {
-                        eprintln!("acnet-onnx: warning: the fused model is NOT equivalent within the tolerances; written anyway (--force)");
+                        warn("the fused model is NOT equivalent within the tolerances; written anyway (--force)");
                     } else {
                         if let Some(p) = &a.report {
                             write_json(p, &fuse_json(&report, Some(&r)))?;
                         }
-                        eprintln!("acnet-onnx: the fused model is not equivalent to {}; nothing written (--force writes anyway)", a.model.display());
+                        eprintln!(
+                            "acnet-onnx: {}",
+                            one_line(&format!(
+                                "{}: the fused model is not equivalent to the input; nothing written (--force writes anyway)",
+                                a.model.display()
+                            ))
+                        );
                         return Ok(1);
                     }
                 }
                 vr = Some(r);
             }
             Err(e @ VerifyError::Unsupported { .. }) => {
-                eprintln!("acnet-onnx: warning: not verified: {e}; the rewrite is written unverified (pass --no-verify to skip the check)");
+                warn(&format!("not verified: {e}; the rewrite is written unverified (pass --no-verify to skip the check)"));
             }
             Err(e) => {
-                code = e.exit_code();
-                return Err(Fail(code, format!("{e} (pass --no-verify to skip the check)")));
+                return Err(Fail(e.exit_code(), format!("{e} (pass --no-verify to skip the check)")));
             }
         }
     }
@@ -210,11 +399,24 @@ pub fn run_fuse(a: &FuseArgs) -> Result<i32, Fail> {
     if let Some(p) = &a.report {
         write_json(p, &fuse_json(&report, vr.as_ref()))?;
     }
-    Ok(code)
+    Ok(0)
 }
 
 pub fn run_verify(a: &VerifyArgs) -> Result<i32, Fail> {
     let opts = a.check.options()?;
+    // read both with our own loader first: a damaged or invalid file gets the same one-line
+    // error as in `fuse`, before tract sees it
+    let mut files: Vec<(PathBuf, &str)> = Vec::new();
+    for p in [&a.reference, &a.candidate] {
+        let m = Model::load(p)?;
+        guarded(p, "checking the graph", || Ok(crate::fuse::validate(&m)?))?;
+        check_input_sizes(&m, p, &opts)?;
+        files.extend(m.files().into_iter().map(|f| (f, "a model file")));
+    }
+    if let Some(r) = &a.report {
+        let files: Vec<(&Path, &str)> = files.iter().map(|(f, w)| (f.as_path(), *w)).collect();
+        check_report_path(r, &files)?;
+    }
     let r = verify_paths(&a.reference, &a.candidate, &opts)?;
     print!("{}", r.table());
     if let Some(p) = &a.report {
@@ -226,7 +428,7 @@ pub fn run_verify(a: &VerifyArgs) -> Result<i32, Fail> {
 pub fn run_inspect(a: &InspectArgs) -> Result<i32, Fail> {
     let original = Model::load(&a.model)?;
     let mut model = original.clone();
-    let report = fuse(&mut model)?;
+    let report = guarded(&a.model, "analysing", || Ok(fuse(&mut model)?))?;
     let g = original.proto.graph.as_ref().unwrap();
     let inits: Vec<serde_json::Value> = g
         .initializer
@@ -279,7 +481,7 @@ pub fn main_with(cli: Cli) -> i32 {
     match r {
         Ok(c) => c,
         Err(Fail(code, msg)) => {
-            eprintln!("acnet-onnx: {msg}");
+            eprintln!("acnet-onnx: {}", one_line(&msg));
             code
         }
     }

@@ -24,6 +24,7 @@ fn outer_reads(g: &GraphProto, out: &mut Vec<String>) {
     let mut defined: HashSet<&str> = HashSet::new();
     defined.extend(g.input.iter().map(|v| v.name()));
     defined.extend(g.initializer.iter().map(|t| t.name()));
+    defined.extend(g.sparse_initializer.iter().filter_map(|s| s.values.as_ref()).map(|t| t.name()));
     for n in &g.node {
         defined.extend(n.output.iter().map(|s| s.as_str()));
     }
@@ -111,29 +112,49 @@ impl GraphIndex {
         None
     }
 
-    /// Check the graph is well formed: every input is produced, no name is produced twice, no
-    /// cycle (nodes may be out of order; ONNX requires topological order, which we check too).
+    /// Check the graph is well formed: no tensor name defined twice (graph inputs,
+    /// initializers, node outputs), every read defined, no cycle, nodes in topological order
+    /// (as ONNX requires), every graph output produced.
     pub fn validate(&self, g: &GraphProto) -> Result<()> {
-        let gname = g.name.as_deref().unwrap_or("graph");
-        let mut seen: HashSet<&str> = HashSet::new();
+        let gname = g.name.as_deref().filter(|n| !n.is_empty()).unwrap_or("graph");
+        let err = |msg: String| Err(Error::Invalid(format!("{gname}: {msg}")));
+        let mut inputs: HashSet<&str> = HashSet::new();
         for v in &g.input {
-            if !seen.insert(v.name()) {
-                return Err(Error::Invalid(format!("{gname}: duplicate graph input '{}'", v.name())));
+            if v.name().is_empty() {
+                return err("a graph input has no name".into());
+            }
+            if !inputs.insert(v.name()) {
+                return err(format!("duplicate graph input '{}'", v.name()));
             }
         }
-        for t in &g.initializer {
-            if !self.inputs.contains(t.name()) && !seen.insert(t.name()) {
-                return Err(Error::Invalid(format!("{gname}: duplicate initializer '{}'", t.name())));
+        let mut inits: HashSet<&str> = HashSet::new();
+        let sparse = g.sparse_initializer.iter().filter_map(|s| s.values.as_ref()).map(|t| t.name());
+        for name in g.initializer.iter().map(|t| t.name()).chain(sparse) {
+            if name.is_empty() {
+                return err("an initializer has no name".into());
+            }
+            if !inits.insert(name) {
+                return err(format!("duplicate initializer '{name}'"));
             }
         }
+        // an initializer may also be listed as a graph input (its default value)
+        let seen: HashSet<&str> = inputs.union(&inits).copied().collect();
         let mut defined: HashSet<&str> = seen.clone();
         for n in &g.node {
+            let mut outs: HashSet<&str> = HashSet::new();
             for o in n.output.iter().filter(|o| !o.is_empty()) {
+                if !outs.insert(o) {
+                    return err(format!("node '{}' ({}) lists output '{o}' twice", n.name(), n.op_type()));
+                }
                 if defined.contains(o.as_str()) {
-                    return Err(Error::Invalid(format!(
-                        "{gname}: tensor '{o}' is produced twice (node '{}')",
-                        n.name()
-                    )));
+                    let what = if inputs.contains(o.as_str()) {
+                        "a graph input"
+                    } else if inits.contains(o.as_str()) {
+                        "an initializer"
+                    } else {
+                        "another node's output"
+                    };
+                    return err(format!("duplicate tensor name '{o}': output of node '{}' ({}) and {what}", n.name(), n.op_type()));
                 }
                 defined.insert(o);
             }
@@ -143,12 +164,15 @@ impl GraphIndex {
         for n in &g.node {
             for r in node_reads(n) {
                 if !avail.contains(r.as_str()) {
-                    let msg = if defined.contains(r.as_str()) {
-                        format!("node '{}' ({}) reads '{r}' before it is produced (a cycle, or nodes out of order)", n.name(), n.op_type())
-                    } else {
+                    let msg = if !defined.contains(r.as_str()) {
                         format!("node '{}' ({}) reads '{r}', which nothing produces", n.name(), n.op_type())
+                    } else if let Some(c) = self.cycle_node(g) {
+                        let c = &g.node[c];
+                        format!("a cycle: node '{}' ({}) depends on its own output", c.name(), c.op_type())
+                    } else {
+                        format!("nodes are not in topological order: node '{}' ({}) reads '{r}' before it is produced", n.name(), n.op_type())
                     };
-                    return Err(Error::Invalid(format!("{gname}: {msg}")));
+                    return err(msg);
                 }
             }
             for o in n.output.iter().filter(|o| !o.is_empty()) {
@@ -157,11 +181,91 @@ impl GraphIndex {
         }
         for o in &g.output {
             if !avail.contains(o.name()) {
-                return Err(Error::Invalid(format!("{gname}: graph output '{}' is not produced", o.name())));
+                return err(format!("graph output '{}' is not produced", o.name()));
             }
         }
         Ok(())
     }
+
+    /// A node on a cycle, if the graph has one (Kahn's algorithm; then walk back from a node
+    /// left over until a node repeats).
+    fn cycle_node(&self, g: &GraphProto) -> Option<usize> {
+        let n = g.node.len();
+        let deps: Vec<Vec<usize>> = g
+            .node
+            .iter()
+            .map(|nd| node_reads(nd).iter().filter_map(|r| self.producer.get(r).map(|&(p, _)| p)).collect())
+            .collect();
+        let mut users: Vec<Vec<usize>> = vec![Vec::new(); n];
+        let mut pending: Vec<usize> = vec![0; n];
+        for (i, d) in deps.iter().enumerate() {
+            pending[i] = d.len();
+            for &p in d {
+                users[p].push(i);
+            }
+        }
+        let mut ready: Vec<usize> = (0..n).filter(|&i| pending[i] == 0).collect();
+        let mut done = vec![false; n];
+        while let Some(i) = ready.pop() {
+            done[i] = true;
+            for &u in &users[i] {
+                pending[u] -= 1;
+                if pending[u] == 0 {
+                    ready.push(u);
+                }
+            }
+        }
+        // every node left over depends on another left over; walking back must repeat
+        let mut cur = (0..n).find(|&i| !done[i])?;
+        let mut visited = vec![false; n];
+        while !visited[cur] {
+            visited[cur] = true;
+            cur = *deps[cur].iter().find(|&&p| !done[p])?;
+        }
+        Some(cur)
+    }
+}
+
+/// Inputs an operator must have (present and named) and may have, at an opset; `None` for
+/// operators this crate does not read. Only the operators the rules look into are listed: a node
+/// of one of them with too few inputs is not a valid model, and is refused as such on load.
+fn arity(op: &str, opset: i64) -> Option<(usize, usize)> {
+    Some(match op {
+        "Conv" => (2, 3),
+        "BatchNormalization" => (5, 5),
+        "Add" | "Sub" | "Mul" | "Div" => (2, 2),
+        "Sum" => (1, usize::MAX),
+        "Slice" if opset >= 10 => (3, 5),
+        "Pad" if opset >= 11 => (2, 4),
+        "Reshape" if opset >= 5 => (2, 2),
+        "Unsqueeze" if opset >= 13 => (2, 2),
+        "Squeeze" if opset >= 13 => (1, 2),
+        "Slice" | "Pad" | "Reshape" | "Unsqueeze" | "Squeeze" | "Identity" | "Relu" | "Cast" => (1, 1),
+        "Constant" => (0, 0),
+        _ => return None,
+    })
+}
+
+/// Check the nodes of the operators the rules read have the inputs their schema requires (at
+/// the model's opset) and a named first output.
+pub fn check_arity(g: &GraphProto, opset: i64) -> Result<()> {
+    let gname = g.name.as_deref().filter(|n| !n.is_empty()).unwrap_or("graph");
+    for n in g.node.iter().filter(|n| is_default_domain(n)) {
+        let Some((min, max)) = arity(n.op_type(), opset) else { continue };
+        let bad = |msg: String| Err(Error::Invalid(format!("{gname}: node '{}' ({}) {msg}", n.name(), n.op_type())));
+        let given = n.input.iter().rposition(|i| !i.is_empty()).map_or(0, |p| p + 1);
+        if given < min || given > max {
+            let want = if min == max { format!("{min}") } else if max == usize::MAX { format!("at least {min}") } else { format!("{min} to {max}") };
+            return bad(format!("has {given} input(s); at opset {opset} it takes {want}"));
+        }
+        if let Some(k) = n.input.iter().take(min).position(|i| i.is_empty()) {
+            return bad(format!("has no input {k}, which it requires"));
+        }
+        if n.output.first().is_none_or(|o| o.is_empty()) {
+            return bad("has no output".into());
+        }
+    }
+    Ok(())
 }
 
 pub fn is_default_domain(n: &NodeProto) -> bool {

@@ -7,8 +7,10 @@
 //! or failed save never leaves a half-written model.
 
 use crate::error::{Error, Result};
-use crate::proto::{tensor_proto::DataLocation, GraphProto, ModelProto, StringStringEntryProto, TensorProto};
-use crate::tensor::{checked_numel, elem_size};
+use crate::proto::{
+    tensor_proto::DataLocation, AttributeProto, GraphProto, ModelProto, SparseTensorProto, StringStringEntryProto, TensorProto,
+};
+use crate::tensor::{checked_numel, raw_len, typed_len};
 use bytes::Bytes;
 use prost::Message;
 use std::collections::HashMap;
@@ -32,10 +34,28 @@ pub struct Model {
     external_files: HashMap<String, Bytes>,
 }
 
-fn map_file(path: &Path) -> Result<Bytes> {
-    let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
-    if len == 0 {
+/// Map a file read-only. Directories are refused; so are other non-regular files (pipes,
+/// devices) unless `stream` is set, in which case they are read to the end into memory.
+fn map_file(path: &Path, stream: bool) -> Result<Bytes> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_dir() {
+        return Err(Error::io(path, "is a folder, not a file"));
+    }
+    let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        if !stream {
+            return Err(Error::io(path, "not a regular file"));
+        }
+        // a model over protobuf's limit is not a model: never read more than that
+        let mut v = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(&mut file, PROTOBUF_LIMIT as u64 + 1), &mut v)
+            .map_err(|e| Error::io(path, e))?;
+        if v.len() > PROTOBUF_LIMIT {
+            return Err(Error::format(path, "more than 2 GiB, over protobuf's limit: not an ONNX model"));
+        }
+        return Ok(Bytes::from(v));
+    }
+    if meta.len() == 0 {
         return Ok(Bytes::new());
     }
     // SAFETY: the map is read-only; a concurrent writer of the same file is outside what any
@@ -53,34 +73,104 @@ pub fn is_external(t: &TensorProto) -> bool {
     t.data_location == Some(DataLocation::External as i32)
 }
 
-/// Every tensor stored in a graph: initializers, sparse initializers' parts, Constant nodes'
-/// tensor attributes, and the same in subgraphs.
+/// Every tensor stored in a model: the graph's initializers, sparse initializers' parts,
+/// tensor attributes of nodes (Constant values and the like), the same in subgraphs, in
+/// training-info graphs, and in local functions (their nodes and attribute defaults).
+fn for_each_model_tensor<'a>(m: &'a ModelProto, f: &mut dyn FnMut(&'a TensorProto) -> Result<()>) -> Result<()> {
+    if let Some(g) = &m.graph {
+        for_each_tensor(g, f)?;
+    }
+    for ti in &m.training_info {
+        for g in ti.initialization.iter().chain(&ti.algorithm) {
+            for_each_tensor(g, f)?;
+        }
+    }
+    for func in &m.functions {
+        for a in &func.attribute_proto {
+            attr_tensors(a, f)?;
+        }
+        for n in &func.node {
+            for a in &n.attribute {
+                attr_tensors(a, f)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn for_each_model_tensor_mut(m: &mut ModelProto, f: &mut dyn FnMut(&mut TensorProto) -> Result<()>) -> Result<()> {
+    if let Some(g) = &mut m.graph {
+        for_each_tensor_mut(g, f)?;
+    }
+    for ti in &mut m.training_info {
+        for g in ti.initialization.iter_mut().chain(&mut ti.algorithm) {
+            for_each_tensor_mut(g, f)?;
+        }
+    }
+    for func in &mut m.functions {
+        for a in &mut func.attribute_proto {
+            attr_tensors_mut(a, f)?;
+        }
+        for n in &mut func.node {
+            for a in &mut n.attribute {
+                attr_tensors_mut(a, f)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn sparse_parts<'a>(s: &'a SparseTensorProto, f: &mut dyn FnMut(&'a TensorProto) -> Result<()>) -> Result<()> {
+    for t in s.values.iter().chain(&s.indices) {
+        f(t)?;
+    }
+    Ok(())
+}
+
+fn sparse_parts_mut(s: &mut SparseTensorProto, f: &mut dyn FnMut(&mut TensorProto) -> Result<()>) -> Result<()> {
+    for t in s.values.iter_mut().chain(&mut s.indices) {
+        f(t)?;
+    }
+    Ok(())
+}
+
+fn attr_tensors<'a>(a: &'a AttributeProto, f: &mut dyn FnMut(&'a TensorProto) -> Result<()>) -> Result<()> {
+    for t in a.t.iter().chain(&a.tensors) {
+        f(t)?;
+    }
+    for s in a.sparse_tensor.iter().chain(&a.sparse_tensors) {
+        sparse_parts(s, f)?;
+    }
+    for sg in a.g.iter().chain(&a.graphs) {
+        for_each_tensor(sg, f)?;
+    }
+    Ok(())
+}
+
+fn attr_tensors_mut(a: &mut AttributeProto, f: &mut dyn FnMut(&mut TensorProto) -> Result<()>) -> Result<()> {
+    for t in a.t.iter_mut().chain(&mut a.tensors) {
+        f(t)?;
+    }
+    for s in a.sparse_tensor.iter_mut().chain(&mut a.sparse_tensors) {
+        sparse_parts_mut(s, f)?;
+    }
+    for sg in a.g.iter_mut().chain(&mut a.graphs) {
+        for_each_tensor_mut(sg, f)?;
+    }
+    Ok(())
+}
+
+/// Every tensor stored in a graph and its subgraphs.
 fn for_each_tensor<'a>(g: &'a GraphProto, f: &mut dyn FnMut(&'a TensorProto) -> Result<()>) -> Result<()> {
     for t in &g.initializer {
         f(t)?;
     }
     for s in &g.sparse_initializer {
-        if let Some(v) = &s.values {
-            f(v)?;
-        }
-        if let Some(i) = &s.indices {
-            f(i)?;
-        }
+        sparse_parts(s, f)?;
     }
     for n in &g.node {
         for a in &n.attribute {
-            if let Some(t) = &a.t {
-                f(t)?;
-            }
-            for t in &a.tensors {
-                f(t)?;
-            }
-            if let Some(sg) = &a.g {
-                for_each_tensor(sg, f)?;
-            }
-            for sg in &a.graphs {
-                for_each_tensor(sg, f)?;
-            }
+            attr_tensors(a, f)?;
         }
     }
     Ok(())
@@ -91,27 +181,11 @@ fn for_each_tensor_mut(g: &mut GraphProto, f: &mut dyn FnMut(&mut TensorProto) -
         f(t)?;
     }
     for s in &mut g.sparse_initializer {
-        if let Some(v) = &mut s.values {
-            f(v)?;
-        }
-        if let Some(i) = &mut s.indices {
-            f(i)?;
-        }
+        sparse_parts_mut(s, f)?;
     }
     for n in &mut g.node {
         for a in &mut n.attribute {
-            if let Some(t) = &mut a.t {
-                f(t)?;
-            }
-            for t in &mut a.tensors {
-                f(t)?;
-            }
-            if let Some(sg) = &mut a.g {
-                for_each_tensor_mut(sg, f)?;
-            }
-            for sg in &mut a.graphs {
-                for_each_tensor_mut(sg, f)?;
-            }
+            attr_tensors_mut(a, f)?;
         }
     }
     Ok(())
@@ -126,13 +200,29 @@ fn safe_location(location: &str) -> bool {
 
 /// Where the bytes of an external tensor are: (location, offset, length).
 fn external_ref(t: &TensorProto) -> std::result::Result<(String, usize, Option<usize>), String> {
-    let loc = entry(t, "location").ok_or("no 'location' key")?.to_string();
+    let loc = entry(t, "location").ok_or("stored externally but no 'location' key")?.to_string();
     let num = |k: &str| -> std::result::Result<Option<usize>, String> {
         entry(t, k)
             .map(|v| v.trim().parse::<usize>().map_err(|_| format!("'{k}' is not a byte count: {v:?}")))
             .transpose()
     };
     Ok((loc, num("offset")?.unwrap_or(0), num("length")?))
+}
+
+/// The byte range of an external tensor in a file of `len` bytes, if it fits.
+fn ext_range(offset: usize, length: Option<usize>, len: usize) -> Option<std::ops::Range<usize>> {
+    let end = match length {
+        Some(l) => offset.checked_add(l)?,
+        None => len,
+    };
+    (offset <= end && end <= len).then_some(offset..end)
+}
+
+fn dtype_name(dt: i32) -> String {
+    match crate::proto::tensor_proto::DataType::try_from(dt) {
+        Ok(d) => d.as_str_name().to_lowercase(),
+        Err(_) => format!("data type {dt}"),
+    }
 }
 
 impl Model {
@@ -144,23 +234,38 @@ impl Model {
     /// Load a model from a file, memory-mapped; resolve and check its external data.
     pub fn load(path: impl AsRef<Path>) -> Result<Model> {
         let path = path.as_ref();
-        let bytes = map_file(path)?;
+        let bytes = map_file(path, true)?;
         if bytes.is_empty() {
-            return Err(Error::format(path, "empty file"));
+            return Err(Error::format(path, "empty file, not an ONNX model"));
         }
         Self::decode(bytes, path)
     }
 
     /// Decode a model from bytes; `path` names the file (and its folder holds external data).
+    /// Everything that could later make a reader index out of bounds or allocate more than the
+    /// input holds is checked here: tensor sizes against dims and data type, external data
+    /// references against their files.
     pub fn decode(bytes: Bytes, path: &Path) -> Result<Model> {
-        let proto = ModelProto::decode(bytes)
-            .map_err(|e| Error::format(path, format!("not an ONNX model (protobuf: {e})")))?;
+        if bytes.is_empty() {
+            return Err(Error::format(path, "empty file, not an ONNX model"));
+        }
+        let proto = ModelProto::decode(bytes).map_err(|e| {
+            Error::format(path, format!("not an ONNX model, or a truncated or damaged one (protobuf: {e})"))
+        })?;
         if proto.graph.is_none() {
             return Err(Error::format(path, "not an ONNX model: no graph"));
         }
-        if proto.ir_version.is_none() && proto.opset_import.is_empty() {
-            return Err(Error::format(path, "not an ONNX model: no ir_version and no opset_import"));
+        if proto.ir_version.is_none() {
+            return Err(Error::format(path, "not an ONNX model (or a truncated one): no ir_version"));
         }
+        if proto.opset_import.is_empty() {
+            return Err(Error::format(path, "not an ONNX model (or a truncated one): no opset_import"));
+        }
+        let opset = crate::graph::default_opset(&proto);
+        crate::graph::check_arity(proto.graph.as_ref().unwrap(), opset).map_err(|e| match e {
+            Error::Invalid(msg) => Error::format(path, msg),
+            e => e,
+        })?;
         let mut model = Model { proto, path: Some(path.to_path_buf()), external_files: HashMap::new() };
         model.resolve_external()?;
         model.check_tensors()?;
@@ -183,8 +288,7 @@ impl Model {
         let dir = self.dir();
         let path = self.display_path();
         let mut files: HashMap<String, Bytes> = HashMap::new();
-        let graph = self.proto.graph.as_ref().unwrap();
-        for_each_tensor(graph, &mut |t| {
+        for_each_model_tensor(&self.proto, &mut |t| {
             if !is_external(t) {
                 return Ok(());
             }
@@ -195,23 +299,19 @@ impl Model {
             }
             if !files.contains_key(&loc) {
                 let file = dir.join(&loc);
-                let data = map_file(&file).map_err(|e| match e {
+                let data = map_file(&file, false).map_err(|e| match e {
                     Error::Io { msg, .. } => bad(format!("cannot read {}: {msg}", file.display())),
                     e => e,
                 })?;
                 files.insert(loc.clone(), data);
             }
             let data = &files[&loc];
-            let end = match length {
-                Some(l) => offset.checked_add(l),
-                None => Some(data.len()),
-            };
-            match end {
-                Some(end) if end <= data.len() && offset <= end => Ok(()),
-                _ => Err(bad(format!(
-                    "{loc} holds {} bytes, tensor wants offset {offset} length {}",
+            match ext_range(offset, length, data.len()) {
+                Some(_) => Ok(()),
+                None => Err(bad(format!(
+                    "{loc} holds {} bytes, but the tensor is declared at offset {offset}, length {} (the file is shorter than declared)",
                     data.len(),
-                    length.map(|l| l.to_string()).unwrap_or_else(|| "(rest)".into())
+                    length.map(|l| l.to_string()).unwrap_or_else(|| "(rest of the file)".into())
                 ))),
             }
         })?;
@@ -219,23 +319,36 @@ impl Model {
         Ok(())
     }
 
-    /// Check every stored tensor's size against its dims and type, so later code can trust them.
+    /// Check every stored tensor's size against its dims and type, so later code can trust them
+    /// (and never allocates by a declared size the data does not back).
     fn check_tensors(&self) -> Result<()> {
         let path = self.display_path();
-        let graph = self.proto.graph.as_ref().unwrap();
-        for_each_tensor(graph, &mut |t| {
+        for_each_model_tensor(&self.proto, &mut |t| {
             let bad = |msg: String| Error::format(path.clone(), format!("tensor '{}': {msg}", t.name()));
             let n = checked_numel(&t.dims).map_err(bad)?;
             let dt = t.data_type.unwrap_or(0);
-            if let Some(raw) = self.raw_bytes(t).map_err(|e| bad(e.to_string()))? {
-                if let Some(sz) = elem_size(dt) {
-                    let want = n.checked_mul(sz).ok_or_else(|| bad("size overflows".into()))?;
-                    if raw.len() != want {
-                        return Err(bad(format!(
-                            "{} bytes of data, but dims {:?} of {sz}-byte elements need {want}",
-                            raw.len(),
-                            t.dims
-                        )));
+            match self.raw_bytes(t).map_err(|e| bad(e.to_string()))? {
+                Some(raw) => {
+                    if let Some(want) = raw_len(dt, n).map_err(bad)? {
+                        if raw.len() != want {
+                            return Err(bad(format!(
+                                "{} bytes of data, but dims {:?} of {} need {want}",
+                                raw.len(),
+                                t.dims,
+                                dtype_name(dt)
+                            )));
+                        }
+                    }
+                }
+                None => {
+                    if let Some((field, have, want)) = typed_len(t, n) {
+                        if have != want {
+                            return Err(bad(format!(
+                                "{have} values in {field}, but dims {:?} of {} need {want}",
+                                t.dims,
+                                dtype_name(dt)
+                            )));
+                        }
                     }
                 }
             }
@@ -247,14 +360,12 @@ impl Model {
     /// when the values are in the typed fields (`float_data`, ...).
     pub fn raw_bytes(&self, t: &TensorProto) -> Result<Option<Bytes>> {
         if is_external(t) {
-            let (loc, offset, length) = external_ref(t)
-                .map_err(|m| Error::ExternalData { path: self.display_path(), msg: format!("tensor '{}': {m}", t.name()) })?;
-            let data = self.external_files.get(&loc).ok_or_else(|| Error::ExternalData {
-                path: self.display_path(),
-                msg: format!("tensor '{}': {loc} was not loaded", t.name()),
-            })?;
-            let end = length.map(|l| offset + l).unwrap_or(data.len());
-            return Ok(Some(data.slice(offset..end)));
+            let bad = |m: String| Error::ExternalData { path: self.display_path(), msg: format!("tensor '{}': {m}", t.name()) };
+            let (loc, offset, length) = external_ref(t).map_err(bad)?;
+            let data = self.external_files.get(&loc).ok_or_else(|| bad(format!("{loc} was not loaded")))?;
+            let range = ext_range(offset, length, data.len())
+                .ok_or_else(|| bad(format!("{loc} holds {} bytes, tensor wants offset {offset} length {length:?}", data.len())))?;
+            return Ok(Some(data.slice(range)));
         }
         Ok(t.raw_data.clone())
     }
@@ -262,38 +373,36 @@ impl Model {
     /// Whether any tensor of the model is stored externally.
     pub fn has_external_data(&self) -> bool {
         let mut any = false;
-        if let Some(g) = &self.proto.graph {
-            let _ = for_each_tensor(g, &mut |t| {
-                any |= is_external(t);
-                Ok(())
-            });
-        }
+        let _ = for_each_model_tensor(&self.proto, &mut |t| {
+            any |= is_external(t);
+            Ok(())
+        });
         any
+    }
+
+    /// The files the model consists of: its own path (if it has one) and every external data
+    /// file it read.
+    pub fn files(&self) -> Vec<PathBuf> {
+        let dir = self.dir();
+        let mut v: Vec<PathBuf> = self.path.iter().cloned().collect();
+        let mut locs: Vec<&String> = self.external_files.keys().collect();
+        locs.sort();
+        v.extend(locs.into_iter().map(|l| dir.join(l)));
+        v
     }
 
     /// The model with every tensor inline: external tensors get their bytes as `raw_data`.
     pub fn to_inline(&self) -> Result<ModelProto> {
         let mut proto = self.proto.clone();
-        let mut err = None;
-        if let Some(g) = &mut proto.graph {
-            for_each_tensor_mut(g, &mut |t| {
-                if is_external(t) {
-                    match self.raw_bytes(t) {
-                        Ok(b) => {
-                            t.raw_data = b;
-                            t.external_data.clear();
-                            t.data_location = None;
-                        }
-                        Err(e) => err = Some(e),
-                    }
-                }
-                Ok(())
-            })?;
-        }
-        match err {
-            Some(e) => Err(e),
-            None => Ok(proto),
-        }
+        for_each_model_tensor_mut(&mut proto, &mut |t| {
+            if is_external(t) {
+                t.raw_data = self.raw_bytes(t)?;
+                t.external_data.clear();
+                t.data_location = None;
+            }
+            Ok(())
+        })?;
+        Ok(proto)
     }
 }
 
@@ -330,27 +439,34 @@ impl Staged {
         self.dir.join(&self.name)
     }
 
-    /// Move the staged files into place: the data file first, then the model; remove a stale
-    /// `<model>.data` left by an earlier run when the new model has none.
+    /// Move the staged files into place. With external data, the data file first, then the
+    /// model. Without, the model first, then a stale `<model>.data` left by an earlier run is
+    /// removed (in that order, an interruption never leaves a model whose data file is gone).
     pub fn commit(mut self) -> Result<Saved> {
         let target = self.target_dir.join(&self.name);
-        let stale = PathBuf::from(format!("{}.data", target.display()));
+        let mut stale = target.clone().into_os_string();
+        stale.push(".data");
+        let stale = PathBuf::from(stale);
         let data = match &self.data_name {
             Some(d) => {
                 let to = self.target_dir.join(d);
                 std::fs::rename(self.dir.join(d), &to).map_err(|e| Error::io(&to, e))?;
                 Some(to)
             }
-            None => {
-                if stale.exists() {
-                    std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, e))?;
-                }
-                None
-            }
+            None => None,
         };
         std::fs::rename(self.model_path(), &target).map_err(|e| Error::io(&target, e))?;
         self.committed = true;
         let _ = std::fs::remove_dir_all(&self.dir);
+        if data.is_none() {
+            // only a file (or a link) is a stale data file; a folder of that name is not ours
+            if std::fs::symlink_metadata(&stale).is_ok_and(|m| !m.is_dir()) {
+                std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, format!("cannot remove the stale data file: {e}")))?;
+            }
+        }
+        if let Ok(d) = File::open(&self.target_dir) {
+            let _ = d.sync_all();
+        }
         Ok(Saved { model: target, data })
     }
 }
@@ -371,7 +487,8 @@ fn write_synced(path: &Path, f: impl FnOnce(&mut std::io::BufWriter<&File>) -> s
     file.sync_all().map_err(|e| Error::io(path, e))
 }
 
-/// Stage a save of `model` to `path` (see [`Staged`]).
+/// Stage a save of `model` to `path` (see [`Staged`]): written into a staging folder beside the
+/// target, flushed to disk, and read back (decoded, external data checked) before it is handed out.
 pub fn stage(model: &Model, path: &Path, mode: DataMode) -> Result<Staged> {
     let name = path.file_name().ok_or_else(|| Error::Usage(format!("{}: not a file name", path.display())))?.to_owned();
     let target_dir = match path.parent() {
@@ -379,7 +496,10 @@ pub fn stage(model: &Model, path: &Path, mode: DataMode) -> Result<Staged> {
         _ => PathBuf::from("."),
     };
     if !target_dir.is_dir() {
-        return Err(Error::io(&target_dir, "no such folder"));
+        return Err(Error::io(path, format!("cannot write: no folder {}", target_dir.display())));
+    }
+    if path.is_dir() {
+        return Err(Error::io(path, "cannot write: is a folder"));
     }
     let external = match mode {
         DataMode::Inline => false,
@@ -387,7 +507,7 @@ pub fn stage(model: &Model, path: &Path, mode: DataMode) -> Result<Staged> {
         DataMode::Auto => model.has_external_data() || model.proto.encoded_len() > PROTOBUF_LIMIT,
     };
     let dir = target_dir.join(format!(".acnet-onnx-{}-{}", std::process::id(), unique()));
-    std::fs::create_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+    std::fs::create_dir(&dir).map_err(|e| Error::io(path, format!("cannot write in {}: {e}", target_dir.display())))?;
     let mut staged = Staged { dir, name, data_name: None, target_dir, committed: false };
     let model_file = staged.model_path();
 
@@ -401,18 +521,15 @@ pub fn stage(model: &Model, path: &Path, mode: DataMode) -> Result<Staged> {
             )));
         }
         let mut buf = Vec::with_capacity(len);
-        proto.encode(&mut buf).expect("Vec has room");
+        proto.encode(&mut buf).map_err(|e| Error::io(path, format!("cannot encode the model: {e}")))?;
         write_synced(&model_file, |w| w.write_all(&buf))?;
-        return Ok(staged);
-    }
-
-    let data_name = format!("{}.data", staged.name.to_string_lossy());
-    let data_file = staged.dir.join(&data_name);
-    let mut proto = model.proto.clone();
-    let mut chunks: Vec<Bytes> = Vec::new();
-    let mut offset = 0usize;
-    if let Some(g) = &mut proto.graph {
-        for_each_tensor_mut(g, &mut |t| {
+    } else {
+        let data_name = format!("{}.data", staged.name.to_string_lossy());
+        let data_file = staged.dir.join(&data_name);
+        let mut proto = model.proto.clone();
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut offset = 0usize;
+        for_each_model_tensor_mut(&mut proto, &mut |t| {
             let raw = match model.raw_bytes(t)? {
                 Some(r) if is_external(t) || r.len() >= EXTERNAL_THRESHOLD => r,
                 _ => return Ok(()),
@@ -428,11 +545,20 @@ pub fn stage(model: &Model, path: &Path, mode: DataMode) -> Result<Staged> {
             chunks.push(raw);
             Ok(())
         })?;
+        write_synced(&data_file, |w| chunks.iter().try_for_each(|c| w.write_all(c)))?;
+        staged.data_name = Some(data_name);
+        let buf = proto.encode_to_vec();
+        if buf.len() > PROTOBUF_LIMIT {
+            return Err(Error::Usage(format!(
+                "{}: the model's graph alone is {} bytes, over protobuf's 2 GiB limit",
+                path.display(),
+                buf.len()
+            )));
+        }
+        write_synced(&model_file, |w| w.write_all(&buf))?;
     }
-    write_synced(&data_file, |w| chunks.iter().try_for_each(|c| w.write_all(c)))?;
-    staged.data_name = Some(data_name);
-    let buf = proto.encode_to_vec();
-    write_synced(&model_file, |w| w.write_all(&buf))?;
+    // read back what was written: a save that cannot be loaded is never moved into place
+    Model::load(&model_file).map_err(|e| Error::io(path, format!("the staged model does not read back: {e}")))?;
     Ok(staged)
 }
 

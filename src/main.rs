@@ -1,21 +1,32 @@
 use clap::Parser;
 
 fn main() {
-    // No backtraces for users: a bug is reported as one line and exit code 2; unwinding still
-    // removes any staged output.
-    std::panic::set_hook(Box::new(|info| {
-        let msg = info.payload().downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| info.payload().downcast_ref::<String>().cloned()).unwrap_or_default();
-        let at = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
-        eprintln!("acnet-onnx: internal error{at}: {}", msg.replace('\n', " "));
-    }));
+    // No backtraces for users: a panic (a bug) is reported as one line and exit code 2, and
+    // unwinding still removes any staged output.
+    acnet_onnx::cli::install_panic_hook();
     let cli = match acnet_onnx::cli::Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
-            let _ = e.print();
-            std::process::exit(code);
+            if !e.use_stderr() {
+                // --help, --version
+                let _ = e.print();
+                std::process::exit(0);
+            }
+            // one line: clap's first line (`error: ...`) without the usage block that follows
+            let text = e.render().to_string();
+            let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("bad arguments");
+            let first = first.trim().strip_prefix("error: ").unwrap_or(first.trim());
+            eprintln!("acnet-onnx: {} (see --help)", acnet_onnx::cli::one_line(first));
+            std::process::exit(2);
         }
     };
-    let code = std::panic::catch_unwind(|| acnet_onnx::cli::main_with(cli)).unwrap_or(2);
+    let code = match std::panic::catch_unwind(|| acnet_onnx::cli::main_with(cli)) {
+        Ok(c) => c,
+        Err(p) => {
+            let msg = acnet_onnx::cli::panic_message(&*p);
+            eprintln!("acnet-onnx: internal error: {} (this is a bug in acnet-onnx: please report it)", acnet_onnx::cli::one_line(&msg));
+            2
+        }
+    };
     std::process::exit(code);
 }

@@ -47,11 +47,51 @@ pub fn elem_size(dt: i32) -> Option<usize> {
     use DataType::*;
     Some(match DataType::try_from(dt).ok()? {
         Float | Int32 | Uint32 => 4,
-        Uint8 | Int8 | Bool | Float8e4m3fn | Float8e4m3fnuz | Float8e5m2 | Float8e5m2fnuz => 1,
+        Uint8 | Int8 | Bool | Float8e4m3fn | Float8e4m3fnuz | Float8e5m2 | Float8e5m2fnuz | Float8e8m0 => 1,
         Uint16 | Int16 | Float16 | Bfloat16 => 2,
         Int64 | Uint64 | Double | Complex64 => 8,
         Complex128 => 16,
         _ => return None,
+    })
+}
+
+/// Bytes of `raw_data` a tensor of `n` elements of type `dt` must hold: `Ok(None)` for types
+/// with no fixed raw layout (strings, undefined, unknown); `Err` when the size overflows.
+pub fn raw_len(dt: i32, n: usize) -> Result<Option<usize>, String> {
+    use DataType::*;
+    let overflow = || format!("{n} elements overflow a byte count");
+    let Ok(d) = DataType::try_from(dt) else { return Ok(None) };
+    Ok(Some(match d {
+        Undefined | String => return Ok(None),
+        Uint4 | Int4 | Float4e2m1 => n.div_ceil(2),
+        Uint2 | Int2 => n.div_ceil(4),
+        Float6e2m3 | Float6e3m2 => n.checked_mul(6).ok_or_else(overflow)?.div_ceil(8),
+        Float8e8m0 => n,
+        _ => match elem_size(dt) {
+            Some(sz) => n.checked_mul(sz).ok_or_else(overflow)?,
+            None => return Ok(None),
+        },
+    }))
+}
+
+/// For a tensor whose values are in its typed fields: (field, values it holds, values `n`
+/// elements need). `None` for types whose typed layout is not known here.
+pub fn typed_len(t: &TensorProto, n: usize) -> Option<(&'static str, usize, usize)> {
+    use DataType::*;
+    let d = DataType::try_from(t.data_type.unwrap_or(0)).ok()?;
+    Some(match d {
+        Float => ("float_data", t.float_data.len(), n),
+        Complex64 => ("float_data", t.float_data.len(), n.checked_mul(2)?),
+        Double => ("double_data", t.double_data.len(), n),
+        Complex128 => ("double_data", t.double_data.len(), n.checked_mul(2)?),
+        Int64 => ("int64_data", t.int64_data.len(), n),
+        Uint32 | Uint64 => ("uint64_data", t.uint64_data.len(), n),
+        String => ("string_data", t.string_data.len(), n),
+        Uint4 | Int4 | Float4e2m1 => ("int32_data", t.int32_data.len(), n.div_ceil(2)),
+        Uint2 | Int2 => ("int32_data", t.int32_data.len(), n.div_ceil(4)),
+        Int32 | Int16 | Int8 | Uint16 | Uint8 | Bool | Float16 | Bfloat16 | Float8e4m3fn | Float8e4m3fnuz
+        | Float8e5m2 | Float8e5m2fnuz | Float8e8m0 | Float6e2m3 | Float6e3m2 => ("int32_data", t.int32_data.len(), n),
+        Undefined => return None,
     })
 }
 
@@ -80,7 +120,7 @@ pub fn to_f64(t: &TensorProto, raw: Option<&[u8]>) -> Result<ArrayD<f64>, String
     let shape = shape_of(t)?;
     let n = checked_numel(&t.dims)?;
     let values: Vec<f64> = if let Some(raw) = raw {
-        if raw.len() != n * ft.size() {
+        if n.checked_mul(ft.size()) != Some(raw.len()) {
             return Err(format!(
                 "tensor '{}': {} bytes of data for {n} elements of {} bytes",
                 t.name(),
@@ -120,10 +160,10 @@ pub fn to_i64(t: &TensorProto, raw: Option<&[u8]>) -> Result<Vec<i64>, String> {
     let dt = DataType::try_from(t.data_type.unwrap_or(0)).map_err(|_| "unknown data type".to_string())?;
     let n = checked_numel(&t.dims)?;
     let v: Vec<i64> = match (dt, raw) {
-        (DataType::Int64, Some(r)) if r.len() == n * 8 => {
+        (DataType::Int64, Some(r)) if n.checked_mul(8) == Some(r.len()) => {
             r.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect()
         }
-        (DataType::Int32, Some(r)) if r.len() == n * 4 => {
+        (DataType::Int32, Some(r)) if n.checked_mul(4) == Some(r.len()) => {
             r.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64).collect()
         }
         (DataType::Int64, None) => t.int64_data.clone(),

@@ -956,7 +956,6 @@ fn structural_mutant(base: &ModelProto, rng: &mut Rng) -> ModelProto {
 /// which does not catch tract's panics. The CLI turns it into a one-line error (exit 2); the
 /// library call panics. Run with `--ignored` once region.rs catches them.
 #[test]
-#[ignore = "tract panics inside passes::region on one mutant (not caught there yet)"]
 fn case_in_test_fuzz_structural_mutations() {
     let start = std::time::Instant::now();
     let d = tempdir();

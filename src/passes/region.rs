@@ -188,7 +188,7 @@ fn shape_of(m: &Model, ctx: &Ctx, name: &str) -> Result<Vec<usize>, String> {
     }
     let mut cache = ctx.shapes.borrow_mut();
     if cache.is_none() {
-        *cache = Some(analyse_shapes(m).unwrap_or_default());
+        *cache = Some(guarded(|| analyse_shapes(m)).unwrap_or_default());
     }
     cache.as_ref().unwrap().get(name).cloned().ok_or_else(|| format!("the size of '{name}' is unknown"))
 }
@@ -281,7 +281,16 @@ fn submodel(m: &Model, r: &Region, y: &str, shape: &[usize]) -> Result<Vec<u8>, 
 
 type Plan = TypedRunnableModel;
 
+/// Run tract, turning its panics (it has some on malformed graphs) into errors.
+fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| Err("tract failed on the region".into()))
+}
+
 fn plan(bytes: &[u8], shape: &[usize]) -> Result<std::sync::Arc<Plan>, String> {
+    guarded(|| plan_inner(bytes, shape))
+}
+
+fn plan_inner(bytes: &[u8], shape: &[usize]) -> Result<std::sync::Arc<Plan>, String> {
     let e = |e: TractError| format!("{e:#}").replace('\n', " ");
     let m = tract_onnx::onnx().model_for_read(&mut &bytes[..]).map_err(e)?;
     let m = m.with_input_fact(0, f32::fact(shape).into()).map_err(e)?;
@@ -289,6 +298,10 @@ fn plan(bytes: &[u8], shape: &[usize]) -> Result<std::sync::Arc<Plan>, String> {
 }
 
 fn eval(p: &std::sync::Arc<Plan>, x: &ArrayD<f32>) -> Result<ArrayD<f64>, String> {
+    guarded(|| eval_inner(p, x))
+}
+
+fn eval_inner(p: &std::sync::Arc<Plan>, x: &ArrayD<f32>) -> Result<ArrayD<f64>, String> {
     let e = |e: TractError| format!("{e:#}").replace('\n', " ");
     let out = p.run(tvec!(Tensor::from(x.clone()).into())).map_err(e)?;
     let t = out[0].clone().into_tensor();

@@ -120,6 +120,20 @@ fn find_region(m: &Model, ix: &GraphIndex, y: &str) -> Result<Option<Region>, St
         return Ok(None);
     }
     let x = frontier.into_iter().next().unwrap();
+    // tract mis-evaluates (and can corrupt memory on) Pad with negative amounts: refuse them
+    for &p in &dep {
+        let n = &g.node[p];
+        if n.op_type() == "Pad" {
+            let pads = match n.input.get(1) {
+                Some(t) if !t.is_empty() => super::common::const_i64(m, ix, t).ok(),
+                _ => crate::graph::attr_ints(n, "pads"),
+            };
+            // computed amounts (TorchScript's shape arithmetic) are not checked here: a known gap
+            if pads.is_some_and(|v| v.iter().any(|&a| a < 0)) {
+                return Err(format!("Pad '{}' has negative amounts", n.name()));
+            }
+        }
+    }
     // worth it only when the structural rules cannot do it: something besides Conv/Add/BN/Mul
     if dep.iter().all(|&p| matches!(g.node[p].op_type(), "Conv" | "Add" | "Sum" | "BatchNormalization" | "Mul")) {
         return Ok(None);

@@ -335,7 +335,7 @@ pub fn rule(m: &Model, ix: &GraphIndex, ctx: &Ctx, i: usize) -> Option<Outcome> 
     // constant operands fold into the first merged conv's bias
     let mut absorbed: HashSet<usize> = HashSet::new();
     for (k, b) in branches.iter().enumerate() {
-        if matches!(b.kind, Kind::Identity { bn: None }) && b.scales.is_empty() && ix.producer.get(&b.leaf).is_none_or(|&(p, _)| is_op(&g.node[p], "Constant")) {
+        if matches!(b.kind, Kind::Identity { bn: None }) && b.scales.is_empty() {
             if let Ok((a, aft)) = const_f64(m, ix, ctx, &b.leaf) {
                 let d = &mut done[0];
                 if aft == d.ft {

@@ -949,12 +949,9 @@ fn structural_mutant(base: &ModelProto, rng: &mut Rng) -> ModelProto {
     m
 }
 
-/// Structural mutants of three fixtures through load + fuse + save: no panic.
-///
-/// Ignored for now: one mutant in 2100 (seeded, so always the same one) makes tract panic
-/// inside `passes::region` (tract-core strided_slice.rs:25 reached from `region::recover`),
-/// which does not catch tract's panics. The CLI turns it into a one-line error (exit 2); the
-/// library call panics. Run with `--ignored` once region.rs catches them.
+/// Structural mutants of three fixtures through load + fuse + save: no panic. (Run 1781 once
+/// made tract panic inside `passes::region` — tract-core strided_slice.rs:25 from
+/// `region::recover`; region.rs now catches tract's panics and refuses the region.)
 #[test]
 fn case_in_test_fuzz_structural_mutations() {
     let start = std::time::Instant::now();

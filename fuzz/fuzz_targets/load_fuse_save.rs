@@ -1,5 +1,9 @@
 //! Fuzz target: any bytes as an ONNX model file through load (`Model::decode`), fuse and save.
-//! Errors are fine; a panic, an abort or an allocation past libFuzzer's limit is a finding.
+//! Errors are fine; a panic that escapes the library, an abort or an allocation past libFuzzer's
+//! limit is a finding. A panic the library catches itself (`passes::region` runs tract under
+//! `catch_unwind` and refuses the region when tract panics) is not: libfuzzer-sys's panic hook
+//! would abort on it, so the target installs a hook that only records the message, and aborts
+//! itself when a panic reaches it.
 //! After a failed save nothing may be left in the output folder; after a successful one the
 //! saved model must load back.
 //!
@@ -11,8 +15,13 @@ use acnet_onnx::fuse::fuse;
 use acnet_onnx::io::{save, DataMode};
 use acnet_onnx::Model;
 use libfuzzer_sys::fuzz_target;
+use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+
+thread_local! {
+    static LAST_PANIC: RefCell<String> = const { RefCell::new(String::new()) };
+}
 
 struct Scratch {
     model: PathBuf,
@@ -22,7 +31,21 @@ struct Scratch {
 fn scratch() -> &'static Scratch {
     static S: OnceLock<Scratch> = OnceLock::new();
     S.get_or_init(|| {
+        // replaces libfuzzer-sys's hook (installed before the first input), see the top
+        std::panic::set_hook(Box::new(|info| {
+            let msg = info.to_string();
+            let _ = LAST_PANIC.try_with(|l| *l.borrow_mut() = msg);
+        }));
         let base = if Path::new("/dev/shm").is_dir() { PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
+        // scratch folders of earlier runs whose process is gone
+        for e in std::fs::read_dir(&base).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name.strip_prefix("acnet-onnx-fuzz-") {
+                if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
         let dir = base.join(format!("acnet-onnx-fuzz-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("out")).unwrap();
@@ -38,6 +61,13 @@ fn entries(dir: &Path) -> Vec<PathBuf> {
 
 fuzz_target!(|data: &[u8]| {
     let s = scratch();
+    if std::panic::catch_unwind(|| one(s, data)).is_err() {
+        eprintln!("uncaught panic: {}", LAST_PANIC.with(|l| l.borrow().clone()));
+        std::process::abort();
+    }
+});
+
+fn one(s: &Scratch, data: &[u8]) {
     let Ok(mut model) = Model::decode(bytes::Bytes::copy_from_slice(data), &s.model) else { return };
     if fuse(&mut model).is_err() {
         return;
@@ -57,4 +87,4 @@ fuzz_target!(|data: &[u8]| {
             assert!(left.is_empty(), "save failed ({e}) but left {left:?}");
         }
     }
-});
+}

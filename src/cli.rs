@@ -1,6 +1,7 @@
 //! The command line, thin over the library. Exit codes: 0 done / equivalent, 1 not equivalent,
 //! 2 could not do it (bad input, unreadable file, a check that could not run).
 
+use crate::bench::{bench_latency, BenchOptions, BenchReport};
 use crate::fuse::{fuse, FuseReport};
 use crate::io::{stage, DataMode, Model};
 use crate::verify::{verify_paths, VerifyError, VerifyOptions, VerifyReport};
@@ -74,8 +75,38 @@ pub struct FuseArgs {
     /// Write a JSON report (fuse summary + equivalence check).
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Measure tract's latency (optimised plan) of the model before and after fusion, on the
+    /// check's inputs.
+    #[arg(long)]
+    pub bench: bool,
+    /// --bench: seconds of timed runs per model (at least 3 runs).
+    #[arg(long, value_name = "SECONDS", requires = "bench")]
+    pub bench_time: Option<f64>,
+    /// --bench: most timed runs per model.
+    #[arg(long, value_name = "N", requires = "bench")]
+    pub bench_runs: Option<usize>,
     #[command(flatten)]
     pub check: CheckArgs,
+}
+
+impl FuseArgs {
+    /// The timing options of `--bench`.
+    pub fn bench_options(&self) -> Result<BenchOptions, Fail> {
+        let mut o = BenchOptions::default();
+        if let Some(t) = self.bench_time {
+            if !(t.is_finite() && (0.0..=86400.0).contains(&t)) {
+                return Err(Fail(2, format!("--bench-time must be a number of seconds from 0 to 86400, got {t}")));
+            }
+            o.time = std::time::Duration::from_secs_f64(t);
+        }
+        if let Some(n) = self.bench_runs {
+            if n == 0 {
+                return Err(Fail(2, "--bench-runs must be at least 1".into()));
+            }
+            o.max_runs = n;
+        }
+        Ok(o)
+    }
 }
 
 #[derive(Args, Debug)]
@@ -257,7 +288,8 @@ pub const MAX_INPUT_ELEMENTS: u128 = 1 << 30;
 
 /// The random inputs the check would make for `model`, by its declared input shapes (symbolic
 /// dims as 1, `--input-shape` overriding): refuse any past [`MAX_INPUT_ELEMENTS`].
-fn check_input_sizes(model: &Model, file: &Path, opts: &VerifyOptions) -> Result<(), Fail> {
+/// `hint` ends the message: what the user can do about it.
+fn check_input_sizes(model: &Model, file: &Path, opts: &VerifyOptions, hint: &str) -> Result<(), Fail> {
     use crate::proto::{tensor_shape_proto::dimension::Value, type_proto};
     if opts.inputs_npz.is_some() {
         return Ok(());
@@ -287,7 +319,7 @@ fn check_input_sizes(model: &Model, file: &Path, opts: &VerifyOptions) -> Result
             return Err(Fail(
                 2,
                 format!(
-                    "{}: input '{}' of shape {dims:?} has {n} elements, too many to check (at most {MAX_INPUT_ELEMENTS}); set a smaller one with --input-shape, or pass --no-verify",
+                    "{}: input '{}' of shape {dims:?} has {n} elements, too many to check (at most {MAX_INPUT_ELEMENTS}); {hint}",
                     file.display(),
                     v.name()
                 ),
@@ -297,14 +329,16 @@ fn check_input_sizes(model: &Model, file: &Path, opts: &VerifyOptions) -> Result
     Ok(())
 }
 
-/// JSON of a fuse run: the verify report's fields (if it ran) plus `fuse`.
-pub fn fuse_json(fr: &FuseReport, vr: Option<&VerifyReport>) -> serde_json::Value {
+/// JSON of a fuse run: the verify report's fields (if it ran) plus `fuse` and `bench` (null
+/// without `--bench`, or when it could not run).
+pub fn fuse_json(fr: &FuseReport, vr: Option<&VerifyReport>, bench: Option<&BenchReport>) -> serde_json::Value {
     let mut v = match vr {
         Some(r) => serde_json::to_value(r).unwrap(),
         None => serde_json::json!({"passed": null, "outputs": []}),
     };
     v["verified"] = serde_json::Value::Bool(vr.is_some());
     v["fuse"] = serde_json::to_value(fr).unwrap();
+    v["bench"] = serde_json::to_value(bench).unwrap();
     v
 }
 
@@ -335,8 +369,9 @@ pub fn run_fuse(a: &FuseArgs) -> Result<i32, Fail> {
             }
         }
     }
+    let bench_opts = a.bench_options()?;
     if !a.no_verify {
-        check_input_sizes(&model, &a.model, &opts)?;
+        check_input_sizes(&model, &a.model, &opts, "set a smaller one with --input-shape, or pass --no-verify")?;
     }
     if let Some(r) = &a.report {
         let mut files: Vec<(&Path, &str)> = inputs.iter().map(|f| (f.as_path(), "a file of the input")).collect();
@@ -344,10 +379,36 @@ pub fn run_fuse(a: &FuseArgs) -> Result<i32, Fail> {
         files.push((&out_data, "the output's data file"));
         check_report_path(r, &files)?;
     }
-    guarded(&a.model, "fusing (nothing was written)", || fuse_and_write(a, &mut model, &opts))
+    guarded(&a.model, "fusing (nothing was written)", || fuse_and_write(a, &mut model, &opts, &bench_opts))
 }
 
-fn fuse_and_write(a: &FuseArgs, model: &mut Model, opts: &VerifyOptions) -> Result<i32, Fail> {
+/// `--bench`: the latency line (and notes the check did not print) on stdout, or a one-line
+/// warning when tract cannot run the models: the fuse goes on either way.
+fn bench(a: &FuseArgs, model: &Model, fused: &Path, opts: &VerifyOptions, bo: &BenchOptions, vr: Option<&VerifyReport>) -> Option<BenchReport> {
+    let skipped = |e: &dyn std::fmt::Display| warn(&format!("no latency measured (--bench): {e}"));
+    // the fused model has the input's graph inputs
+    if let Err(Fail(_, msg)) = check_input_sizes(model, &a.model, opts, "set a smaller one with --input-shape") {
+        skipped(&msg);
+        return None;
+    }
+    match bench_latency(&a.model, fused, opts, bo) {
+        Ok(b) => {
+            for n in &b.notes {
+                if !vr.is_some_and(|r| r.notes.contains(n)) {
+                    println!("note: {n}");
+                }
+            }
+            print!("{}", b.summary());
+            Some(b)
+        }
+        Err(e) => {
+            skipped(&e);
+            None
+        }
+    }
+}
+
+fn fuse_and_write(a: &FuseArgs, model: &mut Model, opts: &VerifyOptions, bo: &BenchOptions) -> Result<i32, Fail> {
     let report = fuse(model)?;
     print!("{}", report.summary());
     let mode = if a.external_data {
@@ -369,7 +430,7 @@ fn fuse_and_write(a: &FuseArgs, model: &mut Model, opts: &VerifyOptions) -> Resu
                         warn("the fused model is NOT equivalent within the tolerances; written anyway (--force)");
                     } else {
                         if let Some(p) = &a.report {
-                            write_json(p, &fuse_json(&report, Some(&r)))?;
+                            write_json(p, &fuse_json(&report, Some(&r), None))?;
                         }
                         eprintln!(
                             "acnet-onnx: {}",
@@ -391,13 +452,14 @@ fn fuse_and_write(a: &FuseArgs, model: &mut Model, opts: &VerifyOptions) -> Resu
             }
         }
     }
+    let latency = if a.bench { bench(a, model, &staged.model_path(), opts, bo, vr.as_ref()) } else { None };
     let saved = staged.commit()?;
     match &saved.data {
         Some(d) => println!("wrote {} and {}", saved.model.display(), d.display()),
         None => println!("wrote {}", saved.model.display()),
     }
     if let Some(p) = &a.report {
-        write_json(p, &fuse_json(&report, vr.as_ref()))?;
+        write_json(p, &fuse_json(&report, vr.as_ref(), latency.as_ref()))?;
     }
     Ok(0)
 }
@@ -410,7 +472,7 @@ pub fn run_verify(a: &VerifyArgs) -> Result<i32, Fail> {
     for p in [&a.reference, &a.candidate] {
         let m = Model::load(p)?;
         guarded(p, "checking the graph", || Ok(crate::fuse::validate(&m)?))?;
-        check_input_sizes(&m, p, &opts)?;
+        check_input_sizes(&m, p, &opts, "set a smaller one with --input-shape")?;
         files.extend(m.files().into_iter().map(|f| (f, "a model file")));
     }
     if let Some(r) = &a.report {

@@ -6,6 +6,7 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
 }
 
+pub mod bench;
 pub mod cli;
 pub mod error;
 pub mod fuse;
@@ -13,6 +14,7 @@ pub mod graph;
 pub mod io;
 pub mod kernel;
 pub mod passes;
+mod sink;
 pub mod tensor;
 pub mod verify;
 

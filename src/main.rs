@@ -14,9 +14,17 @@ fn main() {
             }
             // one line: clap's first line (`error: ...`) without the usage block that follows
             let text = e.render().to_string();
-            let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("bad arguments");
-            let first = first.trim().strip_prefix("error: ").unwrap_or(first.trim());
-            eprintln!("acnet-onnx: {} (see --help)", acnet_onnx::cli::one_line(first));
+            let mut lines = text.lines().skip_while(|l| l.trim().is_empty());
+            let first = lines.next().unwrap_or("bad arguments");
+            let mut first = first.trim().strip_prefix("error: ").unwrap_or(first.trim()).to_string();
+            // `... were not provided:` is followed by the arguments, indented
+            if first.ends_with(':') {
+                let more: Vec<&str> = lines.take_while(|l| l.starts_with(' ') && !l.trim().is_empty()).map(str::trim).collect();
+                if !more.is_empty() {
+                    first = format!("{} {}", first, more.join(", "));
+                }
+            }
+            eprintln!("acnet-onnx: {} (see --help)", acnet_onnx::cli::one_line(&first));
             std::process::exit(2);
         }
     };

@@ -353,12 +353,12 @@ fn one_line(s: &str) -> String {
 }
 
 /// The whole anyhow chain of a tract error, `outer: inner: root`, on one line.
-fn chain_msg(e: &TractError) -> String {
+pub(crate) fn chain_msg(e: &TractError) -> String {
     let parts: Vec<String> = e.chain().map(|c| c.to_string()).collect();
     one_line(&parts.join(": "))
 }
 
-fn panic_msg(p: Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_msg(p: Box<dyn std::any::Any + Send>) -> String {
     if let Some(s) = p.downcast_ref::<&str>() {
         format!("tract panicked: {s}")
     } else if let Some(s) = p.downcast_ref::<String>() {
@@ -369,7 +369,7 @@ fn panic_msg(p: Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// numpy spelling of a tract datum type.
-fn dt_name(dt: DatumType) -> String {
+pub(crate) fn dt_name(dt: DatumType) -> String {
     match dt {
         DatumType::Bool => "bool".into(),
         DatumType::U8 => "uint8".into(),
@@ -410,7 +410,7 @@ fn is_int(dt: DatumType) -> bool {
 // ---------------------------------------------------------------------------------------------
 
 /// A parsed model plus what we need to talk about it.
-struct Loaded {
+pub(crate) struct Loaded {
     path: PathBuf,
     model: InferenceModel,
     /// Input names, in model order.
@@ -419,7 +419,7 @@ struct Loaded {
     outputs: Vec<String>,
 }
 
-fn load(path: &Path) -> Result<Loaded, VerifyError> {
+pub(crate) fn load(path: &Path) -> Result<Loaded, VerifyError> {
     let load_err = |msg: String| VerifyError::Load {
         path: path.to_path_buf(),
         msg,
@@ -505,7 +505,7 @@ fn load(path: &Path) -> Result<Loaded, VerifyError> {
     })
 }
 
-fn check_signature(r: &Loaded, c: &Loaded) -> Result<(), VerifyError> {
+pub(crate) fn check_signature(r: &Loaded, c: &Loaded) -> Result<(), VerifyError> {
     fn same_set(a: &[String], b: &[String]) -> bool {
         let sa: HashSet<&String> = a.iter().collect();
         let sb: HashSet<&String> = b.iter().collect();
@@ -724,7 +724,7 @@ impl Normal {
     }
 }
 
-fn random_tensor(dt: DatumType, shape: &[usize], rng: &mut StdRng) -> Result<Tensor, String> {
+pub(crate) fn random_tensor(dt: DatumType, shape: &[usize], rng: &mut StdRng) -> Result<Tensor, String> {
     let n: usize = shape.iter().product();
     let mut normal = Normal { spare: None };
     macro_rules! floats {
@@ -769,16 +769,16 @@ fn random_tensor(dt: DatumType, shape: &[usize], rng: &mut StdRng) -> Result<Ten
 // Input resolution
 // ---------------------------------------------------------------------------------------------
 
-struct ResolvedInput {
-    name: String,
-    dt: DatumType,
-    shape: Vec<usize>,
+pub(crate) struct ResolvedInput {
+    pub(crate) name: String,
+    pub(crate) dt: DatumType,
+    pub(crate) shape: Vec<usize>,
     /// Real data, if it comes from a file.
-    data: Option<Tensor>,
-    source: String,
+    pub(crate) data: Option<Tensor>,
+    pub(crate) source: String,
 }
 
-fn resolve_inputs(
+pub(crate) fn resolve_inputs(
     r: &Loaded,
     c: &Loaded,
     opts: &VerifyOptions,
@@ -1054,7 +1054,7 @@ fn resolve_inputs(
 // Typing and running
 // ---------------------------------------------------------------------------------------------
 
-type Plan = Arc<TypedSimplePlan>;
+pub(crate) type Plan = Arc<TypedSimplePlan>;
 
 /// ONNX op type of a tract node name (tract names nodes after the ONNX node name, or its
 /// first output; expansions append `.suffix`).
@@ -1083,7 +1083,7 @@ fn onnx_op_of(path: &Path, node_name: &str) -> Option<(String, String)> {
 }
 
 /// Names the ONNX node an error is about, from tract's `#12 "name" Op` node display.
-fn describe_failure(path: &Path, e: &TractError) -> (Option<String>, String) {
+pub(crate) fn describe_failure(path: &Path, e: &TractError) -> (Option<String>, String) {
     let mut op = None;
     let mut node = None;
     for c in e.chain() {
@@ -1118,10 +1118,14 @@ fn describe_failure(path: &Path, e: &TractError) -> (Option<String>, String) {
     (op, msg)
 }
 
-fn prepare(
+/// The runnable plan of `m` with its inputs pinned to `inputs`' shapes, and its input and output
+/// names. `optimised`: tract's decluttered and optimised plan (what a deployment runs; used by
+/// `bench`), otherwise the typed, un-optimised plan the equivalence check needs (module docs).
+pub(crate) fn prepare(
     m: Loaded,
     inputs: &[ResolvedInput],
     notes: &mut Vec<String>,
+    optimised: bool,
 ) -> Result<(Plan, Vec<String>, Vec<String>), VerifyError> {
     let Loaded {
         path,
@@ -1205,8 +1209,12 @@ fn prepare(
                 .expect("resolved input");
             model.set_input_fact(ix, InferenceFact::dt_shape(ri.dt, ri.shape.iter().copied()))?;
         }
-        // typed, NOT decluttered / optimised: see the module documentation
         let typed = model.into_typed()?;
+        if optimised {
+            // for latency only (`bench`), never for the equivalence check
+            return typed.into_optimized()?.into_runnable();
+        }
+        // typed, NOT decluttered / optimised: see the module documentation
         typed.into_runnable()
     }));
     match res {
@@ -1493,8 +1501,8 @@ pub fn verify_paths(
     let mut notes = vec![];
     let inputs = resolve_inputs(&r, &c, opts, &mut notes)?;
     progress.say(true, || "models loaded".into());
-    let (rplan, rin, rout) = prepare(r, &inputs, &mut notes)?;
-    let (cplan, cin, cout) = prepare(c, &inputs, &mut notes)?;
+    let (rplan, rin, rout) = prepare(r, &inputs, &mut notes, false)?;
+    let (cplan, cin, cout) = prepare(c, &inputs, &mut notes, false)?;
     progress.say(true, || "models typed".into());
 
     let all_files = inputs.iter().all(|i| i.data.is_some());

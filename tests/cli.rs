@@ -255,6 +255,10 @@ fn case_bad_arguments() {
         ("zero samples", vec![OsStr::new("verify"), i, i, OsStr::new("--samples"), OsStr::new("0")]),
         ("bad input shape", vec![OsStr::new("verify"), i, i, OsStr::new("--input-shape"), OsStr::new("input:1,x")]),
         ("negative atol", vec![OsStr::new("fuse"), i, OsStr::new("-o"), o, OsStr::new("--atol=-1")]),
+        ("bench time without --bench", vec![OsStr::new("fuse"), i, OsStr::new("-o"), o, OsStr::new("--bench-time"), OsStr::new("1")]),
+        ("zero bench runs", vec![OsStr::new("fuse"), i, OsStr::new("-o"), o, OsStr::new("--bench"), OsStr::new("--bench-runs"), OsStr::new("0")]),
+        ("negative bench time", vec![OsStr::new("fuse"), i, OsStr::new("-o"), o, OsStr::new("--bench"), OsStr::new("--bench-time=-1")]),
+        ("bench time not a number", vec![OsStr::new("fuse"), i, OsStr::new("-o"), o, OsStr::new("--bench"), OsStr::new("--bench-time"), OsStr::new("nan")]),
     ] {
         let r = cli(&args);
         no_crash(&r, what);
@@ -386,4 +390,120 @@ fn case_inspect_prints_the_initializers() {
     assert!(v["analysis"]["rewrites"].as_array().unwrap().len() > 0);
     assert!(snapshot(d.path()) == before);
     assert_eq!(names(d.path()).len(), 2);
+}
+
+/// The `latency: A ms -> B ms (...)` line of a `fuse --bench` run.
+fn latency_line(r: &Run) -> &str {
+    let l = r.stdout.lines().find(|l| l.starts_with("latency: ")).unwrap_or_else(|| panic!("no latency line:\n{}", r.stdout));
+    assert!(l.contains(" ms -> ") && l.ends_with("runs, tract optimised plan)") && (l.contains("x faster") || l.contains("x slower")), "{l}");
+    l
+}
+
+/// The `bench` object of a report: positive finite latencies, `speedup` = before / after.
+/// (Nothing about which is faster: timing must not make a test flaky.)
+fn check_bench_json(v: &serde_json::Value, max_runs: u64) {
+    let b = &v["bench"];
+    assert!(b.is_object(), "no bench: {v}");
+    let num = |k: &str| {
+        let x = b[k].as_f64().unwrap_or_else(|| panic!("bench.{k} is not a number: {b}"));
+        assert!(x.is_finite() && x > 0.0, "bench.{k} = {x}");
+        x
+    };
+    let (before, after, speedup) = (num("before_ms"), num("after_ms"), num("speedup"));
+    assert!((speedup - before / after).abs() <= 1e-9 * speedup, "speedup {speedup} vs {before} / {after}");
+    assert!(num("min_before_ms") <= before && num("min_after_ms") <= after, "{b}");
+    for k in ["runs_before", "runs_after", "warmup_runs"] {
+        let n = b[k].as_u64().unwrap_or_else(|| panic!("bench.{k}: {b}"));
+        assert!(n >= 1 && n <= max_runs, "bench.{k} = {n}");
+    }
+    assert_eq!(b["plan"], "tract optimised");
+    assert_eq!(b["inputs"][0]["shape"], serde_json::json!([1, 3, 32, 32]), "{b}");
+}
+
+/// `fuse --bench`: a latency line in the summary and a `bench` object in the report, with and
+/// without the check, with the timing knobs; no `bench` (null) without `--bench`. The fuse
+/// itself is the same.
+#[test]
+fn case_fuse_bench_reports_latency() {
+    let d = tempdir();
+    let out = d.path().join("deploy.onnx");
+    let report = d.path().join("report.json");
+    let input = fixture("resnet20", "ts_nofold_op11.onnx");
+    let fuse = |extra: &[&str]| {
+        let mut args: Vec<&OsStr> = vec!["fuse".as_ref(), input.as_os_str(), "-o".as_ref(), out.as_os_str(), "--report".as_ref(), report.as_os_str()];
+        args.extend(extra.iter().map(OsStr::new));
+        let r = cli(&args);
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        (r, v)
+    };
+
+    let (r, v) = fuse(&["--bench"]);
+    ok(&r, "--bench");
+    assert!(r.stderr.is_empty(), "{}", r.stderr);
+    let line = latency_line(&r);
+    // after the check's verdict, before `wrote`
+    let pos = |s: &str| r.stdout.find(s).unwrap_or_else(|| panic!("no {s:?}:\n{}", r.stdout));
+    assert!(pos("EQUIVALENT") < pos(line) && pos(line) < pos("wrote"), "{}", r.stdout);
+    assert_eq!(v["passed"], true);
+    check_bench_json(&v, 50);
+    assert_eq!(v["fuse"]["blocks_merged"], 19);
+    let fused = std::fs::read(&out).unwrap();
+
+    // independent of the check; --bench-runs bounds the runs
+    let (r, v) = fuse(&["--bench", "--no-verify", "--bench-time", "0.05", "--bench-runs", "4"]);
+    ok(&r, "--bench --no-verify");
+    assert!(r.stderr.is_empty(), "{}", r.stderr);
+    latency_line(&r);
+    assert!(!r.stdout.contains("EQUIVALENT"), "{}", r.stdout);
+    assert!(v["passed"].is_null() && v["verified"] == false, "{v}");
+    check_bench_json(&v, 4);
+    assert!(std::fs::read(&out).unwrap() == fused, "--bench changed the output");
+
+    // without --bench: no line, bench null
+    let (r, v) = fuse(&[]);
+    ok(&r, "no --bench");
+    assert!(!r.stdout.contains("latency"), "{}", r.stdout);
+    assert!(v.get("bench").is_some_and(|b| b.is_null()), "{v}");
+    assert!(std::fs::read(&out).unwrap() == fused);
+    assert_eq!(names(d.path()), ["deploy.onnx", "report.json"]);
+
+    // a symbolic batch: run at 1, said in a note, also with --no-verify
+    let dynbatch = fixture("conv2", "ts_dynbatch.onnx");
+    let r = cli(&[OsStr::new("fuse"), dynbatch.as_os_str(), OsStr::new("-o"), out.as_os_str(), OsStr::new("--no-verify"), OsStr::new("--bench"), OsStr::new("--bench-time"), OsStr::new("0"), OsStr::new("--report"), report.as_os_str()]);
+    ok(&r, "dynbatch --bench");
+    latency_line(&r);
+    assert!(r.stdout.contains("note: ") && r.stdout.contains("symbolic; defaulting to 1"), "{}", r.stdout);
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    check_bench_json(&v, 3);
+}
+
+/// A model tract cannot run: `--bench` warns in one line and leaves `bench` null; the fuse is
+/// written as without it (exit 0).
+#[test]
+fn case_fuse_bench_unsupported_operator_warns() {
+    let d = tempdir();
+    let mut m = Model::load(&fixture("qarepvgg", "ts_fold.onnx")).unwrap();
+    // Bernoulli is not in tract-onnx's op register (see tests/verify.rs)
+    let g = m.proto.graph.as_mut().unwrap();
+    g.node.iter_mut().rfind(|n| n.op_type() == "Relu").unwrap().op_type = Some("Bernoulli".into());
+    let input = d.path().join("bernoulli.onnx");
+    save(&m, &input, DataMode::Inline).unwrap();
+    let out = d.path().join("deploy.onnx");
+    let report = d.path().join("report.json");
+    for extra in [&["--bench"][..], &["--bench", "--no-verify"]] {
+        let mut args: Vec<&OsStr> = vec!["fuse".as_ref(), input.as_os_str(), "-o".as_ref(), out.as_os_str(), "--report".as_ref(), report.as_os_str()];
+        args.extend(extra.iter().map(OsStr::new));
+        let r = cli(&args);
+        let what = format!("{extra:?}");
+        ok(&r, &what);
+        assert!(r.stdout.contains("wrote") && !r.stdout.contains("latency"), "{what}: {}", r.stdout);
+        let warning = r.stderr.lines().find(|l| l.contains("no latency measured")).unwrap_or_else(|| panic!("{what}: no warning: {}", r.stderr));
+        assert!(warning.starts_with("acnet-onnx: warning: ") && warning.contains("Bernoulli") && warning.contains("bernoulli.onnx"), "{what}: {warning}");
+        // with the check: its warning too; without: only this one
+        assert_eq!(r.stderr.lines().count(), if extra.len() == 1 { 2 } else { 1 }, "{what}: {}", r.stderr);
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        assert!(v["bench"].is_null() && v["fuse"]["blocks_merged"].as_u64().unwrap() > 0, "{what}: {v}");
+        assert!(Model::load(&out).unwrap().proto.graph.unwrap().node.iter().any(|n| n.op_type() == "Bernoulli"));
+        std::fs::remove_file(&out).unwrap();
+    }
 }

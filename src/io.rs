@@ -10,6 +10,7 @@ use crate::error::{Error, Result};
 use crate::proto::{
     tensor_proto::DataLocation, AttributeProto, GraphProto, ModelProto, SparseTensorProto, StringStringEntryProto, TensorProto,
 };
+use crate::sink::{Sink, Source};
 use crate::tensor::{checked_numel, raw_len, typed_len};
 use bytes::Bytes;
 use prost::Message;
@@ -32,11 +33,15 @@ pub struct Model {
     pub path: Option<PathBuf>,
     /// Memory maps of the external data files, by `location`.
     external_files: HashMap<String, Bytes>,
+    /// The memory-mapped files the model's bytes are slices of (saving copies untouched
+    /// tensors from them file to file).
+    sources: Vec<Source>,
 }
 
 /// Map a file read-only. Directories are refused; so are other non-regular files (pipes,
 /// devices) unless `stream` is set, in which case they are read to the end into memory.
-fn map_file(path: &Path, stream: bool) -> Result<Bytes> {
+/// Returns the bytes and, when they are a map, the map with its open file.
+fn map_file(path: &Path, stream: bool) -> Result<(Bytes, Option<Source>)> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     if meta.is_dir() {
         return Err(Error::io(path, "is a folder, not a file"));
@@ -53,15 +58,15 @@ fn map_file(path: &Path, stream: bool) -> Result<Bytes> {
         if v.len() > PROTOBUF_LIMIT {
             return Err(Error::format(path, "more than 2 GiB, over protobuf's limit: not an ONNX model"));
         }
-        return Ok(Bytes::from(v));
+        return Ok((Bytes::from(v), None));
     }
     if meta.len() == 0 {
-        return Ok(Bytes::new());
+        return Ok((Bytes::new(), None));
     }
     // SAFETY: the map is read-only; a concurrent writer of the same file is outside what any
     // model loader can defend against (the same holds for onnxruntime and tract).
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-    Ok(Bytes::from_owner(map))
+    let map = Bytes::from_owner(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
+    Ok((map.clone(), Some(Source { map, file: std::sync::Arc::new(file) })))
 }
 
 fn entry<'a>(t: &'a TensorProto, key: &str) -> Option<&'a str> {
@@ -228,17 +233,19 @@ fn dtype_name(dt: i32) -> String {
 impl Model {
     /// Wrap a model built in memory (no file behind it).
     pub fn from_proto(proto: ModelProto) -> Model {
-        Model { proto, path: None, external_files: HashMap::new() }
+        Model { proto, path: None, external_files: HashMap::new(), sources: Vec::new() }
     }
 
     /// Load a model from a file, memory-mapped; resolve and check its external data.
     pub fn load(path: impl AsRef<Path>) -> Result<Model> {
         let path = path.as_ref();
-        let bytes = map_file(path, true)?;
+        let (bytes, source) = map_file(path, true)?;
         if bytes.is_empty() {
             return Err(Error::format(path, "empty file, not an ONNX model"));
         }
-        Self::decode(bytes, path)
+        let mut model = Self::decode(bytes, path)?;
+        model.sources.extend(source);
+        Ok(model)
     }
 
     /// Decode a model from bytes; `path` names the file (and its folder holds external data).
@@ -266,7 +273,7 @@ impl Model {
             Error::Invalid(msg) => Error::format(path, msg),
             e => e,
         })?;
-        let mut model = Model { proto, path: Some(path.to_path_buf()), external_files: HashMap::new() };
+        let mut model = Model { proto, path: Some(path.to_path_buf()), external_files: HashMap::new(), sources: Vec::new() };
         model.resolve_external()?;
         model.check_tensors()?;
         Ok(model)
@@ -288,6 +295,7 @@ impl Model {
         let dir = self.dir();
         let path = self.display_path();
         let mut files: HashMap<String, Bytes> = HashMap::new();
+        let mut sources = Vec::new();
         for_each_model_tensor(&self.proto, &mut |t| {
             if !is_external(t) {
                 return Ok(());
@@ -299,11 +307,12 @@ impl Model {
             }
             if !files.contains_key(&loc) {
                 let file = dir.join(&loc);
-                let data = map_file(&file, false).map_err(|e| match e {
+                let (data, source) = map_file(&file, false).map_err(|e| match e {
                     Error::Io { msg, .. } => bad(format!("cannot read {}: {msg}", file.display())),
                     e => e,
                 })?;
                 files.insert(loc.clone(), data);
+                sources.extend(source);
             }
             let data = &files[&loc];
             match ext_range(offset, length, data.len()) {
@@ -316,6 +325,7 @@ impl Model {
             }
         })?;
         self.external_files = files;
+        self.sources.extend(sources);
         Ok(())
     }
 
@@ -479,11 +489,9 @@ impl Drop for Staged {
     }
 }
 
-fn write_synced(path: &Path, f: impl FnOnce(&mut std::io::BufWriter<&File>) -> std::io::Result<()>) -> Result<()> {
+fn write_synced(path: &Path, f: impl FnOnce(&File) -> std::io::Result<()>) -> Result<()> {
     let file = File::create(path).map_err(|e| Error::io(path, e))?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, &file);
-    f(&mut w).and_then(|_| w.flush()).map_err(|e| Error::io(path, e))?;
-    drop(w);
+    f(&file).map_err(|e| Error::io(path, e))?;
     file.sync_all().map_err(|e| Error::io(path, e))
 }
 
@@ -520,9 +528,12 @@ pub fn stage(model: &Model, path: &Path, mode: DataMode) -> Result<Staged> {
                 path.display()
             )));
         }
-        let mut buf = Vec::with_capacity(len);
-        proto.encode(&mut buf).map_err(|e| Error::io(path, format!("cannot encode the model: {e}")))?;
-        write_synced(&model_file, |w| w.write_all(&buf))?;
+        // streamed: the encoding is never held in memory, untouched tensors go file to file
+        write_synced(&model_file, |file| {
+            let mut sink = Sink::new(file, &model.sources);
+            proto.encode(&mut sink).map_err(std::io::Error::other)?;
+            sink.finish()
+        })?;
     } else {
         let data_name = format!("{}.data", staged.name.to_string_lossy());
         let data_file = staged.dir.join(&data_name);
@@ -545,7 +556,7 @@ pub fn stage(model: &Model, path: &Path, mode: DataMode) -> Result<Staged> {
             chunks.push(raw);
             Ok(())
         })?;
-        write_synced(&data_file, |w| chunks.iter().try_for_each(|c| w.write_all(c)))?;
+        write_synced(&data_file, |file| crate::sink::write_all(file, &model.sources, &chunks))?;
         staged.data_name = Some(data_name);
         let buf = proto.encode_to_vec();
         if buf.len() > PROTOBUF_LIMIT {
@@ -555,7 +566,7 @@ pub fn stage(model: &Model, path: &Path, mode: DataMode) -> Result<Staged> {
                 buf.len()
             )));
         }
-        write_synced(&model_file, |w| w.write_all(&buf))?;
+        write_synced(&model_file, |mut file| file.write_all(&buf))?;
     }
     // read back what was written: a save that cannot be loaded is never moved into place
     Model::load(&model_file).map_err(|e| Error::io(path, format!("the staged model does not read back: {e}")))?;

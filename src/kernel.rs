@@ -72,6 +72,21 @@ impl AffineConv {
         }
     }
 
+    /// A zero kernel and bias with this convolution's geometry.
+    pub fn zeros_like(&self) -> AffineConv {
+        AffineConv {
+            weight: ArrayD::zeros(self.weight.raw_dim()),
+            bias: Array1::zeros(self.bias.len()),
+            groups: self.groups,
+            strides: self.strides.clone(),
+            dilations: self.dilations.clone(),
+            pads_begin: self.pads_begin.clone(),
+            pads_end: self.pads_end.clone(),
+            crop_begin: self.crop_begin.clone(),
+            crop_end: self.crop_end.clone(),
+        }
+    }
+
     /// The identity on `channels` channels as a one-tap kernel (output channel o reads input
     /// channel o, which is index `o mod (C/groups)` within its group).
     pub fn identity(channels: usize, groups: usize, rank: usize) -> AffineConv {

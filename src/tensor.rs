@@ -181,15 +181,21 @@ pub fn to_i64(t: &TensorProto, raw: Option<&[u8]>) -> Result<Vec<i64>, String> {
 
 /// Encode an f64 array as a tensor of type `ft`, in `raw_data` (little-endian).
 pub fn from_f64(name: &str, a: &ArrayD<f64>, ft: FloatType) -> TensorProto {
-    let mut raw = Vec::with_capacity(a.len() * ft.size());
-    for &x in a.iter() {
-        match ft {
-            FloatType::F32 => raw.extend_from_slice(&(x as f32).to_le_bytes()),
-            FloatType::F64 => raw.extend_from_slice(&x.to_le_bytes()),
-            FloatType::F16 => raw.extend_from_slice(&half::f16::from_f64(x).to_bits().to_le_bytes()),
-            FloatType::BF16 => raw.extend_from_slice(&half::bf16::from_f64(x).to_bits().to_le_bytes()),
+    // one loop per type (the match outside the loop), over a contiguous slice when there is one
+    fn encode<const N: usize>(a: &ArrayD<f64>, f: impl Fn(f64) -> [u8; N]) -> Vec<u8> {
+        let mut raw = Vec::with_capacity(a.len() * N);
+        match a.as_slice() {
+            Some(s) => s.iter().for_each(|&x| raw.extend_from_slice(&f(x))),
+            None => a.iter().for_each(|&x| raw.extend_from_slice(&f(x))),
         }
+        raw
     }
+    let raw = match ft {
+        FloatType::F32 => encode(a, |x| (x as f32).to_le_bytes()),
+        FloatType::F64 => encode(a, |x| x.to_le_bytes()),
+        FloatType::F16 => encode(a, |x| half::f16::from_f64(x).to_bits().to_le_bytes()),
+        FloatType::BF16 => encode(a, |x| half::bf16::from_f64(x).to_bits().to_le_bytes()),
+    };
     TensorProto {
         dims: a.shape().iter().map(|&d| d as i64).collect(),
         data_type: Some(ft.onnx()),

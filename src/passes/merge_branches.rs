@@ -23,8 +23,8 @@ fn is_sum(n: &NodeProto, opset: i64) -> bool {
 }
 
 enum Kind {
-    /// A Conv (node index), through optional Slice/Pad nodes.
-    Conv { conv: usize },
+    /// A Conv (node index), reading through an optional Slice (crop) or Pad (node index).
+    Conv { conv: usize, through: Option<usize> },
     /// The identity, optionally through a BatchNormalization (node index).
     Identity { bn: Option<usize> },
 }
@@ -35,8 +35,6 @@ struct Branch {
     kind: Kind,
     /// nodes that exist only for this branch
     nodes: Vec<usize>,
-    /// geometry and weights, or why the branch cannot be read
-    conv: Result<(AffineConv, FloatType), String>,
     /// constant per-channel (or scalar) factors the branch is multiplied by, innermost first
     scales: Vec<ndarray::ArrayD<f64>>,
 }
@@ -93,7 +91,6 @@ fn classify(m: &Model, ix: &GraphIndex, ctx: &Ctx, leaf: &str) -> Branch {
         source: source.to_string(),
         kind: Kind::Identity { bn: None },
         nodes,
-        conv: Err(String::new()),
         scales,
     };
     let Some(&(p, _)) = ix.producer.get(&cur) else { return identity(&cur, nodes, scales) };
@@ -108,7 +105,6 @@ fn classify(m: &Model, ix: &GraphIndex, ctx: &Ctx, leaf: &str) -> Branch {
             source: n.input[0].clone(),
             kind: Kind::Identity { bn: Some(p) },
             nodes,
-            conv: Err(String::new()),
             scales,
         };
     }
@@ -117,87 +113,107 @@ fn classify(m: &Model, ix: &GraphIndex, ctx: &Ctx, leaf: &str) -> Branch {
     }
     nodes.push(p);
     let mut source = n.input[0].clone();
-    let mut conv = read_conv(m, ix, ctx, n);
+    let mut through = None;
     // look through one Slice (crop) or Pad that only this branch reads
     if let Some(&(q, _)) = ix.producer.get(&source) {
         let pn = &g.node[q];
-        let through = (is_op(pn, "Slice") || is_op(pn, "Pad")) && ix.uses(&source) == 1;
-        if through {
-            if let Ok((k, _)) = &mut conv {
-                let rank = k.rank() + 2;
-                let geo = if is_op(pn, "Slice") {
-                    read_slice(m, ix, pn, rank).map(|(cb, ce)| (cb, ce, vec![0; rank - 2], vec![0; rank - 2]))
-                } else {
-                    read_pad(m, ix, ctx, pn, rank).map(|(pb, pe)| {
-                        let neg = |v: &Vec<i64>| v.iter().map(|&x| (-x).max(0)).collect::<Vec<_>>();
-                        let pos = |v: &Vec<i64>| v.iter().map(|&x| x.max(0)).collect::<Vec<_>>();
-                        (neg(&pb), neg(&pe), pos(&pb), pos(&pe))
-                    })
-                };
-                match geo {
-                    Ok((cb, ce, pb, pe)) => {
-                        for a in 0..k.rank() {
-                            k.crop_begin[a] += cb[a];
-                            k.crop_end[a] += ce[a];
-                            k.pads_begin[a] += pb[a];
-                            k.pads_end[a] += pe[a];
-                        }
-                    }
-                    Err(e) => conv = Err(e),
-                }
-            }
+        if (is_op(pn, "Slice") || is_op(pn, "Pad")) && ix.uses(&source) == 1 {
+            through = Some(q);
             nodes.push(q);
             source = pn.input[0].clone();
         }
     }
-    Branch { leaf: leaf.into(), source, kind: Kind::Conv { conv: p }, nodes, conv, scales }
+    Branch { leaf: leaf.into(), source, kind: Kind::Conv { conv: p, through }, nodes, scales }
 }
 
-/// Merge one group of branches reading the same tensor. Returns the merged conv, its dtype and
-/// the index (into `group`) of the branch whose geometry and node it takes.
-fn merge(m: &Model, ix: &GraphIndex, ctx: &Ctx, group: &[&Branch]) -> Result<(AffineConv, FloatType, usize), String> {
+/// A Conv branch's geometry and weights (the crop or padding it reads through included), or
+/// why they cannot be read. Weights are decoded only here, for a group that is being merged.
+fn load(m: &Model, ix: &GraphIndex, ctx: &Ctx, conv: usize, through: Option<usize>) -> Result<(AffineConv, FloatType), String> {
     let g = graph(m);
+    let (mut k, ft) = read_conv(m, ix, ctx, &g.node[conv])?;
+    if let Some(q) = through {
+        let pn = &g.node[q];
+        let rank = k.rank() + 2;
+        let (cb, ce, pb, pe) = if is_op(pn, "Slice") {
+            read_slice(m, ix, pn, rank).map(|(cb, ce)| (cb, ce, vec![0; rank - 2], vec![0; rank - 2]))?
+        } else {
+            read_pad(m, ix, ctx, pn, rank).map(|(pb, pe)| {
+                let neg = |v: &Vec<i64>| v.iter().map(|&x| (-x).max(0)).collect::<Vec<_>>();
+                let pos = |v: &Vec<i64>| v.iter().map(|&x| x.max(0)).collect::<Vec<_>>();
+                (neg(&pb), neg(&pe), pos(&pb), pos(&pe))
+            })?
+        };
+        for a in 0..k.rank() {
+            k.crop_begin[a] += cb[a];
+            k.crop_end[a] += ce[a];
+            k.pads_begin[a] += pb[a];
+            k.pads_end[a] += pe[a];
+        }
+    }
+    Ok((k, ft))
+}
+
+/// A merged group.
+struct Merged {
+    conv: AffineConv,
+    ft: FloatType,
+    /// index (into the group) of the branch whose geometry and node the merged conv takes
+    base: usize,
+    /// per branch of the group, its kernel size (Conv branches)
+    kernels: Vec<Option<Vec<usize>>>,
+    /// the base branch's own padding
+    base_pads: (Vec<i64>, Vec<i64>),
+}
+
+/// Merge one group of branches reading the same tensor into one conv with the geometry of its
+/// largest kernel.
+fn merge(m: &Model, ix: &GraphIndex, ctx: &Ctx, group: &[&Branch]) -> Result<Merged, String> {
+    let g = graph(m);
+    let mut loaded: Vec<Option<(AffineConv, FloatType)>> = Vec::with_capacity(group.len());
+    for b in group {
+        loaded.push(match b.kind {
+            Kind::Conv { conv, through } => Some(load(m, ix, ctx, conv, through).map_err(|e| format!("Conv '{}': {e}", g.node[conv].name()))?),
+            Kind::Identity { .. } => None,
+        });
+    }
+    // the largest kernel (the first of equal ones)
+    let volume = |l: &Option<(AffineConv, FloatType)>| l.as_ref().map(|(c, _)| c.kernel().iter().product::<usize>());
     let mut base: Option<usize> = None;
-    for (k, b) in group.iter().enumerate() {
-        if let Kind::Conv { conv } = b.kind {
-            let (c, _) = b.conv.as_ref().map_err(|e| format!("Conv '{}': {e}", g.node[conv].name()))?;
-            let vol: usize = c.kernel().iter().product();
-            let better = match base {
-                None => true,
-                Some(j) => vol > group[j].conv.as_ref().unwrap().0.kernel().iter().product(),
-            };
-            if better {
-                base = Some(k);
-            }
+    for k in 0..loaded.len() {
+        if volume(&loaded[k]).is_some() && base.is_none_or(|j| volume(&loaded[k]) > volume(&loaded[j])) {
+            base = Some(k);
         }
     }
     let bi = base.ok_or("no Conv among the branches")?;
-    let (mut merged, ft) = group[bi].conv.clone().unwrap();
-    if merged.crop_begin.iter().chain(&merged.crop_end).any(|&c| c != 0) {
+    let (big, ft) = loaded[bi].as_ref().unwrap();
+    let ft = *ft;
+    if big.crop_begin.iter().chain(&big.crop_end).any(|&c| c != 0) {
         return Err(format!(
             "the largest kernel (Conv '{}') reads a cropped input (crop {:?}/{:?})",
-            group[bi].leaf, merged.crop_begin, merged.crop_end
+            group[bi].leaf, big.crop_begin, big.crop_end
         ));
     }
-    let zero = AffineConv { weight: merged.weight.mapv(|_| 0.0), bias: merged.bias.mapv(|_| 0.0), ..merged.clone() };
-    let mut acc = zero;
-    for b in group.iter() {
-        let (k, kft) = match &b.kind {
-            Kind::Conv { .. } => b.conv.clone().unwrap(),
-            Kind::Identity { bn } => {
-                if merged.out_channels() != merged.in_channels() {
+    let kernels = loaded.iter().map(|l| l.as_ref().map(|(c, _)| c.kernel().to_vec())).collect();
+    let base_pads = (big.pads_begin.clone(), big.pads_end.clone());
+    // the sum, in branch order, on a zero kernel with the base's geometry
+    let mut acc = big.zeros_like();
+    for (b, l) in group.iter().zip(loaded.iter_mut()) {
+        let (mut k, kft) = match (l.take(), &b.kind) {
+            (Some(v), _) => v,
+            (None, Kind::Identity { bn }) => {
+                if acc.out_channels() != acc.in_channels() {
                     return Err(format!(
                         "identity branch '{}' but the Conv maps {} to {} channels",
                         b.leaf,
-                        merged.in_channels(),
-                        merged.out_channels()
+                        acc.in_channels(),
+                        acc.out_channels()
                     ));
                 }
-                let mut id = AffineConv::identity(merged.out_channels(), merged.groups, merged.rank());
+                let mut id = AffineConv::identity(acc.out_channels(), acc.groups, acc.rank());
                 let mut ft_b = ft;
                 if let Some(bn) = bn {
                     let (p, bft) = read_bn(m, ix, ctx, &g.node[*bn]).map_err(|e| format!("{e} ('{}')", g.node[*bn].name()))?;
-                    if p.scale.len() != merged.out_channels() {
+                    if p.scale.len() != acc.out_channels() {
                         return Err(format!("identity BatchNormalization of {} channels", p.scale.len()));
                     }
                     id.fold_bn(&p);
@@ -205,22 +221,20 @@ fn merge(m: &Model, ix: &GraphIndex, ctx: &Ctx, group: &[&Branch]) -> Result<(Af
                 }
                 (id, ft_b)
             }
+            (None, Kind::Conv { .. }) => unreachable!("every Conv branch was loaded"),
         };
         if kft != ft {
             return Err("branches of different dtypes".into());
         }
-        let mut k = k;
         for sc in &b.scales {
             let a = channel_bias(sc, k.out_channels(), k.rank())
                 .ok_or_else(|| format!("branch '{}' is multiplied by a constant of shape {:?}, not per channel", b.leaf, sc.shape()))?;
             k.then_affine(&a, &ndarray::Array1::zeros(a.len()));
         }
-        let offs = k.offset_in(&merged).map_err(|e| format!("branch '{}': {e}", b.leaf))?;
+        let offs = k.offset_in(&acc).map_err(|e| format!("branch '{}': {e}", b.leaf))?;
         acc.add_at(&k, &offs);
     }
-    merged.weight = acc.weight;
-    merged.bias = acc.bias;
-    Ok((merged, ft, bi))
+    Ok(Merged { conv: acc, ft, base: bi, kernels, base_pads })
 }
 
 /// A constant operand that adds a per-channel (or scalar) bias to a conv output of `o` channels
@@ -292,9 +306,7 @@ pub fn rule(m: &Model, ix: &GraphIndex, ctx: &Ctx, i: usize) -> Option<Outcome> 
     let refuse = |reason: String| Refusal { rule: RULE, node: root.name().to_string(), reason };
     struct Done {
         members: Vec<usize>,
-        conv: AffineConv,
-        ft: FloatType,
-        base: usize,
+        merged: Merged,
     }
     let mut done: Vec<Done> = Vec::new();
     for s in &sources {
@@ -324,7 +336,7 @@ pub fn rule(m: &Model, ix: &GraphIndex, ctx: &Ctx, i: usize) -> Option<Outcome> 
         }
         let group: Vec<&Branch> = members.iter().map(|&k| &branches[k]).collect();
         match merge(m, ix, ctx, &group) {
-            Ok((conv, ft, b)) => done.push(Done { base: members[b], members, conv, ft }),
+            Ok(merged) => done.push(Done { members, merged }),
             Err(e) => outcome.refusals.push(refuse(e)),
         }
     }
@@ -337,7 +349,7 @@ pub fn rule(m: &Model, ix: &GraphIndex, ctx: &Ctx, i: usize) -> Option<Outcome> 
     for (k, b) in branches.iter().enumerate() {
         if matches!(b.kind, Kind::Identity { bn: None }) && b.scales.is_empty() {
             if let Ok((a, aft)) = const_f64(m, ix, ctx, &b.leaf) {
-                let d = &mut done[0];
+                let d = &mut done[0].merged;
                 if aft == d.ft {
                     if let Some(v) = channel_bias(&a, d.conv.out_channels(), d.conv.rank()) {
                         d.conv.bias += &v;
@@ -358,8 +370,9 @@ pub fn rule(m: &Model, ix: &GraphIndex, ctx: &Ctx, i: usize) -> Option<Outcome> 
     let mut remove: Vec<usize> = internal.clone();
     let mut terms: Vec<(usize, String)> = Vec::new();
     let mut details = Vec::new();
-    for d in &done {
-        let Kind::Conv { conv: ci } = branches[d.base].kind else { unreachable!() };
+    for Done { members, merged } in done {
+        let base = members[merged.base];
+        let Kind::Conv { conv: ci, .. } = branches[base].kind else { unreachable!() };
         let cnode = &g.node[ci];
         let output = if n_terms == 1 { out.clone() } else { cnode.output[0].clone() };
         let (wname, bname) = param_names(g, ix, cnode);
@@ -368,24 +381,25 @@ pub fn rule(m: &Model, ix: &GraphIndex, ctx: &Ctx, i: usize) -> Option<Outcome> 
         } else {
             (wname, bname)
         };
-        let mut node = rewired_conv(cnode, &branches[d.base].source, &wname, &bname, &output);
-        let (own, _) = branches[d.base].conv.as_ref().unwrap();
-        if own.pads_begin != d.conv.pads_begin || own.pads_end != d.conv.pads_end || branches[d.base].nodes.len() > 1 {
-            set_pads(&mut node, &d.conv);
+        let mut node = rewired_conv(cnode, &branches[base].source, &wname, &bname, &output);
+        let conv = merged.conv;
+        if merged.base_pads != (conv.pads_begin.clone(), conv.pads_end.clone()) || branches[base].nodes.len() > 1 {
+            set_pads(&mut node, &conv);
         }
         insert.push(node);
-        inits.push((wname, d.conv.weight.clone(), d.ft));
-        inits.push((bname, d.conv.bias.clone().into_dyn(), d.ft));
-        for &k in &d.members {
+        let merged_kernel = kernel_str(conv.kernel());
+        inits.push((wname, conv.weight, merged.ft));
+        inits.push((bname, conv.bias.into_dyn(), merged.ft));
+        for &k in &members {
             remove.extend(&branches[k].nodes);
         }
-        terms.push((*d.members.iter().min().unwrap(), output));
-        let mut kernels: Vec<String> = d
-            .members
+        terms.push((*members.iter().min().unwrap(), output));
+        let mut kernels: Vec<String> = members
             .iter()
-            .map(|&k| {
+            .zip(&merged.kernels)
+            .map(|(&k, kernel)| {
                 let name = match &branches[k].kind {
-                    Kind::Conv { .. } => kernel_str(branches[k].conv.as_ref().unwrap().0.kernel()),
+                    Kind::Conv { .. } => kernel_str(kernel.as_ref().unwrap()),
                     Kind::Identity { bn: Some(_) } => "identity+BN".into(),
                     Kind::Identity { bn: None } => "identity".into(),
                 };
@@ -393,7 +407,7 @@ pub fn rule(m: &Model, ix: &GraphIndex, ctx: &Ctx, i: usize) -> Option<Outcome> 
             })
             .collect();
         kernels.dedup();
-        details.push(format!("{} branches ({}) into Conv '{}' {}", d.members.len(), kernels.join(", "), cnode.name(), kernel_str(d.conv.kernel())));
+        details.push(format!("{} branches ({}) into Conv '{}' {}", members.len(), kernels.join(", "), cnode.name(), merged_kernel));
     }
     if !absorbed.is_empty() {
         details.push(format!("{} constant(s) into the bias", absorbed.len()));

@@ -52,12 +52,43 @@ pub struct Patch {
 }
 
 /// State across rewrites: the exact f64 values of the tensors the passes wrote, so that a kernel
-/// folded in one pass and merged in the next is rounded to its dtype once, at the end.
+/// folded and then merged (a BN folded into each branch, then the branches merged; nested sums)
+/// is rounded to its dtype once. The graph always holds the rounded values too (tract reads the
+/// graph), so an entry can be dropped at any time: it is dropped once the scan has passed every
+/// node that could read it, which keeps at most a block's worth of f64 kernels alive.
 #[derive(Default)]
 pub struct Ctx {
     pub pending: HashMap<String, ArrayD<f64>>,
     /// concrete tensor shapes from tract's analysis of the model, computed when first needed
     pub shapes: std::cell::RefCell<Option<HashMap<String, Vec<usize>>>>,
+}
+
+impl Ctx {
+    /// Drop the f64 values no rule at node `i` or later can read: rules read a kernel from the
+    /// sum, BatchNormalization or scale at most two steps downstream of its Conv (Conv → Mul →
+    /// Add), so an entry whose Conv's outputs are consumed, two steps deep, only before `i` is
+    /// done with.
+    fn evict_before(&mut self, g: &crate::proto::GraphProto, ix: &GraphIndex, i: usize) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let horizon = |name: &str| -> usize {
+            let mut last = 0;
+            let mut frontier: Vec<usize> = ix.consumers_of(name).to_vec();
+            for _ in 0..3 {
+                let mut next = Vec::new();
+                for &c in &frontier {
+                    last = last.max(c);
+                    for o in &g.node[c].output {
+                        next.extend_from_slice(ix.consumers_of(o));
+                    }
+                }
+                frontier = next;
+            }
+            last
+        };
+        self.pending.retain(|name, _| horizon(name) >= i);
+    }
 }
 
 type Rule = fn(&Model, &GraphIndex, &Ctx, usize) -> Option<Outcome>;
@@ -69,17 +100,17 @@ pub fn run(model: &mut Model) -> (Vec<Rewrite>, Vec<Refusal>) {
     let mut ctx = Ctx::default();
     let mut log = Vec::new();
     // Scan the nodes in order; after a patch, go on from the node it inserted. Repeat whole
-    // scans until one makes no change.
+    // scans until one makes no change. The index is rebuilt only after a patch.
     let mut changed = true;
     while changed {
         changed = false;
         let mut i = 0;
+        let mut ix = GraphIndex::new(model.proto.graph.as_ref().unwrap());
         loop {
             let g = model.proto.graph.as_ref().unwrap();
             if i >= g.node.len() {
                 break;
             }
-            let ix = GraphIndex::new(g);
             let mut fired = None;
             for (_, rule) in RULES {
                 if let Some(Outcome { patch: Some(p), .. }) = rule(model, &ix, &ctx, i) {
@@ -89,19 +120,21 @@ pub fn run(model: &mut Model) -> (Vec<Rewrite>, Vec<Refusal>) {
             }
             let Some(p) = fired else {
                 i += 1;
+                ctx.evict_before(g, &ix, i);
                 continue;
             };
             changed = true;
             let first_out = p.insert.first().and_then(|n| n.output.first()).cloned();
             log.push(p.log.clone());
-            apply(model, &mut ctx, p);
+            apply(model, &ix, &mut ctx, p);
             let g = model.proto.graph.as_ref().unwrap();
+            ix = GraphIndex::new(g);
             if cfg!(debug_assertions) {
-                if let Err(e) = GraphIndex::new(g).validate(g) {
+                if let Err(e) = ix.validate(g) {
                     panic!("rewrite {:?} broke the graph: {e}", log.last());
                 }
             }
-            i = first_out.and_then(|o| g.node.iter().position(|n| n.output.contains(&o))).unwrap_or(0);
+            i = first_out.and_then(|o| ix.producer.get(&o).map(|&(n, _)| n)).unwrap_or(0);
         }
     }
     // one last scan for the refusals that stand
@@ -118,16 +151,50 @@ pub fn run(model: &mut Model) -> (Vec<Rewrite>, Vec<Refusal>) {
     (log, refusals)
 }
 
-/// Apply a patch, then remove what it left dead (only what it made dead: nodes and
-/// initializers that were alive before stay, even if nothing reads them).
-pub fn apply(model: &mut Model, ctx: &mut Ctx, p: Patch) {
+/// Apply a patch (`ix` indexes the graph before it), then remove what it left dead (only what
+/// it made dead: nodes and initializers that were alive before stay, even if nothing reads them).
+pub fn apply(model: &mut Model, ix: &GraphIndex, ctx: &mut Ctx, p: Patch) {
     let g = model.proto.graph.as_mut().unwrap();
-    let removed: HashSet<usize> = p.remove.iter().copied().collect();
-    let mut candidates: Vec<String> = Vec::new();
+    for (name, arr, ft) in p.initializers {
+        let t = from_f64(&name, &arr, ft);
+        match ix.initializer.get(&name) {
+            Some(&k) => g.initializer[k] = t,
+            None => g.initializer.push(t),
+        }
+        ctx.pending.insert(name, arr);
+    }
+    // Reads after the patch = reads before (ix) + `delta`. Removing a node un-reads its inputs;
+    // a producer whose outputs are all unread then dies too, and so on up the graph.
+    let produced_new: HashSet<String> = p.insert.iter().flat_map(|n| n.output.iter()).filter(|o| !o.is_empty()).cloned().collect();
+    let mut delta: HashMap<String, isize> = HashMap::new();
+    for n in &p.insert {
+        for r in crate::graph::node_reads(n) {
+            *delta.entry(r).or_default() += 1;
+        }
+    }
+    let unread = |delta: &HashMap<String, isize>, name: &str| ix.uses(name) as isize + delta.get(name).copied().unwrap_or(0) <= 0;
+    let mut dead: HashSet<usize> = HashSet::new();
+    let mut dead_inits: HashSet<String> = HashSet::new();
     let mut gone_outputs: HashSet<String> = HashSet::new();
-    for &r in &p.remove {
-        candidates.extend(crate::graph::node_reads(&g.node[r]));
-        gone_outputs.extend(g.node[r].output.iter().cloned());
+    let mut work: Vec<usize> = p.remove.clone();
+    while let Some(d) = work.pop() {
+        if !dead.insert(d) {
+            continue;
+        }
+        gone_outputs.extend(g.node[d].output.iter().cloned());
+        for r in crate::graph::node_reads(&g.node[d]) {
+            *delta.entry(r.clone()).or_default() -= 1;
+            if !unread(&delta, &r) || ix.inputs.contains(&r) || produced_new.contains(&r) {
+                continue;
+            }
+            if let Some(&(ni, _)) = ix.producer.get(&r) {
+                if !dead.contains(&ni) && g.node[ni].output.iter().all(|o| o.is_empty() || unread(&delta, o)) {
+                    work.push(ni);
+                }
+            } else if ix.initializer.contains_key(&r) {
+                dead_inits.insert(r);
+            }
+        }
     }
     let old = std::mem::take(&mut g.node);
     let mut insert = Some(p.insert);
@@ -135,57 +202,19 @@ pub fn apply(model: &mut Model, ctx: &mut Ctx, p: Patch) {
         if i == p.at {
             g.node.extend(insert.take().unwrap());
         }
-        if !removed.contains(&i) {
+        if !dead.contains(&i) {
             g.node.push(n);
         }
     }
     if let Some(rest) = insert {
         g.node.extend(rest);
     }
-    for (name, arr, ft) in p.initializers {
-        let t = from_f64(&name, &arr, ft);
-        match g.initializer.iter_mut().find(|t| t.name() == name) {
-            Some(slot) => *slot = t,
-            None => g.initializer.push(t),
-        }
-        ctx.pending.insert(name, arr);
-    }
-    // cascade: producers and initializers the removed nodes were the last readers of
-    loop {
-        let ix = GraphIndex::new(g);
-        let mut dead_nodes: HashSet<usize> = HashSet::new();
-        let mut dead_inits: HashSet<String> = HashSet::new();
-        for c in &candidates {
-            if ix.uses(c) > 0 || ix.inputs.contains(c) {
-                continue;
-            }
-            if let Some(&(ni, _)) = ix.producer.get(c) {
-                if g.node[ni].output.iter().all(|o| o.is_empty() || ix.uses(o) == 0) {
-                    dead_nodes.insert(ni);
-                }
-            } else if ix.initializer.contains_key(c) {
-                dead_inits.insert(c.clone());
-            }
-        }
-        if dead_nodes.is_empty() && dead_inits.is_empty() {
-            break;
-        }
-        candidates.clear();
-        for &d in &dead_nodes {
-            candidates.extend(crate::graph::node_reads(&g.node[d]));
-            gone_outputs.extend(g.node[d].output.iter().cloned());
-        }
-        let mut k = 0;
-        g.node.retain(|_| {
-            k += 1;
-            !dead_nodes.contains(&(k - 1))
-        });
+    if !dead_inits.is_empty() {
         g.initializer.retain(|t| !dead_inits.contains(t.name()));
         for d in &dead_inits {
             ctx.pending.remove(d);
         }
     }
     // value_info of tensors that no longer exist
-    let ix = GraphIndex::new(g);
-    g.value_info.retain(|v| !gone_outputs.contains(v.name()) || ix.producer.contains_key(v.name()));
+    g.value_info.retain(|v| !gone_outputs.contains(v.name()) || produced_new.contains(v.name()));
 }

@@ -380,6 +380,12 @@ impl Model {
         Ok(t.raw_data.clone())
     }
 
+    /// Let go of the memory pages of bytes read from the model's files (see
+    /// [`crate::sink::release`]); bytes held in memory are left alone.
+    pub(crate) fn release(&self, bytes: &[u8]) {
+        crate::sink::release(&self.sources, bytes);
+    }
+
     /// Whether any tensor of the model is stored externally.
     pub fn has_external_data(&self) -> bool {
         let mut any = false;

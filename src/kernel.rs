@@ -72,21 +72,6 @@ impl AffineConv {
         }
     }
 
-    /// A zero kernel and bias with this convolution's geometry.
-    pub fn zeros_like(&self) -> AffineConv {
-        AffineConv {
-            weight: ArrayD::zeros(self.weight.raw_dim()),
-            bias: Array1::zeros(self.bias.len()),
-            groups: self.groups,
-            strides: self.strides.clone(),
-            dilations: self.dilations.clone(),
-            pads_begin: self.pads_begin.clone(),
-            pads_end: self.pads_end.clone(),
-            crop_begin: self.crop_begin.clone(),
-            crop_end: self.crop_end.clone(),
-        }
-    }
-
     /// The identity on `channels` channels as a one-tap kernel (output channel o reads input
     /// channel o, which is index `o mod (C/groups)` within its group).
     pub fn identity(channels: usize, groups: usize, rank: usize) -> AffineConv {
@@ -172,7 +157,28 @@ impl AffineConv {
 
     /// Add `small` (weights and bias) into this convolution at tap offsets `offs`.
     pub fn add_at(&mut self, small: &AffineConv, offs: &[usize]) {
-        let k = small.kernel().to_vec();
+        self.bias += &small.bias;
+        let (big_k, k) = (self.kernel().to_vec(), small.kernel().to_vec());
+        if let (Some(dst), Some(src)) = (self.weight.as_slice_mut(), small.weight.as_slice()) {
+            // contiguous (the usual case): per [o, c] block, each small tap's place in the big block
+            let (bv, sv): (usize, usize) = (big_k.iter().product(), k.iter().product());
+            let mut pos = Vec::with_capacity(sv);
+            for t in 0..sv {
+                let (mut rest, mut at, mut stride) = (t, 0, 1);
+                for a in (0..k.len()).rev() {
+                    at += (offs[a] + rest % k[a]) * stride;
+                    rest /= k[a];
+                    stride *= big_k[a];
+                }
+                pos.push(at);
+            }
+            for (d, s) in dst.chunks_exact_mut(bv).zip(src.chunks_exact(sv)) {
+                for (&p, &x) in pos.iter().zip(s) {
+                    d[p] += x;
+                }
+            }
+            return;
+        }
         let mut view = self.weight.slice_each_axis_mut(|ax| {
             let i = ax.axis.index();
             if i < 2 {
@@ -182,7 +188,6 @@ impl AffineConv {
             }
         });
         view += &small.weight;
-        self.bias += &small.bias;
     }
 
     /// Reference: compute the convolution directly on `x` (`[N, C, spatial...]`), loop by loop.

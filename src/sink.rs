@@ -29,6 +29,28 @@ impl Source {
     }
 }
 
+/// Drop this process's mapping of the pages that lie wholly inside `s`, if `s` is a slice of
+/// one of `sources`: a weight that was decoded once need not stay resident (it stays in the
+/// page cache; reading it again faults it back in). Keeps the resident set of a fuse to the
+/// weights it writes, not the whole input.
+pub(crate) fn release(sources: &[Source], s: &[u8]) {
+    #[cfg(target_os = "linux")]
+    if sources.iter().any(|src| src.offset_of(s).is_some()) {
+        // SAFETY: sysconf has no preconditions
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let start = (s.as_ptr() as usize).div_ceil(page) * page;
+        let end = (s.as_ptr() as usize + s.len()) / page * page;
+        if end > start {
+            // SAFETY: the range is page-aligned and inside a live read-only shared file mapping
+            // (the source's map, kept alive by `sources`); MADV_DONTNEED on such a mapping only
+            // drops page-table entries, and later reads see the file's bytes again.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (sources, s);
+}
+
 const BUF: usize = 1 << 20;
 /// Slices at least this long go straight to the file (and file to file when they can).
 const BIG: usize = 64 << 10;

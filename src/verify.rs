@@ -1198,7 +1198,7 @@ pub(crate) fn prepare(
             }
         }
     }
-    let res = catch_unwind(AssertUnwindSafe(|| -> TractResult<Plan> {
+    let typed = catch_unwind(AssertUnwindSafe(|| -> TractResult<TypedModel> {
         if !subs.is_empty() {
             model.set_symbols(&subs)?;
         }
@@ -1209,14 +1209,27 @@ pub(crate) fn prepare(
                 .expect("resolved input");
             model.set_input_fact(ix, InferenceFact::dt_shape(ri.dt, ri.shape.iter().copied()))?;
         }
-        let typed = model.into_typed()?;
-        if optimised {
-            // for latency only (`bench`), never for the equivalence check
-            return typed.into_optimized()?.into_runnable();
-        }
-        // typed, NOT decluttered / optimised: see the module documentation
-        typed.into_runnable()
+        model.into_typed()
     }));
+    // a tensor no machine could hold: refuse before running (an allocation failure aborts)
+    if let Ok(Ok(typed)) = &typed {
+        if let Some(msg) = oversized(typed) {
+            return Err(run_err(msg));
+        }
+    }
+    let res = typed.map(|t| {
+        t.and_then(|typed| {
+            catch_unwind(AssertUnwindSafe(|| -> TractResult<Plan> {
+                if optimised {
+                    // for latency only (`bench`), never for the equivalence check
+                    return typed.into_optimized()?.into_runnable();
+                }
+                // typed, NOT decluttered / optimised: see the module documentation
+                typed.into_runnable()
+            }))
+            .unwrap_or_else(|p| Err(anyhow::anyhow!("{}", panic_msg(p))))
+        })
+    });
     match res {
         Err(p) => Err(run_err(panic_msg(p))),
         Ok(Err(e)) => {
@@ -1232,6 +1245,27 @@ pub(crate) fn prepare(
         }
         Ok(Ok(plan)) => Ok((plan, in_names, out_names)),
     }
+}
+
+/// At most this many elements in any one tensor the check computes (4 GiB of float32).
+pub const MAX_TENSOR_ELEMENTS: u128 = 1 << 30;
+
+/// Why a typed model cannot be run for the check: a tensor of more than
+/// [`MAX_TENSOR_ELEMENTS`] (a Pad or Resize with absurd sizes, say).
+fn oversized(m: &TypedModel) -> Option<String> {
+    for node in m.nodes() {
+        for o in &node.outputs {
+            let Some(dims) = o.fact.shape.as_concrete() else { continue };
+            let n = dims.iter().fold(1u128, |a, &d| a.saturating_mul(d as u128));
+            if n > MAX_TENSOR_ELEMENTS {
+                return Some(format!(
+                    "'{}' would be a tensor of shape {dims:?} ({n} elements), too big to run the check (at most {MAX_TENSOR_ELEMENTS})",
+                    node.name
+                ));
+            }
+        }
+    }
+    None
 }
 
 fn run_plan(

@@ -434,6 +434,44 @@ fn case_declared_input_shape_too_big_to_check() {
     assert!(r.stdout.contains("EQUIVALENT"), "{}", r.stdout);
 }
 
+/// Found by cargo-fuzz: a DBB seed (a real dynamo export, `fuzz/seeds/`) whose zero Pad pads the
+/// batch axis by 2^28. Evaluating the block in tract (the general `affine_region` path) or
+/// running the model for the check would allocate ~146 GB, and a failed allocation aborts.
+/// Now the region is refused for its size, the fuse goes on, and the check refuses in one line.
+#[test]
+fn case_fuzz_pad_of_absurd_size() {
+    let d = tempdir();
+    let mut m = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/dbb_dynamo_inline.onnx"));
+    let g = graph(&mut m);
+    let pads: Vec<String> = g.node.iter().filter(|n| n.op_type() == "Pad").map(|n| n.input[1].clone()).collect();
+    assert!(!pads.is_empty());
+    for t in g.initializer.iter_mut().filter(|t| pads.contains(&t.name().to_string())) {
+        let mut v: Vec<i64> = t.raw_data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+        assert_eq!(v.len(), 8, "{}", t.name());
+        v[0] = 1 << 28;
+        t.raw_data = Some(v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>().into());
+    }
+    g.value_info.clear(); // the exporter's shapes would contradict the batch padding
+    let p = d.path().join("absurd_pad.onnx");
+    write(&m, &p);
+
+    let mut model = Model::load(&p).unwrap();
+    let r = fuse(&mut model).unwrap();
+    assert!(
+        r.refused.iter().any(|f| f.rule == "affine_region" && f.reason.contains("inside the region would be")),
+        "{:?}",
+        r.refused
+    );
+    let out_dir = tempdir();
+    let out = out_dir.path().join("fused.onnx");
+    let r = fuse_cli(&p, &out, &["--no-verify"]);
+    no_crash(&r, "fuse --no-verify");
+    assert_eq!(r.code, 0, "{}\n{}", r.stderr, r.stdout);
+    let r = cli(&["verify".as_ref(), p.as_os_str(), out.as_os_str()]);
+    assert_eq!(r.code, 2, "{}\n{}", r.stderr, r.stdout);
+    one_line_naming(&r, "absurd_pad.onnx", &["too big to run the check"], "verify absurd pad");
+}
+
 // ---------------------------------------------------------------------------------------------
 // External data
 // ---------------------------------------------------------------------------------------------

@@ -42,7 +42,11 @@ pub fn const_f64(m: &Model, ix: &GraphIndex, ctx: &Ctx, name: &str) -> Result<(A
         }
     }
     let raw = m.raw_bytes(t).map_err(|e| e.to_string())?;
-    Ok((to_f64(t, raw.as_deref())?, ft))
+    let a = to_f64(t, raw.as_deref())?;
+    if let Some(raw) = raw.filter(|r| r.len() >= 1 << 16) {
+        m.release(&raw);
+    }
+    Ok((a, ft))
 }
 
 /// Shape-only operators on a constant: Identity, Reshape, Unsqueeze, Squeeze, Flatten-free.

@@ -195,9 +195,13 @@ fn merge(m: &Model, ix: &GraphIndex, ctx: &Ctx, group: &[&Branch]) -> Result<Mer
     }
     let kernels = loaded.iter().map(|l| l.as_ref().map(|(c, _)| c.kernel().to_vec())).collect();
     let base_pads = (big.pads_begin.clone(), big.pads_end.clone());
-    // the sum, in branch order, on a zero kernel with the base's geometry
-    let mut acc = big.zeros_like();
-    for (b, l) in group.iter().zip(loaded.iter_mut()) {
+    // the sum: the base, plus every other branch in order
+    let mut acc = loaded[bi].take().unwrap().0;
+    scale(&mut acc, group[bi])?;
+    for (j, (b, l)) in group.iter().zip(loaded.iter_mut()).enumerate() {
+        if j == bi {
+            continue;
+        }
         let (mut k, kft) = match (l.take(), &b.kind) {
             (Some(v), _) => v,
             (None, Kind::Identity { bn }) => {
@@ -226,15 +230,21 @@ fn merge(m: &Model, ix: &GraphIndex, ctx: &Ctx, group: &[&Branch]) -> Result<Mer
         if kft != ft {
             return Err("branches of different dtypes".into());
         }
-        for sc in &b.scales {
-            let a = channel_bias(sc, k.out_channels(), k.rank())
-                .ok_or_else(|| format!("branch '{}' is multiplied by a constant of shape {:?}, not per channel", b.leaf, sc.shape()))?;
-            k.then_affine(&a, &ndarray::Array1::zeros(a.len()));
-        }
+        scale(&mut k, b)?;
         let offs = k.offset_in(&acc).map_err(|e| format!("branch '{}': {e}", b.leaf))?;
         acc.add_at(&k, &offs);
     }
     Ok(Merged { conv: acc, ft, base: bi, kernels, base_pads })
+}
+
+/// Apply a branch's constant per-channel factors to its kernel.
+fn scale(k: &mut AffineConv, b: &Branch) -> Result<(), String> {
+    for sc in &b.scales {
+        let a = channel_bias(sc, k.out_channels(), k.rank())
+            .ok_or_else(|| format!("branch '{}' is multiplied by a constant of shape {:?}, not per channel", b.leaf, sc.shape()))?;
+        k.then_affine(&a, &ndarray::Array1::zeros(a.len()));
+    }
+    Ok(())
 }
 
 /// A constant operand that adds a per-channel (or scalar) bias to a conv output of `o` channels

@@ -300,15 +300,39 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| Err("tract failed on the region".into()))
 }
 
-fn plan(bytes: &[u8], shape: &[usize]) -> Result<std::sync::Arc<Plan>, String> {
-    guarded(|| plan_inner(bytes, shape))
+/// `out` is the number of elements the region's output must have (the Conv's output).
+fn plan(bytes: &[u8], shape: &[usize], out: usize) -> Result<std::sync::Arc<Plan>, String> {
+    guarded(|| plan_inner(bytes, shape, out))
 }
 
-fn plan_inner(bytes: &[u8], shape: &[usize]) -> Result<std::sync::Arc<Plan>, String> {
+/// No tensor inside a region may hold more than this many times the elements of the region's
+/// input or of the Conv's output (or of 64 Ki, whichever is largest): a block's intermediate
+/// tensors are a few times those at most, and a Pad or Resize with absurd sizes would otherwise
+/// allocate without bound when the region is evaluated.
+const GROWTH_LIMIT: usize = 64;
+
+fn plan_inner(bytes: &[u8], shape: &[usize], out: usize) -> Result<std::sync::Arc<Plan>, String> {
     let e = |e: TractError| format!("{e:#}").replace('\n', " ");
     let m = tract_onnx::onnx().model_for_read(&mut &bytes[..]).map_err(e)?;
-    let m = m.with_input_fact(0, f32::fact(shape).into()).map_err(e)?;
+    let m = m.with_input_fact(0, f32::fact(shape).into()).map_err(e)?.into_typed().map_err(e)?;
+    check_sizes(&m, shape.iter().product::<usize>().max(out))?;
     Ok(m.into_optimized().map_err(e)?.into_runnable().map_err(e)?)
+}
+
+/// Refuse a region whose tensors are not all of known size, or grow past [`GROWTH_LIMIT`]
+/// times `size`.
+fn check_sizes(m: &TypedModel, size: usize) -> Result<(), String> {
+    let limit = size.max(1 << 16).saturating_mul(GROWTH_LIMIT);
+    for node in m.nodes() {
+        for o in &node.outputs {
+            match o.fact.shape.as_concrete().map(|d| d.iter().try_fold(1usize, |a, &x| a.checked_mul(x))) {
+                Some(Some(n)) if n <= limit => {}
+                Some(_) => return Err(format!("'{}' inside the region would be {:?}, over {GROWTH_LIMIT}x the block's size", node.name, o.fact.shape)),
+                None => return Err(format!("the size of '{}' inside the region is not known", node.name)),
+            }
+        }
+    }
+    Ok(())
 }
 
 fn eval(p: &std::sync::Arc<Plan>, x: &ArrayD<f32>) -> Result<ArrayD<f64>, String> {
@@ -347,15 +371,16 @@ fn recover(m: &Model, ix: &GraphIndex, ctx: &Ctx, r: &Region, y: &str) -> Result
         return Err(format!("region input of shape {shape:?}"));
     }
     let shape = vec![1, shape[1], shape[2], shape[3]];
-    let bytes = submodel(m, r, y, &shape)?;
-    let plan = plan(&bytes, &shape).map_err(|e| format!("the region cannot be evaluated: {e}"))?;
     let (c, h, w) = (shape[1], shape[2] as i64, shape[3] as i64);
     let (kh, kw) = (b.kernel()[0] as i64, b.kernel()[1] as i64);
     let (sh, sw) = (b.strides[0] as i64, b.strides[1] as i64);
     let (ph, pw) = (b.pads_begin[0], b.pads_begin[1]);
-    let y0 = eval(&plan, &ArrayD::zeros(IxDyn(&shape)))?;
     let o = b.out_channels();
     let (ho, wo) = ((h + ph + b.pads_end[0] - kh) / sh + 1, (w + pw + b.pads_end[1] - kw) / sw + 1);
+    let out = o.saturating_mul(ho.max(0) as usize).saturating_mul(wo.max(0) as usize);
+    let bytes = submodel(m, r, y, &shape)?;
+    let plan = plan(&bytes, &shape, out).map_err(|e| format!("the region cannot be evaluated: {e}"))?;
+    let y0 = eval(&plan, &ArrayD::zeros(IxDyn(&shape)))?;
     if y0.shape() != [1, o, ho as usize, wo as usize] {
         return Err(format!("the region's output {:?} is not the Conv's output [1, {o}, {ho}, {wo}]", y0.shape()));
     }

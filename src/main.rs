@@ -1,6 +1,20 @@
 use clap::Parser;
 
+/// glibc's allocator returns freed memory above 128 KiB (adaptively up to 32 MiB) to the system
+/// and trims the heap's top, so every kernel-sized array the passes allocate is page-faulted
+/// (and zeroed by the kernel) anew. Keeping freed memory for reuse makes `fuse` ~15% faster
+/// on ImageNet-scale models without raising its peak (measured in benches/perf.rs).
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before any other thread exists
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
 fn main() {
+    tune_allocator();
     // No backtraces for users: a panic (a bug) is reported as one line and exit code 2, and
     // unwinding still removes any staged output.
     acnet_onnx::cli::install_panic_hook();

@@ -183,10 +183,11 @@ pub fn to_i64(t: &TensorProto, raw: Option<&[u8]>) -> Result<Vec<i64>, String> {
 pub fn from_f64(name: &str, a: &ArrayD<f64>, ft: FloatType) -> TensorProto {
     // one loop per type (the match outside the loop), over a contiguous slice when there is one
     fn encode<const N: usize>(a: &ArrayD<f64>, f: impl Fn(f64) -> [u8; N]) -> Vec<u8> {
-        let mut raw = Vec::with_capacity(a.len() * N);
+        let mut raw = vec![0u8; a.len() * N];
+        let out = raw.chunks_exact_mut(N);
         match a.as_slice() {
-            Some(s) => s.iter().for_each(|&x| raw.extend_from_slice(&f(x))),
-            None => a.iter().for_each(|&x| raw.extend_from_slice(&f(x))),
+            Some(s) => out.zip(s).for_each(|(o, &x)| o.copy_from_slice(&f(x))),
+            None => out.zip(a.iter()).for_each(|(o, &x)| o.copy_from_slice(&f(x))),
         }
         raw
     }

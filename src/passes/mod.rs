@@ -101,9 +101,12 @@ pub fn run(model: &mut Model) -> (Vec<Rewrite>, Vec<Refusal>) {
     let mut log = Vec::new();
     // Scan the nodes in order; after a patch, go on from the node it inserted. Repeat whole
     // scans until one makes no change. The index is rebuilt only after a patch.
+    // The refusals of the last scan (the one that changed nothing) are those that stand.
+    let mut refusals = Vec::new();
     let mut changed = true;
     while changed {
         changed = false;
+        refusals.clear();
         let mut i = 0;
         let mut ix = GraphIndex::new(model.proto.graph.as_ref().unwrap());
         loop {
@@ -113,9 +116,13 @@ pub fn run(model: &mut Model) -> (Vec<Rewrite>, Vec<Refusal>) {
             }
             let mut fired = None;
             for (_, rule) in RULES {
-                if let Some(Outcome { patch: Some(p), .. }) = rule(model, &ix, &ctx, i) {
-                    fired = Some(p);
-                    break;
+                match rule(model, &ix, &ctx, i) {
+                    Some(Outcome { patch: Some(p), .. }) => {
+                        fired = Some(p);
+                        break;
+                    }
+                    Some(o) => refusals.extend(o.refusals),
+                    None => {}
                 }
             }
             let Some(p) = fired else {
@@ -135,17 +142,6 @@ pub fn run(model: &mut Model) -> (Vec<Rewrite>, Vec<Refusal>) {
                 }
             }
             i = first_out.and_then(|o| ix.producer.get(&o).map(|&(n, _)| n)).unwrap_or(0);
-        }
-    }
-    // one last scan for the refusals that stand
-    let g = model.proto.graph.as_ref().unwrap();
-    let ix = GraphIndex::new(g);
-    let mut refusals = Vec::new();
-    for i in 0..g.node.len() {
-        for (_, rule) in RULES {
-            if let Some(o) = rule(model, &ix, &ctx, i) {
-                refusals.extend(o.refusals);
-            }
         }
     }
     (log, refusals)

@@ -490,6 +490,12 @@ fn remove_model(p: &Path) {
     let _ = std::fs::remove_file(data_file(p));
 }
 
+/// Flush every file system (`sync`), so that no write-back of an earlier run competes with the
+/// next timed one.
+fn settle() {
+    let _ = Command::new("sync").status();
+}
+
 /// `cat f > copy` for every file of the model; returns (cat seconds, cat + fsync seconds).
 fn copy_model(src: &Path, dst_dir: &Path) -> (f64, f64) {
     let mut cat = 0.0;
@@ -716,10 +722,13 @@ fn main() {
             let mut fuses = vec![];
             let (mut max_rss, mut peak_anon) = (0, 0);
             for _ in 0..runs {
+                // each timed run starts with no dirty pages of an earlier one being written back
+                settle();
                 let (c, cs) = copy_model(path, &work);
                 copies.push(c);
                 copies_sync.push(cs);
                 remove_model(&out);
+                settle();
                 let s = run_measured(
                     Path::new(BIN),
                     &["fuse".as_ref(), "--no-verify".as_ref(), path.as_os_str(), "-o".as_ref(), out.as_os_str()],

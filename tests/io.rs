@@ -1,5 +1,7 @@
 //! Foundation: lossless load/save, external data, tensor conversion.
 
+mod common;
+
 use acnet_onnx::io::{save, DataMode};
 use acnet_onnx::proto::{tensor_proto::DataType, ModelProto, TensorProto};
 use acnet_onnx::tensor::{from_f64, from_i64, to_f64, to_i64, FloatType};
@@ -214,4 +216,69 @@ fn case_fixture_weights_resolve_from_external_and_inline_alike() {
         assert_eq!(e.raw_bytes(a).unwrap(), i.raw_bytes(b).unwrap(), "{}", a.name());
     }
     assert!(n_ext > 0);
+}
+
+/// Weights of 64 KiB and more take the file-to-file path when saving (`copy_file_range` from the
+/// input's memory map, `src/sink.rs`), and the map pages of a weight are released after the
+/// fuse decodes it. Neither may change a byte: an ACB of 64 channels (3x3 weight 144 KiB) is
+/// fused from a file and saved inline and external; the untouched tensors are byte-identical
+/// to the input's, the merged kernel is the sum of the branches, and a re-save of the loaded
+/// input is byte-identical to the input.
+#[test]
+fn case_large_tensors_copied_file_to_file() {
+    use common::{conv_of, graph, Builder, ConvAttrs};
+    let c = 64;
+    let mut b = Builder::new(c, 6, 6);
+    let (sq, w_sq, b_sq) = b.conv_rand("sq", "x", c, c, &[3, 3], true, ConvAttrs::pads(&[1, 1, 1, 1]));
+    let (ver, w_ver, b_ver) = b.conv_rand("ver", "x", c, c, &[3, 1], true, ConvAttrs::pads(&[1, 0, 1, 0]));
+    let (hor, w_hor, b_hor) = b.conv_rand("hor", "x", c, c, &[1, 3], true, ConvAttrs::pads(&[0, 1, 0, 1]));
+    let a1 = b.add("a1", &sq, &ver);
+    let s = b.add("a2", &a1, &hor);
+    // a conv the rules leave alone, and a large constant beside it
+    let (post, w_post, _) = b.conv_rand("post", &s, c, c, &[3, 3], false, ConvAttrs::pads(&[1, 1, 1, 1]));
+    b.output(&post);
+    assert!(w_post.len() * 4 >= 64 << 10);
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("acb.onnx");
+    std::fs::write(&input, b.model().encode_to_vec()).unwrap();
+    let input_bytes = std::fs::read(&input).unwrap();
+
+    // an untouched re-save, inline and external-then-inline, gives back the input's bytes
+    let m = Model::load(&input).unwrap();
+    let again = dir.path().join("again.onnx");
+    save(&m, &again, DataMode::Inline).unwrap();
+    assert!(std::fs::read(&again).unwrap() == input_bytes, "inline re-save differs");
+    let ext = dir.path().join("ext.onnx");
+    save(&m, &ext, DataMode::External).unwrap();
+    let back = dir.path().join("back.onnx");
+    save(&Model::load(&ext).unwrap(), &back, DataMode::Inline).unwrap();
+    assert!(std::fs::read(&back).unwrap() == input_bytes, "external then inline differs");
+
+    for (mode, from) in [(DataMode::Inline, &input), (DataMode::External, &ext)] {
+        let mut m = Model::load(from).unwrap();
+        let r = acnet_onnx::fuse::fuse(&mut m).unwrap();
+        assert_eq!(r.blocks_merged, 1, "{mode:?}: {:?}", r.refused);
+        let out = dir.path().join(format!("fused-{mode:?}.onnx"));
+        save(&m, &out, mode).unwrap();
+        let fused = Model::load(&out).unwrap().to_inline().unwrap();
+        let g = graph(&fused);
+        let convs: Vec<_> = g.node.iter().filter(|n| n.op_type() == "Conv").collect();
+        assert_eq!(convs.len(), 2, "{mode:?}");
+        // the untouched conv's weight: the input's bytes
+        let orig = b.model();
+        let raw = |m: &ModelProto, n: &str| graph(m).initializer.iter().find(|t| t.name() == n).unwrap().raw_data.clone().unwrap();
+        assert!(raw(&fused, "post.w") == raw(&orig, "post.w"), "{mode:?}: untouched weight changed");
+        // the merged conv: sq + ver (centre column) + hor (centre row)
+        let k = conv_of(&fused, convs.iter().find(|n| n.name() != "post").unwrap());
+        let mut want = w_sq.clone();
+        want.slice_mut(ndarray::s![.., .., .., 1..2]).zip_mut_with(&w_ver, |a, b| *a += b);
+        want.slice_mut(ndarray::s![.., .., 1..2, ..]).zip_mut_with(&w_hor, |a, b| *a += b);
+        let bias = b_sq.as_ref().unwrap() + b_ver.as_ref().unwrap() + b_hor.as_ref().unwrap();
+        let d = (&k.weight - &want).iter().fold(0f64, |m, v| m.max(v.abs()));
+        assert!(d < 1e-6, "{mode:?}: merged kernel off by {d}");
+        let d = (&k.bias.clone().into_dyn() - &bias).iter().fold(0f64, |m, v| m.max(v.abs()));
+        assert!(d < 1e-6, "{mode:?}: merged bias off by {d}");
+    }
+    // and the input file is as it was
+    assert!(std::fs::read(&input).unwrap() == input_bytes);
 }

@@ -1211,9 +1211,9 @@ pub(crate) fn prepare(
         }
         model.into_typed()
     }));
-    // a tensor no machine could hold: refuse before running (an allocation failure aborts)
+    // refuse before running what tract would crash on
     if let Ok(Ok(typed)) = &typed {
-        if let Some(msg) = oversized(typed) {
+        if let Some(msg) = unrunnable(typed, MAX_TENSOR_ELEMENTS) {
             return Err(run_err(msg));
         }
     }
@@ -1250,18 +1250,21 @@ pub(crate) fn prepare(
 /// At most this many elements in any one tensor the check computes (4 GiB of float32).
 pub const MAX_TENSOR_ELEMENTS: u128 = 1 << 30;
 
-/// Why a typed model cannot be run for the check: a tensor of more than
-/// [`MAX_TENSOR_ELEMENTS`] (a Pad or Resize with absurd sizes, say).
-fn oversized(m: &TypedModel) -> Option<String> {
+/// Why tract must not run a typed model: a Pad with negative amounts (tract-onnx casts them to
+/// `usize`, and tract then writes out of bounds), or a tensor of more than `limit` elements
+/// (a Pad or Resize with absurd sizes, say: an allocation failure aborts the process).
+pub(crate) fn unrunnable(m: &TypedModel, limit: u128) -> Option<String> {
     for node in m.nodes() {
+        if let Some(pad) = node.op_as::<tract_onnx::tract_core::ops::array::Pad>() {
+            if pad.pads.iter().any(|&(a, b)| a.max(b) > isize::MAX as usize) {
+                return Some(format!("Pad '{}' has negative amounts, which tract cannot run", node.name));
+            }
+        }
         for o in &node.outputs {
             let Some(dims) = o.fact.shape.as_concrete() else { continue };
             let n = dims.iter().fold(1u128, |a, &d| a.saturating_mul(d as u128));
-            if n > MAX_TENSOR_ELEMENTS {
-                return Some(format!(
-                    "'{}' would be a tensor of shape {dims:?} ({n} elements), too big to run the check (at most {MAX_TENSOR_ELEMENTS})",
-                    node.name
-                ));
+            if n > limit {
+                return Some(format!("'{}' would be a tensor of shape {dims:?} ({n} elements), too big to run (at most {limit})", node.name));
             }
         }
     }

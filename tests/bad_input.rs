@@ -5,6 +5,8 @@
 //! Last, a bounded in-process fuzz: seeded truncations and byte flips of small fixtures through
 //! load + fuse + save, asserting no panic and no output file on error.
 
+mod common;
+
 use acnet_onnx::fuse::fuse;
 use acnet_onnx::io::{save, DataMode};
 use acnet_onnx::proto::{
@@ -458,7 +460,7 @@ fn case_fuzz_pad_of_absurd_size() {
     let mut model = Model::load(&p).unwrap();
     let r = fuse(&mut model).unwrap();
     assert!(
-        r.refused.iter().any(|f| f.rule == "affine_region" && f.reason.contains("inside the region would be")),
+        r.refused.iter().any(|f| f.rule == "affine_region" && f.reason.contains("inside the region: 'node_pad' would be a tensor")),
         "{:?}",
         r.refused
     );
@@ -469,7 +471,39 @@ fn case_fuzz_pad_of_absurd_size() {
     assert_eq!(r.code, 0, "{}\n{}", r.stderr, r.stdout);
     let r = cli(&["verify".as_ref(), p.as_os_str(), out.as_os_str()]);
     assert_eq!(r.code, 2, "{}\n{}", r.stderr, r.stdout);
-    one_line_naming(&r, "absurd_pad.onnx", &["too big to run the check"], "verify absurd pad");
+    one_line_naming(&r, "absurd_pad.onnx", &["too big to run"], "verify absurd pad");
+}
+
+/// A Pad whose amounts are computed (here `Add` of two constants, as TorchScript's shape
+/// arithmetic computes them) and negative on one side (a crop: valid ONNX). tract-onnx casts
+/// the amounts to `usize` and then writes out of bounds, so neither the general path nor the
+/// check may run it: the region is refused, and `verify` says why in one line (exit 2).
+#[test]
+fn case_computed_negative_pad_is_not_run_in_tract() {
+    use common::{attr_string, Builder, ConvAttrs};
+    let mut b = Builder::new(3, 6, 6);
+    let (a, _, _) = b.conv_rand("a", "x", 3, 3, &[3, 3], true, ConvAttrs::pads(&[1, 1, 1, 1]));
+    let p1 = b.initializer_i64("p1", &[0, 0, -2, -2, 0, 0, 0, 0]);
+    let p2 = b.initializer_i64("p2", &[0, 0, 1, 1, 0, 0, 1, 1]);
+    let pads = b.node("Add", "pads", &[&p1, &p2], &[], vec![]);
+    let padded = b.node("Pad", "crop_pad", &["x", &pads], &[], vec![attr_string("mode", "constant")]);
+    let (c, _, _) = b.conv_rand("c", &padded, 3, 3, &[3, 3], true, ConvAttrs::pads(&[1, 1, 1, 1]));
+    let y = b.add("sum", &a, &c);
+    b.output(&y);
+    let mut m = b.build();
+    let r = fuse(&mut m).unwrap();
+    assert!(r.rewrites.is_empty(), "{:?}", r.rewrites);
+    assert!(
+        r.refused.iter().any(|f| f.rule == "affine_region" && f.reason.contains("Pad 'crop_pad' has negative amounts")),
+        "{:?}",
+        r.refused
+    );
+    let d = tempdir();
+    let p = d.path().join("computed_crop.onnx");
+    write(&b.model(), &p);
+    let r = cli(&["verify".as_ref(), p.as_os_str(), p.as_os_str()]);
+    assert_eq!(r.code, 2, "{}\n{}", r.stderr, r.stdout);
+    one_line_naming(&r, "computed_crop.onnx", &["negative amounts", "crop_pad"], "verify computed negative pad");
 }
 
 // ---------------------------------------------------------------------------------------------

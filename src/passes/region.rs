@@ -128,7 +128,7 @@ fn find_region(m: &Model, ix: &GraphIndex, y: &str) -> Result<Option<Region>, St
                 Some(t) if !t.is_empty() => super::common::const_i64(m, ix, t).ok(),
                 _ => crate::graph::attr_ints(n, "pads"),
             };
-            // computed amounts (TorchScript's shape arithmetic) are not checked here: a known gap
+            // computed amounts (TorchScript's shape arithmetic) are caught once typed, in `plan`
             if pads.is_some_and(|v| v.iter().any(|&a| a < 0)) {
                 return Err(format!("Pad '{}' has negative amounts", n.name()));
             }
@@ -319,20 +319,17 @@ fn plan_inner(bytes: &[u8], shape: &[usize], out: usize) -> Result<std::sync::Ar
     Ok(m.into_optimized().map_err(e)?.into_runnable().map_err(e)?)
 }
 
-/// Refuse a region whose tensors are not all of known size, or grow past [`GROWTH_LIMIT`]
-/// times `size`.
+/// Refuse a region whose tensors are not all of known size, grow past [`GROWTH_LIMIT`] times
+/// `size`, or that tract cannot run (see [`crate::verify::unrunnable`]).
 fn check_sizes(m: &TypedModel, size: usize) -> Result<(), String> {
-    let limit = size.max(1 << 16).saturating_mul(GROWTH_LIMIT);
-    for node in m.nodes() {
-        for o in &node.outputs {
-            match o.fact.shape.as_concrete().map(|d| d.iter().try_fold(1usize, |a, &x| a.checked_mul(x))) {
-                Some(Some(n)) if n <= limit => {}
-                Some(_) => return Err(format!("'{}' inside the region would be {:?}, over {GROWTH_LIMIT}x the block's size", node.name, o.fact.shape)),
-                None => return Err(format!("the size of '{}' inside the region is not known", node.name)),
-            }
-        }
+    if let Some(node) = m.nodes().iter().find(|n| n.outputs.iter().any(|o| o.fact.shape.as_concrete().is_none())) {
+        return Err(format!("the size of '{}' inside the region is not known", node.name));
     }
-    Ok(())
+    let limit = size.max(1 << 16).saturating_mul(GROWTH_LIMIT);
+    match crate::verify::unrunnable(m, limit as u128) {
+        Some(why) => Err(format!("inside the region: {why}")),
+        None => Ok(()),
+    }
 }
 
 fn eval(p: &std::sync::Arc<Plan>, x: &ArrayD<f32>) -> Result<ArrayD<f64>, String> {

@@ -576,14 +576,17 @@ fn tensor_from_npy_bytes(descr: &str, shape: &[usize], bytes: &[u8]) -> Result<T
         ">" => true,
         _ => return Err(format!("unsupported npy dtype descriptor '{descr}'")),
     };
-    let n: usize = shape.iter().product();
+    let n = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| format!("npy shape {shape:?} has too many elements"))?;
     macro_rules! decode {
         ($t:ty, $size:expr, $conv:expr) => {{
-            if bytes.len() != n * $size {
+            if n.checked_mul($size) != Some(bytes.len()) {
                 return Err(format!(
                     "npy data has {} bytes, expected {} for shape {:?} of '{}'",
                     bytes.len(),
-                    n * $size,
+                    n.saturating_mul($size),
                     shape,
                     descr
                 ));
@@ -725,7 +728,10 @@ impl Normal {
 }
 
 pub(crate) fn random_tensor(dt: DatumType, shape: &[usize], rng: &mut StdRng) -> Result<Tensor, String> {
-    let n: usize = shape.iter().product();
+    let n = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| format!("shape {shape:?} has too many elements"))?;
     let mut normal = Normal { spare: None };
     macro_rules! floats {
         ($t:ty, $conv:expr) => {{

@@ -510,3 +510,25 @@ fn case_bn_output_leaking_folds_but_does_not_merge() {
         assert!(g.node.iter().any(|n| n.output.iter().any(|t| t == o)), "{o} not written");
     }
 }
+
+/// Found by cargo-fuzz: a per-channel scale reshaped to a target whose dims multiply past i64
+/// (`[2^62, 4, -1]`) overflowed while inferring the `-1`. Such a target is no reshape of the
+/// constant: the Mul is not a constant scale, the branches are not merged, nothing panics.
+#[test]
+fn case_reshape_target_overflowing_is_not_a_constant_scale() {
+    let mut b = Builder::new(C, 5, 5);
+    let (a, _, _) = b.conv_rand("a", "x", C, C, &[3, 3], false, ConvAttrs::pads(&[1, 1, 1, 1]));
+    let (c, _, _) = b.conv_rand("c", "x", C, C, &[1, 1], false, ConvAttrs::pads(&[0, 0, 0, 0]));
+    let s = b.rand(&[C]);
+    let s = b.initializer("s", &s);
+    let shape = b.initializer_i64("shape", &[1 << 62, 4, -1]);
+    let r = b.node("Reshape", "r", &[&s, &shape], &[], vec![]);
+    let scaled = b.node("Mul", "scale", &[&c, &r], &[], vec![]);
+    let y = b.add("sum", &a, &scaled);
+    b.output(&y);
+    let mut m = b.build();
+    let before = m.proto.clone();
+    let r = fuse(&mut m).unwrap();
+    assert!(r.rewrites.is_empty(), "{:?}", r.rewrites);
+    assert_eq!(m.proto, before);
+}

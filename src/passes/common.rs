@@ -64,7 +64,8 @@ fn const_through(m: &Model, ix: &GraphIndex, ctx: &Ctx, n: &NodeProto) -> Option
         "Reshape" => {
             let target = const_i64(m, ix, n.input.get(1)?).ok()?;
             let mut out: Vec<i64> = target.iter().enumerate().map(|(i, &d)| if d == 0 { a.shape().get(i).map_or(-2, |&x| x as i64) } else { d }).collect();
-            let known: i64 = out.iter().filter(|&&d| d > 0).product();
+            // a target no tensor could have (its product overflows) is no reshape of this one
+            let known: i64 = out.iter().filter(|&&d| d > 0).try_fold(1i64, |acc, &d| acc.checked_mul(d))?;
             if let Some(p) = out.iter().position(|&d| d == -1) {
                 if known == 0 {
                     return None;

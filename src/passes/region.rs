@@ -315,7 +315,7 @@ fn plan_inner(bytes: &[u8], shape: &[usize], out: usize) -> Result<std::sync::Ar
     let e = |e: TractError| format!("{e:#}").replace('\n', " ");
     let m = tract_onnx::onnx().model_for_read(&mut &bytes[..]).map_err(e)?;
     let m = m.with_input_fact(0, f32::fact(shape).into()).map_err(e)?.into_typed().map_err(e)?;
-    check_sizes(&m, shape.iter().product::<usize>().max(out))?;
+    check_sizes(&m, shape.iter().fold(1usize, |a, &d| a.saturating_mul(d)).max(out))?;
     Ok(m.into_optimized().map_err(e)?.into_runnable().map_err(e)?)
 }
 

@@ -36,7 +36,7 @@
 //! Not part of `cargo test`: the target has `test = false`, and the binary does nothing unless
 //! cargo bench's `--bench` flag is on its command line.
 
-use acnet_onnx::io::{save, DataMode, Model};
+use acnet_onnx::{save, DataMode, Model};
 use acnet_onnx::proto::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto, AttributeProto, GraphProto,
     ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
@@ -356,14 +356,14 @@ fn generate(dir: &Path, arch: Arch) -> Models {
     let _ = std::fs::remove_file(&stamp);
     for (i, style) in [Style::Folded, Style::Bn].into_iter().enumerate() {
         let t = Instant::now();
-        let m = Model::from_proto(resnet(arch, style, true, SEED + i as u64));
+        let m = Model::from_proto(resnet(arch, style, true, SEED + i as u64)).unwrap();
         for external in [false, true] {
             let path = model_path(dir, arch, &format!("acnet-{}", style.tag()), external);
             save(&m, &path, if external { DataMode::External } else { DataMode::Inline }).expect("save a generated model");
         }
         eprintln!("[{}] generated ACNet ({}) in {:.1} s", arch.label(), style.tag(), t.elapsed().as_secs_f64());
     }
-    let m = Model::from_proto(resnet(arch, Style::Folded, false, SEED + 7));
+    let m = Model::from_proto(resnet(arch, Style::Folded, false, SEED + 7)).unwrap();
     save(&m, &models.baseline, DataMode::Inline).expect("save the baseline");
     std::fs::write(&stamp, want).unwrap();
     models
@@ -744,7 +744,7 @@ fn main() {
             let t0 = Instant::now();
             let mut m = Model::load(path).unwrap();
             let t1 = Instant::now();
-            let report = acnet_onnx::fuse::fuse(&mut m).unwrap();
+            let report = acnet_onnx::fuse(&mut m).unwrap();
             let t2 = Instant::now();
             let lib_out = work.join(format!("{tag}-lib.onnx"));
             save(&m, &lib_out, DataMode::Auto).unwrap();

@@ -1,7 +1,7 @@
 //! Inference latency of a model before and after fusion (`fuse --bench`): the payoff of fusing,
 //! measured in tract on the user's own model.
 //!
-//! Unlike [`verify`](crate::verify), which runs un-optimised plans on purpose, this runs tract's
+//! Unlike [`verify`](crate::verify()), which runs un-optimised plans on purpose, this runs tract's
 //! **optimised** plan (`into_typed` → `into_optimized` → `into_runnable`): what a deployment
 //! runs. Both models get the same inputs, made as the equivalence check makes its first sample
 //! (same [`VerifyOptions`]: seed, `--input-shape`, input files; symbolic dims as 1).
@@ -21,7 +21,11 @@ use rand::SeedableRng;
 use serde::Serialize;
 use tract_onnx::prelude::*;
 
-use crate::verify::{self, InputSpec, VerifyError, VerifyOptions};
+use crate::error::{catch, Error};
+use crate::tract::errors::{chain_msg, describe_failure, panic_msg};
+use crate::tract::{load, prepare, PlanKind};
+use crate::verify::inputs::{resolve_inputs, sample};
+use crate::verify::{check_signature, InputSpec, VerifyOptions};
 
 /// What tract plan the latency is of (the `plan` field of [`BenchReport`]).
 pub const PLAN: &str = "tract optimised";
@@ -132,16 +136,16 @@ struct Runner<'a> {
 
 impl Runner<'_> {
     /// One inference; its wall time in seconds.
-    fn run(&mut self) -> Result<f64, VerifyError> {
-        let run_err = |msg: String| VerifyError::Run { path: self.path.to_path_buf(), msg };
+    fn run(&mut self) -> Result<f64, Error> {
+        let run_err = |msg: String| Error::Run { path: self.path.to_path_buf(), msg };
         let inputs: TVec<TValue> = self.inputs.iter().map(|t| t.clone().into_tvalue()).collect();
         let state = &mut self.state;
         let t0 = Instant::now();
-        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| state.run(inputs)));
+        let res = catch(|| state.run(inputs));
         let dt = t0.elapsed().as_secs_f64();
         match res {
-            Err(p) => Err(run_err(verify::panic_msg(p))),
-            Ok(Err(e)) => Err(run_err(verify::describe_failure(self.path, &e).1)),
+            Err(p) => Err(run_err(panic_msg(p))),
+            Ok(Err(e)) => Err(run_err(describe_failure(self.path, &e).1)),
             Ok(Ok(o)) if o.len() != self.outputs => {
                 Err(run_err(format!("model produced {} outputs, expected {}", o.len(), self.outputs)))
             }
@@ -152,34 +156,27 @@ impl Runner<'_> {
 
 /// Tract latency of `before` and of `after` (see the module docs), on the inputs `inputs`
 /// describes (only its seed, shapes and input files are used). `Err` when either model cannot
-/// be loaded, typed, optimised or run by tract (e.g. [`VerifyError::Unsupported`]).
-pub fn bench_latency(before: &Path, after: &Path, inputs: &VerifyOptions, opts: &BenchOptions) -> Result<BenchReport, VerifyError> {
+/// be loaded, typed, optimised or run by tract (e.g. [`Error::Unsupported`]).
+pub fn bench_latency(before: &Path, after: &Path, inputs: &VerifyOptions, opts: &BenchOptions) -> Result<BenchReport, Error> {
     let secs = opts.time.as_secs_f64();
     if !secs.is_finite() {
-        return Err(VerifyError::Input("bench time must be finite".into()));
+        return Err(Error::Input("bench time must be finite".into()));
     }
-    let a = verify::load(before)?;
-    let b = verify::load(after)?;
-    verify::check_signature(&a, &b)?;
+    let a = load(before)?;
+    let b = load(after)?;
+    check_signature(&a, &b)?;
     let mut notes = vec![];
-    let resolved = verify::resolve_inputs(&a, &b, inputs, &mut notes)?;
+    let resolved = resolve_inputs(&a, &b, inputs, &mut notes)?;
     // the equivalence check's first sample
-    let mut rng = StdRng::seed_from_u64(inputs.seed);
-    let mut data: Vec<(String, Tensor)> = vec![];
-    for i in &resolved {
-        let t = match &i.data {
-            Some(t) => t.clone(),
-            None => verify::random_tensor(i.dt, &i.shape, &mut rng).map_err(VerifyError::Input)?,
-        };
-        data.push((i.name.clone(), t));
-    }
+    let data = sample(&resolved, &mut StdRng::seed_from_u64(inputs.seed))?;
+    let facts: Vec<_> = resolved.iter().map(|i| i.fact()).collect();
     let mut runners = vec![];
     for (path, m) in [(before, a), (after, b)] {
-        let (plan, in_names, out_names) = verify::prepare(m, &resolved, &mut notes, true)?;
-        let state = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plan.spawn()))
-            .map_err(|p| VerifyError::Run { path: path.to_path_buf(), msg: verify::panic_msg(p) })?
-            .map_err(|e| VerifyError::Run { path: path.to_path_buf(), msg: verify::chain_msg(&e) })?;
-        let inputs = in_names.iter().map(|n| data.iter().find(|(d, _)| d == n).expect("resolved input").1.clone()).collect();
+        let (plan, in_names, out_names) = prepare(m, &facts, &mut notes, PlanKind::Optimised)?;
+        let state = catch(|| plan.spawn())
+            .map_err(|p| Error::Run { path: path.to_path_buf(), msg: panic_msg(p) })?
+            .map_err(|e| Error::Run { path: path.to_path_buf(), msg: chain_msg(&e) })?;
+        let inputs = in_names.iter().map(|n| data[n].clone()).collect();
         runners.push(Runner { path, state, inputs, outputs: out_names.len() });
     }
     drop(data);
@@ -224,10 +221,7 @@ pub fn bench_latency(before: &Path, after: &Path, inputs: &VerifyOptions, opts: 
         runs_after: tb.len(),
         warmup_runs: warmup,
         plan: PLAN.into(),
-        inputs: resolved
-            .iter()
-            .map(|i| InputSpec { name: i.name.clone(), shape: i.shape.clone(), dtype: verify::dt_name(i.dt), source: i.source.clone() })
-            .collect(),
+        inputs: resolved.iter().map(|i| i.spec()).collect(),
         notes,
     })
 }

@@ -1,22 +1,49 @@
 //! acnet-onnx: fuse structurally re-parameterised CNN blocks (ACNet, RepVGG, ...) in ONNX
 //! models into the plain convolutions they are equivalent to, and prove the equivalence.
+//!
+//! The whole job is one call, [`fuse_file`] (what `acnet-onnx fuse` runs):
+//!
+//! ```no_run
+//! use acnet_onnx::{fuse_file, FuseOptions};
+//! let report = fuse_file("model.onnx".as_ref(), "deploy.onnx".as_ref(), &FuseOptions::default())?;
+//! println!("{}", report.fuse.summary());
+//! # Ok::<(), acnet_onnx::Error>(())
+//! ```
+//!
+//! The steps are public too: [`Model::load`], [`fuse`] (in memory), [`stage`] / [`save`] (atomic
+//! writes), [`verify()`] (the equivalence check in tract) and [`bench::bench_latency`].
+//!
+//! Data flows one way through the modules: `model` (load, save) → `graph` (index, constants,
+//! names) → `rewrite` (the rules and their driver) → `kernel` (the affine-conv algebra) → `tract`
+//! (the only code that builds tract models) → `verify` → `bench` → `pipeline` → `cli`.
 
 pub mod proto {
+    //! The ONNX messages (prost types generated from the vendored `proto/onnx.proto`).
     #![allow(clippy::all, missing_docs)]
     include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
 }
 
 pub mod bench;
 pub mod cli;
-pub mod error;
-pub mod fuse;
-pub mod graph;
-pub mod io;
+mod error;
+mod graph;
 pub mod kernel;
-pub mod passes;
-mod sink;
-pub mod tensor;
+mod model;
+mod pipeline;
+mod rewrite;
+mod tract;
 pub mod verify;
 
-pub use error::{Error, Result};
-pub use io::{DataMode, Model};
+pub use error::{one_line, Error, Result};
+pub use kernel::read::{Form, ReadError};
+pub use kernel::Misfit;
+pub use model::external::is_external;
+pub use model::save::{save, stage, DataMode, Saved, Staged, EXTERNAL_THRESHOLD};
+pub use model::{tensor, Model, PROTOBUF_LIMIT};
+pub use pipeline::{
+    fuse_file, fuse_file_with, inspect_file, verify_files, Event, FuseFileReport, FuseOptions, InitializerInfo,
+    InspectReport, VerifyFileOptions,
+};
+pub use rewrite::{fuse, validate, FuseReport, Reason, Refusal, RegionReason, Rewrite, RuleId, Stats};
+pub use graph::consts::ConstError;
+pub use verify::{verify, VerifyOptions, VerifyReport};

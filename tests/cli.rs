@@ -2,7 +2,7 @@
 //! folder or stale data file left, the input never modified, `-o` naming an input file refused
 //! unless `--in-place`, reports, verify and inspect.
 
-use acnet_onnx::io::{save, DataMode};
+use acnet_onnx::{save, DataMode};
 use acnet_onnx::Model;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -379,7 +379,7 @@ fn case_inspect_prints_the_initializers() {
         let dtype = acnet_onnx::proto::tensor_proto::DataType::try_from(t.data_type()).unwrap();
         assert!(line.contains(dtype.as_str_name()), "{line}");
         assert!(line.contains(&serde_json::to_string(&t.dims).unwrap()), "{line}");
-        if acnet_onnx::io::is_external(t) {
+        if acnet_onnx::is_external(t) {
             assert!(line.contains("(external)"), "{line}");
         }
     }

@@ -1,9 +1,8 @@
 //! Every fixture export, fused, has PyTorch's deploy structure and reproduces PyTorch's outputs
 //! (saved in io.npz) in tract; merged weights match PyTorch's own deploy weights.
 
-use acnet_onnx::fuse::{fuse, Stats};
-use acnet_onnx::io::{save, DataMode};
-use acnet_onnx::passes::common::is_op;
+use acnet_onnx::{fuse, Stats};
+use acnet_onnx::{save, DataMode};
 use acnet_onnx::tensor::to_f64;
 use acnet_onnx::Model;
 use ndarray::{ArrayD, IxDyn};
@@ -50,14 +49,13 @@ fn close(got: &ArrayD<f32>, want: &ArrayD<f32>, what: &str) {
 /// Conv weights and biases in graph order.
 fn conv_params(m: &Model) -> Vec<(ArrayD<f64>, Option<ArrayD<f64>>)> {
     let g = m.proto.graph.as_ref().unwrap();
-    let ix = acnet_onnx::graph::GraphIndex::new(g);
     let get = |name: &str| {
-        let t = ix.constant(g, name).unwrap();
+        let t = g.initializer.iter().find(|t| t.name() == name).unwrap();
         to_f64(t, m.raw_bytes(t).unwrap().as_deref()).unwrap()
     };
     g.node
         .iter()
-        .filter(|n| is_op(n, "Conv"))
+        .filter(|n| n.op_type() == "Conv")
         .map(|n| (get(&n.input[1]), n.input.get(2).filter(|b| !b.is_empty()).map(|b| get(b))))
         .collect()
 }

@@ -2,7 +2,7 @@
 
 mod common;
 
-use acnet_onnx::io::{save, DataMode};
+use acnet_onnx::{save, DataMode};
 use acnet_onnx::proto::{tensor_proto::DataType, ModelProto, TensorProto};
 use acnet_onnx::tensor::{from_f64, from_i64, to_f64, to_i64, FloatType};
 use acnet_onnx::Model;
@@ -211,7 +211,7 @@ fn case_fixture_weights_resolve_from_external_and_inline_alike() {
     assert_eq!(ge.initializer.len(), gi.initializer.len());
     let mut n_ext = 0;
     for (a, b) in ge.initializer.iter().zip(&gi.initializer) {
-        n_ext += usize::from(acnet_onnx::io::is_external(a));
+        n_ext += usize::from(acnet_onnx::is_external(a));
         assert_eq!(a.name(), b.name());
         assert_eq!(e.raw_bytes(a).unwrap(), i.raw_bytes(b).unwrap(), "{}", a.name());
     }
@@ -256,7 +256,7 @@ fn case_large_tensors_copied_file_to_file() {
 
     for (mode, from) in [(DataMode::Inline, &input), (DataMode::External, &ext)] {
         let mut m = Model::load(from).unwrap();
-        let r = acnet_onnx::fuse::fuse(&mut m).unwrap();
+        let r = acnet_onnx::fuse(&mut m).unwrap();
         assert_eq!(r.blocks_merged, 1, "{mode:?}: {:?}", r.refused);
         let out = dir.path().join(format!("fused-{mode:?}.onnx"));
         save(&m, &out, mode).unwrap();

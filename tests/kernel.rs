@@ -464,7 +464,7 @@ fn case_crop_branches_into_unpadded_3x3() {
 fn refused(small: &AffineConv, big: &AffineConv, phrase: &str) {
     match small.offset_in(big) {
         Ok(o) => panic!("expected a refusal containing {phrase:?}, got offsets {o:?}"),
-        Err(e) => assert!(e.contains(phrase), "reason {e:?} does not contain {phrase:?}"),
+        Err(e) => assert!(e.to_string().contains(phrase), "reason {e:?} does not contain {phrase:?}"),
     }
 }
 

@@ -30,11 +30,11 @@
 
 mod common;
 
-use acnet_onnx::fuse::{fuse, FuseReport};
-use acnet_onnx::io::{save, DataMode};
+use acnet_onnx::{fuse, FuseReport};
+use acnet_onnx::{save, DataMode};
 use acnet_onnx::proto::{attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, NodeProto};
 use acnet_onnx::tensor::{from_f64, from_i64, to_i64, FloatType};
-use acnet_onnx::verify::{verify_paths, VerifyOptions};
+use acnet_onnx::verify::{verify, VerifyOptions};
 use acnet_onnx::Model;
 use common::*;
 use ndarray::{ArrayD, Ix1, IxDyn, Slice};
@@ -1398,14 +1398,14 @@ fn tract_runnable(m: &Model) -> Model {
     }
     g.node = nodes;
     g.initializer.extend(inits);
-    Model::from_proto(p)
+    Model::from_proto(p).unwrap()
 }
 
 fn tract_verify(reference: &Model, candidate: &Model) -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let a = save(reference, &dir.path().join("reference.onnx"), DataMode::Inline).map_err(|e| e.to_string())?.model;
     let b = save(candidate, &dir.path().join("fused.onnx"), DataMode::Inline).map_err(|e| e.to_string())?.model;
-    let rep = verify_paths(&a, &b, &VerifyOptions { samples: 1, ..Default::default() }).map_err(|e| format!("verify error: {e}"))?;
+    let rep = verify(&a, &b, &VerifyOptions { samples: 1, ..Default::default() }).map_err(|e| format!("verify error: {e}"))?;
     if !rep.passed {
         return Err(format!("tract: not equivalent\n{}", rep.table()));
     }

@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use acnet_onnx::verify::{verify_paths, VerifyError, VerifyOptions, VerifyReport};
+use acnet_onnx::verify::{verify, VerifyOptions, VerifyReport};
+use acnet_onnx::Error;
 use ndarray::ArrayD;
 use ndarray_npy::{NpzReader, NpzWriter, WriteNpyExt};
 use prost::Message;
@@ -64,7 +65,7 @@ fn exports_match_deploy(model: &str) {
     for export in EXPORTS {
         let t = Instant::now();
         let p = fixture(model, &format!("{export}.onnx"));
-        match verify_paths(&p, &deploy, &VerifyOptions::default()) {
+        match verify(&p, &deploy, &VerifyOptions::default()) {
             Ok(r) => {
                 eprintln!(
                     "{model}/{export}: {} max_abs {:.2e} ({:.1}s)",
@@ -183,7 +184,7 @@ fn case_input_files_npy_and_npz() {
         input_files: vec![("input".into(), npy.clone())],
         ..Default::default()
     };
-    let rep = verify_paths(&r, &c, &opts).unwrap();
+    let rep = verify(&r, &c, &opts).unwrap();
     assert!(rep.passed, "{}", rep.table());
     assert_eq!(rep.samples, 1, "file inputs give exactly one sample");
     assert_eq!(rep.inputs.len(), 1);
@@ -212,7 +213,7 @@ fn case_input_files_npy_and_npz() {
         inputs_npz: Some(npz.clone()),
         ..Default::default()
     };
-    let rep2 = verify_paths(&r, &c, &opts).unwrap();
+    let rep2 = verify(&r, &c, &opts).unwrap();
     assert!(rep2.passed, "{}", rep2.table());
     assert_eq!(rep2.samples, 1);
     assert!(
@@ -228,7 +229,7 @@ fn case_input_files_npy_and_npz() {
         inputs_npz: Some(fixture("cifar_quick", "io.npz")),
         ..Default::default()
     };
-    let rep3 = verify_paths(&r, &c, &opts).unwrap();
+    let rep3 = verify(&r, &c, &opts).unwrap();
     assert!(rep3.passed);
     assert_eq!(rep3.outputs[0].max_abs_diff, rep.outputs[0].max_abs_diff);
     assert!(
@@ -249,7 +250,7 @@ fn case_input_files_npy_and_npz() {
         input_files: vec![("input".into(), npy64)],
         ..Default::default()
     };
-    let rep4 = verify_paths(&r, &c, &opts).unwrap();
+    let rep4 = verify(&r, &c, &opts).unwrap();
     assert!(rep4.passed);
     assert_eq!(rep4.outputs[0].max_abs_diff, rep.outputs[0].max_abs_diff);
     assert!(
@@ -301,7 +302,7 @@ fn case_changed_weight_fails() {
     write_proto(&m, &bad);
 
     let opts = VerifyOptions::default();
-    let rep = verify_paths(&fixture("cifar_quick", "ts_fold.onnx"), &bad, &opts).unwrap();
+    let rep = verify(&fixture("cifar_quick", "ts_fold.onnx"), &bad, &opts).unwrap();
     assert!(!rep.passed, "{}", rep.table());
     assert_eq!(rep.exit_code(), 1);
     assert_eq!(rep.samples, 3);
@@ -334,7 +335,7 @@ fn case_changed_weight_fails() {
         ..Default::default()
     };
     assert!(
-        verify_paths(&fixture("cifar_quick", "ts_fold.onnx"), &bad, &loose)
+        verify(&fixture("cifar_quick", "ts_fold.onnx"), &bad, &loose)
             .unwrap()
             .passed
     );
@@ -344,7 +345,7 @@ fn case_changed_weight_fails() {
         ..Default::default()
     };
     assert!(
-        !verify_paths(&fixture("cifar_quick", "ts_fold.onnx"), &bad, &just_below)
+        !verify(&fixture("cifar_quick", "ts_fold.onnx"), &bad, &just_below)
             .unwrap()
             .passed
     );
@@ -354,7 +355,7 @@ fn case_changed_weight_fails() {
         ..Default::default()
     };
     assert!(
-        verify_paths(&fixture("cifar_quick", "ts_fold.onnx"), &bad, &by_rtol)
+        verify(&fixture("cifar_quick", "ts_fold.onnx"), &bad, &by_rtol)
             .unwrap()
             .passed
     );
@@ -371,7 +372,7 @@ fn case_changed_weight_fails() {
         samples: 1,
         ..Default::default()
     };
-    let rep = verify_paths(&deploy, &nan, &huge).unwrap();
+    let rep = verify(&deploy, &nan, &huge).unwrap();
     assert!(!rep.passed);
     assert!(rep.outputs[0].nan_candidate > 0);
     assert_eq!(rep.outputs[0].nan_reference, 0);
@@ -394,7 +395,7 @@ fn case_seeded_inputs_are_deterministic() {
         fixture("qarepvgg", "ts_nofold_op11.onnx"),
         fixture("qarepvgg", "deploy.onnx"),
     );
-    let a = verify_paths(
+    let a = verify(
         &r,
         &c,
         &VerifyOptions {
@@ -404,7 +405,7 @@ fn case_seeded_inputs_are_deterministic() {
         },
     )
     .unwrap();
-    let b = verify_paths(
+    let b = verify(
         &r,
         &c,
         &VerifyOptions {
@@ -414,7 +415,7 @@ fn case_seeded_inputs_are_deterministic() {
         },
     )
     .unwrap();
-    let d = verify_paths(
+    let d = verify(
         &r,
         &c,
         &VerifyOptions {
@@ -457,7 +458,7 @@ fn rename_output(m: &mut ModelProto, from: &str, to: &str) {
     }
 }
 
-fn assert_one_line(e: &VerifyError) {
+fn assert_one_line(e: &Error) {
     let s = e.to_string();
     assert!(!s.contains('\n') && !s.is_empty(), "not one line: {s:?}");
     assert_eq!(e.exit_code(), 2);
@@ -476,13 +477,13 @@ fn case_signature_and_load_errors() {
     write_proto(&m, &renamed);
     // the renamed model itself is fine
     assert!(
-        verify_paths(&renamed, &renamed, &one_sample())
+        verify(&renamed, &renamed, &one_sample())
             .unwrap()
             .passed
     );
-    let e = verify_paths(&ts, &renamed, &one_sample()).unwrap_err();
+    let e = verify(&ts, &renamed, &one_sample()).unwrap_err();
     assert!(
-        matches!(&e, VerifyError::Signature(s) if s.contains("input") && s.contains("x")),
+        matches!(&e, Error::Signature(s) if s.contains("input") && s.contains("x")),
         "{e}"
     );
     assert_one_line(&e);
@@ -491,32 +492,32 @@ fn case_signature_and_load_errors() {
     rename_output(&mut m, "output", "logits");
     let renamed = dir.path().join("renamed_output.onnx");
     write_proto(&m, &renamed);
-    let e = verify_paths(&renamed, &ts, &one_sample()).unwrap_err();
+    let e = verify(&renamed, &ts, &one_sample()).unwrap_err();
     assert!(
-        matches!(&e, VerifyError::Signature(s) if s.contains("logits") && s.contains("output")),
+        matches!(&e, Error::Signature(s) if s.contains("logits") && s.contains("output")),
         "{e}"
     );
     assert_one_line(&e);
 
     let missing = dir.path().join("no_such_model.onnx");
-    let e = verify_paths(&missing, &deploy, &one_sample()).unwrap_err();
+    let e = verify(&missing, &deploy, &one_sample()).unwrap_err();
     assert!(
-        matches!(&e, VerifyError::Load { path, .. } if *path == missing),
+        matches!(&e, Error::Load { path, .. } if *path == missing),
         "{e:?}"
     );
     assert!(e.to_string().contains("no_such_model.onnx"), "{e}");
     assert_one_line(&e);
-    let e = verify_paths(&deploy, &missing, &one_sample()).unwrap_err();
+    let e = verify(&deploy, &missing, &one_sample()).unwrap_err();
     assert!(
-        matches!(&e, VerifyError::Load { path, .. } if *path == missing),
+        matches!(&e, Error::Load { path, .. } if *path == missing),
         "{e:?}"
     );
 
     let garbage = dir.path().join("garbage.onnx");
     std::fs::write(&garbage, b"\xff\xff\xff\xff not a protobuf").unwrap();
-    let e = verify_paths(&deploy, &garbage, &one_sample()).unwrap_err();
+    let e = verify(&deploy, &garbage, &one_sample()).unwrap_err();
     assert!(
-        matches!(&e, VerifyError::Load { path, .. } if *path == garbage),
+        matches!(&e, Error::Load { path, .. } if *path == garbage),
         "{e:?}"
     );
     assert!(e.to_string().contains("garbage.onnx"), "{e}");
@@ -525,9 +526,9 @@ fn case_signature_and_load_errors() {
     // external data gone: Load naming the model
     let ext = dir.path().join("dynamo_ext.onnx");
     std::fs::copy(fixture("conv2", "dynamo_ext.onnx"), &ext).unwrap();
-    let e = verify_paths(&ext, &deploy, &one_sample()).unwrap_err();
+    let e = verify(&ext, &deploy, &one_sample()).unwrap_err();
     assert!(
-        matches!(&e, VerifyError::Load { path, .. } if *path == ext),
+        matches!(&e, Error::Load { path, .. } if *path == ext),
         "{e:?}"
     );
     assert!(e.to_string().contains("dynamo_ext.onnx"), "{e}");
@@ -552,9 +553,9 @@ fn case_unsupported_operator_is_named() {
     relu.op_type = "Bernoulli".into();
     let p = dir.path().join("bernoulli.onnx");
     write_proto(&m, &p);
-    let e = verify_paths(&deploy, &p, &one_sample()).unwrap_err();
+    let e = verify(&deploy, &p, &one_sample()).unwrap_err();
     match &e {
-        VerifyError::Unsupported { path, op } => {
+        Error::Unsupported { path, op } => {
             assert_eq!(path, &p);
             assert_eq!(op, "Bernoulli");
         }
@@ -576,8 +577,8 @@ fn case_bad_inputs_are_input_errors() {
         fixture("conv2", "deploy.onnx"),
     );
     let check = |opts: VerifyOptions, what: &str| {
-        let e = verify_paths(&r, &c, &opts).unwrap_err();
-        assert!(matches!(e, VerifyError::Input(_)), "{what}: {e:?}");
+        let e = verify(&r, &c, &opts).unwrap_err();
+        assert!(matches!(e, Error::Input(_)), "{what}: {e:?}");
         assert_one_line(&e);
         e.to_string()
     };
@@ -680,7 +681,7 @@ fn case_bad_inputs_are_input_errors() {
 /// The JSON form of the report has the documented keys and types.
 #[test]
 fn case_json_report() {
-    let rep: VerifyReport = verify_paths(
+    let rep: VerifyReport = verify(
         &fixture("mobileone", "dynamo_ext.onnx"),
         &fixture("mobileone", "deploy.onnx"),
         &VerifyOptions {
@@ -758,7 +759,7 @@ fn case_dynamic_batch() {
         samples: 1,
         ..Default::default()
     };
-    let rep = verify_paths(&r, &c, &opts).unwrap();
+    let rep = verify(&r, &c, &opts).unwrap();
     assert!(rep.passed, "{}", rep.table());
     assert_eq!(rep.inputs[0].shape, vec![2, 3, 32, 32]);
     assert_eq!(rep.outputs[0].shape, vec![2, 10]);
@@ -768,7 +769,7 @@ fn case_dynamic_batch() {
         rep.notes
     );
 
-    let rep = verify_paths(&r, &c, &one_sample()).unwrap();
+    let rep = verify(&r, &c, &one_sample()).unwrap();
     assert!(rep.passed);
     assert_eq!(rep.inputs[0].shape, vec![1, 3, 32, 32]);
     assert!(
@@ -779,7 +780,7 @@ fn case_dynamic_batch() {
         rep.notes
     );
     // both symbolic: default 1, noted
-    let rep = verify_paths(&r, &r, &one_sample()).unwrap();
+    let rep = verify(&r, &r, &one_sample()).unwrap();
     assert!(rep.passed && rep.outputs[0].max_abs_diff == 0.0);
     assert!(
         rep.notes.iter().any(|n| n.contains("defaulting to 1")),
@@ -789,9 +790,9 @@ fn case_dynamic_batch() {
 
     // a fixed-batch model that really cannot take batch 2 (dynamo bakes the batch into a
     // Reshape): Run error naming the ONNX node and op, and saying the shape was overridden
-    let e = verify_paths(&fixture("resnet20", "dynamo_inline.onnx"), &c, &opts).unwrap_err();
+    let e = verify(&fixture("resnet20", "dynamo_inline.onnx"), &c, &opts).unwrap_err();
     match &e {
-        VerifyError::Run { path, msg } => {
+        Error::Run { path, msg } => {
             assert!(path.ends_with("dynamo_inline.onnx"));
             assert!(
                 msg.contains("(Reshape)") && msg.contains("overrides"),
@@ -809,7 +810,7 @@ fn case_dynamic_batch() {
     w.add_array("input", &io_array("resnet20", "input_b2"))
         .unwrap();
     w.finish().unwrap();
-    let rep = verify_paths(
+    let rep = verify(
         &r,
         &c,
         &VerifyOptions {
@@ -830,7 +831,7 @@ fn case_progress_does_not_break() {
         fixture("dbb", "ts_fold.onnx"),
         fixture("dbb", "deploy.onnx"),
     );
-    let rep = verify_paths(
+    let rep = verify(
         &r,
         &c,
         &VerifyOptions {
@@ -880,7 +881,7 @@ fn case_npy_float16_and_big_endian() {
     input
         .write_npy(std::fs::File::create(&le).unwrap())
         .unwrap();
-    let a = verify_paths(
+    let a = verify(
         &r,
         &c,
         &VerifyOptions {
@@ -889,7 +890,7 @@ fn case_npy_float16_and_big_endian() {
         },
     )
     .unwrap();
-    let b = verify_paths(
+    let b = verify(
         &r,
         &c,
         &VerifyOptions {
@@ -910,7 +911,7 @@ fn case_npy_float16_and_big_endian() {
         .flat_map(|x| half::f16::from_f32(*x).to_bits().to_le_bytes())
         .collect();
     write_raw_npy(&h, "<f2", input.shape(), &data);
-    let rep = verify_paths(
+    let rep = verify(
         &r,
         &c,
         &VerifyOptions {

@@ -1,6 +1,6 @@
 //! Fuzz target: any bytes as an ONNX model file through load (`Model::decode`), fuse and save.
 //! Errors are fine; a panic that escapes the library, an abort or an allocation past libFuzzer's
-//! limit is a finding. A panic the library catches itself (`passes::region` runs tract under
+//! limit is a finding. A panic the library catches itself (`tract::RegionPlan` runs tract under
 //! `catch_unwind` and refuses the region when tract panics) is not: libfuzzer-sys's panic hook
 //! would abort on it, so the target installs a hook that only records the message, and aborts
 //! itself when a panic reaches it.
@@ -11,8 +11,8 @@
 //! dynamo_ext seeds resolve their external data and mutants exercise external-data checks.
 #![no_main]
 
-use acnet_onnx::fuse::fuse;
-use acnet_onnx::io::{save, DataMode};
+use acnet_onnx::fuse;
+use acnet_onnx::{save, DataMode};
 use acnet_onnx::Model;
 use libfuzzer_sys::fuzz_target;
 use std::cell::RefCell;

@@ -273,7 +273,7 @@ impl Builder {
     }
 
     pub fn build(&self) -> Model {
-        Model::from_proto(self.model())
+        Model::from_proto(self.model()).unwrap()
     }
 }
 

@@ -1,8 +1,58 @@
 //! An affine convolution — weight, bias and geometry — and the algebra of re-parameterisation:
 //! fold a BatchNormalization into it, place a smaller kernel inside a larger one at the tap offset
-//! its geometry implies, add. All maths in f64.
+//! its geometry implies, add. All maths in f64. [`read`] reads Conv, BatchNormalization, Slice and
+//! Pad nodes into it.
+
+pub(crate) mod read;
 
 use ndarray::{Array1, ArrayD, Dimension, IxDyn, Slice};
+use std::fmt;
+
+/// Why a smaller convolution does not fit inside a larger one ([`AffineConv::offset_in`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Misfit {
+    /// Spatial ranks (small, large).
+    Rank(usize, usize),
+    /// Output channels (small, large).
+    OutChannels(usize, usize),
+    /// Groups (small, large).
+    Groups(usize, usize),
+    /// Input channels per group (small, large).
+    InChannelsPerGroup(usize, usize),
+    Stride { small: usize, large: usize, axis: usize },
+    Dilation { small: i64, large: i64, axis: usize },
+    /// The small convolution crops and pads the same side.
+    CropAndPad { axis: usize },
+    NegativeCrop { axis: usize },
+    /// The paddings make the output sizes differ.
+    OutputSize { axis: usize },
+    /// The taps land between the large kernel's (dilated) taps: offset `num / dilation`.
+    BetweenTaps { axis: usize, num: i64, dilation: i64 },
+    /// A kernel of `k` at offset `offset` does not fit in `large`.
+    DoesNotFit { k: i64, offset: i64, large: i64, axis: usize },
+}
+
+impl fmt::Display for Misfit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Misfit::Rank(a, b) => write!(f, "{a}-d and {b}-d convolutions"),
+            Misfit::OutChannels(a, b) => write!(f, "{a} vs {b} output channels"),
+            Misfit::Groups(a, b) => write!(f, "groups {a} vs {b}"),
+            Misfit::InChannelsPerGroup(a, b) => write!(f, "{a} vs {b} input channels per group"),
+            Misfit::Stride { small, large, axis } => write!(f, "stride {small} vs {large} on axis {axis}"),
+            Misfit::Dilation { small, large, axis } => write!(f, "dilation {small} vs {large} on axis {axis}"),
+            Misfit::CropAndPad { axis } => write!(f, "crop and padding on the same side of axis {axis}"),
+            Misfit::NegativeCrop { axis } => write!(f, "negative crop on axis {axis}"),
+            Misfit::OutputSize { axis } => write!(f, "paddings give a different output size on axis {axis}"),
+            Misfit::BetweenTaps { axis, num, dilation } => {
+                write!(f, "taps fall between the large kernel's taps on axis {axis} (offset {num}/{dilation})")
+            }
+            Misfit::DoesNotFit { k, offset, large, axis } => {
+                write!(f, "kernel of {k} at offset {offset} does not fit in {large} on axis {axis}")
+            }
+        }
+    }
+}
 
 /// A convolution `y = conv(crop(x), W) + b`, per spatial axis with stride, dilation, padding and
 /// a crop (a shift of the window: positive values read `x[crop_b .. len - crop_e]`).
@@ -104,51 +154,51 @@ impl AffineConv {
     /// Where this (smaller) convolution's taps land inside `big`'s kernel, per axis, or why they
     /// cannot. Both must read the same input; the merged convolution has `big`'s geometry, which
     /// must have no crop.
-    pub fn offset_in(&self, big: &AffineConv) -> Result<Vec<usize>, String> {
+    pub fn offset_in(&self, big: &AffineConv) -> Result<Vec<usize>, Misfit> {
         if self.rank() != big.rank() {
-            return Err(format!("{}-d and {}-d convolutions", self.rank(), big.rank()));
+            return Err(Misfit::Rank(self.rank(), big.rank()));
         }
         if self.out_channels() != big.out_channels() {
-            return Err(format!("{} vs {} output channels", self.out_channels(), big.out_channels()));
+            return Err(Misfit::OutChannels(self.out_channels(), big.out_channels()));
         }
         if self.groups != big.groups {
-            return Err(format!("groups {} vs {}", self.groups, big.groups));
+            return Err(Misfit::Groups(self.groups, big.groups));
         }
         if self.weight.shape()[1] != big.weight.shape()[1] {
-            return Err(format!("{} vs {} input channels per group", self.weight.shape()[1], big.weight.shape()[1]));
+            return Err(Misfit::InChannelsPerGroup(self.weight.shape()[1], big.weight.shape()[1]));
         }
         let mut offs = Vec::with_capacity(self.rank());
         for ax in 0..self.rank() {
             let (k, kk) = (self.kernel()[ax] as i64, big.kernel()[ax] as i64);
             if self.strides[ax] != big.strides[ax] {
-                return Err(format!("stride {} vs {} on axis {ax}", self.strides[ax], big.strides[ax]));
+                return Err(Misfit::Stride { small: self.strides[ax], large: big.strides[ax], axis: ax });
             }
             let dd = big.dilations[ax] as i64;
             // a one-tap kernel has no dilation to speak of
             let d = if k == 1 { dd } else { self.dilations[ax] as i64 };
             if d != dd && kk > 1 {
-                return Err(format!("dilation {d} vs {dd} on axis {ax}"));
+                return Err(Misfit::Dilation { small: d, large: dd, axis: ax });
             }
             let (pb, pe, cb, ce) = (self.pads_begin[ax], self.pads_end[ax], self.crop_begin[ax], self.crop_end[ax]);
             if (cb > 0 && pb > 0) || (ce > 0 && pe > 0) {
-                return Err(format!("crop and padding on the same side of axis {ax}"));
+                return Err(Misfit::CropAndPad { axis: ax });
             }
             if cb < 0 || ce < 0 {
-                return Err(format!("negative crop on axis {ax}"));
+                return Err(Misfit::NegativeCrop { axis: ax });
             }
             // output length: floor((L - cb - ce + pb + pe - d(k-1) - 1)/s) + 1, equal for every L
             let span_small = pb + pe - cb - ce - d * (k - 1);
             let span_big = big.pads_begin[ax] + big.pads_end[ax] - dd * (kk - 1);
             if span_small != span_big {
-                return Err(format!("paddings give a different output size on axis {ax}"));
+                return Err(Misfit::OutputSize { axis: ax });
             }
             let num = big.pads_begin[ax] - pb + cb;
             if num % dd != 0 {
-                return Err(format!("taps fall between the large kernel's taps on axis {ax} (offset {num}/{dd})"));
+                return Err(Misfit::BetweenTaps { axis: ax, num, dilation: dd });
             }
             let o = num / dd;
             if o < 0 || o + k > kk {
-                return Err(format!("kernel of {k} at offset {o} does not fit in {kk} on axis {ax}"));
+                return Err(Misfit::DoesNotFit { k, offset: o, large: kk, axis: ax });
             }
             offs.push(o as usize);
         }

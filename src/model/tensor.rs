@@ -41,6 +41,13 @@ impl FloatType {
     }
 }
 
+/// The lower-case name of an ONNX data type (`float`, `int64`, ...), for messages.
+pub(crate) fn dtype_name(dt: i32) -> String {
+    match DataType::try_from(dt) {
+        Ok(d) => d.as_str_name().to_lowercase(),
+        Err(_) => format!("data type {dt}"),
+    }
+}
 
 /// Size in bytes of one element of an ONNX data type, for the fixed-size types.
 pub fn elem_size(dt: i32) -> Option<usize> {
@@ -107,7 +114,7 @@ pub fn checked_numel(dims: &[i64]) -> Result<usize, String> {
     Ok(n)
 }
 
-fn shape_of(t: &TensorProto) -> Result<Vec<usize>, String> {
+fn dims_of(t: &TensorProto) -> Result<Vec<usize>, String> {
     checked_numel(&t.dims)?;
     Ok(t.dims.iter().map(|&d| d as usize).collect())
 }
@@ -117,7 +124,7 @@ fn shape_of(t: &TensorProto) -> Result<Vec<usize>, String> {
 pub fn to_f64(t: &TensorProto, raw: Option<&[u8]>) -> Result<ArrayD<f64>, String> {
     let ft = FloatType::from_onnx(t.data_type.unwrap_or(0))
         .ok_or_else(|| format!("tensor '{}' has data type {} (not a float type)", t.name(), t.data_type.unwrap_or(0)))?;
-    let shape = shape_of(t)?;
+    let shape = dims_of(t)?;
     let n = checked_numel(&t.dims)?;
     let values: Vec<f64> = if let Some(raw) = raw {
         if n.checked_mul(ft.size()) != Some(raw.len()) {

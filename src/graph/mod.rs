@@ -1,0 +1,31 @@
+//! The graph as the rules see it: an index of producers and consumers ([`GraphIndex`]), operator
+//! attributes with their defaults, constants as numbers, and fresh names.
+
+pub(crate) mod attrs;
+pub(crate) mod consts;
+mod index;
+pub(crate) mod names;
+
+pub(crate) use attrs::{
+    attr, attr_float, attr_int, attr_ints, attr_string, check_arity, default_opset, is_default_domain, is_op,
+};
+pub(crate) use consts::{ConstError, Consts};
+pub(crate) use index::{node_reads, GraphIndex};
+pub(crate) use names::Names;
+
+use crate::proto::{tensor_shape_proto::dimension::Value, type_proto, ValueInfoProto};
+
+/// The dims a value declares, each `Some(size)` or `None` (symbolic or unknown); `None` when it
+/// declares no tensor shape at all.
+pub(crate) fn declared_dims(v: &ValueInfoProto) -> Option<Vec<Option<i64>>> {
+    let Some(type_proto::Value::TensorType(t)) = v.r#type.as_ref()?.value.as_ref() else { return None };
+    let dims = &t.shape.as_ref()?.dim;
+    Some(
+        dims.iter()
+            .map(|d| match d.value {
+                Some(Value::DimValue(x)) => Some(x),
+                _ => None,
+            })
+            .collect(),
+    )
+}

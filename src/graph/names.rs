@@ -1,0 +1,106 @@
+//! Fresh tensor and node names: one generator per rewrite, so that names made for one patch
+//! never collide with each other or with any name of the graph.
+
+use super::GraphIndex;
+use crate::proto::{GraphProto, NodeProto};
+use std::collections::HashSet;
+
+/// Makes names not used anywhere in a graph (nor made before by this generator).
+pub(crate) struct Names<'g> {
+    g: &'g GraphProto,
+    /// every name of the graph and every name made; filled on first use
+    taken: Option<HashSet<String>>,
+    /// initializer names handed out as a conv's own by [`Names::conv_params`]
+    claimed: HashSet<String>,
+}
+
+impl<'g> Names<'g> {
+    pub fn new(g: &'g GraphProto) -> Names<'g> {
+        Names { g, taken: None, claimed: HashSet::new() }
+    }
+
+    /// `base`, or `base_1`, `base_2`, ... : the first that is free.
+    pub fn fresh(&mut self, base: &str) -> String {
+        let g = self.g;
+        let taken = self.taken.get_or_insert_with(|| {
+            let mut t: HashSet<String> = HashSet::new();
+            t.extend(g.input.iter().map(|v| v.name().to_string()));
+            t.extend(g.output.iter().map(|v| v.name().to_string()));
+            t.extend(g.initializer.iter().map(|t| t.name().to_string()));
+            t.extend(g.value_info.iter().map(|v| v.name().to_string()));
+            for n in &g.node {
+                t.extend(n.input.iter().cloned());
+                t.extend(n.output.iter().cloned());
+            }
+            t
+        });
+        let mut name = base.to_string();
+        let mut k = 1;
+        while taken.contains(&name) {
+            name = format!("{base}_{k}");
+            k += 1;
+        }
+        taken.insert(name.clone());
+        name
+    }
+
+    /// Names for a rewritten conv's weight and bias: the conv's own initializers when nothing
+    /// else reads them (and no earlier call of this generator took them), fresh names otherwise.
+    pub fn conv_params(&mut self, ix: &GraphIndex, conv: &NodeProto) -> (String, String) {
+        let own = |names: &Self, name: &str| {
+            ix.initializer.contains_key(name) && ix.uses(name) == 1 && !ix.inputs.contains(name) && !names.claimed.contains(name)
+        };
+        let w = &conv.input[1];
+        let wname = if own(self, w) { self.claim(w) } else { self.fresh(&format!("{w}_fused")) };
+        let bname = match conv.input.get(2).filter(|b| !b.is_empty()) {
+            Some(b) if own(self, b) => self.claim(b),
+            _ => self.fresh(&format!("{wname}_bias")),
+        };
+        (wname, bname)
+    }
+
+    fn claim(&mut self, name: &str) -> String {
+        self.claimed.insert(name.to_string());
+        name.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{NodeProto, TensorProto};
+
+    fn graph() -> GraphProto {
+        let t = |n: &str| TensorProto { name: Some(n.into()), ..Default::default() };
+        let conv = NodeProto {
+            op_type: Some("Conv".into()),
+            input: vec!["x".into(), "w".into(), "b".into()],
+            output: vec!["y".into()],
+            ..Default::default()
+        };
+        GraphProto { node: vec![conv], initializer: vec![t("w"), t("b"), t("w_fused")], ..Default::default() }
+    }
+
+    #[test]
+    fn fresh_names_avoid_the_graph_and_each_other() {
+        let g = graph();
+        let mut names = Names::new(&g);
+        assert_eq!(names.fresh("y"), "y_1");
+        assert_eq!(names.fresh("y"), "y_2");
+        assert_eq!(names.fresh("w_fused"), "w_fused_1");
+        assert_eq!(names.fresh("new"), "new");
+        assert_eq!(names.fresh("new"), "new_1");
+    }
+
+    #[test]
+    fn a_conv_keeps_its_own_parameter_names_once_per_generator() {
+        let g = graph();
+        let ix = GraphIndex::new(&g);
+        let mut names = Names::new(&g);
+        let conv = &g.node[0];
+        assert_eq!(names.conv_params(&ix, conv), ("w".to_string(), "b".to_string()));
+        // a second merged conv in the same patch never gets the same names
+        let (w2, b2) = names.conv_params(&ix, conv);
+        assert_eq!((w2.as_str(), b2.as_str()), ("w_fused_1", "w_fused_1_bias"));
+    }
+}

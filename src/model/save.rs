@@ -1,0 +1,187 @@
+//! Saving: a model is written into a staging folder beside the target, flushed, read back, and
+//! only then renamed into place ([`Staged::commit`]). Tensors the rewrite left untouched are copied
+//! file to file ([`super::sink`]).
+
+use super::external::{is_external, kv};
+use super::sink::{write_all, Sink};
+use super::walk::for_each_tensor_mut;
+use super::{Model, PROTOBUF_LIMIT};
+use crate::error::{Error, Result};
+use crate::proto::tensor_proto::DataLocation;
+use bytes::Bytes;
+use prost::Message;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Tensors of at least this many bytes go to the external data file when saving externally.
+pub const EXTERNAL_THRESHOLD: usize = 1024;
+
+/// How to store weights when saving.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DataMode {
+    /// External if the model came with external data or would pass protobuf's 2 GiB limit.
+    #[default]
+    Auto,
+    Inline,
+    External,
+}
+
+/// The files a save wrote.
+#[derive(Clone, Debug)]
+pub struct Saved {
+    pub model: PathBuf,
+    pub data: Option<PathBuf>,
+}
+
+/// A save written into a staging folder beside the target, not yet moved into place.
+/// Dropping it without [`Staged::commit`] removes everything it wrote.
+pub struct Staged {
+    dir: PathBuf,
+    name: std::ffi::OsString,
+    data_name: Option<String>,
+    target_dir: PathBuf,
+    committed: bool,
+}
+
+impl Staged {
+    /// The staged model file (its external data sits beside it), e.g. for verification.
+    pub fn model_path(&self) -> PathBuf {
+        self.dir.join(&self.name)
+    }
+
+    /// Move the staged files into place. With external data, the data file first, then the
+    /// model. Without, the model first, then a stale `<model>.data` left by an earlier run is
+    /// removed (in that order, an interruption never leaves a model whose data file is gone).
+    pub fn commit(mut self) -> Result<Saved> {
+        let target = self.target_dir.join(&self.name);
+        let mut stale = target.clone().into_os_string();
+        stale.push(".data");
+        let stale = PathBuf::from(stale);
+        let data = match &self.data_name {
+            Some(d) => {
+                let to = self.target_dir.join(d);
+                std::fs::rename(self.dir.join(d), &to).map_err(|e| Error::io(&to, e))?;
+                Some(to)
+            }
+            None => None,
+        };
+        std::fs::rename(self.model_path(), &target).map_err(|e| Error::io(&target, e))?;
+        self.committed = true;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if data.is_none() {
+            // only a file (or a link) is a stale data file; a folder of that name is not ours
+            if std::fs::symlink_metadata(&stale).is_ok_and(|m| !m.is_dir()) {
+                std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, format!("cannot remove the stale data file: {e}")))?;
+            }
+        }
+        if let Ok(d) = File::open(&self.target_dir) {
+            let _ = d.sync_all();
+        }
+        Ok(Saved { model: target, data })
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+fn write_synced(path: &Path, f: impl FnOnce(&File) -> std::io::Result<()>) -> Result<()> {
+    let file = File::create(path).map_err(|e| Error::io(path, e))?;
+    f(&file).map_err(|e| Error::io(path, e))?;
+    file.sync_all().map_err(|e| Error::io(path, e))
+}
+
+/// Stage a save of `model` to `path` (see [`Staged`]): written into a staging folder beside the
+/// target, flushed to disk, and read back (decoded, external data checked) before it is handed out.
+pub fn stage(model: &Model, path: &Path, mode: DataMode) -> Result<Staged> {
+    let name = path.file_name().ok_or_else(|| Error::Usage(format!("{}: not a file name", path.display())))?.to_owned();
+    let target_dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !target_dir.is_dir() {
+        return Err(Error::io(path, format!("cannot write: no folder {}", target_dir.display())));
+    }
+    if path.is_dir() {
+        return Err(Error::io(path, "cannot write: is a folder"));
+    }
+    let external = match mode {
+        DataMode::Inline => false,
+        DataMode::External => true,
+        DataMode::Auto => model.has_external_data() || model.proto.encoded_len() > PROTOBUF_LIMIT,
+    };
+    let dir = target_dir.join(format!(".acnet-onnx-{}-{}", std::process::id(), unique()));
+    std::fs::create_dir(&dir).map_err(|e| Error::io(path, format!("cannot write in {}: {e}", target_dir.display())))?;
+    let mut staged = Staged { dir, name, data_name: None, target_dir, committed: false };
+    let model_file = staged.model_path();
+
+    if !external {
+        let proto = if model.has_external_data() { std::borrow::Cow::Owned(model.to_inline()?) } else { std::borrow::Cow::Borrowed(&model.proto) };
+        let len = proto.encoded_len();
+        if len > PROTOBUF_LIMIT {
+            return Err(Error::Usage(format!(
+                "{}: the model is {len} bytes inline, over protobuf's 2 GiB limit; save with external data",
+                path.display()
+            )));
+        }
+        // streamed: the encoding is never held in memory, untouched tensors go file to file
+        write_synced(&model_file, |file| {
+            let mut sink = Sink::new(file, model.sources());
+            proto.encode(&mut sink).map_err(std::io::Error::other)?;
+            sink.finish()
+        })?;
+    } else {
+        let data_name = format!("{}.data", staged.name.to_string_lossy());
+        let data_file = staged.dir.join(&data_name);
+        let mut proto = model.proto.clone();
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut offset = 0usize;
+        for_each_tensor_mut(&mut proto, &mut |t| {
+            let raw = match model.raw_bytes(t)? {
+                Some(r) if is_external(t) || r.len() >= EXTERNAL_THRESHOLD => r,
+                _ => return Ok(()),
+            };
+            t.raw_data = None;
+            t.data_location = Some(DataLocation::External as i32);
+            t.external_data = vec![
+                kv("location", &data_name),
+                kv("offset", &offset.to_string()),
+                kv("length", &raw.len().to_string()),
+            ];
+            offset += raw.len();
+            chunks.push(raw);
+            Ok(())
+        })?;
+        write_synced(&data_file, |file| write_all(file, model.sources(), &chunks))?;
+        staged.data_name = Some(data_name);
+        let buf = proto.encode_to_vec();
+        if buf.len() > PROTOBUF_LIMIT {
+            return Err(Error::Usage(format!(
+                "{}: the model's graph alone is {} bytes, over protobuf's 2 GiB limit",
+                path.display(),
+                buf.len()
+            )));
+        }
+        write_synced(&model_file, |mut file| file.write_all(&buf))?;
+    }
+    // read back what was written: a save that cannot be loaded is never moved into place
+    Model::load(&model_file).map_err(|e| Error::io(path, format!("the staged model does not read back: {e}")))?;
+    Ok(staged)
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos() as u64).unwrap_or(0);
+    (t << 16) ^ N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// Save `model` to `path` atomically (staged, then renamed).
+pub fn save(model: &Model, path: &Path, mode: DataMode) -> Result<Saved> {
+    stage(model, path, mode)?.commit()
+}

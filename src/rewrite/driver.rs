@@ -1,0 +1,278 @@
+//! The driver: tries every rule at every node, applies the patch of the first that fires, and
+//! repeats whole scans until one changes nothing. What rules see of the model is a [`Cx`].
+
+use super::{Refusal, Rewrite, Step, Try};
+use crate::graph::{default_opset, Consts, GraphIndex};
+use crate::model::Model;
+use crate::proto::{GraphProto, NodeProto};
+use ndarray::ArrayD;
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+/// State kept across patches.
+#[derive(Default)]
+pub(crate) struct Cache {
+    /// The exact f64 values of the tensors the rewrite wrote, so that a kernel folded and then
+    /// merged (a BN folded into each branch, then the branches merged; nested sums) is rounded to
+    /// its dtype once. The graph always holds the rounded values too (tract reads the graph), so
+    /// an entry can be dropped at any time: it is dropped once the scan has passed every node
+    /// that could read it ([`Cache::evict_before`]), which keeps at most a block's worth alive.
+    pub exact: HashMap<String, ArrayD<f64>>,
+    /// Concrete tensor shapes from tract's analysis of the model, computed when first needed.
+    shapes: RefCell<Option<HashMap<String, Vec<usize>>>>,
+}
+
+impl Cache {
+    /// Drop the f64 values no rule at node `i` or later can read: rules read a kernel from the
+    /// sum, BatchNormalization or scale at most two steps downstream of its Conv (Conv → Mul →
+    /// Add), so an entry whose Conv's outputs are consumed, two steps deep, only before `i` is
+    /// done with.
+    fn evict_before(&mut self, g: &GraphProto, ix: &GraphIndex, i: usize) {
+        if self.exact.is_empty() {
+            return;
+        }
+        let horizon = |name: &str| -> usize {
+            let mut last = 0;
+            let mut frontier: Vec<usize> = ix.consumers_of(name).to_vec();
+            for _ in 0..3 {
+                let mut next = Vec::new();
+                for &c in &frontier {
+                    last = last.max(c);
+                    for o in &g.node[c].output {
+                        next.extend_from_slice(ix.consumers_of(o));
+                    }
+                }
+                frontier = next;
+            }
+            last
+        };
+        self.exact.retain(|name, _| horizon(name) >= i);
+    }
+}
+
+/// What a rule sees: the model, its graph's index, its constants, and cached analyses.
+pub(crate) struct Cx<'a> {
+    pub model: &'a Model,
+    pub g: &'a GraphProto,
+    pub ix: &'a GraphIndex,
+    pub consts: Consts<'a>,
+    /// The opset of the default domain.
+    pub opset: i64,
+    cache: &'a Cache,
+}
+
+impl<'a> Cx<'a> {
+    pub fn new(model: &'a Model, ix: &'a GraphIndex, cache: &'a Cache) -> Cx<'a> {
+        Cx {
+            model,
+            g: model.graph(),
+            ix,
+            consts: Consts { model, ix, exact: &cache.exact },
+            opset: default_opset(&model.proto),
+            cache,
+        }
+    }
+
+    pub fn node(&self, i: usize) -> &'a NodeProto {
+        &self.g.node[i]
+    }
+
+    /// The index of the node that writes `name`.
+    pub fn producer(&self, name: &str) -> Option<usize> {
+        self.ix.producer.get(name).map(|&(n, _)| n)
+    }
+
+    pub fn producer_node(&self, name: &str) -> Option<&'a NodeProto> {
+        self.producer(name).map(|p| &self.g.node[p])
+    }
+
+    /// How many times `name` is read (a graph output counts as one read).
+    pub fn uses(&self, name: &str) -> usize {
+        self.ix.uses(name)
+    }
+
+    /// Concrete shape of a tensor: from the graph's declared shapes, else from tract's analysis
+    /// of the whole model (done once). A symbolic batch dim counts as 1.
+    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        let g = self.g;
+        let declared = g.value_info.iter().chain(&g.input).find(|v| v.name() == name).and_then(|v| {
+            crate::graph::declared_dims(v)?
+                .iter()
+                .enumerate()
+                .map(|(i, d)| match d {
+                    Some(v) if *v >= 0 => Some(*v as usize),
+                    _ if i == 0 => Some(1),
+                    _ => None,
+                })
+                .collect::<Option<Vec<usize>>>()
+        });
+        if declared.is_some() {
+            return declared;
+        }
+        let mut cache = self.cache.shapes.borrow_mut();
+        cache.get_or_insert_with(|| crate::tract::shapes(self.model)).get(name).cloned()
+    }
+}
+
+/// Run `rules` to a fixed point. Returns what fired and the refusals still standing.
+pub(crate) fn run(model: &mut Model, rules: &[&dyn Try]) -> (Vec<Rewrite>, Vec<Refusal>) {
+    let mut cache = Cache::default();
+    let mut log = Vec::new();
+    // Scan the nodes in order; after a patch, go on from the node it inserted. Repeat whole
+    // scans until one makes no change. The index is rebuilt only after a patch.
+    // The refusals of the last scan (the one that changed nothing) are those that stand.
+    let mut refusals = Vec::new();
+    let mut changed = true;
+    while changed {
+        changed = false;
+        refusals.clear();
+        let mut i = 0;
+        let mut ix = GraphIndex::new(model.graph());
+        while i < model.graph().node.len() {
+            let fired = {
+                let cx = Cx::new(model, &ix, &cache);
+                let mut fired = None;
+                for rule in rules {
+                    match rule.try_at(&cx, i) {
+                        Step::Nothing => {}
+                        Step::Refused(r) => refusals.extend(r),
+                        Step::Fired(p, r) => {
+                            refusals.extend(r);
+                            fired = Some(p);
+                            break;
+                        }
+                    }
+                }
+                fired
+            };
+            let Some(p) = fired else {
+                i += 1;
+                cache.evict_before(model.graph(), &ix, i);
+                continue;
+            };
+            changed = true;
+            let first_out = p.insert.first().and_then(|n| n.output.first()).cloned();
+            log.push(p.log.clone());
+            p.apply(model, &ix, &mut cache.exact);
+            ix = GraphIndex::new(model.graph());
+            if cfg!(debug_assertions) {
+                if let Err(e) = ix.validate(model.graph()) {
+                    panic!("rewrite {:?} broke the graph: {e}", log.last());
+                }
+            }
+            i = first_out.and_then(|o| ix.producer.get(&o).map(|&(n, _)| n)).unwrap_or(0);
+        }
+    }
+    (log, refusals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rewrite::{Checked, Patch, Reason, Rule, RuleId};
+
+    /// A toy rule: an `Identity` node is dropped, its readers read its input (refused when its
+    /// output is a graph output).
+    struct DropIdentity;
+
+    impl Rule for DropIdentity {
+        type Candidate = usize;
+        type Plan = ();
+        const ID: RuleId = RuleId("drop_identity");
+        fn find(&self, cx: &Cx, at: usize) -> Option<usize> {
+            crate::graph::is_op(cx.node(at), "Identity").then_some(at)
+        }
+        fn check(&self, cx: &Cx, &at: &usize) -> Checked<()> {
+            if cx.ix.outputs.contains(&cx.node(at).output[0]) {
+                return Checked::refuse(Reason::NoConv);
+            }
+            Checked::Fits(())
+        }
+        fn rewrite(&self, cx: &Cx, at: usize, _: ()) -> Patch {
+            let n = cx.node(at);
+            let (from, to) = (&n.output[0], &n.input[0]);
+            let mut remove = vec![at];
+            let mut insert = Vec::new();
+            for &c in cx.ix.consumers_of(from) {
+                let mut reader = cx.node(c).clone();
+                for i in reader.input.iter_mut().filter(|i| *i == from) {
+                    *i = to.clone();
+                }
+                remove.push(c);
+                insert.push(reader);
+            }
+            let log = Rewrite { rule: Self::ID, node: n.name().to_string(), detail: "dropped".into() };
+            Patch { at, remove, insert, initializers: vec![], log }
+        }
+        fn node(&self, cx: &Cx, &at: &usize) -> String {
+            cx.node(at).name().to_string()
+        }
+    }
+
+    fn node(op: &str, name: &str, i: &str, o: &str) -> NodeProto {
+        NodeProto {
+            op_type: Some(op.into()),
+            name: Some(name.into()),
+            input: vec![i.into()],
+            output: vec![o.into()],
+            ..Default::default()
+        }
+    }
+
+    fn model(nodes: Vec<NodeProto>, output: &str) -> Model {
+        use crate::proto::{ModelProto, OperatorSetIdProto, ValueInfoProto};
+        let vi = |n: &str| ValueInfoProto { name: Some(n.into()), ..Default::default() };
+        let g = GraphProto { node: nodes, input: vec![vi("x")], output: vec![vi(output)], ..Default::default() };
+        let opset = OperatorSetIdProto { version: Some(17), ..Default::default() };
+        Model::from_proto(ModelProto { graph: Some(g), ir_version: Some(8), opset_import: vec![opset], ..Default::default() })
+            .unwrap()
+    }
+
+    #[test]
+    fn a_toy_rule_plugs_into_the_driver() {
+        let mut m = model(
+            vec![node("Relu", "r", "x", "a"), node("Identity", "id", "a", "b"), node("Neg", "n", "b", "y")],
+            "y",
+        );
+        let (log, refused) = run(&mut m, &[&DropIdentity]);
+        assert_eq!(log.len(), 1);
+        assert_eq!(log[0].rule, "drop_identity");
+        assert!(refused.is_empty());
+        let ops: Vec<&str> = m.graph().node.iter().map(|n| n.op_type()).collect();
+        assert_eq!(ops, ["Relu", "Neg"]);
+        assert_eq!(m.graph().node[1].input, ["a"]);
+    }
+
+    #[test]
+    fn a_refused_candidate_stays_and_is_reported_once() {
+        let mut m = model(vec![node("Relu", "r", "x", "a"), node("Identity", "id", "a", "y")], "y");
+        let before = m.proto.clone();
+        let (log, refused) = run(&mut m, &[&DropIdentity]);
+        assert!(log.is_empty());
+        assert_eq!(refused.len(), 1);
+        assert_eq!((refused[0].rule, refused[0].node.as_str()), (RuleId("drop_identity"), "id"));
+        assert_eq!(m.proto, before);
+    }
+
+    #[test]
+    fn exact_values_are_evicted_once_the_scan_passed_their_readers() {
+        let m = model(
+            vec![
+                node("Relu", "a", "x", "t1"),
+                node("Relu", "b", "t1", "t2"),
+                node("Relu", "c", "t2", "t3"),
+                node("Relu", "d", "t3", "t4"),
+                node("Relu", "e", "t4", "y"),
+            ],
+            "y",
+        );
+        let ix = GraphIndex::new(m.graph());
+        let mut cache = Cache::default();
+        cache.exact.insert("t1".into(), ArrayD::zeros(ndarray::IxDyn(&[1])));
+        // t1 is read by b (1), whose output is read by c (2), then d (3): kept until node 3 is passed
+        cache.evict_before(m.graph(), &ix, 3);
+        assert!(cache.exact.contains_key("t1"));
+        cache.evict_before(m.graph(), &ix, 4);
+        assert!(cache.exact.is_empty());
+    }
+}

@@ -1,0 +1,114 @@
+//! A graph edit, and applying it: remove nodes, insert new ones where a node was, write
+//! initializers; then remove what the edit left dead (and only that).
+
+use super::Rewrite;
+use crate::graph::{node_reads, GraphIndex};
+use crate::model::tensor::{from_f64, FloatType};
+use crate::model::Model;
+use crate::proto::{NodeProto, TensorProto};
+use ndarray::ArrayD;
+use std::collections::{HashMap, HashSet};
+
+/// A graph edit: remove nodes, insert new ones where node `at` was, set initializers.
+pub(crate) struct Patch {
+    pub at: usize,
+    pub remove: Vec<usize>,
+    pub insert: Vec<NodeProto>,
+    /// Initializers to write (replacing one of the same name in place, or appended), in f64.
+    pub initializers: Vec<(String, ArrayD<f64>, FloatType)>,
+    pub log: Rewrite,
+}
+
+/// Tensors at least this big have their pages released from the input's memory map when a
+/// patch replaces or removes them (smaller ones are not worth a system call).
+const RELEASE_BYTES: usize = 1 << 16;
+
+impl Patch {
+    /// Apply to `model` (`ix` indexes its graph before the patch); the f64 values written go to
+    /// `exact`. Nodes and initializers the patch leaves unread are removed, and so on up the
+    /// graph; what was alive before stays, even if nothing reads it. Tensors replaced or removed
+    /// have their pages in the input's memory map released (they are not read again).
+    pub fn apply(self, model: &mut Model, ix: &GraphIndex, exact: &mut HashMap<String, ArrayD<f64>>) {
+        let Patch { at, remove, insert, initializers, .. } = self;
+        let mut released: Vec<TensorProto> = Vec::new();
+        let g = model.graph_mut();
+        for (name, arr, ft) in initializers {
+            let t = from_f64(&name, &arr, ft);
+            match ix.initializer.get(&name) {
+                Some(&k) => released.push(std::mem::replace(&mut g.initializer[k], t)),
+                None => g.initializer.push(t),
+            }
+            exact.insert(name, arr);
+        }
+        // Reads after the patch = reads before (ix) + `delta`. Removing a node un-reads its inputs;
+        // a producer whose outputs are all unread then dies too, and so on up the graph.
+        let produced_new: HashSet<String> =
+            insert.iter().flat_map(|n| n.output.iter()).filter(|o| !o.is_empty()).cloned().collect();
+        let mut delta: HashMap<String, isize> = HashMap::new();
+        for n in &insert {
+            for r in node_reads(n) {
+                *delta.entry(r).or_default() += 1;
+            }
+        }
+        let unread = |delta: &HashMap<String, isize>, name: &str| {
+            ix.uses(name) as isize + delta.get(name).copied().unwrap_or(0) <= 0
+        };
+        let mut dead: HashSet<usize> = HashSet::new();
+        let mut dead_inits: HashSet<String> = HashSet::new();
+        let mut gone_outputs: HashSet<String> = HashSet::new();
+        let mut work: Vec<usize> = remove;
+        while let Some(d) = work.pop() {
+            if !dead.insert(d) {
+                continue;
+            }
+            gone_outputs.extend(g.node[d].output.iter().cloned());
+            for r in node_reads(&g.node[d]) {
+                *delta.entry(r.clone()).or_default() -= 1;
+                if !unread(&delta, &r) || ix.inputs.contains(&r) || produced_new.contains(&r) {
+                    continue;
+                }
+                if let Some(&(ni, _)) = ix.producer.get(&r) {
+                    if !dead.contains(&ni) && g.node[ni].output.iter().all(|o| o.is_empty() || unread(&delta, o)) {
+                        work.push(ni);
+                    }
+                } else if ix.initializer.contains_key(&r) {
+                    dead_inits.insert(r);
+                }
+            }
+        }
+        let old = std::mem::take(&mut g.node);
+        let mut insert = Some(insert);
+        for (i, n) in old.into_iter().enumerate() {
+            if i == at {
+                g.node.extend(insert.take().expect("inserted once"));
+            }
+            if !dead.contains(&i) {
+                g.node.push(n);
+            }
+        }
+        if let Some(rest) = insert {
+            g.node.extend(rest);
+        }
+        if !dead_inits.is_empty() {
+            g.initializer.retain(|t| {
+                let dies = dead_inits.contains(t.name());
+                if dies {
+                    released.push(t.clone());
+                }
+                !dies
+            });
+            for d in &dead_inits {
+                exact.remove(d);
+            }
+        }
+        // value_info of tensors that no longer exist
+        g.value_info.retain(|v| !gone_outputs.contains(v.name()) || produced_new.contains(v.name()));
+        for t in &released {
+            if let Ok(Some(b)) = model.raw_bytes(t) {
+                if b.len() >= RELEASE_BYTES {
+                    model.release(&b);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! Why a candidate was left untouched: typed, so that code and tests match on what happened, and
+//! displayed as the one line users read in the summary and the JSON report.
+
+use crate::graph::ConstError;
+use crate::kernel::read::ReadError;
+use crate::kernel::Misfit;
+use std::fmt;
+
+/// Why a rule refused a candidate.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reason {
+    /// A Conv of the block cannot be read (its weights are not constants, its attributes are of a
+    /// form the algebra does not handle, ...).
+    Conv { conv: String, err: ReadError },
+    /// The BatchNormalization cannot be read (training mode, parameters not constant, ...).
+    Bn(ReadError),
+    /// The BatchNormalization of an identity branch cannot be read.
+    IdentityBn { bn: String, err: ReadError },
+    /// A constant the rewrite needs cannot be read.
+    Const(ConstError),
+    /// The output of a Conv of the block is also read outside it: merging would lose it.
+    UsedOutside { conv: String },
+    /// A BatchNormalization of `bn` channels after a Conv of `conv` output channels.
+    BnChannels { bn: usize, conv: usize },
+    BnConvDtypes,
+    /// The branches' weights are of different dtypes.
+    BranchDtypes,
+    /// The branch with the largest kernel reads a cropped input.
+    CroppedBase { branch: String, crop_begin: Vec<i64>, crop_end: Vec<i64> },
+    /// An identity branch, but the merged Conv changes the number of channels.
+    IdentityChannels { branch: String, inputs: usize, outputs: usize },
+    /// An identity BatchNormalization of another number of channels.
+    IdentityBnChannels(usize),
+    /// A branch's kernel does not fit inside the largest one.
+    Misfit { branch: String, misfit: Misfit },
+    /// A branch multiplied by a constant that is not per channel.
+    NotPerChannel { branch: String, shape: Vec<usize> },
+    /// No Conv among the branches of a group.
+    NoConv,
+    /// The general path could not prove the region is one convolution.
+    Region(RegionReason),
+}
+
+/// Why the general path (`affine_region`) refused a region.
+#[derive(Clone, Debug, PartialEq)]
+pub enum RegionReason {
+    /// A Pad with negative amounts (a crop), which tract cannot run.
+    NegativePad { pad: String },
+    /// A tensor inside the region is also read outside it.
+    UsedOutside { tensor: String },
+    /// The size of the region's input is not known.
+    SizeUnknown { tensor: String },
+    /// The geometry the general path does not handle.
+    Geometry,
+    /// The region's input is not `[N, C, H, W]` with the Conv's channels.
+    InputShape(Vec<usize>),
+    /// No Conv reads the region's input (so there is no geometry to recover).
+    NoConv,
+    /// tract cannot evaluate the region (the text is tract's or the size check's).
+    CannotEvaluate(String),
+    /// Evaluating the region failed (tract's message).
+    Tract(String),
+    /// The region's output is not the Conv's.
+    OutputShape { got: Vec<usize>, want: [i64; 4] },
+    /// The response to zero differs across the plane (the borders see something else).
+    BiasNotConstant,
+    InputTooSmall,
+    ReadsOutsideWindow,
+    /// The recovered convolution does not reproduce the region.
+    NotRecovered { max_diff: f64 },
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reason::Conv { conv, err } => write!(f, "Conv '{conv}': {err}"),
+            Reason::Bn(err) => write!(f, "{err}"),
+            Reason::IdentityBn { bn, err } => write!(f, "{err} ('{bn}')"),
+            Reason::Const(err) => write!(f, "{err}"),
+            Reason::UsedOutside { conv } => write!(f, "output of Conv '{conv}' is also used outside the block"),
+            Reason::BnChannels { bn, conv } => {
+                write!(f, "BatchNormalization of {bn} channels after a Conv of {conv}")
+            }
+            Reason::BnConvDtypes => f.write_str("BatchNormalization and Conv have different dtypes"),
+            Reason::BranchDtypes => f.write_str("branches of different dtypes"),
+            Reason::CroppedBase { branch, crop_begin, crop_end } => write!(
+                f,
+                "the largest kernel (Conv '{branch}') reads a cropped input (crop {crop_begin:?}/{crop_end:?})"
+            ),
+            Reason::IdentityChannels { branch, inputs, outputs } => {
+                write!(f, "identity branch '{branch}' but the Conv maps {inputs} to {outputs} channels")
+            }
+            Reason::IdentityBnChannels(c) => write!(f, "identity BatchNormalization of {c} channels"),
+            Reason::Misfit { branch, misfit } => write!(f, "branch '{branch}': {misfit}"),
+            Reason::NotPerChannel { branch, shape } => {
+                write!(f, "branch '{branch}' is multiplied by a constant of shape {shape:?}, not per channel")
+            }
+            Reason::NoConv => f.write_str("no Conv among the branches"),
+            Reason::Region(r) => write!(f, "{r}"),
+        }
+    }
+}
+
+impl fmt::Display for RegionReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RegionReason::NegativePad { pad } => write!(f, "Pad '{pad}' has negative amounts"),
+            RegionReason::UsedOutside { tensor } => write!(f, "'{tensor}' inside the region is also used outside it"),
+            RegionReason::SizeUnknown { tensor } => write!(f, "the size of '{tensor}' is unknown"),
+            RegionReason::Geometry => f.write_str("the general path handles 2-d, undilated convolutions"),
+            RegionReason::InputShape(s) => write!(f, "region input of shape {s:?}"),
+            RegionReason::NoConv => f.write_str("no Conv reads the region's input"),
+            RegionReason::CannotEvaluate(e) => write!(f, "the region cannot be evaluated: {e}"),
+            RegionReason::Tract(e) => f.write_str(e),
+            RegionReason::OutputShape { got, want: [n, o, h, w] } => {
+                write!(f, "the region's output {got:?} is not the Conv's output [{n}, {o}, {h}, {w}]")
+            }
+            RegionReason::BiasNotConstant => {
+                f.write_str("the region's response to zero is not constant per channel (borders differ)")
+            }
+            RegionReason::InputTooSmall => f.write_str("the input is too small to probe the kernel"),
+            RegionReason::ReadsOutsideWindow => f.write_str("the region reads outside the Conv's window"),
+            RegionReason::NotRecovered { max_diff } => {
+                write!(f, "the region is not the recovered convolution (max diff {max_diff:.3e} on random inputs)")
+            }
+        }
+    }
+}
+
+impl From<RegionReason> for Reason {
+    fn from(r: RegionReason) -> Self {
+        Reason::Region(r)
+    }
+}
+
+impl serde::Serialize for Reason {
+    /// As the text users read.
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}

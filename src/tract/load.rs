@@ -1,0 +1,142 @@
+//! Loading a model file into tract (by path: tract resolves external data itself), and what it
+//! declares about its inputs.
+
+use super::errors::{chain_msg, panic_msg, summarize};
+use crate::error::{catch, Error};
+use std::path::{Path, PathBuf};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::{Factoid, GenericFactoid, ShapeFactoid};
+use tract_onnx::tract_hir::ops::unimpl::UnimplementedOp;
+
+/// A parsed model plus what we need to talk about it.
+pub(crate) struct Loaded {
+    pub(crate) path: PathBuf,
+    pub(crate) model: InferenceModel,
+    /// Input names, in model order.
+    pub(crate) inputs: Vec<String>,
+    /// Output names, in model order.
+    pub(crate) outputs: Vec<String>,
+}
+
+pub(crate) fn load(path: &Path) -> Result<Loaded, Error> {
+    let load_err = |msg: String| Error::Load {
+        path: path.to_path_buf(),
+        msg,
+    };
+    match std::fs::metadata(path) {
+        Err(e) => return Err(load_err(summarize(&e.to_string()))),
+        Ok(m) if m.is_dir() => return Err(load_err("is a directory, not an ONNX file".into())),
+        Ok(_) => {}
+    }
+    let res = catch(|| tract_onnx::onnx().model_for_path(path));
+    let model = match res {
+        Err(p) => return Err(load_err(panic_msg(p))),
+        Ok(Err(e)) => {
+            // an op whose builder refused the node (attribute or opset it does not support)
+            for c in e.chain() {
+                let s = c.to_string();
+                if let Some(rest) = s.strip_prefix("Building node ") {
+                    if let (Some(open), true) = (rest.rfind('('), rest.ends_with(')')) {
+                        let op = rest[open + 1..rest.len() - 1].to_string();
+                        if !op.is_empty() {
+                            return Err(Error::Unsupported {
+                                path: path.to_path_buf(),
+                                op,
+                            });
+                        }
+                    }
+                }
+            }
+            return Err(load_err(chain_msg(&e)));
+        }
+        Ok(Ok(m)) => m,
+    };
+    // operators tract has no implementation for are parsed as UnimplementedOp placeholders
+    // (only the nodes the outputs depend on: tract never evaluates the others)
+    let order = match catch(|| model.eval_order()) {
+        Ok(Ok(o)) => o,
+        Ok(Err(e)) => return Err(load_err(chain_msg(&e))),
+        Err(p) => return Err(load_err(panic_msg(p))),
+    };
+    let mut missing: Vec<String> = vec![];
+    for &id in &order {
+        let node = model.node(id);
+        if let Some(op) = node.op_as::<UnimplementedOp>() {
+            let name = op.name().to_string();
+            let name = name
+                .strip_prefix("Unimplemented(")
+                .and_then(|s| s.strip_suffix(')'))
+                .unwrap_or(&name)
+                .to_string();
+            if !missing.contains(&name) {
+                missing.push(name);
+            }
+        }
+    }
+    if !missing.is_empty() {
+        return Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            op: missing.join(", "),
+        });
+    }
+    let inputs: Vec<String> = model
+        .input_outlets()
+        .map_err(|e| load_err(chain_msg(&e)))?
+        .iter()
+        .map(|o| model.node(o.node).name.clone())
+        .collect();
+    let outputs: Vec<String> = model
+        .output_outlets()
+        .map_err(|e| load_err(chain_msg(&e)))?
+        .iter()
+        .map(|o| {
+            model
+                .outlet_label(*o)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| model.node(o.node).name.clone())
+        })
+        .collect();
+    Ok(Loaded {
+        path: path.to_path_buf(),
+        model,
+        inputs,
+        outputs,
+    })
+}
+
+/// What a model declares about one dimension.
+#[derive(Clone, Debug)]
+pub(crate) enum DeclDim {
+    Fixed(usize),
+    Symbol(String),
+    Unknown,
+}
+
+pub(crate) fn decl_dims(shape: &ShapeFactoid) -> Option<Vec<DeclDim>> {
+    if shape.is_open() {
+        return None;
+    }
+    Some(
+        shape
+            .dims()
+            .map(|d| match d {
+                GenericFactoid::Only(td) => match td.to_i64() {
+                    Ok(v) if v >= 0 => DeclDim::Fixed(v as usize),
+                    Ok(_) => DeclDim::Unknown,
+                    Err(_) => DeclDim::Symbol(td.to_string()),
+                },
+                GenericFactoid::Any => DeclDim::Unknown,
+            })
+            .collect(),
+    )
+}
+
+impl Loaded {
+    /// What the model declares about its input `name`: its element type and dims, each `None`
+    /// when not declared.
+    pub(crate) fn input_decl(&self, name: &str) -> Result<(Option<DatumType>, Option<Vec<DeclDim>>), Error> {
+        let ix = self.inputs.iter().position(|n| n == name).expect("an input of the model");
+        let fact = self.model.input_fact(ix).map_err(|e| Error::Load { path: self.path.clone(), msg: chain_msg(&e) })?;
+        Ok((fact.datum_type.concretize(), decl_dims(&fact.shape)))
+    }
+}

@@ -1,0 +1,54 @@
+//! The only code that builds tract models: loading model files ([`load`]), typed plans at
+//! concrete input shapes ([`plan`]: the un-optimised reference plan the check runs, or tract's
+//! optimised plan for latency), what tract must not be asked to run ([`safety`]), a region of a
+//! model evaluated on its own and the shape analysis of a model ([`region`]), and tract's errors
+//! as one line ([`errors`]).
+
+pub(crate) mod errors;
+pub(crate) mod load;
+pub(crate) mod plan;
+pub(crate) mod region;
+pub(crate) mod safety;
+
+pub(crate) use load::{load, DeclDim, Loaded};
+pub(crate) use plan::{prepare, run, InputFact, PlanKind};
+pub(crate) use region::{shapes, RegionPlan};
+
+use tract_onnx::prelude::DatumType;
+
+/// numpy spelling of a tract datum type.
+pub(crate) fn dt_name(dt: DatumType) -> String {
+    match dt {
+        DatumType::Bool => "bool".into(),
+        DatumType::U8 => "uint8".into(),
+        DatumType::U16 => "uint16".into(),
+        DatumType::U32 => "uint32".into(),
+        DatumType::U64 => "uint64".into(),
+        DatumType::I8 => "int8".into(),
+        DatumType::I16 => "int16".into(),
+        DatumType::I32 => "int32".into(),
+        DatumType::I64 => "int64".into(),
+        DatumType::F16 => "float16".into(),
+        DatumType::F32 => "float32".into(),
+        DatumType::F64 => "float64".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+pub(crate) fn is_float(dt: DatumType) -> bool {
+    matches!(dt, DatumType::F16 | DatumType::F32 | DatumType::F64)
+}
+
+pub(crate) fn is_int(dt: DatumType) -> bool {
+    matches!(
+        dt,
+        DatumType::U8
+            | DatumType::U16
+            | DatumType::U32
+            | DatumType::U64
+            | DatumType::I8
+            | DatumType::I16
+            | DatumType::I32
+            | DatumType::I64
+    )
+}

@@ -1,0 +1,101 @@
+//! Evaluating a small region of a model in tract (the general rewrite path), and tract's shape
+//! analysis of a whole model.
+
+use super::errors::summarize;
+use super::safety::unrunnable;
+use crate::error::catch;
+use crate::model::Model;
+use crate::proto::ModelProto;
+use ndarray::{ArrayD, IxDyn};
+use prost::Message;
+use std::collections::HashMap;
+use std::sync::Arc;
+use tract_onnx::prelude::*;
+
+/// No tensor inside a region may hold more than this many times the elements of the region's
+/// input or of the Conv's output (or of 64 Ki, whichever is largest): a block's intermediate
+/// tensors are a few times those at most, and a Pad or Resize with absurd sizes would otherwise
+/// allocate without bound when the region is evaluated.
+const GROWTH_LIMIT: usize = 64;
+
+/// A region of a model, cut out as a model of its own with one float input of a fixed shape,
+/// ready to evaluate.
+pub(crate) struct RegionPlan {
+    plan: Arc<TypedRunnableModel>,
+}
+
+fn msg(e: TractError) -> String {
+    format!("{e:#}").replace('\n', " ")
+}
+
+impl RegionPlan {
+    /// `out` is the number of elements the region's output must have (the Conv's output).
+    /// tract's panics (it has some on malformed graphs) become errors.
+    pub fn new(region: &ModelProto, shape: &[usize], out: usize) -> Result<RegionPlan, String> {
+        let bytes = region.encode_to_vec();
+        catch(|| Self::build(&bytes, shape, out)).unwrap_or_else(|_| Err("tract failed on the region".into()))
+    }
+
+    fn build(bytes: &[u8], shape: &[usize], out: usize) -> Result<RegionPlan, String> {
+        let m = tract_onnx::onnx().model_for_read(&mut &bytes[..]).map_err(msg)?;
+        let m = m.with_input_fact(0, f32::fact(shape).into()).map_err(msg)?.into_typed().map_err(msg)?;
+        check_sizes(&m, shape.iter().fold(1usize, |a, &d| a.saturating_mul(d)).max(out))?;
+        Ok(RegionPlan { plan: m.into_optimized().map_err(msg)?.into_runnable().map_err(msg)? })
+    }
+
+    /// The region's output for input `x`, in f64.
+    pub fn eval(&self, x: &ArrayD<f32>) -> Result<ArrayD<f64>, String> {
+        catch(|| {
+            let out = self.plan.run(tvec!(Tensor::from(x.clone()).into())).map_err(msg)?;
+            let t = out[0].clone().into_tensor();
+            let v = t.try_as_plain_ram().map_err(msg)?.as_slice::<f32>().map_err(msg)?.iter().map(|&v| v as f64).collect();
+            ArrayD::from_shape_vec(IxDyn(t.shape()), v).map_err(|e| e.to_string())
+        })
+        .unwrap_or_else(|_| Err("tract failed on the region".into()))
+    }
+}
+
+/// Refuse a region whose tensors are not all of known size, grow past [`GROWTH_LIMIT`] times
+/// `size`, or that tract cannot run (see [`unrunnable`]).
+fn check_sizes(m: &TypedModel, size: usize) -> Result<(), String> {
+    if let Some(node) = m.nodes().iter().find(|n| n.outputs.iter().any(|o| o.fact.shape.as_concrete().is_none())) {
+        return Err(format!("the size of '{}' inside the region is not known", node.name));
+    }
+    let limit = size.max(1 << 16).saturating_mul(GROWTH_LIMIT);
+    match unrunnable(m, limit as u128) {
+        Some(why) => Err(format!("inside the region: {why}")),
+        None => Ok(()),
+    }
+}
+
+/// Concrete shapes of the tensors of `model`, by name, from tract's analysis at the declared
+/// input shapes (symbolic dims as 1). Empty when tract cannot analyse the model.
+pub(crate) fn shapes(model: &Model) -> HashMap<String, Vec<usize>> {
+    catch(|| analyse(model)).ok().and_then(|r| r.ok()).unwrap_or_default()
+}
+
+fn analyse(m: &Model) -> Result<HashMap<String, Vec<usize>>, String> {
+    let bytes = m.to_inline().map_err(|e| e.to_string())?.encode_to_vec();
+    let mut model = tract_onnx::onnx().model_for_read(&mut &bytes[..]).map_err(|e| summarize(&e.to_string()))?;
+    let g = m.graph();
+    let inputs = g.input.iter().filter(|v| !g.initializer.iter().any(|t| t.name() == v.name()));
+    let n = model.input_outlets().map_err(|e| e.to_string())?.len();
+    for (k, v) in inputs.enumerate().take(n) {
+        let Some(dims) = crate::graph::declared_dims(v) else { continue };
+        let dims: Vec<usize> = dims.iter().map(|d| d.filter(|&x| x > 0).unwrap_or(1) as usize).collect();
+        model = model.with_input_fact(k, f32::fact(&dims).into()).map_err(|e| e.to_string())?;
+    }
+    let _ = model.analyse(false);
+    let mut out = HashMap::new();
+    for node in model.nodes() {
+        for slot in 0..node.outputs.len() {
+            let outlet = OutletId::new(node.id, slot);
+            if let (Some(label), Ok(fact)) = (model.outlet_label(outlet), model.outlet_fact(outlet)) {
+                if let Ok(Some(d)) = fact.shape.as_concrete_finite() {
+                    out.insert(label.to_string(), d.to_vec());
+                }
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,541 @@
+//! The inputs of a check: random (seeded) in each input's type and shape, or real data from
+//! .npy / .npz files; the shapes both models are run at.
+
+use super::report::InputSpec;
+use super::VerifyOptions;
+use crate::error::Error;
+use crate::tract::errors::{chain_msg, summarize};
+use crate::tract::{dt_name, is_float, is_int, DeclDim, InputFact, Loaded};
+use rand::rngs::StdRng;
+use rand::Rng;
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::Path;
+use tract_onnx::prelude::*;
+
+/// Decodes raw little/big-endian npy data of descriptor `descr` into a tensor.
+fn tensor_from_npy_bytes(descr: &str, shape: &[usize], bytes: &[u8]) -> Result<Tensor, String> {
+    let (order, kind) = descr.split_at(1.min(descr.len()));
+    let big = match order {
+        "<" | "|" | "=" => false,
+        ">" => true,
+        _ => return Err(format!("unsupported npy dtype descriptor '{descr}'")),
+    };
+    let n = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| format!("npy shape {shape:?} has too many elements"))?;
+    macro_rules! decode {
+        ($t:ty, $size:expr, $conv:expr) => {{
+            if n.checked_mul($size) != Some(bytes.len()) {
+                return Err(format!(
+                    "npy data has {} bytes, expected {} for shape {:?} of '{}'",
+                    bytes.len(),
+                    n.saturating_mul($size),
+                    shape,
+                    descr
+                ));
+            }
+            let v: Vec<$t> = bytes
+                .chunks_exact($size)
+                .map(|c| {
+                    let mut a = [0u8; $size];
+                    a.copy_from_slice(c);
+                    if big {
+                        a.reverse();
+                    }
+                    $conv(a)
+                })
+                .collect();
+            Tensor::from_shape::<$t>(shape, &v).map_err(|e| chain_msg(&e))
+        }};
+    }
+    match kind {
+        "f2" => decode!(f16, 2, |a: [u8; 2]| f16::from_bits(u16::from_le_bytes(a))),
+        "f4" => decode!(f32, 4, f32::from_le_bytes),
+        "f8" => decode!(f64, 8, f64::from_le_bytes),
+        "i1" => decode!(i8, 1, i8::from_le_bytes),
+        "i2" => decode!(i16, 2, i16::from_le_bytes),
+        "i4" => decode!(i32, 4, i32::from_le_bytes),
+        "i8" => decode!(i64, 8, i64::from_le_bytes),
+        "u1" => decode!(u8, 1, u8::from_le_bytes),
+        "u2" => decode!(u16, 2, u16::from_le_bytes),
+        "u4" => decode!(u32, 4, u32::from_le_bytes),
+        "u8" => decode!(u64, 8, u64::from_le_bytes),
+        "b1" => decode!(bool, 1, |a: [u8; 1]| a[0] != 0),
+        _ => Err(format!("unsupported npy dtype descriptor '{descr}'")),
+    }
+}
+
+fn read_npy_file(path: &Path) -> Result<Tensor, String> {
+    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let header = ndarray_npy::npy::header::Header::from_reader(&mut f)
+        .map_err(|e| format!("not a valid .npy file: {e}"))?;
+    let descr = header.type_descriptor.as_string().cloned().ok_or_else(|| {
+        format!(
+            "unsupported npy dtype (structured): {}",
+            header.type_descriptor
+        )
+    })?;
+    let mut bytes = vec![];
+    f.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+    if header.layout.is_fortran() {
+        let rev: Vec<usize> = header.shape.iter().rev().copied().collect();
+        let t = tensor_from_npy_bytes(&descr, &rev, &bytes)?;
+        let axes: Vec<usize> = (0..rev.len()).rev().collect();
+        t.permute_axes(&axes).map_err(|e| chain_msg(&e))
+    } else {
+        tensor_from_npy_bytes(&descr, &header.shape, &bytes)
+    }
+}
+
+fn read_npz_array(path: &Path, name: &str) -> Result<Tensor, String> {
+    use ndarray::ArrayD;
+    use ndarray_npy::{NpzReader, ReadNpyError, ReadNpzError};
+    let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut npz = NpzReader::new(f).map_err(|e| format!("not a valid .npz file: {e}"))?;
+    // NpzReader needs the element type up front: read as f32 first, and on a descriptor
+    // mismatch retry with the type the descriptor names.
+    let mut descr = "<f4".to_string();
+    for _attempt in 0..2 {
+        macro_rules! try_read {
+            ($t:ty) => {
+                match npz.by_name::<ndarray::OwnedRepr<$t>, ndarray::IxDyn>(name) {
+                    Ok(a) => {
+                        let a: ArrayD<$t> = a;
+                        return Ok(Tensor::from(a));
+                    }
+                    Err(ReadNpzError::Npy(ReadNpyError::WrongDescriptor(v))) => {
+                        match v.as_string() {
+                            Some(s) if *s != descr => {
+                                descr = s.clone();
+                                continue;
+                            }
+                            _ => return Err(format!("unsupported npz dtype {v} for `{name}`")),
+                        }
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
+            };
+        }
+        let kind = descr.get(1..).unwrap_or("");
+        match kind {
+            "f4" => try_read!(f32),
+            "f8" => try_read!(f64),
+            "i1" => try_read!(i8),
+            "i2" => try_read!(i16),
+            "i4" => try_read!(i32),
+            "i8" => try_read!(i64),
+            "u1" => try_read!(u8),
+            "u2" => try_read!(u16),
+            "u4" => try_read!(u32),
+            "u8" => try_read!(u64),
+            "b1" => try_read!(bool),
+            _ => {
+                return Err(format!(
+                    "array `{name}` has dtype '{descr}', which .npz inputs do not support \
+                     (pass it as a .npy file instead)"
+                ))
+            }
+        }
+    }
+    Err(format!("cannot read array `{name}`"))
+}
+
+fn npz_names(path: &Path) -> Result<Vec<String>, String> {
+    let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let mut npz =
+        ndarray_npy::NpzReader::new(f).map_err(|e| format!("not a valid .npz file: {e}"))?;
+    npz.names().map_err(|e| e.to_string())
+}
+
+/// Standard normal samples via Box-Muller, both branches used.
+struct Normal {
+    spare: Option<f64>,
+}
+
+impl Normal {
+    fn sample(&mut self, rng: &mut StdRng) -> f64 {
+        if let Some(z) = self.spare.take() {
+            return z;
+        }
+        let u1: f64 = 1.0 - rng.random::<f64>(); // (0, 1]
+        let u2: f64 = rng.random::<f64>();
+        let r = (-2.0 * u1.ln()).sqrt();
+        let t = 2.0 * std::f64::consts::PI * u2;
+        self.spare = Some(r * t.sin());
+        r * t.cos()
+    }
+}
+
+fn random_tensor(dt: DatumType, shape: &[usize], rng: &mut StdRng) -> Result<Tensor, String> {
+    let n = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or_else(|| format!("shape {shape:?} has too many elements"))?;
+    let mut normal = Normal { spare: None };
+    macro_rules! floats {
+        ($t:ty, $conv:expr) => {{
+            let v: Vec<$t> = (0..n).map(|_| $conv(normal.sample(rng))).collect();
+            Tensor::from_shape::<$t>(shape, &v)
+        }};
+    }
+    macro_rules! ints {
+        ($t:ty) => {{
+            let v: Vec<$t> = (0..n).map(|_| rng.random_range(0..=3u8) as $t).collect();
+            Tensor::from_shape::<$t>(shape, &v)
+        }};
+    }
+    let t = match dt {
+        DatumType::F32 => floats!(f32, |x: f64| x as f32),
+        DatumType::F64 => floats!(f64, |x: f64| x),
+        DatumType::F16 => floats!(f16, |x: f64| f16::from_f64(x)),
+        DatumType::I8 => ints!(i8),
+        DatumType::I16 => ints!(i16),
+        DatumType::I32 => ints!(i32),
+        DatumType::I64 => ints!(i64),
+        DatumType::U8 => ints!(u8),
+        DatumType::U16 => ints!(u16),
+        DatumType::U32 => ints!(u32),
+        DatumType::U64 => ints!(u64),
+        DatumType::Bool => {
+            let v: Vec<bool> = (0..n).map(|_| rng.random::<bool>()).collect();
+            Tensor::from_shape::<bool>(shape, &v)
+        }
+        other => {
+            return Err(format!(
+                "cannot generate random inputs of type {}",
+                dt_name(other)
+            ))
+        }
+    };
+    t.map_err(|e| chain_msg(&e))
+}
+
+/// One input of the check: its name, type and shape, and where its values come from.
+pub(crate) struct ResolvedInput {
+    pub(crate) name: String,
+    pub(crate) dt: DatumType,
+    pub(crate) shape: Vec<usize>,
+    /// Real data, if it comes from a file.
+    pub(crate) data: Option<Tensor>,
+    pub(crate) source: String,
+}
+
+impl ResolvedInput {
+    /// What the report says about it.
+    pub(crate) fn spec(&self) -> InputSpec {
+        InputSpec { name: self.name.clone(), shape: self.shape.clone(), dtype: dt_name(self.dt), source: self.source.clone() }
+    }
+
+    /// The type and shape to pin the models' input to.
+    pub(crate) fn fact(&self) -> InputFact {
+        InputFact { name: self.name.clone(), dt: self.dt, shape: self.shape.clone() }
+    }
+}
+
+/// One sample: every input's values (from its file, or drawn from `rng` in input order).
+pub(crate) fn sample(inputs: &[ResolvedInput], rng: &mut StdRng) -> Result<HashMap<String, Tensor>, Error> {
+    let mut data = HashMap::new();
+    for i in inputs {
+        let t = match &i.data {
+            Some(t) => t.clone(),
+            None => random_tensor(i.dt, &i.shape, rng).map_err(Error::Input)?,
+        };
+        data.insert(i.name.clone(), t);
+    }
+    Ok(data)
+}
+
+pub(crate) fn resolve_inputs(
+    r: &Loaded,
+    c: &Loaded,
+    opts: &VerifyOptions,
+    notes: &mut Vec<String>,
+) -> Result<Vec<ResolvedInput>, Error> {
+    let input_err = |s: String| Error::Input(summarize(&s));
+    // --input-shape
+    let mut shapes: HashMap<&str, &Vec<usize>> = HashMap::new();
+    for (name, shape) in &opts.input_shapes {
+        if !r.inputs.contains(name) {
+            return Err(input_err(format!(
+                "--input-shape names `{name}`, which is not an input of the models (inputs: {})",
+                r.inputs.join(", ")
+            )));
+        }
+        if shapes.insert(name, shape).is_some() {
+            return Err(input_err(format!("--input-shape given twice for `{name}`")));
+        }
+    }
+    // files: --input name=file.npy first, then --inputs file.npz
+    let mut files: HashMap<String, (Tensor, String)> = HashMap::new();
+    for (name, path) in &opts.input_files {
+        if !r.inputs.contains(name) {
+            return Err(input_err(format!(
+                "--input names `{name}`, which is not an input of the models (inputs: {})",
+                r.inputs.join(", ")
+            )));
+        }
+        if files.contains_key(name) {
+            return Err(input_err(format!("--input given twice for `{name}`")));
+        }
+        let t = read_npy_file(path)
+            .map_err(|e| input_err(format!("cannot read {}: {e}", path.display())))?;
+        files.insert(name.clone(), (t, format!("file {}", path.display())));
+    }
+    if let Some(npz) = &opts.inputs_npz {
+        let names =
+            npz_names(npz).map_err(|e| input_err(format!("cannot read {}: {e}", npz.display())))?;
+        let mut used = 0;
+        let mut ignored = vec![];
+        for a in &names {
+            if !r.inputs.contains(a) {
+                ignored.push(a.clone());
+                continue;
+            }
+            if files.contains_key(a) {
+                notes.push(format!(
+                    "input `{a}` taken from --input; the array of the same name in {} is ignored",
+                    npz.display()
+                ));
+                continue;
+            }
+            let t = read_npz_array(npz, a)
+                .map_err(|e| input_err(format!("cannot read {}[{a}]: {e}", npz.display())))?;
+            files.insert(a.clone(), (t, format!("npz {}[{a}]", npz.display())));
+            used += 1;
+        }
+        if used == 0 && !names.iter().any(|a| files.contains_key(a)) {
+            return Err(input_err(format!(
+                "{} holds no array named like a model input (inputs: {}; arrays: {})",
+                npz.display(),
+                r.inputs.join(", "),
+                names.join(", ")
+            )));
+        }
+        if !ignored.is_empty() {
+            notes.push(format!(
+                "arrays of {} that are no model input were ignored: {}",
+                npz.display(),
+                ignored.join(", ")
+            ));
+        }
+    }
+
+    let mut resolved = vec![];
+    for name in &r.inputs {
+        let (rdt, rdims) = r.input_decl(name)?;
+        let (cdt, cdims) = c.input_decl(name)?;
+        let file = files.remove(name);
+        let dt = match (rdt, cdt) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(Error::Signature(format!(
+                    "input `{name}` is {} in the reference but {} in the candidate",
+                    dt_name(a),
+                    dt_name(b)
+                )))
+            }
+            (Some(a), _) | (None, Some(a)) => a,
+            (None, None) => match &file {
+                Some((t, _)) => t.datum_type(),
+                None => {
+                    notes.push(format!(
+                        "input `{name}` has no declared type; using float32"
+                    ));
+                    DatumType::F32
+                }
+            },
+        };
+        if let (Some(a), Some(b)) = (&rdims, &cdims) {
+            if a.len() != b.len() {
+                return Err(Error::Signature(format!(
+                    "input `{name}` has rank {} in the reference but {} in the candidate",
+                    a.len(),
+                    b.len()
+                )));
+            }
+        }
+        // the shape the user asked for, from --input-shape and/or the file
+        let mut user: Option<(Vec<usize>, &str)> = shapes
+            .get(name.as_str())
+            .map(|s| ((*s).clone(), "--input-shape"));
+        let mut data = None;
+        let mut source = String::new();
+        if let Some((t, src)) = file {
+            let fshape = t.shape().to_vec();
+            if let Some((s, _)) = &user {
+                if *s != fshape {
+                    return Err(input_err(format!(
+                        "--input-shape {name}:{} disagrees with the shape {:?} of {}",
+                        s.iter()
+                            .map(|d| d.to_string())
+                            .collect::<Vec<_>>()
+                            .join(","),
+                        fshape,
+                        src.trim_start_matches("file ").trim_start_matches("npz ")
+                    )));
+                }
+            }
+            let t = if t.datum_type() == dt {
+                t
+            } else if (is_float(t.datum_type()) && is_float(dt))
+                || (is_int(t.datum_type()) && is_int(dt))
+            {
+                notes.push(format!(
+                    "input `{name}`: {} is {}, cast to the model's {}",
+                    src,
+                    dt_name(t.datum_type()),
+                    dt_name(dt)
+                ));
+                t.cast_to_dt(dt)
+                    .map_err(|e| input_err(chain_msg(&e)))?
+                    .into_owned()
+            } else {
+                return Err(input_err(format!(
+                    "input `{name}`: {} holds {} data but the model expects {}",
+                    src,
+                    dt_name(t.datum_type()),
+                    dt_name(dt)
+                )));
+            };
+            user = Some((fshape, "the input file"));
+            data = Some(t);
+            source = src;
+        }
+        let decl: Vec<DeclDim> = match (&rdims, &cdims, &user) {
+            (Some(a), _, _) => a.clone(),
+            (None, Some(b), _) => b.clone(),
+            (None, None, Some((s, _))) => vec![DeclDim::Unknown; s.len()],
+            (None, None, None) => return Err(input_err(format!(
+                "input `{name}` has no declared shape; give it with --input-shape {name}:d0,d1,..."
+            ))),
+        };
+        let other: Vec<DeclDim> = match (&rdims, &cdims) {
+            (Some(_), Some(b)) => b.clone(),
+            _ => decl.clone(),
+        };
+        if let Some((s, from)) = &user {
+            if s.len() != decl.len() {
+                return Err(input_err(format!(
+                    "input `{name}` has rank {} but {from} gives shape {:?} (rank {})",
+                    decl.len(),
+                    s,
+                    s.len()
+                )));
+            }
+        }
+        let mut shape = vec![];
+        for (ix, (a, b)) in decl.iter().zip(other.iter()).enumerate() {
+            let d = if let Some((s, from)) = &user {
+                let want = s[ix];
+                let fixed = |d: &DeclDim| match d {
+                    DeclDim::Fixed(v) if *v != want => Some(*v),
+                    _ => None,
+                };
+                let which = match (fixed(a), fixed(b)) {
+                    (Some(x), Some(y)) if x == y => Some(format!("both models declare {x}")),
+                    (Some(x), Some(y)) => Some(format!("reference declares {x}, candidate {y}")),
+                    (Some(x), None) => Some(format!("reference declares {x}")),
+                    (None, Some(y)) => Some(format!("candidate declares {y}")),
+                    (None, None) => None,
+                };
+                if let Some(which) = which {
+                    notes.push(format!(
+                        "input `{name}` dim {ix}: {which}, overridden to {want} by {from}"
+                    ));
+                }
+                want
+            } else {
+                match (a, b) {
+                    (DeclDim::Fixed(x), DeclDim::Fixed(y)) if x != y => {
+                        return Err(Error::Signature(format!(
+                            "input `{name}` dim {ix} is {x} in the reference but {y} in the candidate \
+                             (choose one with --input-shape)"
+                        )))
+                    }
+                    (DeclDim::Fixed(x), DeclDim::Fixed(_)) => *x,
+                    (DeclDim::Fixed(x), other) | (other, DeclDim::Fixed(x)) => {
+                        let (sym_side, fixed_side) = if matches!(a, DeclDim::Fixed(_)) {
+                            ("candidate", "reference")
+                        } else {
+                            ("reference", "candidate")
+                        };
+                        let what = match other {
+                            DeclDim::Symbol(s) => format!("symbolic (`{s}`)"),
+                            _ => "unknown".to_string(),
+                        };
+                        notes.push(format!(
+                            "input `{name}` dim {ix} is {what} in the {sym_side}; using {x} as \
+                             declared by the {fixed_side} (set it with --input-shape {name}:...)"
+                        ));
+                        *x
+                    }
+                    (a, b) => {
+                        let sym = match (a, b) {
+                            (DeclDim::Symbol(s), _) | (_, DeclDim::Symbol(s)) => format!(" (`{s}`)"),
+                            _ => String::new(),
+                        };
+                        notes.push(format!(
+                            "input `{name}` dim {ix}{sym} is symbolic; defaulting to 1 \
+                             (set it with --input-shape {name}:...)"
+                        ));
+                        1
+                    }
+                }
+            };
+            shape.push(d);
+        }
+        if data.is_none() {
+            source = if is_float(dt) {
+                format!("random normal (seed {})", opts.seed)
+            } else if dt == DatumType::Bool {
+                format!("random bool (seed {})", opts.seed)
+            } else {
+                format!("random integers 0..=3 (seed {})", opts.seed)
+            };
+        }
+        resolved.push(ResolvedInput {
+            name: name.clone(),
+            dt,
+            shape,
+            data,
+            source,
+        });
+    }
+    Ok(resolved)
+}
+
+/// Most elements a random input of the check may have (4 GiB as float32). A shape in a model is
+/// a declared size like any other: a file of a few KB must not make the check allocate
+/// terabytes (an allocation failure aborts the process; it is not an error).
+pub const MAX_INPUT_ELEMENTS: u128 = 1 << 30;
+
+/// The random inputs the check would make for `model`, by its declared input shapes (symbolic
+/// dims as 1, `--input-shape` overriding): the first of more than [`MAX_INPUT_ELEMENTS`], as a
+/// message naming it.
+pub(crate) fn check_declared_sizes(model: &crate::model::Model, opts: &VerifyOptions) -> Result<(), String> {
+    if opts.inputs_npz.is_some() {
+        return Ok(());
+    }
+    let g = model.graph();
+    for v in g.input.iter().filter(|v| !g.initializer.iter().any(|t| t.name() == v.name())) {
+        if opts.input_files.iter().any(|(n, _)| n == v.name()) {
+            continue;
+        }
+        let dims: Vec<u128> = match opts.input_shapes.iter().find(|(n, _)| n == v.name()) {
+            Some((_, d)) => d.iter().map(|&x| x as u128).collect(),
+            None => match crate::graph::declared_dims(v) {
+                Some(dims) => dims.iter().map(|d| d.filter(|&x| x >= 0).unwrap_or(1) as u128).collect(),
+                None => continue,
+            },
+        };
+        let n = dims.iter().try_fold(1u128, |a, &d| a.checked_mul(d)).unwrap_or(u128::MAX);
+        if n > MAX_INPUT_ELEMENTS {
+            return Err(format!(
+                "input '{}' of shape {dims:?} has {n} elements, too many to check (at most {MAX_INPUT_ELEMENTS})",
+                v.name()
+            ));
+        }
+    }
+    Ok(())
+}

@@ -8,7 +8,5 @@ fn main() {
     // Weights decode as `bytes::Bytes`: a model decoded from a memory map shares the
     // map's memory instead of copying every tensor.
     config.bytes([".onnx.TensorProto.raw_data"]);
-    config
-        .compile_fds(fds)
-        .expect("generate Rust types from proto/onnx.proto");
+    config.compile_fds(fds).expect("generate Rust types from proto/onnx.proto");
 }

@@ -36,11 +36,11 @@
 //! Not part of `cargo test`: the target has `test = false`, and the binary does nothing unless
 //! cargo bench's `--bench` flag is on its command line.
 
-use acnet_onnx::{save, DataMode, Model};
 use acnet_onnx::proto::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto, AttributeProto, GraphProto,
     ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
+use acnet_onnx::{save, DataMode, Model};
 use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -106,15 +106,30 @@ impl Arch {
 }
 
 fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), ints: v.to_vec(), r#type: Some(AttributeType::Ints as i32), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        ints: v.to_vec(),
+        r#type: Some(AttributeType::Ints as i32),
+        ..Default::default()
+    }
 }
 
 fn attr_int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), i: Some(v), r#type: Some(AttributeType::Int as i32), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        i: Some(v),
+        r#type: Some(AttributeType::Int as i32),
+        ..Default::default()
+    }
 }
 
 fn attr_float(name: &str, v: f32) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), f: Some(v), r#type: Some(AttributeType::Float as i32), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        f: Some(v),
+        r#type: Some(AttributeType::Float as i32),
+        ..Default::default()
+    }
 }
 
 fn tensor_info(name: &str, dims: &[i64]) -> ValueInfoProto {
@@ -189,7 +204,17 @@ impl Gen {
     /// A conv with its own (inference) BatchNormalization: emitted as Conv + BN, or with the BN
     /// folded into a Conv with bias. `gamma` is the range of the BN scales. Returns its output.
     #[allow(clippy::too_many_arguments)]
-    fn conv_bn(&mut self, p: &str, x: &str, cin: usize, cout: usize, k: [usize; 2], stride: usize, pads: [i64; 4], gamma: (f32, f32)) -> String {
+    fn conv_bn(
+        &mut self,
+        p: &str,
+        x: &str,
+        cin: usize,
+        cout: usize,
+        k: [usize; 2],
+        stride: usize,
+        pads: [i64; 4],
+        gamma: (f32, f32),
+    ) -> String {
         let fan_in = cin * k[0] * k[1];
         let a = (6.0 / fan_in as f32).sqrt(); // He-uniform
         let mut w = self.uniform(cout * fan_in, -a, a);
@@ -359,7 +384,8 @@ fn generate(dir: &Path, arch: Arch) -> Models {
         let m = Model::from_proto(resnet(arch, style, true, SEED + i as u64)).unwrap();
         for external in [false, true] {
             let path = model_path(dir, arch, &format!("acnet-{}", style.tag()), external);
-            save(&m, &path, if external { DataMode::External } else { DataMode::Inline }).expect("save a generated model");
+            save(&m, &path, if external { DataMode::External } else { DataMode::Inline })
+                .expect("save a generated model");
         }
         eprintln!("[{}] generated ACNet ({}) in {:.1} s", arch.label(), style.tag(), t.elapsed().as_secs_f64());
     }
@@ -462,7 +488,13 @@ fn run_measured(program: &Path, args: &[&std::ffi::OsStr], stdout: Stdio) -> Pro
     } else {
         hwm
     };
-    ProcStat { wall, max_rss, peak_anon, ok: status.success(), stderr: std::fs::read_to_string(err_file.path()).unwrap_or_default() }
+    ProcStat {
+        wall,
+        max_rss,
+        peak_anon,
+        ok: status.success(),
+        stderr: std::fs::read_to_string(err_file.path()).unwrap_or_default(),
+    }
 }
 
 fn data_file(p: &Path) -> PathBuf {
@@ -646,7 +678,11 @@ fn ok_mark(ok: bool) -> &'static str {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "?".into());
     let mem = status_meminfo().map(|k| format!("{:.1} GiB", k as f64 / (1 << 20) as f64)).unwrap_or_else(|| "?".into());
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
@@ -654,7 +690,9 @@ fn machine() -> String {
 }
 
 fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg").map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")).unwrap_or_else(|_| "?".into())
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
 }
 
 fn status_meminfo() -> Option<u64> {
@@ -803,13 +841,19 @@ fn main() {
                     Stdio::from(out.reopen().unwrap()),
                 );
                 assert!(c.ok, "plain tract run failed: {}", c.stderr);
-                let nums: Vec<f64> = std::fs::read_to_string(out.path()).unwrap().split_whitespace().map(|v| v.parse().unwrap()).collect();
+                let nums: Vec<f64> = std::fs::read_to_string(out.path())
+                    .unwrap()
+                    .split_whitespace()
+                    .map(|v| v.parse().unwrap())
+                    .collect();
                 let p = [(nums[0], nums[1], nums[2]), (nums[3], nums[4], nums[5])];
                 totals.push(c.wall);
                 plain_rss = plain_rss.max(c.max_rss);
                 parts.push(p);
             }
-            let comp = |m: usize, f: fn(&(f64, f64, f64)) -> f64| median(&mut parts.iter().map(|p| f(&p[m])).collect::<Vec<_>>());
+            let comp = |m: usize, f: fn(&(f64, f64, f64)) -> f64| {
+                median(&mut parts.iter().map(|p| f(&p[m])).collect::<Vec<_>>())
+            };
             let plain = [0, 1].map(|m| (comp(m, |p| p.0), comp(m, |p| p.1), comp(m, |p| p.2)));
             let (verify, plain_total) = (median(&mut walls), median(&mut totals));
             eprintln!("[{}-{}] verify {:.2} s vs plain tract {:.2} s", arch.name(), style.tag(), verify, plain_total);
@@ -931,7 +975,11 @@ fn main() {
     println!("- fuse --no-verify <= 2x copy time: {} (worst {:.2}x)", ok_mark(ok_all[0]), worst[0]);
     println!("- fuse peak memory <= 1.5x model size: {} (worst {:.2}x)", ok_mark(ok_all[1]), worst[1]);
     println!("- verify <= 1.2x its two plain inferences: {} (worst {:.2}x)", ok_mark(ok_all[2]), worst[2]);
-    println!("- fused latency within 5% of the baseline: {} (worst {:+.1}%)", ok_mark(ok_all[3]), (worst[3] - 1.0) * 100.0);
+    println!(
+        "- fused latency within 5% of the baseline: {} (worst {:+.1}%)",
+        ok_mark(ok_all[3]),
+        (worst[3] - 1.0) * 100.0
+    );
     println!();
     println!("total bench time {:.0} s", t_all.elapsed().as_secs_f64());
 }

@@ -157,7 +157,12 @@ impl Runner<'_> {
 /// Tract latency of `before` and of `after` (see the module docs), on the inputs `inputs`
 /// describes (only its seed, shapes and input files are used). `Err` when either model cannot
 /// be loaded, typed, optimised or run by tract (e.g. [`Error::Unsupported`]).
-pub fn bench_latency(before: &Path, after: &Path, inputs: &VerifyOptions, opts: &BenchOptions) -> Result<BenchReport, Error> {
+pub fn bench_latency(
+    before: &Path,
+    after: &Path,
+    inputs: &VerifyOptions,
+    opts: &BenchOptions,
+) -> Result<BenchReport, Error> {
     let secs = opts.time.as_secs_f64();
     if !secs.is_finite() {
         return Err(Error::Input("bench time must be finite".into()));

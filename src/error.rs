@@ -123,8 +123,6 @@ impl Panic {
 /// own is a bug, reported as one line by the caller).
 pub(crate) fn catch<T>(f: impl FnOnce() -> T) -> std::result::Result<T, Panic> {
     LAST_PANIC.with(|l| l.borrow_mut().take());
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| Panic {
-        text: payload_text(&*p),
-        recorded: LAST_PANIC.with(|l| l.borrow_mut().take()),
-    })
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|p| Panic { text: payload_text(&*p), recorded: LAST_PANIC.with(|l| l.borrow_mut().take()) })
 }

@@ -35,6 +35,7 @@ mod tract;
 pub mod verify;
 
 pub use error::{one_line, Error, Result};
+pub use graph::consts::ConstError;
 pub use kernel::read::{Form, ReadError};
 pub use kernel::Misfit;
 pub use model::external::is_external;
@@ -45,5 +46,4 @@ pub use pipeline::{
     InspectReport, VerifyFileOptions,
 };
 pub use rewrite::{fuse, validate, FuseReport, Reason, Refusal, RegionReason, Rewrite, RuleId, Stats};
-pub use graph::consts::ConstError;
 pub use verify::{verify, VerifyOptions, VerifyReport};

@@ -8,12 +8,12 @@
 mod common;
 
 use acnet_onnx::fuse;
-use acnet_onnx::{save, DataMode};
 use acnet_onnx::proto::{
     tensor_proto::DataType, type_proto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto,
     TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use acnet_onnx::Model;
+use acnet_onnx::{save, DataMode};
 use prost::Message;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -109,7 +109,10 @@ fn float_input(name: &str, dims: &[i64]) -> ValueInfoProto {
             value: Some(type_proto::Value::TensorType(type_proto::Tensor {
                 elem_type: Some(DataType::Float as i32),
                 shape: Some(TensorShapeProto {
-                    dim: dims.iter().map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() }).collect(),
+                    dim: dims
+                        .iter()
+                        .map(|&d| Dimension { value: Some(Value::DimValue(d)), ..Default::default() })
+                        .collect(),
                 }),
             })),
             ..Default::default()
@@ -191,7 +194,17 @@ fn refused(p: &Path, words: &[&str]) {
     let good = fixture("conv2", "deploy.onnx");
     let runs: Vec<(&str, Vec<&std::ffi::OsStr>)> = vec![
         ("fuse", vec!["fuse".as_ref(), p.as_os_str(), "-o".as_ref(), out.as_os_str()]),
-        ("fuse --inline --no-verify", vec!["fuse".as_ref(), p.as_os_str(), "-o".as_ref(), out.as_os_str(), "--inline".as_ref(), "--no-verify".as_ref()]),
+        (
+            "fuse --inline --no-verify",
+            vec![
+                "fuse".as_ref(),
+                p.as_os_str(),
+                "-o".as_ref(),
+                out.as_os_str(),
+                "--inline".as_ref(),
+                "--no-verify".as_ref(),
+            ],
+        ),
         ("inspect", vec!["inspect".as_ref(), p.as_os_str()]),
         ("verify bad good", vec!["verify".as_ref(), p.as_os_str(), good.as_os_str()]),
         ("verify good bad", vec!["verify".as_ref(), good.as_os_str(), p.as_os_str()]),
@@ -248,7 +261,12 @@ fn case_not_protobuf() {
     let r = cli(&["inspect".as_ref(), folder.as_os_str()]);
     assert_eq!(r.code, 2);
     one_line_naming(&r, "folder.onnx", &["folder"], "folder");
-    let r = cli(&["fuse".as_ref(), d.path().join("missing.onnx").as_os_str(), "-o".as_ref(), d.path().join("o.onnx").as_os_str()]);
+    let r = cli(&[
+        "fuse".as_ref(),
+        d.path().join("missing.onnx").as_os_str(),
+        "-o".as_ref(),
+        d.path().join("o.onnx").as_os_str(),
+    ]);
     assert_eq!(r.code, 2);
     one_line_naming(&r, "missing.onnx", &[], "missing");
     assert!(!d.path().join("o.onnx").exists());
@@ -258,7 +276,8 @@ fn case_not_protobuf() {
 #[test]
 fn case_truncated_models() {
     let d = tempdir();
-    for (model, file) in [("conv2", "ts_fold.onnx"), ("qarepvgg", "ts_nofold_op11.onnx"), ("conv2", "dynamo_ext.onnx")] {
+    for (model, file) in [("conv2", "ts_fold.onnx"), ("qarepvgg", "ts_nofold_op11.onnx"), ("conv2", "dynamo_ext.onnx")]
+    {
         let bytes = std::fs::read(fixture(model, file)).unwrap();
         if file == "dynamo_ext.onnx" {
             std::fs::copy(fixture(model, "dynamo_ext.onnx.data"), d.path().join("dynamo_ext.onnx.data")).unwrap();
@@ -321,12 +340,14 @@ fn case_raw_data_length_mismatch() {
         let t = first_raw(&mut m);
         let tname = t.name().to_string();
         let raw = t.raw_data.take().unwrap().to_vec();
-        t.raw_data = Some(match delta {
-            i64::MIN => Vec::new(),
-            d if d < 0 => raw[..raw.len() - 1].to_vec(),
-            d => [raw, vec![0; d as usize]].concat(),
-        }
-        .into());
+        t.raw_data = Some(
+            match delta {
+                i64::MIN => Vec::new(),
+                d if d < 0 => raw[..raw.len() - 1].to_vec(),
+                d => [raw, vec![0; d as usize]].concat(),
+            }
+            .into(),
+        );
         let p = d.path().join(name);
         write(&m, &p);
         refused(&p, &[&format!("tensor '{tname}'"), "bytes of data"]);
@@ -363,7 +384,10 @@ fn case_declared_sizes_far_beyond_the_file() {
     refused(&d.path().join("huge_raw.onnx"), &["bytes of data"]);
 
     // typed fields: float_data with 3 values, dims of 2^40 elements; and no data at all
-    for (name, dims, vals) in [("huge_typed.onnx", vec![1i64 << 40], vec![1.0f32, 2.0, 3.0]), ("no_data.onnx", vec![1 << 20, 1 << 20], vec![])] {
+    for (name, dims, vals) in [
+        ("huge_typed.onnx", vec![1i64 << 40], vec![1.0f32, 2.0, 3.0]),
+        ("no_data.onnx", vec![1 << 20, 1 << 20], vec![]),
+    ] {
         let mut m = read(&fixture("conv2", "ts_fold.onnx"));
         let t = first_raw(&mut m);
         t.raw_data = None;
@@ -413,7 +437,9 @@ fn case_declared_input_shape_too_big_to_check() {
     use acnet_onnx::proto::tensor_shape_proto::dimension::Value;
     let d = tempdir();
     let mut m = read(&fixture("conv2", "ts_fold.onnx"));
-    let Some(type_proto::Value::TensorType(t)) = graph(&mut m).input[0].r#type.as_mut().unwrap().value.as_mut() else { panic!() };
+    let Some(type_proto::Value::TensorType(t)) = graph(&mut m).input[0].r#type.as_mut().unwrap().value.as_mut() else {
+        panic!()
+    };
     for (dim, v) in t.shape.as_mut().unwrap().dim.iter_mut().zip([1i64 << 20, 3, 1 << 12, 1 << 12]) {
         dim.value = Some(Value::DimValue(v));
     }
@@ -460,7 +486,8 @@ fn case_fuzz_pad_of_absurd_size() {
     let mut model = Model::load(&p).unwrap();
     let r = fuse(&mut model).unwrap();
     assert!(
-        r.refused.iter().any(|f| f.rule == "affine_region" && f.reason.to_string().contains("inside the region: 'node_pad' would be a tensor")),
+        r.refused.iter().any(|f| f.rule == "affine_region"
+            && f.reason.to_string().contains("inside the region: 'node_pad' would be a tensor")),
         "{:?}",
         r.refused
     );
@@ -494,7 +521,9 @@ fn case_computed_negative_pad_is_not_run_in_tract() {
     let r = fuse(&mut m).unwrap();
     assert!(r.rewrites.is_empty(), "{:?}", r.rewrites);
     assert!(
-        r.refused.iter().any(|f| f.rule == "affine_region" && f.reason.to_string().contains("Pad 'crop_pad' has negative amounts")),
+        r.refused
+            .iter()
+            .any(|f| f.rule == "affine_region" && f.reason.to_string().contains("Pad 'crop_pad' has negative amounts")),
         "{:?}",
         r.refused
     );
@@ -656,7 +685,8 @@ fn case_duplicate_tensor_names() {
 fn case_nodes_missing_required_inputs() {
     let d = tempdir();
     let base = read(&fixture("conv2", "ts_nofold_op11.onnx"));
-    let first = |m: &mut ModelProto, op: &str| -> usize { graph(m).node.iter().position(|n| n.op_type() == op).unwrap() };
+    let first =
+        |m: &mut ModelProto, op: &str| -> usize { graph(m).node.iter().position(|n| n.op_type() == op).unwrap() };
     let mut cases: Vec<(&str, ModelProto, &str)> = vec![];
     let mut m = base.clone();
     let i = first(&mut m, "Conv");
@@ -684,7 +714,16 @@ fn case_nodes_missing_required_inputs() {
     let conv = first(&mut m, "Conv");
     let g = graph(&mut m);
     g.node[conv].input[0] = "padded".into();
-    g.node.insert(conv, NodeProto { input: vec![x], output: vec!["padded".into()], op_type: Some("Pad".into()), name: Some("pad".into()), ..Default::default() });
+    g.node.insert(
+        conv,
+        NodeProto {
+            input: vec![x],
+            output: vec!["padded".into()],
+            op_type: Some("Pad".into()),
+            name: Some("pad".into()),
+            ..Default::default()
+        },
+    );
     cases.push(("pad_one_input.onnx", m, "at opset 11 it takes 2 to 4"));
     for (name, m, word) in cases {
         let p = d.path().join(name);
@@ -813,7 +852,11 @@ fn case_operator_tract_cannot_run() {
         no_crash(&r, name);
         assert_eq!(r.code, 0, "{name}: {}\n{}", r.stderr, r.stdout);
         assert_eq!(r.stderr.lines().count(), 1, "{name}: {}", r.stderr);
-        assert!(r.stderr.contains("warning") && r.stderr.contains(op) && r.stderr.contains("--no-verify"), "{name}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("warning") && r.stderr.contains(op) && r.stderr.contains("--no-verify"),
+            "{name}: {}",
+            r.stderr
+        );
         assert!(r.stdout.contains("merged") && fused.exists(), "{}", r.stdout);
         let back = Model::load(&fused).unwrap();
         assert!(back.proto.graph.as_ref().unwrap().node.iter().any(|n| n.op_type() == op));
@@ -936,9 +979,9 @@ fn case_in_test_fuzz_truncations_and_byte_flips() {
                 Ok(true) => loaded += 1,
                 Ok(false) => {}
                 Err(e) => {
-                let keep = keep_dir().join(format!("mutant_{runs}.onnx"));
-                std::fs::write(&keep, &b).unwrap();
-                failures.push(format!("run {runs}: {e} (kept as {})", keep.display()));
+                    let keep = keep_dir().join(format!("mutant_{runs}.onnx"));
+                    std::fs::write(&keep, &b).unwrap();
+                    failures.push(format!("run {runs}: {e} (kept as {})", keep.display()));
                 }
             }
         }
@@ -952,11 +995,38 @@ fn case_in_test_fuzz_truncations_and_byte_flips() {
 /// set to extreme values, so the rules see every odd shape of Conv / BN / Pad / Slice / Add.
 fn structural_mutant(base: &ModelProto, rng: &mut Rng) -> ModelProto {
     use acnet_onnx::proto::AttributeProto;
-    const OPS: [&str; 14] =
-        ["Conv", "BatchNormalization", "Add", "Sum", "Slice", "Pad", "Mul", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Constant", "Relu", "Cast"];
+    const OPS: [&str; 14] = [
+        "Conv",
+        "BatchNormalization",
+        "Add",
+        "Sum",
+        "Slice",
+        "Pad",
+        "Mul",
+        "Reshape",
+        "Unsqueeze",
+        "Squeeze",
+        "Identity",
+        "Constant",
+        "Relu",
+        "Cast",
+    ];
     const INTS: [i64; 9] = [i64::MIN, -(1 << 40), -3, -1, 0, 1, 2, 7, i64::MAX];
-    const ATTRS: [&str; 13] =
-        ["group", "strides", "dilations", "pads", "kernel_shape", "auto_pad", "axes", "starts", "ends", "mode", "training_mode", "spatial", "epsilon"];
+    const ATTRS: [&str; 13] = [
+        "group",
+        "strides",
+        "dilations",
+        "pads",
+        "kernel_shape",
+        "auto_pad",
+        "axes",
+        "starts",
+        "ends",
+        "mode",
+        "training_mode",
+        "spatial",
+        "epsilon",
+    ];
     let mut m = base.clone();
     let g = m.graph.as_mut().unwrap();
     let names: Vec<String> = g
@@ -989,7 +1059,13 @@ fn structural_mutant(base: &ModelProto, rng: &mut Rng) -> ModelProto {
                     0 => a.i = Some(INTS[rng.below(INTS.len())]),
                     1 => a.ints = (0..rng.below(9)).map(|_| INTS[rng.below(INTS.len())]).collect(),
                     2 => a.f = Some([f32::NAN, f32::INFINITY, -1.0, 0.0, 1e30][rng.below(5)]),
-                    _ => a.s = Some(["SAME_UPPER", "SAME_LOWER", "VALID", "reflect", "edge", ""][rng.below(6)].as_bytes().to_vec()),
+                    _ => {
+                        a.s = Some(
+                            ["SAME_UPPER", "SAME_LOWER", "VALID", "reflect", "edge", ""][rng.below(6)]
+                                .as_bytes()
+                                .to_vec(),
+                        )
+                    }
                 }
                 n.attribute.push(a);
             }
@@ -1033,7 +1109,9 @@ fn case_in_test_fuzz_structural_mutations() {
     let mut rng = Rng(0xacde_0005);
     let mut failures = vec![];
     let (mut runs, mut loaded) = (0, 0);
-    for (model, file) in [("conv2", "ts_nofold_op11.onnx"), ("qarepvgg", "dynamo_inline.onnx"), ("corners", "ts_nofold_op11.onnx")] {
+    for (model, file) in
+        [("conv2", "ts_nofold_op11.onnx"), ("qarepvgg", "dynamo_inline.onnx"), ("corners", "ts_nofold_op11.onnx")]
+    {
         let base = read(&fixture(model, file));
         for _ in 0..700 {
             let m = structural_mutant(&base, &mut rng);

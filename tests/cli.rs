@@ -2,8 +2,8 @@
 //! folder or stale data file left, the input never modified, `-o` naming an input file refused
 //! unless `--in-place`, reports, verify and inspect.
 
-use acnet_onnx::{save, DataMode};
 use acnet_onnx::Model;
+use acnet_onnx::{save, DataMode};
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
@@ -46,7 +46,11 @@ fn fails_with(r: &Run, file: &str, words: &[&str], what: &str) {
     no_crash(r, what);
     assert_eq!(r.code, 2, "{what}: exit {}\nstderr: {}\nstdout: {}", r.code, r.stderr, r.stdout);
     assert_eq!(r.stderr.lines().count(), 1, "{what}: not one line:\n{}", r.stderr);
-    assert!(r.stderr.starts_with("acnet-onnx: ") && r.stderr.contains(file), "{what}: does not name {file}: {}", r.stderr);
+    assert!(
+        r.stderr.starts_with("acnet-onnx: ") && r.stderr.contains(file),
+        "{what}: does not name {file}: {}",
+        r.stderr
+    );
     for w in words {
         assert!(r.stderr.contains(w), "{what}: lacks {w:?}: {}", r.stderr);
     }
@@ -68,7 +72,8 @@ fn snapshot(dir: &Path) -> BTreeMap<String, Vec<u8>> {
 }
 
 fn names(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     v.sort();
     v
 }
@@ -191,7 +196,8 @@ fn case_output_naming_the_input_is_refused_unless_in_place() {
     let renamed = d.path().join("renamed.onnx");
     std::fs::copy(&input, &renamed).unwrap();
     let before_renamed = snapshot(d.path());
-    let r = cli(&[OsStr::new("fuse"), renamed.as_os_str(), OsStr::new("-o"), input.as_os_str(), OsStr::new("--inline")]);
+    let r =
+        cli(&[OsStr::new("fuse"), renamed.as_os_str(), OsStr::new("-o"), input.as_os_str(), OsStr::new("--inline")]);
     fails_with(&r, "dynamo_ext.onnx.data", &["a file of the input"], "-o output whose .data is the input's");
     assert!(snapshot(d.path()) == before_renamed);
     std::fs::remove_file(&renamed).unwrap();
@@ -199,7 +205,8 @@ fn case_output_naming_the_input_is_refused_unless_in_place() {
     no_staging_left(d.path());
 
     // --in-place: works, and the result is loadable and equivalent to the original fixture
-    let r = cli(&[OsStr::new("fuse"), input.as_os_str(), OsStr::new("-o"), input.as_os_str(), OsStr::new("--in-place")]);
+    let r =
+        cli(&[OsStr::new("fuse"), input.as_os_str(), OsStr::new("-o"), input.as_os_str(), OsStr::new("--in-place")]);
     ok(&r, "--in-place");
     assert!(snapshot(d.path()) != before, "--in-place changed nothing");
     assert_eq!(names(d.path()), ["dynamo_ext.onnx", "dynamo_ext.onnx.data"]);
@@ -208,7 +215,14 @@ fn case_output_naming_the_input_is_refused_unless_in_place() {
     let original = fixture("conv2", "dynamo_ext.onnx");
     ok(&cli(&[OsStr::new("verify"), original.as_os_str(), input.as_os_str()]), "verify in-place result");
     // in place, inline: the model's data file goes with it
-    let r = cli(&[OsStr::new("fuse"), input.as_os_str(), OsStr::new("-o"), input.as_os_str(), OsStr::new("--in-place"), OsStr::new("--inline")]);
+    let r = cli(&[
+        OsStr::new("fuse"),
+        input.as_os_str(),
+        OsStr::new("-o"),
+        input.as_os_str(),
+        OsStr::new("--in-place"),
+        OsStr::new("--inline"),
+    ]);
     ok(&r, "--in-place --inline");
     assert_eq!(names(d.path()), ["dynamo_ext.onnx"]);
     assert!(!Model::load(&input).unwrap().has_external_data());
@@ -228,11 +242,26 @@ fn case_output_where_it_cannot_go() {
     fails_with(&r, "a_folder", &["folder"], "output is a folder");
     // a report naming the input, or the output
     let out = d.path().join("out.onnx");
-    let r = cli(&[OsStr::new("fuse"), input.as_os_str(), OsStr::new("-o"), out.as_os_str(), OsStr::new("--report"), input.as_os_str()]);
+    let r = cli(&[
+        OsStr::new("fuse"),
+        input.as_os_str(),
+        OsStr::new("-o"),
+        out.as_os_str(),
+        OsStr::new("--report"),
+        input.as_os_str(),
+    ]);
     fails_with(&r, "ts_fold.onnx", &["--report"], "report = input");
-    let r = cli(&[OsStr::new("fuse"), input.as_os_str(), OsStr::new("-o"), out.as_os_str(), OsStr::new("--report"), out.as_os_str()]);
+    let r = cli(&[
+        OsStr::new("fuse"),
+        input.as_os_str(),
+        OsStr::new("-o"),
+        out.as_os_str(),
+        OsStr::new("--report"),
+        out.as_os_str(),
+    ]);
     fails_with(&r, "out.onnx", &["--report"], "report = output");
-    let r = cli(&[OsStr::new("verify"), input.as_os_str(), input.as_os_str(), OsStr::new("--report"), input.as_os_str()]);
+    let r =
+        cli(&[OsStr::new("verify"), input.as_os_str(), input.as_os_str(), OsStr::new("--report"), input.as_os_str()]);
     fails_with(&r, "ts_fold.onnx", &["--report"], "verify report = input");
     assert_eq!(names(d.path()), ["a_folder"]);
     assert!(names(&folder).is_empty());
@@ -255,10 +284,38 @@ fn case_bad_arguments() {
         ("zero samples", vec![OsStr::new("verify"), i, i, OsStr::new("--samples"), OsStr::new("0")]),
         ("bad input shape", vec![OsStr::new("verify"), i, i, OsStr::new("--input-shape"), OsStr::new("input:1,x")]),
         ("negative atol", vec![OsStr::new("fuse"), i, OsStr::new("-o"), o, OsStr::new("--atol=-1")]),
-        ("bench time without --bench", vec![OsStr::new("fuse"), i, OsStr::new("-o"), o, OsStr::new("--bench-time"), OsStr::new("1")]),
-        ("zero bench runs", vec![OsStr::new("fuse"), i, OsStr::new("-o"), o, OsStr::new("--bench"), OsStr::new("--bench-runs"), OsStr::new("0")]),
-        ("negative bench time", vec![OsStr::new("fuse"), i, OsStr::new("-o"), o, OsStr::new("--bench"), OsStr::new("--bench-time=-1")]),
-        ("bench time not a number", vec![OsStr::new("fuse"), i, OsStr::new("-o"), o, OsStr::new("--bench"), OsStr::new("--bench-time"), OsStr::new("nan")]),
+        (
+            "bench time without --bench",
+            vec![OsStr::new("fuse"), i, OsStr::new("-o"), o, OsStr::new("--bench-time"), OsStr::new("1")],
+        ),
+        (
+            "zero bench runs",
+            vec![
+                OsStr::new("fuse"),
+                i,
+                OsStr::new("-o"),
+                o,
+                OsStr::new("--bench"),
+                OsStr::new("--bench-runs"),
+                OsStr::new("0"),
+            ],
+        ),
+        (
+            "negative bench time",
+            vec![OsStr::new("fuse"), i, OsStr::new("-o"), o, OsStr::new("--bench"), OsStr::new("--bench-time=-1")],
+        ),
+        (
+            "bench time not a number",
+            vec![
+                OsStr::new("fuse"),
+                i,
+                OsStr::new("-o"),
+                o,
+                OsStr::new("--bench"),
+                OsStr::new("--bench-time"),
+                OsStr::new("nan"),
+            ],
+        ),
     ] {
         let r = cli(&args);
         no_crash(&r, what);
@@ -280,7 +337,14 @@ fn case_fuse_report_json() {
     let out = d.path().join("deploy.onnx");
     let report = d.path().join("report.json");
     let input = fixture("qarepvgg", "ts_nofold_op11.onnx");
-    let r = cli(&[OsStr::new("fuse"), input.as_os_str(), OsStr::new("-o"), out.as_os_str(), OsStr::new("--report"), report.as_os_str()]);
+    let r = cli(&[
+        OsStr::new("fuse"),
+        input.as_os_str(),
+        OsStr::new("-o"),
+        out.as_os_str(),
+        OsStr::new("--report"),
+        report.as_os_str(),
+    ]);
     ok(&r, "report");
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert_eq!(v["passed"], true);
@@ -291,7 +355,15 @@ fn case_fuse_report_json() {
     for k in ["bns_folded", "rewrites", "refused", "before", "after"] {
         assert!(!v["fuse"][k].is_null(), "fuse.{k} missing: {v}");
     }
-    let r = cli(&[OsStr::new("fuse"), input.as_os_str(), OsStr::new("-o"), out.as_os_str(), OsStr::new("--report"), report.as_os_str(), OsStr::new("--no-verify")]);
+    let r = cli(&[
+        OsStr::new("fuse"),
+        input.as_os_str(),
+        OsStr::new("-o"),
+        out.as_os_str(),
+        OsStr::new("--report"),
+        report.as_os_str(),
+        OsStr::new("--no-verify"),
+    ]);
     ok(&r, "report, no verify");
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     assert!(v["passed"].is_null() && v["verified"] == false && v["outputs"].is_array() && v["fuse"].is_object(), "{v}");
@@ -307,7 +379,14 @@ fn case_failed_check_writes_nothing_unless_forced() {
     let out = d.path().join("deploy.onnx");
     let report = d.path().join("report.json");
     let strict = ["--atol", "0", "--rtol", "0"];
-    let mut args: Vec<&OsStr> = vec!["fuse".as_ref(), input.as_os_str(), "-o".as_ref(), out.as_os_str(), "--report".as_ref(), report.as_os_str()];
+    let mut args: Vec<&OsStr> = vec![
+        "fuse".as_ref(),
+        input.as_os_str(),
+        "-o".as_ref(),
+        out.as_os_str(),
+        "--report".as_ref(),
+        report.as_os_str(),
+    ];
     args.extend(strict.iter().map(OsStr::new));
     let r = cli(&args);
     no_crash(&r, "strict");
@@ -352,7 +431,13 @@ fn case_verify_exit_codes() {
     let changed = d.path().join("changed.onnx");
     save(&m, &changed, DataMode::Inline).unwrap();
     let report = d.path().join("verify.json");
-    let r = cli(&[OsStr::new("verify"), reference.as_os_str(), changed.as_os_str(), OsStr::new("--report"), report.as_os_str()]);
+    let r = cli(&[
+        OsStr::new("verify"),
+        reference.as_os_str(),
+        changed.as_os_str(),
+        OsStr::new("--report"),
+        report.as_os_str(),
+    ]);
     no_crash(&r, "verify changed");
     assert_eq!(r.code, 1, "{}\n{}", r.stderr, r.stdout);
     assert!(r.stdout.contains("FAIL") && r.stdout.contains("NOT EQUIVALENT"), "{}", r.stdout);
@@ -375,7 +460,11 @@ fn case_inspect_prints_the_initializers() {
     assert!(r.stdout.contains("ir_version") && r.stdout.contains("blocks that fuse would rewrite"), "{}", r.stdout);
     assert!(r.stdout.contains(&format!("initializers ({})", inits.len())), "{}", r.stdout);
     for t in inits {
-        let line = r.stdout.lines().find(|l| l.trim_start().starts_with(&format!("{} ", t.name()))).unwrap_or_else(|| panic!("{} not listed", t.name()));
+        let line = r
+            .stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{} ", t.name())))
+            .unwrap_or_else(|| panic!("{} not listed", t.name()));
         let dtype = acnet_onnx::proto::tensor_proto::DataType::try_from(t.data_type()).unwrap();
         assert!(line.contains(dtype.as_str_name()), "{line}");
         assert!(line.contains(&serde_json::to_string(&t.dims).unwrap()), "{line}");
@@ -394,8 +483,17 @@ fn case_inspect_prints_the_initializers() {
 
 /// The `latency: A ms -> B ms (...)` line of a `fuse --bench` run.
 fn latency_line(r: &Run) -> &str {
-    let l = r.stdout.lines().find(|l| l.starts_with("latency: ")).unwrap_or_else(|| panic!("no latency line:\n{}", r.stdout));
-    assert!(l.contains(" ms -> ") && l.ends_with("runs, tract optimised plan)") && (l.contains("x faster") || l.contains("x slower")), "{l}");
+    let l = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("latency: "))
+        .unwrap_or_else(|| panic!("no latency line:\n{}", r.stdout));
+    assert!(
+        l.contains(" ms -> ")
+            && l.ends_with("runs, tract optimised plan)")
+            && (l.contains("x faster") || l.contains("x slower")),
+        "{l}"
+    );
     l
 }
 
@@ -430,7 +528,14 @@ fn case_fuse_bench_reports_latency() {
     let report = d.path().join("report.json");
     let input = fixture("resnet20", "ts_nofold_op11.onnx");
     let fuse = |extra: &[&str]| {
-        let mut args: Vec<&OsStr> = vec!["fuse".as_ref(), input.as_os_str(), "-o".as_ref(), out.as_os_str(), "--report".as_ref(), report.as_os_str()];
+        let mut args: Vec<&OsStr> = vec![
+            "fuse".as_ref(),
+            input.as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+            "--report".as_ref(),
+            report.as_os_str(),
+        ];
         args.extend(extra.iter().map(OsStr::new));
         let r = cli(&args);
         let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
@@ -469,7 +574,18 @@ fn case_fuse_bench_reports_latency() {
 
     // a symbolic batch: run at 1, said in a note, also with --no-verify
     let dynbatch = fixture("conv2", "ts_dynbatch.onnx");
-    let r = cli(&[OsStr::new("fuse"), dynbatch.as_os_str(), OsStr::new("-o"), out.as_os_str(), OsStr::new("--no-verify"), OsStr::new("--bench"), OsStr::new("--bench-time"), OsStr::new("0"), OsStr::new("--report"), report.as_os_str()]);
+    let r = cli(&[
+        OsStr::new("fuse"),
+        dynbatch.as_os_str(),
+        OsStr::new("-o"),
+        out.as_os_str(),
+        OsStr::new("--no-verify"),
+        OsStr::new("--bench"),
+        OsStr::new("--bench-time"),
+        OsStr::new("0"),
+        OsStr::new("--report"),
+        report.as_os_str(),
+    ]);
     ok(&r, "dynbatch --bench");
     latency_line(&r);
     assert!(r.stdout.contains("note: ") && r.stdout.contains("symbolic; defaulting to 1"), "{}", r.stdout);
@@ -491,14 +607,30 @@ fn case_fuse_bench_unsupported_operator_warns() {
     let out = d.path().join("deploy.onnx");
     let report = d.path().join("report.json");
     for extra in [&["--bench"][..], &["--bench", "--no-verify"]] {
-        let mut args: Vec<&OsStr> = vec!["fuse".as_ref(), input.as_os_str(), "-o".as_ref(), out.as_os_str(), "--report".as_ref(), report.as_os_str()];
+        let mut args: Vec<&OsStr> = vec![
+            "fuse".as_ref(),
+            input.as_os_str(),
+            "-o".as_ref(),
+            out.as_os_str(),
+            "--report".as_ref(),
+            report.as_os_str(),
+        ];
         args.extend(extra.iter().map(OsStr::new));
         let r = cli(&args);
         let what = format!("{extra:?}");
         ok(&r, &what);
         assert!(r.stdout.contains("wrote") && !r.stdout.contains("latency"), "{what}: {}", r.stdout);
-        let warning = r.stderr.lines().find(|l| l.contains("no latency measured")).unwrap_or_else(|| panic!("{what}: no warning: {}", r.stderr));
-        assert!(warning.starts_with("acnet-onnx: warning: ") && warning.contains("Bernoulli") && warning.contains("bernoulli.onnx"), "{what}: {warning}");
+        let warning = r
+            .stderr
+            .lines()
+            .find(|l| l.contains("no latency measured"))
+            .unwrap_or_else(|| panic!("{what}: no warning: {}", r.stderr));
+        assert!(
+            warning.starts_with("acnet-onnx: warning: ")
+                && warning.contains("Bernoulli")
+                && warning.contains("bernoulli.onnx"),
+            "{what}: {warning}"
+        );
         // with the check: its warning too; without: only this one
         assert_eq!(r.stderr.lines().count(), if extra.len() == 1 { 2 } else { 1 }, "{what}: {}", r.stderr);
         let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();

@@ -1,10 +1,10 @@
 //! Every fixture export, fused, has PyTorch's deploy structure and reproduces PyTorch's outputs
 //! (saved in io.npz) in tract; merged weights match PyTorch's own deploy weights.
 
-use acnet_onnx::{fuse, Stats};
-use acnet_onnx::{save, DataMode};
 use acnet_onnx::tensor::to_f64;
 use acnet_onnx::Model;
+use acnet_onnx::{fuse, Stats};
+use acnet_onnx::{save, DataMode};
 use ndarray::{ArrayD, IxDyn};
 use ndarray_npy::NpzReader;
 use std::path::{Path, PathBuf};

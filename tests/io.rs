@@ -2,10 +2,10 @@
 
 mod common;
 
-use acnet_onnx::{save, DataMode};
 use acnet_onnx::proto::{tensor_proto::DataType, ModelProto, TensorProto};
 use acnet_onnx::tensor::{from_f64, from_i64, to_f64, to_i64, FloatType};
 use acnet_onnx::Model;
+use acnet_onnx::{save, DataMode};
 use prost::Message;
 use std::path::{Path, PathBuf};
 
@@ -95,7 +95,11 @@ fn case_external_data_roundtrips_inline_and_external() {
     save(&m, &dir.path().join("x.onnx"), DataMode::Inline).unwrap();
     assert!(!dir.path().join("x.onnx.data").exists());
     // no staging folder left behind
-    assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e.unwrap().file_name().to_string_lossy().starts_with(".acnet")));
+    assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with(".acnet")));
 }
 
 fn copy_ext(dir: &Path) -> PathBuf {
@@ -266,7 +270,9 @@ fn case_large_tensors_copied_file_to_file() {
         assert_eq!(convs.len(), 2, "{mode:?}");
         // the untouched conv's weight: the input's bytes
         let orig = b.model();
-        let raw = |m: &ModelProto, n: &str| graph(m).initializer.iter().find(|t| t.name() == n).unwrap().raw_data.clone().unwrap();
+        let raw = |m: &ModelProto, n: &str| {
+            graph(m).initializer.iter().find(|t| t.name() == n).unwrap().raw_data.clone().unwrap()
+        };
         assert!(raw(&fused, "post.w") == raw(&orig, "post.w"), "{mode:?}: untouched weight changed");
         // the merged conv: sq + ver (centre column) + hor (centre row)
         let k = conv_of(&fused, convs.iter().find(|n| n.name() != "post").unwrap());

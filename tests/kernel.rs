@@ -16,7 +16,17 @@ fn rand_arr(rng: &mut StdRng, shape: &[usize]) -> ArrayD<f64> {
 
 /// A random convolution with weight `[o, cin/groups, k...]` and a random bias.
 #[allow(clippy::too_many_arguments)]
-fn conv(rng: &mut StdRng, o: usize, cin: usize, groups: usize, k: &[usize], strides: &[usize], dilations: &[usize], pb: &[i64], pe: &[i64]) -> AffineConv {
+fn conv(
+    rng: &mut StdRng,
+    o: usize,
+    cin: usize,
+    groups: usize,
+    k: &[usize],
+    strides: &[usize],
+    dilations: &[usize],
+    pb: &[i64],
+    pe: &[i64],
+) -> AffineConv {
     let mut shape = vec![o, cin / groups];
     shape.extend_from_slice(k);
     let w = rand_arr(rng, &shape);
@@ -53,7 +63,10 @@ fn check_merge(big: &AffineConv, smalls: &[&AffineConv], x: &ArrayD<f64>, what: 
         want += &y;
     }
     // geometry is the big conv's
-    assert_eq!((&merged.pads_begin, &merged.pads_end, &merged.strides, &merged.dilations), (&big.pads_begin, &big.pads_end, &big.strides, &big.dilations));
+    assert_eq!(
+        (&merged.pads_begin, &merged.pads_end, &merged.strides, &merged.dilations),
+        (&big.pads_begin, &big.pads_end, &big.strides, &big.dilations)
+    );
     assert_close(&merged.apply(x), &want, what);
     offs
 }
@@ -62,7 +75,15 @@ fn check_merge(big: &AffineConv, smalls: &[&AffineConv], x: &ArrayD<f64>, what: 
 // An independent direct 2-D convolution: zero-pad a copy of x explicitly, then each output is
 // the dot product of a strided (dilated) window of the padded copy with the kernel.
 
-fn naive_conv2d(x: &ArrayD<f64>, w: &ArrayD<f64>, b: &Array1<f64>, groups: usize, stride: [usize; 2], dil: [usize; 2], pads: [usize; 4]) -> ArrayD<f64> {
+fn naive_conv2d(
+    x: &ArrayD<f64>,
+    w: &ArrayD<f64>,
+    b: &Array1<f64>,
+    groups: usize,
+    stride: [usize; 2],
+    dil: [usize; 2],
+    pads: [usize; 4],
+) -> ArrayD<f64> {
     let x = x.view().into_dimensionality::<Ix4>().unwrap();
     let w = w.view().into_dimensionality::<Ix4>().unwrap();
     let (n, c, h, wd) = x.dim();
@@ -432,7 +453,11 @@ fn case_crop_branches_into_unpadded_3x3() {
     let mut plain_ver = ver.clone();
     plain_ver.crop_begin = vec![0, 0];
     plain_ver.crop_end = vec![0, 0];
-    assert_close(&ver.apply(&x), &naive_of(&plain_ver, &x.slice(s![.., .., .., 1..-1]).to_owned().into_dyn()), "3x1 on x[..., 1:-1]");
+    assert_close(
+        &ver.apply(&x),
+        &naive_of(&plain_ver, &x.slice(s![.., .., .., 1..-1]).to_owned().into_dyn()),
+        "3x1 on x[..., 1:-1]",
+    );
     let offs = check_merge(&big, &[&ver, &hor, &one], &x, "crop");
     assert_eq!(offs, vec![vec![0, 1], vec![1, 0], vec![1, 1]]);
     // and the merged conv against the independent convolution

@@ -30,12 +30,12 @@
 
 mod common;
 
-use acnet_onnx::{fuse, FuseReport};
-use acnet_onnx::{save, DataMode};
 use acnet_onnx::proto::{attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, NodeProto};
 use acnet_onnx::tensor::{from_f64, from_i64, to_i64, FloatType};
 use acnet_onnx::verify::{verify, VerifyOptions};
 use acnet_onnx::Model;
+use acnet_onnx::{fuse, FuseReport};
+use acnet_onnx::{save, DataMode};
 use common::*;
 use ndarray::{ArrayD, Ix1, IxDyn, Slice};
 use proptest::prelude::*;
@@ -500,7 +500,11 @@ fn gen_aligned(v: &[u16]) -> Block {
     let operand = |ch: &mut Ch| {
         let form = ch.of(&[Form::Chan, Form::BatchChan, Form::Scalar, Form::One]);
         let src = ch.of(&[Src::Initializer, Src::Initializer, Src::ConstantNode, Src::Reshape, Src::Unsqueeze]);
-        let src = if matches!(form, Form::Chan | Form::BatchChan) || src == Src::ConstantNode { src } else { Src::Initializer };
+        let src = if matches!(form, Form::Chan | Form::BatchChan) || src == Src::ConstantNode {
+            src
+        } else {
+            Src::Initializer
+        };
         Operand { form, src, first: ch.chance(50) }
     };
     let bn_style = |ch: &mut Ch| BnStyle { epsilon: ch.of(&[1e-5f32, 1e-5, 1e-3, 0.1]), training_attr: ch.chance(20) };
@@ -572,7 +576,8 @@ fn gen_aligned(v: &[u16]) -> Block {
         let j = ch.pick(i + 1);
         order.swap(i, j);
     }
-    let tree = if ch.chance(20) { Tree::Sum(order.iter().map(|&l| Tree::Leaf(l)).collect()) } else { gen_tree(ch, &order) };
+    let tree =
+        if ch.chance(20) { Tree::Sum(order.iter().map(|&l| Tree::Leaf(l)).collect()) } else { gen_tree(ch, &order) };
     let bn_after = ch.chance(30).then(|| bn_style(ch));
     let shuffle = ch.chance(30).then(|| ch.pick(1 << 16) as u64);
     let explicit_defaults = ch.chance(30);
@@ -623,7 +628,8 @@ fn gen_misaligned(v: &[u16], mv: &[u16]) -> Block {
     let target: Vec<usize> = leaf_shapes(&b).expect("aligned block")[0][2..].to_vec();
     let n = 1 + ch.pick(3);
     for _ in 0..n {
-        let convs: Vec<usize> = (0..b.branches.len()).filter(|&i| matches!(b.branches[i].kind, Kind::Conv(_))).collect();
+        let convs: Vec<usize> =
+            (0..b.branches.len()).filter(|&i| matches!(b.branches[i].kind, Kind::Conv(_))).collect();
         let i = convs[ch.pick(convs.len())];
         let a = ch.pick(r);
         let t = ch.of(&[1i64, -1, 2, -2]);
@@ -677,7 +683,8 @@ fn gen_misaligned(v: &[u16], mv: &[u16]) -> Block {
                 format!("{name}: kernel {} on axis {a}", g.kernel[a])
             }
             6 => {
-                let cands: Vec<usize> = (1..=cin).filter(|&d| cin % d == 0 && g.out % d == 0 && d != g.groups).collect();
+                let cands: Vec<usize> =
+                    (1..=cin).filter(|&d| cin % d == 0 && g.out % d == 0 && d != g.groups).collect();
                 if cands.is_empty() {
                     continue;
                 }
@@ -809,7 +816,12 @@ fn const_operand(b: &mut Builder, name: &str, a: &ArrayD<f64>, src: Src, opset: 
         Src::Initializer => b.initializer(name, a),
         Src::ConstantNode => {
             let t = from_f64(&format!("{name}.value"), a, b.dtype);
-            let attr = AttributeProto { name: Some("value".into()), t: Some(t), r#type: Some(AttributeType::Tensor as i32), ..Default::default() };
+            let attr = AttributeProto {
+                name: Some("value".into()),
+                t: Some(t),
+                r#type: Some(AttributeType::Tensor as i32),
+                ..Default::default()
+            };
             b.node("Constant", name, &[], &[name], vec![attr])
         }
         Src::Reshape | Src::Unsqueeze => {
@@ -922,10 +934,14 @@ fn build(bl: &Block) -> Built {
                     }
                     let starts: Vec<i64> = axes.iter().map(|&a| cb[a]).collect();
                     let ends: Vec<i64> = axes.iter().map(|&a| if ce[a] == 0 { i64::MAX } else { -ce[a] }).collect();
-                    let ax: Vec<i64> = axes.iter().map(|&a| if bl.slice_negative_axes { a as i64 - r as i64 } else { a as i64 + 2 }).collect();
+                    let ax: Vec<i64> = axes
+                        .iter()
+                        .map(|&a| if bl.slice_negative_axes { a as i64 - r as i64 } else { a as i64 + 2 })
+                        .collect();
                     let name = format!("{n}.slice");
                     src = if bl.opset < 10 {
-                        let attrs = vec![attr_ints("starts", &starts), attr_ints("ends", &ends), attr_ints("axes", &ax)];
+                        let attrs =
+                            vec![attr_ints("starts", &starts), attr_ints("ends", &ends), attr_ints("axes", &ax)];
                         b.node("Slice", &name, &[&src], &[], attrs)
                     } else {
                         let steps = vec![1i64; axes.len()];
@@ -949,11 +965,18 @@ fn build(bl: &Block) -> Built {
                 }
                 let attrs = ConvAttrs {
                     pads: (g.auto_pad.is_none() && (ex || g.pads.iter().any(|&p| p != 0))).then(|| g.pads.clone()),
-                    strides: (ex || g.strides.iter().any(|&s| s != 1)).then(|| g.strides.iter().map(|&s| s as i64).collect()),
-                    dilations: (ex || g.dilations.iter().any(|&s| s != 1)).then(|| g.dilations.iter().map(|&s| s as i64).collect()),
+                    strides: (ex || g.strides.iter().any(|&s| s != 1))
+                        .then(|| g.strides.iter().map(|&s| s as i64).collect()),
+                    dilations: (ex || g.dilations.iter().any(|&s| s != 1))
+                        .then(|| g.dilations.iter().map(|&s| s as i64).collect()),
                     group: (ex || g.groups != 1).then_some(g.groups as i64),
                 };
-                let y = b.conv_with(&format!("{n}.conv"), &inputs.iter().map(|s| s.as_str()).collect::<Vec<_>>(), &g.kernel, attrs);
+                let y = b.conv_with(
+                    &format!("{n}.conv"),
+                    &inputs.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+                    &g.kernel,
+                    attrs,
+                );
                 if let Some(m) = g.auto_pad {
                     let v = match m {
                         AutoPad::SameUpper => "SAME_UPPER",
@@ -1060,13 +1083,16 @@ fn emit(b: &mut Builder, t: &Tree, leaves: &[String], out: Option<&str>, count: 
 /// Reorder the nodes in a random topological order.
 fn shuffle_nodes(b: &mut Builder, seed: u64) {
     let nodes = std::mem::take(&mut b.graph.node);
-    let producer: HashMap<&str, usize> = nodes.iter().enumerate().flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i))).collect();
-    let deps: Vec<Vec<usize>> = nodes.iter().map(|n| n.input.iter().filter_map(|i| producer.get(i.as_str()).copied()).collect()).collect();
+    let producer: HashMap<&str, usize> =
+        nodes.iter().enumerate().flat_map(|(i, n)| n.output.iter().map(move |o| (o.as_str(), i))).collect();
+    let deps: Vec<Vec<usize>> =
+        nodes.iter().map(|n| n.input.iter().filter_map(|i| producer.get(i.as_str()).copied()).collect()).collect();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut done = vec![false; nodes.len()];
     let mut order = Vec::new();
     while order.len() < nodes.len() {
-        let mut ready: Vec<usize> = (0..nodes.len()).filter(|&i| !done[i] && deps[i].iter().all(|&d| done[d])).collect();
+        let mut ready: Vec<usize> =
+            (0..nodes.len()).filter(|&i| !done[i] && deps[i].iter().all(|&d| done[d])).collect();
         ready.shuffle(&mut rng);
         let i = ready[0];
         done[i] = true;
@@ -1328,7 +1354,8 @@ fn without_negative_pads(bl: &Block) -> Block {
         // zero padding before the conv is the conv's own padding, unless that side is cropped
         // after it
         let (pb, pe) = (pb.clone(), pe.clone());
-        let cropped = |side: usize, a: usize| g.crop.as_ref().is_some_and(|c| if side == 0 { c.0[a] > 0 } else { c.1[a] > 0 });
+        let cropped =
+            |side: usize, a: usize| g.crop.as_ref().is_some_and(|c| if side == 0 { c.0[a] > 0 } else { c.1[a] > 0 });
         if (0..r).all(|a| (pb[a] == 0 || !cropped(0, a)) && (pe[a] == 0 || !cropped(1, a))) {
             materialise_pads(&bl.input, g);
             for a in 0..r {
@@ -1345,7 +1372,12 @@ fn without_negative_pads(bl: &Block) -> Block {
 /// and a Pad of the rest: the same function, which tract 0.23 can run (its Pad cannot crop).
 fn tract_runnable(m: &Model) -> Model {
     let mut p = m.proto.clone();
-    let opset = p.opset_import.iter().find(|o| o.domain.as_deref().unwrap_or("").is_empty()).and_then(|o| o.version).unwrap_or(1);
+    let opset = p
+        .opset_import
+        .iter()
+        .find(|o| o.domain.as_deref().unwrap_or("").is_empty())
+        .and_then(|o| o.version)
+        .unwrap_or(1);
     let g = p.graph.as_mut().unwrap();
     let mut inits = Vec::new();
     let mut nodes = Vec::new();
@@ -1362,9 +1394,13 @@ fn tract_runnable(m: &Model) -> Model {
             };
             if let Some(pads) = pads.filter(|v| v.iter().any(|&x| x < 0)) {
                 let rank = pads.len() / 2;
-                let axes: Vec<i64> = (0..rank).filter(|&a| pads[a] < 0 || pads[rank + a] < 0).map(|a| a as i64).collect();
+                let axes: Vec<i64> =
+                    (0..rank).filter(|&a| pads[a] < 0 || pads[rank + a] < 0).map(|a| a as i64).collect();
                 let starts: Vec<i64> = axes.iter().map(|&a| (-pads[a as usize]).max(0)).collect();
-                let ends: Vec<i64> = axes.iter().map(|&a| if pads[rank + a as usize] < 0 { pads[rank + a as usize] } else { i64::MAX }).collect();
+                let ends: Vec<i64> = axes
+                    .iter()
+                    .map(|&a| if pads[rank + a as usize] < 0 { pads[rank + a as usize] } else { i64::MAX })
+                    .collect();
                 let name = format!("{}.crop", n.name());
                 let out = format!("{name}.y");
                 let mut slice = NodeProto {
@@ -1375,7 +1411,8 @@ fn tract_runnable(m: &Model) -> Model {
                     ..Default::default()
                 };
                 if opset < 10 {
-                    slice.attribute = vec![attr_ints("starts", &starts), attr_ints("ends", &ends), attr_ints("axes", &axes)];
+                    slice.attribute =
+                        vec![attr_ints("starts", &starts), attr_ints("ends", &ends), attr_ints("axes", &axes)];
                 } else {
                     for (k, v) in [("starts", &starts), ("ends", &ends), ("axes", &axes)] {
                         inits.push(from_i64(&format!("{name}.{k}"), &[v.len() as i64], v));
@@ -1405,7 +1442,8 @@ fn tract_verify(reference: &Model, candidate: &Model) -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let a = save(reference, &dir.path().join("reference.onnx"), DataMode::Inline).map_err(|e| e.to_string())?.model;
     let b = save(candidate, &dir.path().join("fused.onnx"), DataMode::Inline).map_err(|e| e.to_string())?.model;
-    let rep = verify(&a, &b, &VerifyOptions { samples: 1, ..Default::default() }).map_err(|e| format!("verify error: {e}"))?;
+    let rep = verify(&a, &b, &VerifyOptions { samples: 1, ..Default::default() })
+        .map_err(|e| format!("verify error: {e}"))?;
     if !rep.passed {
         return Err(format!("tract: not equivalent\n{}", rep.table()));
     }
@@ -1444,7 +1482,8 @@ fn fused_conv(m: &Model, input: &[usize]) -> acnet_onnx::kernel::AffineConv {
         if ap != "NOTSET" {
             let w = init_f64(&m.proto, &n.input[1]);
             let r = w.ndim() - 2;
-            let ints = |name: &str| n.attribute.iter().find(|a| a.name() == name).map_or(vec![1; r], |a| a.ints.clone());
+            let ints =
+                |name: &str| n.attribute.iter().find(|a| a.name() == name).map_or(vec![1; r], |a| a.ints.clone());
             let geo = Geo {
                 kernel: w.shape()[2..].to_vec(),
                 strides: ints("strides").iter().map(|&v| v as usize).collect(),
@@ -1500,7 +1539,8 @@ fn check_aligned(bl: &Block) -> Result<(), TestCaseError> {
     if let Some(op) = bl.const_bias {
         all.push(form_shape(op.form, bl.cout, bl.rank()));
     }
-    let out = broadcast(&all).ok_or_else(|| TestCaseError::fail(format!("generator made misaligned branches: {shapes:?}")))?;
+    let out = broadcast(&all)
+        .ok_or_else(|| TestCaseError::fail(format!("generator made misaligned branches: {shapes:?}")))?;
     if shapes.iter().any(|s| s != &out) {
         return Err(TestCaseError::fail(format!("generator made branches of different shapes: {shapes:?}")));
     }
@@ -1547,7 +1587,8 @@ fn check_misaligned(bl: &Block) -> Result<(), TestCaseError> {
         }
         return Ok(());
     }
-    tract_verify(&tract_runnable(&original), &tract_runnable(&m)).map_err(|e| fail("a rewrite that tract does not confirm", e, &r))?;
+    tract_verify(&tract_runnable(&original), &tract_runnable(&m))
+        .map_err(|e| fail("a rewrite that tract does not confirm", e, &r))?;
     if r.after.ops == fused_ops(bl) {
         // the general path's weights carry float32 rounding
         let tol = if r.rewrites.iter().any(|w| w.rule == "affine_region") { 1e-5 } else { 1e-6 };
@@ -1595,7 +1636,14 @@ fn negative_pad_block(h: usize, w: usize, pad_b: [i64; 2], pad_e: [i64; 2], conv
         groups: 2,
         out: 2,
     };
-    let br = |name: &str, g: Geo| Branch { name: name.into(), kind: Kind::Conv(g), bias: false, bn: None, scale: None, share_weight: None };
+    let br = |name: &str, g: Geo| Branch {
+        name: name.into(),
+        kind: Kind::Conv(g),
+        bias: false,
+        bn: None,
+        scale: None,
+        share_weight: None,
+    };
     Block {
         seed: 0,
         opset: 17,
@@ -1637,7 +1685,11 @@ fn case_bug_region_negative_pad_wrong_rewrite() {
         let twin = build(&without_negative_pads(&bl)).builder.build();
         let independent = check_independent(&bl, &built, &m, 1e-5);
         let tract = tract_verify(&twin, &tract_runnable(&m));
-        assert!(independent.is_ok() && tract.is_ok(), "wrong rewrite {:?}:\nindependent: {independent:?}\ntract: {tract:?}", r.rewrites);
+        assert!(
+            independent.is_ok() && tract.is_ok(),
+            "wrong rewrite {:?}:\nindependent: {independent:?}\ntract: {tract:?}",
+            r.rewrites
+        );
     }
 }
 
@@ -1666,7 +1718,11 @@ fn case_bug_region_negative_pad_heap_corruption() {
         .env("PROPTEST_BLOCKS_CHILD", "1")
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"), "the child test did not run:\n{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+        "the child test did not run:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     assert!(
         out.status.success(),
         "fuse crashed the process: {:?}\n{}",

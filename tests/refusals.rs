@@ -4,9 +4,9 @@
 
 mod common;
 
-use acnet_onnx::{fuse, FuseReport};
 use acnet_onnx::kernel::AffineConv;
 use acnet_onnx::proto::{tensor_proto::DataType, ModelProto};
+use acnet_onnx::{fuse, FuseReport};
 use common::*;
 use ndarray::{s, ArrayD};
 use std::collections::BTreeMap;
@@ -53,7 +53,15 @@ fn two_branch(big_k: &[usize], big: ConvAttrs, small_k: &[usize], small: ConvAtt
     two_branch_ch(big_k, big, C, small_k, small, C, C)
 }
 
-fn two_branch_ch(big_k: &[usize], big: ConvAttrs, big_o: usize, small_k: &[usize], small: ConvAttrs, small_o: usize, cin: usize) -> Builder {
+fn two_branch_ch(
+    big_k: &[usize],
+    big: ConvAttrs,
+    big_o: usize,
+    small_k: &[usize],
+    small: ConvAttrs,
+    small_o: usize,
+    cin: usize,
+) -> Builder {
     let mut b = Builder::new(cin, 5, 5);
     let gb = big.group.unwrap_or(1) as usize;
     let gs = small.group.unwrap_or(1) as usize;
@@ -108,7 +116,8 @@ fn case_control_acb_with_bn_per_branch() {
     let a = |bn: &Bn, o: usize| bn.scale[o] / (bn.var[o] + bn.epsilon as f64).sqrt();
     for oc in 0..o {
         for c in 0..C {
-            let want = w1[[oc, c, 1, 1]] * a(&bn1, oc) + w2[[oc, c, 1, 0]] * a(&bn2, oc) + w3[[oc, c, 0, 1]] * a(&bn3, oc);
+            let want =
+                w1[[oc, c, 1, 1]] * a(&bn1, oc) + w2[[oc, c, 1, 0]] * a(&bn2, oc) + w3[[oc, c, 0, 1]] * a(&bn3, oc);
             let got = merged.weight[[oc, c, 1, 1]];
             assert!((got - want).abs() < 1e-5, "centre tap [{oc},{c}]: {got} vs {want}");
             // a corner only the 3x3 reads
@@ -116,7 +125,8 @@ fn case_control_acb_with_bn_per_branch() {
             assert!((merged.weight[[oc, c, 0, 0]] - corner).abs() < 1e-5);
         }
         let c1b = c1b.as_ref().unwrap();
-        let bias = (c1b[oc] - bn1.mean[oc]) * a(&bn1, oc) + bn1.bias[oc] - bn2.mean[oc] * a(&bn2, oc) + bn2.bias[oc] - bn3.mean[oc] * a(&bn3, oc)
+        let bias = (c1b[oc] - bn1.mean[oc]) * a(&bn1, oc) + bn1.bias[oc] - bn2.mean[oc] * a(&bn2, oc) + bn2.bias[oc]
+            - bn3.mean[oc] * a(&bn3, oc)
             + bn3.bias[oc];
         assert!((merged.bias[oc] - bias).abs() < 1e-5, "bias {oc}");
     }
@@ -186,7 +196,8 @@ fn case_control_crop_slices_and_zero_pad_fuse() {
     b.output("y");
     let (m, _) = expect_fused(&b, &[("Conv", 1)]);
     let merged = only_conv(&m);
-    let want = affine(&w1, None, 1, &[1, 1], &[1, 1], &[1, 1, 1, 1]).apply(&x) + affine(&w2, None, 1, &[1, 1], &[1, 1], &[0, 1, 0, 1]).apply(&x);
+    let want = affine(&w1, None, 1, &[1, 1], &[1, 1], &[1, 1, 1, 1]).apply(&x)
+        + affine(&w2, None, 1, &[1, 1], &[1, 1], &[0, 1, 0, 1]).apply(&x);
     assert_close(&merged.apply(&x), &want, 1e-5, "zero-pad block");
 }
 
@@ -210,13 +221,19 @@ fn case_control_conv_bn_folds() {
 #[test]
 fn case_refuse_different_stride() {
     // 3x3 stride 2 and 1x1 stride 3, both 2x2 outputs on a 5x5 input
-    let b = two_branch(&[3, 3], ConvAttrs::pads(&[0, 0, 0, 0]).strides(&[2, 2]), &[1, 1], ConvAttrs::default().strides(&[3, 3]));
+    let b = two_branch(
+        &[3, 3],
+        ConvAttrs::pads(&[0, 0, 0, 0]).strides(&[2, 2]),
+        &[1, 1],
+        ConvAttrs::default().strides(&[3, 3]),
+    );
     expect_refusal(&b, "merge_branches", "sum", "stride 3 vs 2");
 }
 
 #[test]
 fn case_refuse_different_dilation() {
-    let b = two_branch(&[3, 3], ConvAttrs::pads(&[2, 2, 2, 2]).dilations(&[2, 2]), &[3, 1], ConvAttrs::pads(&[1, 0, 1, 0]));
+    let b =
+        two_branch(&[3, 3], ConvAttrs::pads(&[2, 2, 2, 2]).dilations(&[2, 2]), &[3, 1], ConvAttrs::pads(&[1, 0, 1, 0]));
     expect_refusal(&b, "merge_branches", "sum", "dilation 1 vs 2");
 }
 
@@ -328,7 +345,12 @@ fn case_refuse_weight_dtype_int8_and_uint8() {
         let c = b.conv_with("small", &["x", &w], &[1, 3], ConvAttrs::pads(&[0, 1, 0, 1]));
         b.node("Add", "sum", &[&a, &c], &["y"], vec![]);
         b.output("y");
-        expect_refusal(&b, "merge_branches", "sum", &format!("data type {code}, which the kernel maths does not handle"));
+        expect_refusal(
+            &b,
+            "merge_branches",
+            "sum",
+            &format!("data type {code}, which the kernel maths does not handle"),
+        );
     }
 }
 
@@ -420,7 +442,10 @@ fn case_builder_model_header() {
     assert!(g.node.iter().all(|n| n.name.as_deref().is_some_and(|s| !s.is_empty())));
     let conv = g.node.iter().find(|n| n.name() == "small").unwrap();
     let k = conv_of(&m, conv);
-    assert_eq!((k.kernel(), k.pads_begin.as_slice(), k.pads_end.as_slice()), (&[1usize, 3][..], &[0i64, 1][..], &[0i64, 1][..]));
+    assert_eq!(
+        (k.kernel(), k.pads_begin.as_slice(), k.pads_end.as_slice()),
+        (&[1usize, 3][..], &[0i64, 1][..], &[0i64, 1][..])
+    );
     let _: &AffineConv = &k;
 }
 
@@ -501,7 +526,11 @@ fn case_bn_output_leaking_folds_but_does_not_merge() {
     assert_eq!(r.blocks_merged, 0);
     let mine: Vec<_> = r.refused.iter().filter(|f| f.rule == "merge_branches").collect();
     assert_eq!(mine.len(), 1, "{:?}", r.refused);
-    assert!(mine[0].reason.to_string().contains("output of Conv 'c1x3' is also used outside the block"), "{:?}", mine[0]);
+    assert!(
+        mine[0].reason.to_string().contains("output of Conv 'c1x3' is also used outside the block"),
+        "{:?}",
+        mine[0]
+    );
     let want: BTreeMap<String, usize> = [("Add".to_string(), 1), ("Conv".to_string(), 2)].into_iter().collect();
     assert_eq!(r.after.ops, want);
     // the graph outputs are still written

@@ -12,36 +12,15 @@ use ndarray_npy::{NpzReader, NpzWriter, WriteNpyExt};
 use prost::Message;
 use tract_onnx::pb::ModelProto;
 
-const MODELS: [&str; 8] = [
-    "cifar_quick",
-    "resnet20",
-    "corners",
-    "dbb",
-    "mobileone",
-    "qarepvgg",
-    "conv2",
-    "repopt",
-];
-const EXPORTS: [&str; 5] = [
-    "ts_fold",
-    "ts_nofold_op11",
-    "dynamo_ext",
-    "dynamo_inline",
-    "ts_dynbatch",
-];
+const MODELS: [&str; 8] = ["cifar_quick", "resnet20", "corners", "dbb", "mobileone", "qarepvgg", "conv2", "repopt"];
+const EXPORTS: [&str; 5] = ["ts_fold", "ts_nofold_op11", "dynamo_ext", "dynamo_inline", "ts_dynbatch"];
 
 fn fixture(model: &str, file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(model)
-        .join(file)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(model).join(file)
 }
 
 fn one_sample() -> VerifyOptions {
-    VerifyOptions {
-        samples: 1,
-        ..Default::default()
-    }
+    VerifyOptions { samples: 1, ..Default::default() }
 }
 
 fn io_array(model: &str, name: &str) -> ArrayD<f32> {
@@ -131,10 +110,7 @@ fn case_tract_reproduces_pytorch_outputs() {
     use tract_onnx::prelude::*;
     for model in MODELS {
         let input = io_array(model, "input");
-        for (file, keys) in [
-            ("deploy.onnx", &["deploy_output", "output"][..]),
-            ("ts_fold.onnx", &["output"][..]),
-        ] {
+        for (file, keys) in [("deploy.onnx", &["deploy_output", "output"][..]), ("ts_fold.onnx", &["output"][..])] {
             let plan = tract_onnx::onnx()
                 .model_for_path(fixture(model, file))
                 .unwrap()
@@ -144,22 +120,13 @@ fn case_tract_reproduces_pytorch_outputs() {
                 .unwrap()
                 .into_runnable()
                 .unwrap();
-            let out = plan
-                .run(tvec![Tensor::from(input.clone()).into_tvalue()])
-                .unwrap();
+            let out = plan.run(tvec![Tensor::from(input.clone()).into_tvalue()]).unwrap();
             let got = out[0].to_plain_array_view::<f32>().unwrap().to_owned();
             for key in keys {
                 let want = io_array(model, key);
                 assert_eq!(got.shape(), want.shape());
-                let max = got
-                    .iter()
-                    .zip(want.iter())
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
-                assert!(
-                    max < 1e-4,
-                    "{model}/{file} vs io.npz {key}: max abs diff {max}"
-                );
+                let max = got.iter().zip(want.iter()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(max < 1e-4, "{model}/{file} vs io.npz {key}: max abs diff {max}");
             }
         }
     }
@@ -172,18 +139,10 @@ fn case_input_files_npy_and_npz() {
     let dir = tempfile::tempdir().unwrap();
     let input = io_array("cifar_quick", "input");
     let npy = dir.path().join("input.npy");
-    input
-        .write_npy(std::fs::File::create(&npy).unwrap())
-        .unwrap();
-    let (r, c) = (
-        fixture("cifar_quick", "ts_fold.onnx"),
-        fixture("cifar_quick", "deploy.onnx"),
-    );
+    input.write_npy(std::fs::File::create(&npy).unwrap()).unwrap();
+    let (r, c) = (fixture("cifar_quick", "ts_fold.onnx"), fixture("cifar_quick", "deploy.onnx"));
 
-    let opts = VerifyOptions {
-        input_files: vec![("input".into(), npy.clone())],
-        ..Default::default()
-    };
+    let opts = VerifyOptions { input_files: vec![("input".into(), npy.clone())], ..Default::default() };
     let rep = verify(&r, &c, &opts).unwrap();
     assert!(rep.passed, "{}", rep.table());
     assert_eq!(rep.samples, 1, "file inputs give exactly one sample");
@@ -191,98 +150,47 @@ fn case_input_files_npy_and_npz() {
     assert_eq!(rep.inputs[0].name, "input");
     assert_eq!(rep.inputs[0].shape, vec![1, 3, 32, 32]);
     assert_eq!(rep.inputs[0].dtype, "float32");
-    assert!(
-        rep.inputs[0].source.contains("input.npy"),
-        "{}",
-        rep.inputs[0].source
-    );
-    assert!(rep
-        .outputs
-        .iter()
-        .all(|o| o.passed && o.max_abs_diff <= 1e-4));
-    assert!(
-        rep.outputs[0].max_abs_reference > 1e-3,
-        "output is not trivially zero"
-    );
+    assert!(rep.inputs[0].source.contains("input.npy"), "{}", rep.inputs[0].source);
+    assert!(rep.outputs.iter().all(|o| o.passed && o.max_abs_diff <= 1e-4));
+    assert!(rep.outputs[0].max_abs_reference > 1e-3, "output is not trivially zero");
 
     let npz = dir.path().join("inputs.npz");
     let mut w = NpzWriter::new(std::fs::File::create(&npz).unwrap());
     w.add_array("input", &input).unwrap();
     w.finish().unwrap();
-    let opts = VerifyOptions {
-        inputs_npz: Some(npz.clone()),
-        ..Default::default()
-    };
+    let opts = VerifyOptions { inputs_npz: Some(npz.clone()), ..Default::default() };
     let rep2 = verify(&r, &c, &opts).unwrap();
     assert!(rep2.passed, "{}", rep2.table());
     assert_eq!(rep2.samples, 1);
-    assert!(
-        rep2.inputs[0].source.contains("inputs.npz"),
-        "{}",
-        rep2.inputs[0].source
-    );
+    assert!(rep2.inputs[0].source.contains("inputs.npz"), "{}", rep2.inputs[0].source);
     // same data, same models: same numbers
     assert_eq!(rep.outputs[0].max_abs_diff, rep2.outputs[0].max_abs_diff);
 
     // the fixture's own io.npz works too: its non-input arrays are ignored, with a note
-    let opts = VerifyOptions {
-        inputs_npz: Some(fixture("cifar_quick", "io.npz")),
-        ..Default::default()
-    };
+    let opts = VerifyOptions { inputs_npz: Some(fixture("cifar_quick", "io.npz")), ..Default::default() };
     let rep3 = verify(&r, &c, &opts).unwrap();
     assert!(rep3.passed);
     assert_eq!(rep3.outputs[0].max_abs_diff, rep.outputs[0].max_abs_diff);
-    assert!(
-        rep3.notes
-            .iter()
-            .any(|n| n.contains("ignored") && n.contains("deploy_output")),
-        "{:?}",
-        rep3.notes
-    );
+    assert!(rep3.notes.iter().any(|n| n.contains("ignored") && n.contains("deploy_output")), "{:?}", rep3.notes);
 
     // a float64 file is cast to the model's float32, with a note
     let npy64 = dir.path().join("input64.npy");
-    input
-        .mapv(|x| x as f64)
-        .write_npy(std::fs::File::create(&npy64).unwrap())
-        .unwrap();
-    let opts = VerifyOptions {
-        input_files: vec![("input".into(), npy64)],
-        ..Default::default()
-    };
+    input.mapv(|x| x as f64).write_npy(std::fs::File::create(&npy64).unwrap()).unwrap();
+    let opts = VerifyOptions { input_files: vec![("input".into(), npy64)], ..Default::default() };
     let rep4 = verify(&r, &c, &opts).unwrap();
     assert!(rep4.passed);
     assert_eq!(rep4.outputs[0].max_abs_diff, rep.outputs[0].max_abs_diff);
-    assert!(
-        rep4.notes.iter().any(|n| n.contains("float64")),
-        "{:?}",
-        rep4.notes
-    );
+    assert!(rep4.notes.iter().any(|n| n.contains("float64")), "{:?}", rep4.notes);
 }
 
 /// Changes with `f` the first float (raw_data or float_data) of the initializer feeding input
 /// `slot` of the first (or last) node of type `op`.
-fn mutate_first_float(
-    m: &mut ModelProto,
-    op: &str,
-    slot: usize,
-    last: bool,
-    f: impl Fn(f32) -> f32,
-) {
+fn mutate_first_float(m: &mut ModelProto, op: &str, slot: usize, last: bool, f: impl Fn(f32) -> f32) {
     let g = m.graph.as_mut().unwrap();
     let mut nodes = g.node.iter().filter(|n| n.op_type == op);
-    let node = if last {
-        nodes.next_back()
-    } else {
-        nodes.next()
-    }
-    .unwrap();
+    let node = if last { nodes.next_back() } else { nodes.next() }.unwrap();
     let w = node.input[slot].clone();
-    let t = g
-        .initializer
-        .iter_mut()
-        .find(|t| t.name == w)
-        .expect("conv weight initializer");
+    let t = g.initializer.iter_mut().find(|t| t.name == w).expect("conv weight initializer");
     if !t.raw_data.is_empty() {
         let old = f32::from_le_bytes(t.raw_data[0..4].try_into().unwrap());
         t.raw_data[0..4].copy_from_slice(&f(old).to_le_bytes());
@@ -317,48 +225,19 @@ fn case_changed_weight_fails() {
     assert_eq!(o.worst_index[0], 0);
     assert!(o.worst_index[1] < 10);
     // worst values are f64 of f32 outputs: their difference is exact
-    assert_eq!(
-        (o.worst_reference - o.worst_candidate).abs(),
-        o.max_abs_diff
-    );
+    assert_eq!((o.worst_reference - o.worst_candidate).abs(), o.max_abs_diff);
     assert!(o.mean_abs_diff > 0.0 && o.mean_abs_diff <= o.max_abs_diff);
     let table = rep.table();
-    assert!(
-        table.contains("FAIL") && table.contains("output") && table.contains("NOT EQUIVALENT"),
-        "{table}"
-    );
+    assert!(table.contains("FAIL") && table.contains("output") && table.contains("NOT EQUIVALENT"), "{table}");
 
     // tolerances from the report make it pass: min_atol is the smallest passing atol
-    let loose = VerifyOptions {
-        atol: o.min_atol,
-        rtol: 0.0,
-        ..Default::default()
-    };
-    assert!(
-        verify(&fixture("cifar_quick", "ts_fold.onnx"), &bad, &loose)
-            .unwrap()
-            .passed
-    );
-    let just_below = VerifyOptions {
-        atol: o.min_atol * 0.999,
-        rtol: 0.0,
-        ..Default::default()
-    };
-    assert!(
-        !verify(&fixture("cifar_quick", "ts_fold.onnx"), &bad, &just_below)
-            .unwrap()
-            .passed
-    );
+    let loose = VerifyOptions { atol: o.min_atol, rtol: 0.0, ..Default::default() };
+    assert!(verify(&fixture("cifar_quick", "ts_fold.onnx"), &bad, &loose).unwrap().passed);
+    let just_below = VerifyOptions { atol: o.min_atol * 0.999, rtol: 0.0, ..Default::default() };
+    assert!(!verify(&fixture("cifar_quick", "ts_fold.onnx"), &bad, &just_below).unwrap().passed);
     // min_rtol with the default atol
-    let by_rtol = VerifyOptions {
-        rtol: o.min_rtol * 1.0001,
-        ..Default::default()
-    };
-    assert!(
-        verify(&fixture("cifar_quick", "ts_fold.onnx"), &bad, &by_rtol)
-            .unwrap()
-            .passed
-    );
+    let by_rtol = VerifyOptions { rtol: o.min_rtol * 1.0001, ..Default::default() };
+    assert!(verify(&fixture("cifar_quick", "ts_fold.onnx"), &bad, &by_rtol).unwrap().passed);
 
     // a NaN bias in the classifier: fails whatever the tolerance, and says so (a NaN in the
     // first conv's weight would not do: tract's Relu/MaxPool turn NaN into numbers)
@@ -366,70 +245,24 @@ fn case_changed_weight_fails() {
     mutate_first_float(&mut m, "Gemm", 2, true, |_| f32::NAN);
     let nan = dir.path().join("nan.onnx");
     write_proto(&m, &nan);
-    let huge = VerifyOptions {
-        atol: 1e30,
-        rtol: 1e30,
-        samples: 1,
-        ..Default::default()
-    };
+    let huge = VerifyOptions { atol: 1e30, rtol: 1e30, samples: 1, ..Default::default() };
     let rep = verify(&deploy, &nan, &huge).unwrap();
     assert!(!rep.passed);
     assert!(rep.outputs[0].nan_candidate > 0);
     assert_eq!(rep.outputs[0].nan_reference, 0);
-    assert!(
-        rep.outputs[0]
-            .problem
-            .as_deref()
-            .unwrap_or("")
-            .contains("NaN"),
-        "{:?}",
-        rep.outputs[0]
-    );
+    assert!(rep.outputs[0].problem.as_deref().unwrap_or("").contains("NaN"), "{:?}", rep.outputs[0]);
     assert!(rep.table().contains("NaN"));
 }
 
 /// Same seed: same inputs, same numbers; another seed: other inputs.
 #[test]
 fn case_seeded_inputs_are_deterministic() {
-    let (r, c) = (
-        fixture("qarepvgg", "ts_nofold_op11.onnx"),
-        fixture("qarepvgg", "deploy.onnx"),
-    );
-    let a = verify(
-        &r,
-        &c,
-        &VerifyOptions {
-            seed: 7,
-            samples: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let b = verify(
-        &r,
-        &c,
-        &VerifyOptions {
-            seed: 7,
-            samples: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let d = verify(
-        &r,
-        &c,
-        &VerifyOptions {
-            seed: 8,
-            samples: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (r, c) = (fixture("qarepvgg", "ts_nofold_op11.onnx"), fixture("qarepvgg", "deploy.onnx"));
+    let a = verify(&r, &c, &VerifyOptions { seed: 7, samples: 2, ..Default::default() }).unwrap();
+    let b = verify(&r, &c, &VerifyOptions { seed: 7, samples: 2, ..Default::default() }).unwrap();
+    let d = verify(&r, &c, &VerifyOptions { seed: 8, samples: 2, ..Default::default() }).unwrap();
     assert_eq!(a.outputs, b.outputs);
-    assert_ne!(
-        a.outputs[0].max_abs_reference,
-        d.outputs[0].max_abs_reference
-    );
+    assert_ne!(a.outputs[0].max_abs_reference, d.outputs[0].max_abs_reference);
     assert_eq!((a.seed, a.samples), (7, 2));
     assert!(a.inputs[0].source.contains("random") && a.inputs[0].source.contains("seed 7"));
 }
@@ -476,16 +309,9 @@ fn case_signature_and_load_errors() {
     let renamed = dir.path().join("renamed_input.onnx");
     write_proto(&m, &renamed);
     // the renamed model itself is fine
-    assert!(
-        verify(&renamed, &renamed, &one_sample())
-            .unwrap()
-            .passed
-    );
+    assert!(verify(&renamed, &renamed, &one_sample()).unwrap().passed);
     let e = verify(&ts, &renamed, &one_sample()).unwrap_err();
-    assert!(
-        matches!(&e, Error::Signature(s) if s.contains("input") && s.contains("x")),
-        "{e}"
-    );
+    assert!(matches!(&e, Error::Signature(s) if s.contains("input") && s.contains("x")), "{e}");
     assert_one_line(&e);
 
     let mut m = read_proto(&deploy);
@@ -493,33 +319,21 @@ fn case_signature_and_load_errors() {
     let renamed = dir.path().join("renamed_output.onnx");
     write_proto(&m, &renamed);
     let e = verify(&renamed, &ts, &one_sample()).unwrap_err();
-    assert!(
-        matches!(&e, Error::Signature(s) if s.contains("logits") && s.contains("output")),
-        "{e}"
-    );
+    assert!(matches!(&e, Error::Signature(s) if s.contains("logits") && s.contains("output")), "{e}");
     assert_one_line(&e);
 
     let missing = dir.path().join("no_such_model.onnx");
     let e = verify(&missing, &deploy, &one_sample()).unwrap_err();
-    assert!(
-        matches!(&e, Error::Load { path, .. } if *path == missing),
-        "{e:?}"
-    );
+    assert!(matches!(&e, Error::Load { path, .. } if *path == missing), "{e:?}");
     assert!(e.to_string().contains("no_such_model.onnx"), "{e}");
     assert_one_line(&e);
     let e = verify(&deploy, &missing, &one_sample()).unwrap_err();
-    assert!(
-        matches!(&e, Error::Load { path, .. } if *path == missing),
-        "{e:?}"
-    );
+    assert!(matches!(&e, Error::Load { path, .. } if *path == missing), "{e:?}");
 
     let garbage = dir.path().join("garbage.onnx");
     std::fs::write(&garbage, b"\xff\xff\xff\xff not a protobuf").unwrap();
     let e = verify(&deploy, &garbage, &one_sample()).unwrap_err();
-    assert!(
-        matches!(&e, Error::Load { path, .. } if *path == garbage),
-        "{e:?}"
-    );
+    assert!(matches!(&e, Error::Load { path, .. } if *path == garbage), "{e:?}");
     assert!(e.to_string().contains("garbage.onnx"), "{e}");
     assert_one_line(&e);
 
@@ -527,10 +341,7 @@ fn case_signature_and_load_errors() {
     let ext = dir.path().join("dynamo_ext.onnx");
     std::fs::copy(fixture("conv2", "dynamo_ext.onnx"), &ext).unwrap();
     let e = verify(&ext, &deploy, &one_sample()).unwrap_err();
-    assert!(
-        matches!(&e, Error::Load { path, .. } if *path == ext),
-        "{e:?}"
-    );
+    assert!(matches!(&e, Error::Load { path, .. } if *path == ext), "{e:?}");
     assert!(e.to_string().contains("dynamo_ext.onnx"), "{e}");
     assert_one_line(&e);
 }
@@ -542,14 +353,7 @@ fn case_unsupported_operator_is_named() {
     let deploy = fixture("qarepvgg", "deploy.onnx");
     let mut m = read_proto(&deploy);
     // Bernoulli (opset 15, one input, same shape out) is not in tract-onnx 0.23's op register
-    let relu = m
-        .graph
-        .as_mut()
-        .unwrap()
-        .node
-        .iter_mut()
-        .find(|n| n.op_type == "Relu")
-        .unwrap();
+    let relu = m.graph.as_mut().unwrap().node.iter_mut().find(|n| n.op_type == "Relu").unwrap();
     relu.op_type = "Bernoulli".into();
     let p = dir.path().join("bernoulli.onnx");
     write_proto(&m, &p);
@@ -561,10 +365,7 @@ fn case_unsupported_operator_is_named() {
         }
         other => panic!("expected Unsupported, got {other:?}"),
     }
-    assert!(
-        e.to_string().contains("Bernoulli") && e.to_string().contains("bernoulli.onnx"),
-        "{e}"
-    );
+    assert!(e.to_string().contains("Bernoulli") && e.to_string().contains("bernoulli.onnx"), "{e}");
     assert_one_line(&e);
 }
 
@@ -572,10 +373,7 @@ fn case_unsupported_operator_is_named() {
 #[test]
 fn case_bad_inputs_are_input_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let (r, c) = (
-        fixture("conv2", "ts_fold.onnx"),
-        fixture("conv2", "deploy.onnx"),
-    );
+    let (r, c) = (fixture("conv2", "ts_fold.onnx"), fixture("conv2", "deploy.onnx"));
     let check = |opts: VerifyOptions, what: &str| {
         let e = verify(&r, &c, &opts).unwrap_err();
         assert!(matches!(e, Error::Input(_)), "{what}: {e:?}");
@@ -584,76 +382,37 @@ fn case_bad_inputs_are_input_errors() {
     };
     // wrong rank
     let npy = dir.path().join("rank3.npy");
-    ndarray::Array3::<f32>::zeros((3, 32, 32))
-        .write_npy(std::fs::File::create(&npy).unwrap())
-        .unwrap();
-    let s = check(
-        VerifyOptions {
-            input_files: vec![("input".into(), npy)],
-            ..Default::default()
-        },
-        "rank",
-    );
+    ndarray::Array3::<f32>::zeros((3, 32, 32)).write_npy(std::fs::File::create(&npy).unwrap()).unwrap();
+    let s = check(VerifyOptions { input_files: vec![("input".into(), npy)], ..Default::default() }, "rank");
     assert!(s.contains("rank"), "{s}");
     // int data for a float input
     let npy = dir.path().join("ints.npy");
-    ndarray::Array4::<i64>::zeros((1, 3, 32, 32))
-        .write_npy(std::fs::File::create(&npy).unwrap())
-        .unwrap();
-    let s = check(
-        VerifyOptions {
-            input_files: vec![("input".into(), npy)],
-            ..Default::default()
-        },
-        "dtype",
-    );
+    ndarray::Array4::<i64>::zeros((1, 3, 32, 32)).write_npy(std::fs::File::create(&npy).unwrap()).unwrap();
+    let s = check(VerifyOptions { input_files: vec![("input".into(), npy)], ..Default::default() }, "dtype");
     assert!(s.contains("int64") && s.contains("float32"), "{s}");
     // not an input of the models
-    let s = check(
-        VerifyOptions {
-            input_shapes: vec![("image".into(), vec![1, 3, 32, 32])],
-            ..Default::default()
-        },
-        "name",
-    );
+    let s =
+        check(VerifyOptions { input_shapes: vec![("image".into(), vec![1, 3, 32, 32])], ..Default::default() }, "name");
     assert!(s.contains("image"), "{s}");
     // missing / not-npy file
     let s = check(
-        VerifyOptions {
-            input_files: vec![("input".into(), dir.path().join("nope.npy"))],
-            ..Default::default()
-        },
+        VerifyOptions { input_files: vec![("input".into(), dir.path().join("nope.npy"))], ..Default::default() },
         "missing",
     );
     assert!(s.contains("nope.npy"), "{s}");
     let junk = dir.path().join("junk.npy");
     std::fs::write(&junk, b"hello").unwrap();
-    check(
-        VerifyOptions {
-            input_files: vec![("input".into(), junk)],
-            ..Default::default()
-        },
-        "junk",
-    );
+    check(VerifyOptions { input_files: vec![("input".into(), junk)], ..Default::default() }, "junk");
     // npz without any input array
     let npz = dir.path().join("other.npz");
     let mut w = NpzWriter::new(std::fs::File::create(&npz).unwrap());
-    w.add_array("something", &ndarray::Array1::<f32>::zeros(3))
-        .unwrap();
+    w.add_array("something", &ndarray::Array1::<f32>::zeros(3)).unwrap();
     w.finish().unwrap();
-    let s = check(
-        VerifyOptions {
-            inputs_npz: Some(npz),
-            ..Default::default()
-        },
-        "npz",
-    );
+    let s = check(VerifyOptions { inputs_npz: Some(npz), ..Default::default() }, "npz");
     assert!(s.contains("something"), "{s}");
     // --input-shape disagreeing with the file
     let npy = dir.path().join("ok.npy");
-    ndarray::Array4::<f32>::zeros((1, 3, 32, 32))
-        .write_npy(std::fs::File::create(&npy).unwrap())
-        .unwrap();
+    ndarray::Array4::<f32>::zeros((1, 3, 32, 32)).write_npy(std::fs::File::create(&npy).unwrap()).unwrap();
     check(
         VerifyOptions {
             input_files: vec![("input".into(), npy)],
@@ -662,20 +421,8 @@ fn case_bad_inputs_are_input_errors() {
         },
         "shape vs file",
     );
-    check(
-        VerifyOptions {
-            samples: 0,
-            ..Default::default()
-        },
-        "samples",
-    );
-    check(
-        VerifyOptions {
-            atol: f64::NAN,
-            ..Default::default()
-        },
-        "atol",
-    );
+    check(VerifyOptions { samples: 0, ..Default::default() }, "samples");
+    check(VerifyOptions { atol: f64::NAN, ..Default::default() }, "atol");
 }
 
 /// The JSON form of the report has the documented keys and types.
@@ -684,10 +431,7 @@ fn case_json_report() {
     let rep: VerifyReport = verify(
         &fixture("mobileone", "dynamo_ext.onnx"),
         &fixture("mobileone", "deploy.onnx"),
-        &VerifyOptions {
-            samples: 2,
-            ..Default::default()
-        },
+        &VerifyOptions { samples: 2, ..Default::default() },
     )
     .unwrap();
     let text = serde_json::to_string_pretty(&rep).unwrap();
@@ -698,10 +442,7 @@ fn case_json_report() {
     }
     assert_eq!(v["samples"], 2);
     assert_eq!(v["seed"], 0);
-    assert!(v["reference"]
-        .as_str()
-        .unwrap()
-        .ends_with("dynamo_ext.onnx"));
+    assert!(v["reference"].as_str().unwrap().ends_with("dynamo_ext.onnx"));
     assert!(v["candidate"].as_str().unwrap().ends_with("deploy.onnx"));
     assert!(v["notes"].is_array());
     let inputs = v["inputs"].as_array().unwrap();
@@ -716,29 +457,14 @@ fn case_json_report() {
     assert_eq!(o["name"], "output");
     assert_eq!(o["passed"], true);
     assert_eq!(o["shape"], serde_json::json!([1, 10]));
-    for k in [
-        "max_abs_diff",
-        "max_rel_diff",
-        "mean_abs_diff",
-        "max_abs_reference",
-        "min_atol",
-        "min_rtol",
-    ] {
+    for k in ["max_abs_diff", "max_rel_diff", "mean_abs_diff", "max_abs_reference", "min_atol", "min_rtol"] {
         assert!(o[k].is_number(), "{k}: {}", o[k]);
     }
-    assert!(o["worst_index"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .all(|x| x.is_u64()));
+    assert!(o["worst_index"].as_array().unwrap().iter().all(|x| x.is_u64()));
     assert_eq!(o["min_rtol"], 0.0, "passing by atol alone");
     // table: header, rule, one row, verdict
     let t = rep.table();
-    assert!(
-        t.lines()
-            .any(|l| l.starts_with("output") && l.contains("PASS")),
-        "{t}"
-    );
+    assert!(t.lines().any(|l| l.starts_with("output") && l.contains("PASS")), "{t}");
     assert!(t.lines().last().unwrap().starts_with("EQUIVALENT"), "{t}");
     // fixed width: header, rule and row line up
     let lines: Vec<&str> = t.lines().collect();
@@ -750,43 +476,27 @@ fn case_json_report() {
 /// without it the batch defaults to 1 and the notes say so; real batch-2 data from an npz.
 #[test]
 fn case_dynamic_batch() {
-    let (r, c) = (
-        fixture("resnet20", "ts_dynbatch.onnx"),
-        fixture("resnet20", "deploy.onnx"),
-    );
-    let opts = VerifyOptions {
-        input_shapes: vec![("input".into(), vec![2, 3, 32, 32])],
-        samples: 1,
-        ..Default::default()
-    };
+    let (r, c) = (fixture("resnet20", "ts_dynbatch.onnx"), fixture("resnet20", "deploy.onnx"));
+    let opts =
+        VerifyOptions { input_shapes: vec![("input".into(), vec![2, 3, 32, 32])], samples: 1, ..Default::default() };
     let rep = verify(&r, &c, &opts).unwrap();
     assert!(rep.passed, "{}", rep.table());
     assert_eq!(rep.inputs[0].shape, vec![2, 3, 32, 32]);
     assert_eq!(rep.outputs[0].shape, vec![2, 10]);
-    assert!(
-        rep.notes.iter().any(|n| n.contains("overridden")),
-        "{:?}",
-        rep.notes
-    );
+    assert!(rep.notes.iter().any(|n| n.contains("overridden")), "{:?}", rep.notes);
 
     let rep = verify(&r, &c, &one_sample()).unwrap();
     assert!(rep.passed);
     assert_eq!(rep.inputs[0].shape, vec![1, 3, 32, 32]);
     assert!(
-        rep.notes
-            .iter()
-            .any(|n| n.contains("symbolic") && n.contains("batch") && n.contains("1")),
+        rep.notes.iter().any(|n| n.contains("symbolic") && n.contains("batch") && n.contains("1")),
         "{:?}",
         rep.notes
     );
     // both symbolic: default 1, noted
     let rep = verify(&r, &r, &one_sample()).unwrap();
     assert!(rep.passed && rep.outputs[0].max_abs_diff == 0.0);
-    assert!(
-        rep.notes.iter().any(|n| n.contains("defaulting to 1")),
-        "{:?}",
-        rep.notes
-    );
+    assert!(rep.notes.iter().any(|n| n.contains("defaulting to 1")), "{:?}", rep.notes);
 
     // a fixed-batch model that really cannot take batch 2 (dynamo bakes the batch into a
     // Reshape): Run error naming the ONNX node and op, and saying the shape was overridden
@@ -794,10 +504,7 @@ fn case_dynamic_batch() {
     match &e {
         Error::Run { path, msg } => {
             assert!(path.ends_with("dynamo_inline.onnx"));
-            assert!(
-                msg.contains("(Reshape)") && msg.contains("overrides"),
-                "{msg}"
-            );
+            assert!(msg.contains("(Reshape)") && msg.contains("overrides"), "{msg}");
         }
         other => panic!("expected Run, got {other:?}"),
     }
@@ -807,18 +514,9 @@ fn case_dynamic_batch() {
     let dir = tempfile::tempdir().unwrap();
     let npz = dir.path().join("b2.npz");
     let mut w = NpzWriter::new(std::fs::File::create(&npz).unwrap());
-    w.add_array("input", &io_array("resnet20", "input_b2"))
-        .unwrap();
+    w.add_array("input", &io_array("resnet20", "input_b2")).unwrap();
     w.finish().unwrap();
-    let rep = verify(
-        &r,
-        &c,
-        &VerifyOptions {
-            inputs_npz: Some(npz),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let rep = verify(&r, &c, &VerifyOptions { inputs_npz: Some(npz), ..Default::default() }).unwrap();
     assert!(rep.passed, "{}", rep.table());
     assert_eq!(rep.inputs[0].shape, vec![2, 3, 32, 32]);
     assert_eq!(rep.outputs[0].shape, vec![2, 10]);
@@ -827,31 +525,15 @@ fn case_dynamic_batch() {
 /// progress=true runs (the lines only appear after 1 s, so nothing to assert on stderr here).
 #[test]
 fn case_progress_does_not_break() {
-    let (r, c) = (
-        fixture("dbb", "ts_fold.onnx"),
-        fixture("dbb", "deploy.onnx"),
-    );
-    let rep = verify(
-        &r,
-        &c,
-        &VerifyOptions {
-            progress: true,
-            samples: 2,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let (r, c) = (fixture("dbb", "ts_fold.onnx"), fixture("dbb", "deploy.onnx"));
+    let rep = verify(&r, &c, &VerifyOptions { progress: true, samples: 2, ..Default::default() }).unwrap();
     assert!(rep.passed);
 }
 
 /// Writes a .npy by hand (ndarray-npy cannot write float16 or big-endian data).
 fn write_raw_npy(p: &Path, descr: &str, shape: &[usize], data: &[u8]) {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape = if dims.len() == 1 {
-        format!("({},)", dims[0])
-    } else {
-        format!("({})", dims.join(", "))
-    };
+    let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
     let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');
@@ -869,64 +551,23 @@ fn write_raw_npy(p: &Path, descr: &str, shape: &[usize], data: &[u8]) {
 fn case_npy_float16_and_big_endian() {
     let dir = tempfile::tempdir().unwrap();
     let input = io_array("repopt", "input");
-    let (r, c) = (
-        fixture("repopt", "ts_fold.onnx"),
-        fixture("repopt", "deploy.onnx"),
-    );
+    let (r, c) = (fixture("repopt", "ts_fold.onnx"), fixture("repopt", "deploy.onnx"));
 
     let be = dir.path().join("be.npy");
     let data: Vec<u8> = input.iter().flat_map(|x| x.to_be_bytes()).collect();
     write_raw_npy(&be, ">f4", input.shape(), &data);
     let le = dir.path().join("le.npy");
-    input
-        .write_npy(std::fs::File::create(&le).unwrap())
-        .unwrap();
-    let a = verify(
-        &r,
-        &c,
-        &VerifyOptions {
-            input_files: vec![("input".into(), le)],
-            ..Default::default()
-        },
-    )
-    .unwrap();
-    let b = verify(
-        &r,
-        &c,
-        &VerifyOptions {
-            input_files: vec![("input".into(), be)],
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    input.write_npy(std::fs::File::create(&le).unwrap()).unwrap();
+    let a = verify(&r, &c, &VerifyOptions { input_files: vec![("input".into(), le)], ..Default::default() }).unwrap();
+    let b = verify(&r, &c, &VerifyOptions { input_files: vec![("input".into(), be)], ..Default::default() }).unwrap();
     assert!(a.passed && b.passed);
-    assert_eq!(
-        a.outputs, b.outputs,
-        "big-endian file decodes to the same data"
-    );
+    assert_eq!(a.outputs, b.outputs, "big-endian file decodes to the same data");
 
     let h = dir.path().join("half.npy");
-    let data: Vec<u8> = input
-        .iter()
-        .flat_map(|x| half::f16::from_f32(*x).to_bits().to_le_bytes())
-        .collect();
+    let data: Vec<u8> = input.iter().flat_map(|x| half::f16::from_f32(*x).to_bits().to_le_bytes()).collect();
     write_raw_npy(&h, "<f2", input.shape(), &data);
-    let rep = verify(
-        &r,
-        &c,
-        &VerifyOptions {
-            input_files: vec![("input".into(), h)],
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let rep = verify(&r, &c, &VerifyOptions { input_files: vec![("input".into(), h)], ..Default::default() }).unwrap();
     assert!(rep.passed, "{}", rep.table());
-    assert!(
-        rep.notes
-            .iter()
-            .any(|n| n.contains("float16") && n.contains("float32")),
-        "{:?}",
-        rep.notes
-    );
+    assert!(rep.notes.iter().any(|n| n.contains("float16") && n.contains("float32")), "{:?}", rep.notes);
     assert_eq!(rep.inputs[0].dtype, "float32");
 }

@@ -9,7 +9,11 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser, Debug)]
-#[command(name = "acnet-onnx", version, about = "Fuse re-parameterised CNN blocks (ACNet, RepVGG, ...) in ONNX models into plain convolutions, and prove the equivalence")]
+#[command(
+    name = "acnet-onnx",
+    version,
+    about = "Fuse re-parameterised CNN blocks (ACNet, RepVGG, ...) in ONNX models into plain convolutions, and prove the equivalence"
+)]
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub(crate) cmd: Cmd,
@@ -153,18 +157,30 @@ pub(crate) struct InspectArgs {
 impl CheckArgs {
     /// The check's options (validated by the pipeline).
     pub(super) fn options(&self) -> Result<VerifyOptions, Error> {
-        let mut o = VerifyOptions { seed: self.seed, samples: self.samples, atol: self.atol, rtol: self.rtol, progress: true, ..Default::default() };
+        let mut o = VerifyOptions {
+            seed: self.seed,
+            samples: self.samples,
+            atol: self.atol,
+            rtol: self.rtol,
+            progress: true,
+            ..Default::default()
+        };
         for s in &self.input_shape {
-            let (name, dims) = s.rsplit_once(':').ok_or_else(|| Error::Usage(format!("--input-shape {s:?}: expected name:d1,d2,...")))?;
+            let (name, dims) = s
+                .rsplit_once(':')
+                .ok_or_else(|| Error::Usage(format!("--input-shape {s:?}: expected name:d1,d2,...")))?;
             let dims: Result<Vec<usize>, _> = dims.split(',').map(|d| d.trim().parse::<usize>()).collect();
-            o.input_shapes.push((name.to_string(), dims.map_err(|_| Error::Usage(format!("--input-shape {s:?}: dims must be whole numbers")))?));
+            o.input_shapes.push((
+                name.to_string(),
+                dims.map_err(|_| Error::Usage(format!("--input-shape {s:?}: dims must be whole numbers")))?,
+            ));
         }
         for s in &self.input {
-            let (name, file) = s.split_once('=').ok_or_else(|| Error::Usage(format!("--input {s:?}: expected name=file.npy")))?;
+            let (name, file) =
+                s.split_once('=').ok_or_else(|| Error::Usage(format!("--input {s:?}: expected name=file.npy")))?;
             o.input_files.push((name.to_string(), PathBuf::from(file)));
         }
         o.inputs_npz = self.inputs.clone();
         Ok(o)
     }
 }
-

@@ -33,7 +33,13 @@ pub fn check_arity(g: &GraphProto, opset: i64) -> Result<()> {
         let bad = |msg: String| Err(Error::Invalid(format!("{gname}: node '{}' ({}) {msg}", n.name(), n.op_type())));
         let given = n.input.iter().rposition(|i| !i.is_empty()).map_or(0, |p| p + 1);
         if given < min || given > max {
-            let want = if min == max { format!("{min}") } else if max == usize::MAX { format!("at least {min}") } else { format!("{min} to {max}") };
+            let want = if min == max {
+                format!("{min}")
+            } else if max == usize::MAX {
+                format!("at least {min}")
+            } else {
+                format!("{min} to {max}")
+            };
             return bad(format!("has {given} input(s); at opset {opset} it takes {want}"));
         }
         if let Some(k) = n.input.iter().take(min).position(|i| i.is_empty()) {

@@ -78,7 +78,9 @@ impl Consts<'_> {
     /// Shape-only operators on a constant: Identity, Reshape, Unsqueeze, Squeeze.
     fn through(&self, n: &crate::proto::NodeProto) -> Option<Result<(ArrayD<f64>, FloatType), ConstError>> {
         let op = n.op_type();
-        if !is_default_domain(n) || !matches!(op, "Identity" | "Reshape" | "Unsqueeze" | "Squeeze") || n.input.is_empty()
+        if !is_default_domain(n)
+            || !matches!(op, "Identity" | "Reshape" | "Unsqueeze" | "Squeeze")
+            || n.input.is_empty()
         {
             return None;
         }
@@ -120,7 +122,8 @@ impl Consts<'_> {
                 let mut shape = a.shape().to_vec();
                 if op == "Squeeze" {
                     let r = shape.len() as i64;
-                    let axes: Vec<usize> = axes.iter().map(|&x| if x < 0 { (x + r) as usize } else { x as usize }).collect();
+                    let axes: Vec<usize> =
+                        axes.iter().map(|&x| if x < 0 { (x + r) as usize } else { x as usize }).collect();
                     shape = shape
                         .iter()
                         .enumerate()
@@ -144,7 +147,11 @@ impl Consts<'_> {
             _ => return None,
         };
         let v: Vec<f64> = a.iter().copied().collect();
-        Some(ArrayD::from_shape_vec(ndarray::IxDyn(&shape), v).map(|a| (a, ft)).map_err(|e| ConstError::Data(e.to_string())))
+        Some(
+            ArrayD::from_shape_vec(ndarray::IxDyn(&shape), v)
+                .map(|a| (a, ft))
+                .map_err(|e| ConstError::Data(e.to_string())),
+        )
     }
 
     /// A constant integer tensor (INT64/INT32), looking through Unsqueeze/Identity/Cast/Reshape.

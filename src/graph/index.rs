@@ -1,8 +1,8 @@
 //! An index over one graph: who produces and who consumes each tensor, which tensors are
 //! initializers, graph inputs and outputs; and the graph's well-formedness check.
 
-use crate::error::{Error, Result};
 use super::attrs::is_default_domain;
+use crate::error::{Error, Result};
 use crate::proto::{GraphProto, NodeProto, TensorProto};
 use std::collections::{HashMap, HashSet};
 
@@ -155,7 +155,11 @@ impl GraphIndex {
                     } else {
                         "another node's output"
                     };
-                    return err(format!("duplicate tensor name '{o}': output of node '{}' ({}) and {what}", n.name(), n.op_type()));
+                    return err(format!(
+                        "duplicate tensor name '{o}': output of node '{}' ({}) and {what}",
+                        n.name(),
+                        n.op_type()
+                    ));
                 }
                 defined.insert(o);
             }
@@ -171,7 +175,11 @@ impl GraphIndex {
                         let c = &g.node[c];
                         format!("a cycle: node '{}' ({}) depends on its own output", c.name(), c.op_type())
                     } else {
-                        format!("nodes are not in topological order: node '{}' ({}) reads '{r}' before it is produced", n.name(), n.op_type())
+                        format!(
+                            "nodes are not in topological order: node '{}' ({}) reads '{r}' before it is produced",
+                            n.name(),
+                            n.op_type()
+                        )
                     };
                     return err(msg);
                 }

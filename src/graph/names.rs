@@ -48,7 +48,10 @@ impl<'g> Names<'g> {
     /// else reads them (and no earlier call of this generator took them), fresh names otherwise.
     pub fn conv_params(&mut self, ix: &GraphIndex, conv: &NodeProto) -> (String, String) {
         let own = |names: &Self, name: &str| {
-            ix.initializer.contains_key(name) && ix.uses(name) == 1 && !ix.inputs.contains(name) && !names.claimed.contains(name)
+            ix.initializer.contains_key(name)
+                && ix.uses(name) == 1
+                && !ix.inputs.contains(name)
+                && !names.claimed.contains(name)
         };
         let w = &conv.input[1];
         let wname = if own(self, w) { self.claim(w) } else { self.fresh(&format!("{w}_fused")) };

@@ -19,17 +19,40 @@ pub enum Misfit {
     Groups(usize, usize),
     /// Input channels per group (small, large).
     InChannelsPerGroup(usize, usize),
-    Stride { small: usize, large: usize, axis: usize },
-    Dilation { small: i64, large: i64, axis: usize },
+    Stride {
+        small: usize,
+        large: usize,
+        axis: usize,
+    },
+    Dilation {
+        small: i64,
+        large: i64,
+        axis: usize,
+    },
     /// The small convolution crops and pads the same side.
-    CropAndPad { axis: usize },
-    NegativeCrop { axis: usize },
+    CropAndPad {
+        axis: usize,
+    },
+    NegativeCrop {
+        axis: usize,
+    },
     /// The paddings make the output sizes differ.
-    OutputSize { axis: usize },
+    OutputSize {
+        axis: usize,
+    },
     /// The taps land between the large kernel's (dilated) taps: offset `num / dilation`.
-    BetweenTaps { axis: usize, num: i64, dilation: i64 },
+    BetweenTaps {
+        axis: usize,
+        num: i64,
+        dilation: i64,
+    },
     /// A kernel of `k` at offset `offset` does not fit in `large`.
-    DoesNotFit { k: i64, offset: i64, large: i64, axis: usize },
+    DoesNotFit {
+        k: i64,
+        offset: i64,
+        large: i64,
+        axis: usize,
+    },
 }
 
 impl fmt::Display for Misfit {
@@ -106,7 +129,15 @@ impl AffineConv {
     }
 
     /// A plain convolution with zero crop.
-    pub fn new(weight: ArrayD<f64>, bias: Option<Array1<f64>>, groups: usize, strides: Vec<usize>, dilations: Vec<usize>, pads_begin: Vec<i64>, pads_end: Vec<i64>) -> AffineConv {
+    pub fn new(
+        weight: ArrayD<f64>,
+        bias: Option<Array1<f64>>,
+        groups: usize,
+        strides: Vec<usize>,
+        dilations: Vec<usize>,
+        pads_begin: Vec<i64>,
+        pads_end: Vec<i64>,
+    ) -> AffineConv {
         let o = weight.shape()[0];
         let r = weight.ndim() - 2;
         AffineConv {
@@ -249,7 +280,9 @@ impl AffineConv {
         let len: Vec<i64> = (0..r).map(|a| x.shape()[2 + a] as i64 - self.crop_begin[a] - self.crop_end[a]).collect();
         let out: Vec<usize> = (0..r)
             .map(|a| {
-                let span = len[a] + self.pads_begin[a] + self.pads_end[a] - self.dilations[a] as i64 * (self.kernel()[a] as i64 - 1) - 1;
+                let span = len[a] + self.pads_begin[a] + self.pads_end[a]
+                    - self.dilations[a] as i64 * (self.kernel()[a] as i64 - 1)
+                    - 1;
                 (span.div_euclid(self.strides[a] as i64) + 1).max(0) as usize
             })
             .collect();
@@ -268,7 +301,8 @@ impl AffineConv {
                     let mut xi = vec![b, g * cg + c];
                     let mut inside = true;
                     for a in 0..r {
-                        let q = idx[2 + a] as i64 * self.strides[a] as i64 - self.pads_begin[a] + t[a] as i64 * self.dilations[a] as i64;
+                        let q = idx[2 + a] as i64 * self.strides[a] as i64 - self.pads_begin[a]
+                            + t[a] as i64 * self.dilations[a] as i64;
                         if q < 0 || q >= len[a] {
                             inside = false;
                             break;

@@ -32,10 +32,20 @@ pub enum Form {
     ConvWithoutWeight,
     WeightRank(usize),
     BiasDtype,
-    GroupsDivide { groups: i64, out: usize },
-    KernelShape { attr: Vec<i64>, weight: Vec<usize> },
+    GroupsDivide {
+        groups: i64,
+        out: usize,
+    },
+    KernelShape {
+        attr: Vec<i64>,
+        weight: Vec<usize>,
+    },
     /// An attribute (`strides`, `dilations`, `pads`) invalid for a kernel of this rank.
-    Attribute { name: &'static str, value: Vec<i64>, rank: usize },
+    Attribute {
+        name: &'static str,
+        value: Vec<i64>,
+        rank: usize,
+    },
     AutoPadWithStride(String),
     AutoPadUnknown(String),
     BnTrainingMode,
@@ -65,7 +75,9 @@ impl fmt::Display for Form {
             Form::WeightRank(r) => write!(f, "weight of rank {r}"),
             Form::BiasDtype => f.write_str("bias and weight have different dtypes"),
             Form::GroupsDivide { groups, out } => write!(f, "group = {groups} does not divide {out} output channels"),
-            Form::KernelShape { attr, weight } => write!(f, "kernel_shape {attr:?} does not match the weight {weight:?}"),
+            Form::KernelShape { attr, weight } => {
+                write!(f, "kernel_shape {attr:?} does not match the weight {weight:?}")
+            }
             Form::Attribute { name, value, rank } => write!(f, "{name} {value:?} invalid for a {rank}-d kernel"),
             Form::AutoPadWithStride(a) => write!(f, "auto_pad {a} with stride > 1 pads by the input size"),
             Form::AutoPadUnknown(a) => write!(f, "auto_pad {a:?} unknown"),

@@ -32,7 +32,9 @@ fn safe_location(location: &str) -> bool {
 fn external_ref(t: &TensorProto) -> std::result::Result<(String, usize, Option<usize>), String> {
     let loc = entry(t, "location").ok_or("stored externally but no 'location' key")?.to_string();
     let num = |k: &str| -> std::result::Result<Option<usize>, String> {
-        entry(t, k).map(|v| v.trim().parse::<usize>().map_err(|_| format!("'{k}' is not a byte count: {v:?}"))).transpose()
+        entry(t, k)
+            .map(|v| v.trim().parse::<usize>().map_err(|_| format!("'{k}' is not a byte count: {v:?}")))
+            .transpose()
     };
     Ok((loc, num("offset")?.unwrap_or(0), num("length")?))
 }
@@ -63,7 +65,10 @@ impl ExternalFiles {
             if !is_external(t) {
                 return Ok(());
             }
-            let bad = |msg: String| Error::ExternalData { path: path.to_path_buf(), msg: format!("tensor '{}': {msg}", t.name()) };
+            let bad = |msg: String| Error::ExternalData {
+                path: path.to_path_buf(),
+                msg: format!("tensor '{}': {msg}", t.name()),
+            };
             let (loc, offset, length) = external_ref(t).map_err(bad)?;
             if !safe_location(&loc) {
                 return Err(bad(format!("location {loc:?} escapes the model's folder; refused as unsafe")));
@@ -92,11 +97,13 @@ impl ExternalFiles {
 
     /// The bytes of an external tensor. `path` names the model in errors.
     pub fn bytes_of(&self, t: &TensorProto, path: &Path) -> Result<Bytes> {
-        let bad = |m: String| Error::ExternalData { path: path.to_path_buf(), msg: format!("tensor '{}': {m}", t.name()) };
+        let bad =
+            |m: String| Error::ExternalData { path: path.to_path_buf(), msg: format!("tensor '{}': {m}", t.name()) };
         let (loc, offset, length) = external_ref(t).map_err(bad)?;
         let data = self.files.get(&loc).ok_or_else(|| bad(format!("{loc} was not loaded")))?;
-        let range = ext_range(offset, length, data.len())
-            .ok_or_else(|| bad(format!("{loc} holds {} bytes, tensor wants offset {offset} length {length:?}", data.len())))?;
+        let range = ext_range(offset, length, data.len()).ok_or_else(|| {
+            bad(format!("{loc} holds {} bytes, tensor wants offset {offset} length {length:?}", data.len()))
+        })?;
         Ok(data.slice(range))
     }
 

@@ -120,7 +120,8 @@ impl Model {
             Error::Invalid(msg) => Error::format(path, msg),
             e => e,
         })?;
-        let mut model = Model { proto, path: Some(path.to_path_buf()), external: ExternalFiles::default(), sources: Vec::new() };
+        let mut model =
+            Model { proto, path: Some(path.to_path_buf()), external: ExternalFiles::default(), sources: Vec::new() };
         let (external, sources) = ExternalFiles::resolve(&model.proto, &model.dir(), &model.display_path())?;
         model.external = external;
         model.sources = sources;

@@ -72,7 +72,8 @@ impl Staged {
         if data.is_none() {
             // only a file (or a link) is a stale data file; a folder of that name is not ours
             if std::fs::symlink_metadata(&stale).is_ok_and(|m| !m.is_dir()) {
-                std::fs::remove_file(&stale).map_err(|e| Error::io(&stale, format!("cannot remove the stale data file: {e}")))?;
+                std::fs::remove_file(&stale)
+                    .map_err(|e| Error::io(&stale, format!("cannot remove the stale data file: {e}")))?;
             }
         }
         if let Ok(d) = File::open(&self.target_dir) {
@@ -121,7 +122,11 @@ pub fn stage(model: &Model, path: &Path, mode: DataMode) -> Result<Staged> {
     let model_file = staged.model_path();
 
     if !external {
-        let proto = if model.has_external_data() { std::borrow::Cow::Owned(model.to_inline()?) } else { std::borrow::Cow::Borrowed(&model.proto) };
+        let proto = if model.has_external_data() {
+            std::borrow::Cow::Owned(model.to_inline()?)
+        } else {
+            std::borrow::Cow::Borrowed(&model.proto)
+        };
         let len = proto.encoded_len();
         if len > PROTOBUF_LIMIT {
             return Err(Error::Usage(format!(
@@ -177,7 +182,10 @@ pub fn stage(model: &Model, path: &Path, mode: DataMode) -> Result<Staged> {
 fn unique() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos() as u64).unwrap_or(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
     (t << 16) ^ N.fetch_add(1, Ordering::Relaxed)
 }
 

@@ -175,7 +175,10 @@ pub(crate) fn write_all(out: &File, sources: &[Source], chunks: &[Bytes]) -> std
 fn unsupported(e: &std::io::Error) -> bool {
     #[cfg(target_os = "linux")]
     {
-        matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP | libc::EBADF | libc::EPERM))
+        matches!(
+            e.raw_os_error(),
+            Some(libc::ENOSYS | libc::EXDEV | libc::EINVAL | libc::EOPNOTSUPP | libc::EBADF | libc::EPERM)
+        )
     }
     #[cfg(not(target_os = "linux"))]
     {
@@ -194,7 +197,9 @@ fn copy_range(from: &File, off: u64, to: &File, len: usize) -> std::io::Result<u
     while done < len {
         // SAFETY: plain syscall on two open descriptors; the kernel advances `off_in` and the
         // output file's position.
-        let n = unsafe { libc::copy_file_range(from.as_raw_fd(), &mut off_in, to.as_raw_fd(), std::ptr::null_mut(), len - done, 0) };
+        let n = unsafe {
+            libc::copy_file_range(from.as_raw_fd(), &mut off_in, to.as_raw_fd(), std::ptr::null_mut(), len - done, 0)
+        };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {

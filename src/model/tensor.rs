@@ -122,8 +122,9 @@ fn dims_of(t: &TensorProto) -> Result<Vec<usize>, String> {
 /// Decode a float tensor to f64. `raw` is the tensor's bytes when stored as raw data (inline or
 /// resolved from external data); otherwise the typed fields are read.
 pub fn to_f64(t: &TensorProto, raw: Option<&[u8]>) -> Result<ArrayD<f64>, String> {
-    let ft = FloatType::from_onnx(t.data_type.unwrap_or(0))
-        .ok_or_else(|| format!("tensor '{}' has data type {} (not a float type)", t.name(), t.data_type.unwrap_or(0)))?;
+    let ft = FloatType::from_onnx(t.data_type.unwrap_or(0)).ok_or_else(|| {
+        format!("tensor '{}' has data type {} (not a float type)", t.name(), t.data_type.unwrap_or(0))
+    })?;
     let shape = dims_of(t)?;
     let n = checked_numel(&t.dims)?;
     let values: Vec<f64> = if let Some(raw) = raw {
@@ -138,14 +139,12 @@ pub fn to_f64(t: &TensorProto, raw: Option<&[u8]>) -> Result<ArrayD<f64>, String
         match ft {
             FloatType::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
             FloatType::F64 => raw.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
-            FloatType::F16 => raw
-                .chunks_exact(2)
-                .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64())
-                .collect(),
-            FloatType::BF16 => raw
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64())
-                .collect(),
+            FloatType::F16 => {
+                raw.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64()).collect()
+            }
+            FloatType::BF16 => {
+                raw.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64()).collect()
+            }
         }
     } else {
         let v: Vec<f64> = match ft {

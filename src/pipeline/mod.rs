@@ -116,7 +116,12 @@ pub fn fuse_file(input: &Path, output: &Path, opts: &FuseOptions) -> Result<Fuse
 }
 
 /// [`fuse_file`], telling `on` each step as it happens.
-pub fn fuse_file_with(input: &Path, output: &Path, opts: &FuseOptions, on: &mut dyn FnMut(Event)) -> Result<FuseFileReport> {
+pub fn fuse_file_with(
+    input: &Path,
+    output: &Path,
+    opts: &FuseOptions,
+    on: &mut dyn FnMut(Event),
+) -> Result<FuseFileReport> {
     if same_file(input, output) && !opts.in_place {
         return Err(Error::Usage(format!(
             "{}: -o names the input itself; pass --in-place to overwrite it",
@@ -182,7 +187,11 @@ fn fuse_and_write(
                         }
                         return Ok(report);
                     }
-                    warn(&mut report, "the fused model is NOT equivalent within the tolerances; written anyway (--force)".into(), on);
+                    warn(
+                        &mut report,
+                        "the fused model is NOT equivalent within the tolerances; written anyway (--force)".into(),
+                        on,
+                    );
                 }
             }
             Err(e @ Error::Unsupported { .. }) => warn(
@@ -274,7 +283,10 @@ impl InspectReport {
     /// The text `inspect` prints.
     pub fn text(&self) -> String {
         use std::fmt::Write as _;
-        let mut s = format!("{}: ir_version {}, opset {}, producer {}\n", self.model, self.ir_version, self.opset, self.producer);
+        let mut s = format!(
+            "{}: ir_version {}, opset {}, producer {}\n",
+            self.model, self.ir_version, self.opset, self.producer
+        );
         s.push_str("blocks that fuse would rewrite:\n");
         for r in &self.analysis.rewrites {
             let _ = writeln!(s, "  {} '{}': {}", r.rule, r.node, r.detail);

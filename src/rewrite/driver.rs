@@ -224,16 +224,19 @@ mod tests {
         let vi = |n: &str| ValueInfoProto { name: Some(n.into()), ..Default::default() };
         let g = GraphProto { node: nodes, input: vec![vi("x")], output: vec![vi(output)], ..Default::default() };
         let opset = OperatorSetIdProto { version: Some(17), ..Default::default() };
-        Model::from_proto(ModelProto { graph: Some(g), ir_version: Some(8), opset_import: vec![opset], ..Default::default() })
-            .unwrap()
+        Model::from_proto(ModelProto {
+            graph: Some(g),
+            ir_version: Some(8),
+            opset_import: vec![opset],
+            ..Default::default()
+        })
+        .unwrap()
     }
 
     #[test]
     fn a_toy_rule_plugs_into_the_driver() {
-        let mut m = model(
-            vec![node("Relu", "r", "x", "a"), node("Identity", "id", "a", "b"), node("Neg", "n", "b", "y")],
-            "y",
-        );
+        let mut m =
+            model(vec![node("Relu", "r", "x", "a"), node("Identity", "id", "a", "b"), node("Neg", "n", "b", "y")], "y");
         let (log, refused) = run(&mut m, &[&DropIdentity]);
         assert_eq!(log.len(), 1);
         assert_eq!(log[0].rule, "drop_identity");

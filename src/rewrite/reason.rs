@@ -11,30 +11,55 @@ use std::fmt;
 pub enum Reason {
     /// A Conv of the block cannot be read (its weights are not constants, its attributes are of a
     /// form the algebra does not handle, ...).
-    Conv { conv: String, err: ReadError },
+    Conv {
+        conv: String,
+        err: ReadError,
+    },
     /// The BatchNormalization cannot be read (training mode, parameters not constant, ...).
     Bn(ReadError),
     /// The BatchNormalization of an identity branch cannot be read.
-    IdentityBn { bn: String, err: ReadError },
+    IdentityBn {
+        bn: String,
+        err: ReadError,
+    },
     /// A constant the rewrite needs cannot be read.
     Const(ConstError),
     /// The output of a Conv of the block is also read outside it: merging would lose it.
-    UsedOutside { conv: String },
+    UsedOutside {
+        conv: String,
+    },
     /// A BatchNormalization of `bn` channels after a Conv of `conv` output channels.
-    BnChannels { bn: usize, conv: usize },
+    BnChannels {
+        bn: usize,
+        conv: usize,
+    },
     BnConvDtypes,
     /// The branches' weights are of different dtypes.
     BranchDtypes,
     /// The branch with the largest kernel reads a cropped input.
-    CroppedBase { branch: String, crop_begin: Vec<i64>, crop_end: Vec<i64> },
+    CroppedBase {
+        branch: String,
+        crop_begin: Vec<i64>,
+        crop_end: Vec<i64>,
+    },
     /// An identity branch, but the merged Conv changes the number of channels.
-    IdentityChannels { branch: String, inputs: usize, outputs: usize },
+    IdentityChannels {
+        branch: String,
+        inputs: usize,
+        outputs: usize,
+    },
     /// An identity BatchNormalization of another number of channels.
     IdentityBnChannels(usize),
     /// A branch's kernel does not fit inside the largest one.
-    Misfit { branch: String, misfit: Misfit },
+    Misfit {
+        branch: String,
+        misfit: Misfit,
+    },
     /// A branch multiplied by a constant that is not per channel.
-    NotPerChannel { branch: String, shape: Vec<usize> },
+    NotPerChannel {
+        branch: String,
+        shape: Vec<usize>,
+    },
     /// No Conv among the branches of a group.
     NoConv,
     /// The general path could not prove the region is one convolution.
@@ -45,11 +70,17 @@ pub enum Reason {
 #[derive(Clone, Debug, PartialEq)]
 pub enum RegionReason {
     /// A Pad with negative amounts (a crop), which tract cannot run.
-    NegativePad { pad: String },
+    NegativePad {
+        pad: String,
+    },
     /// A tensor inside the region is also read outside it.
-    UsedOutside { tensor: String },
+    UsedOutside {
+        tensor: String,
+    },
     /// The size of the region's input is not known.
-    SizeUnknown { tensor: String },
+    SizeUnknown {
+        tensor: String,
+    },
     /// The geometry the general path does not handle.
     Geometry,
     /// The region's input is not `[N, C, H, W]` with the Conv's channels.
@@ -61,13 +92,18 @@ pub enum RegionReason {
     /// Evaluating the region failed (tract's message).
     Tract(String),
     /// The region's output is not the Conv's.
-    OutputShape { got: Vec<usize>, want: [i64; 4] },
+    OutputShape {
+        got: Vec<usize>,
+        want: [i64; 4],
+    },
     /// The response to zero differs across the plane (the borders see something else).
     BiasNotConstant,
     InputTooSmall,
     ReadsOutsideWindow,
     /// The recovered convolution does not reproduce the region.
-    NotRecovered { max_diff: f64 },
+    NotRecovered {
+        max_diff: f64,
+    },
 }
 
 impl fmt::Display for Reason {

@@ -89,11 +89,7 @@ pub(crate) fn describe_failure(path: &Path, e: &TractError) -> (Option<String>, 
         }
         if node.is_none() {
             if let Some(i) = s.find(" \"") {
-                if s[..i]
-                    .rsplit(' ')
-                    .next()
-                    .is_some_and(|t| t.starts_with('#'))
-                {
+                if s[..i].rsplit(' ').next().is_some_and(|t| t.starts_with('#')) {
                     let rest = &s[i + 2..];
                     if let Some(j) = rest.find('"') {
                         node = Some(rest[..j].to_string());

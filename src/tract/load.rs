@@ -19,10 +19,7 @@ pub(crate) struct Loaded {
 }
 
 pub(crate) fn load(path: &Path) -> Result<Loaded, Error> {
-    let load_err = |msg: String| Error::Load {
-        path: path.to_path_buf(),
-        msg,
-    };
+    let load_err = |msg: String| Error::Load { path: path.to_path_buf(), msg };
     match std::fs::metadata(path) {
         Err(e) => return Err(load_err(summarize(&e.to_string()))),
         Ok(m) if m.is_dir() => return Err(load_err("is a directory, not an ONNX file".into())),
@@ -39,10 +36,7 @@ pub(crate) fn load(path: &Path) -> Result<Loaded, Error> {
                     if let (Some(open), true) = (rest.rfind('('), rest.ends_with(')')) {
                         let op = rest[open + 1..rest.len() - 1].to_string();
                         if !op.is_empty() {
-                            return Err(Error::Unsupported {
-                                path: path.to_path_buf(),
-                                op,
-                            });
+                            return Err(Error::Unsupported { path: path.to_path_buf(), op });
                         }
                     }
                 }
@@ -63,21 +57,15 @@ pub(crate) fn load(path: &Path) -> Result<Loaded, Error> {
         let node = model.node(id);
         if let Some(op) = node.op_as::<UnimplementedOp>() {
             let name = op.name().to_string();
-            let name = name
-                .strip_prefix("Unimplemented(")
-                .and_then(|s| s.strip_suffix(')'))
-                .unwrap_or(&name)
-                .to_string();
+            let name =
+                name.strip_prefix("Unimplemented(").and_then(|s| s.strip_suffix(')')).unwrap_or(&name).to_string();
             if !missing.contains(&name) {
                 missing.push(name);
             }
         }
     }
     if !missing.is_empty() {
-        return Err(Error::Unsupported {
-            path: path.to_path_buf(),
-            op: missing.join(", "),
-        });
+        return Err(Error::Unsupported { path: path.to_path_buf(), op: missing.join(", ") });
     }
     let inputs: Vec<String> = model
         .input_outlets()
@@ -89,19 +77,9 @@ pub(crate) fn load(path: &Path) -> Result<Loaded, Error> {
         .output_outlets()
         .map_err(|e| load_err(chain_msg(&e)))?
         .iter()
-        .map(|o| {
-            model
-                .outlet_label(*o)
-                .map(|s| s.to_string())
-                .unwrap_or_else(|| model.node(o.node).name.clone())
-        })
+        .map(|o| model.outlet_label(*o).map(|s| s.to_string()).unwrap_or_else(|| model.node(o.node).name.clone()))
         .collect();
-    Ok(Loaded {
-        path: path.to_path_buf(),
-        model,
-        inputs,
-        outputs,
-    })
+    Ok(Loaded { path: path.to_path_buf(), model, inputs, outputs })
 }
 
 /// What a model declares about one dimension.
@@ -136,7 +114,8 @@ impl Loaded {
     /// when not declared.
     pub(crate) fn input_decl(&self, name: &str) -> Result<(Option<DatumType>, Option<Vec<DeclDim>>), Error> {
         let ix = self.inputs.iter().position(|n| n == name).expect("an input of the model");
-        let fact = self.model.input_fact(ix).map_err(|e| Error::Load { path: self.path.clone(), msg: chain_msg(&e) })?;
+        let fact =
+            self.model.input_fact(ix).map_err(|e| Error::Load { path: self.path.clone(), msg: chain_msg(&e) })?;
         Ok((fact.datum_type.concretize(), decl_dims(&fact.shape)))
     }
 }

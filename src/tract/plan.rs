@@ -41,69 +41,32 @@ pub(crate) fn prepare(
     notes: &mut Vec<String>,
     kind: PlanKind,
 ) -> Result<(Plan, Vec<String>, Vec<String>), Error> {
-    let Loaded {
-        path,
-        mut model,
-        inputs: in_names,
-        outputs: out_names,
-    } = m;
-    let run_err = |msg: String| Error::Run {
-        path: path.clone(),
-        msg,
-    };
+    let Loaded { path, mut model, inputs: in_names, outputs: out_names } = m;
+    let run_err = |msg: String| Error::Run { path: path.clone(), msg };
     // A fixed input dim overridden by the user (e.g. batch 1 -> 2) contradicts the shapes the
     // exporter wrote in `value_info`; reload without them (tract infers shapes by itself).
     let mut overridden = false;
     for (ix, name) in in_names.iter().enumerate() {
-        let ri = inputs
-            .iter()
-            .find(|i| &i.name == name)
-            .expect("resolved input");
+        let ri = inputs.iter().find(|i| &i.name == name).expect("resolved input");
         let fact = model.input_fact(ix).map_err(|e| run_err(chain_msg(&e)))?;
         if let Some(dims) = decl_dims(&fact.shape) {
-            overridden |= dims
-                .iter()
-                .zip(&ri.shape)
-                .any(|(d, v)| matches!(d, DeclDim::Fixed(x) if x != v));
+            overridden |= dims.iter().zip(&ri.shape).any(|(d, v)| matches!(d, DeclDim::Fixed(x) if x != v));
         }
     }
     if overridden {
-        let res = catch(|| {
-            tract_onnx::onnx()
-                .with_ignore_value_info(true)
-                .model_for_path(&path)
-        });
+        let res = catch(|| tract_onnx::onnx().with_ignore_value_info(true).model_for_path(&path));
         model = match res {
             Ok(Ok(m)) => m,
-            Ok(Err(e)) => {
-                return Err(Error::Load {
-                    path: path.clone(),
-                    msg: chain_msg(&e),
-                })
-            }
-            Err(p) => {
-                return Err(Error::Load {
-                    path: path.clone(),
-                    msg: panic_msg(p),
-                })
-            }
+            Ok(Err(e)) => return Err(Error::Load { path: path.clone(), msg: chain_msg(&e) }),
+            Err(p) => return Err(Error::Load { path: path.clone(), msg: panic_msg(p) }),
         };
-        notes.push(format!(
-            "{}: value_info shapes ignored (a fixed input dim was overridden)",
-            path.display()
-        ));
+        notes.push(format!("{}: value_info shapes ignored (a fixed input dim was overridden)", path.display()));
     }
     // substitute the symbols of the declared input dims by the chosen values everywhere
     let mut subs: HashMap<Symbol, TDim> = HashMap::new();
     for (ix, name) in in_names.iter().enumerate() {
-        let ri = inputs
-            .iter()
-            .find(|i| &i.name == name)
-            .expect("resolved input");
-        let fact = model
-            .input_fact(ix)
-            .map_err(|e| run_err(chain_msg(&e)))?
-            .clone();
+        let ri = inputs.iter().find(|i| &i.name == name).expect("resolved input");
+        let fact = model.input_fact(ix).map_err(|e| run_err(chain_msg(&e)))?.clone();
         if !fact.shape.is_open() {
             for (d, v) in fact.shape.dims().zip(&ri.shape) {
                 if let GenericFactoid::Only(TDim::Sym(s)) = d {
@@ -117,10 +80,7 @@ pub(crate) fn prepare(
             model.set_symbols(&subs)?;
         }
         for (ix, name) in in_names.iter().enumerate() {
-            let ri = inputs
-                .iter()
-                .find(|i| &i.name == name)
-                .expect("resolved input");
+            let ri = inputs.iter().find(|i| &i.name == name).expect("resolved input");
             model.set_input_fact(ix, InferenceFact::dt_shape(ri.dt, ri.shape.iter().copied()))?;
         }
         model.into_typed()
@@ -167,14 +127,8 @@ pub(crate) fn run(
     out_names: &[String],
     data: &HashMap<String, Tensor>,
 ) -> Result<HashMap<String, Tensor>, Error> {
-    let run_err = |msg: String| Error::Run {
-        path: path.to_path_buf(),
-        msg,
-    };
-    let inputs: TVec<TValue> = in_names
-        .iter()
-        .map(|n| data[n].clone().into_tvalue())
-        .collect();
+    let run_err = |msg: String| Error::Run { path: path.to_path_buf(), msg };
+    let inputs: TVec<TValue> = in_names.iter().map(|n| data[n].clone().into_tvalue()).collect();
     let res = catch(|| plan.run(inputs));
     let outs = match res {
         Err(p) => return Err(run_err(panic_msg(p))),
@@ -182,15 +136,7 @@ pub(crate) fn run(
         Ok(Ok(o)) => o,
     };
     if outs.len() != out_names.len() {
-        return Err(run_err(format!(
-            "model produced {} outputs, expected {}",
-            outs.len(),
-            out_names.len()
-        )));
+        return Err(run_err(format!("model produced {} outputs, expected {}", outs.len(), out_names.len())));
     }
-    Ok(out_names
-        .iter()
-        .cloned()
-        .zip(outs.into_iter().map(|v| v.into_tensor()))
-        .collect())
+    Ok(out_names.iter().cloned().zip(outs.into_iter().map(|v| v.into_tensor())).collect())
 }

@@ -48,7 +48,8 @@ impl RegionPlan {
         catch(|| {
             let out = self.plan.run(tvec!(Tensor::from(x.clone()).into())).map_err(msg)?;
             let t = out[0].clone().into_tensor();
-            let v = t.try_as_plain_ram().map_err(msg)?.as_slice::<f32>().map_err(msg)?.iter().map(|&v| v as f64).collect();
+            let v =
+                t.try_as_plain_ram().map_err(msg)?.as_slice::<f32>().map_err(msg)?.iter().map(|&v| v as f64).collect();
             ArrayD::from_shape_vec(IxDyn(t.shape()), v).map_err(|e| e.to_string())
         })
         .unwrap_or_else(|_| Err("tract failed on the region".into()))

@@ -19,7 +19,10 @@ pub(crate) fn unrunnable(m: &TypedModel, limit: u128) -> Option<String> {
             let Some(dims) = o.fact.shape.as_concrete() else { continue };
             let n = dims.iter().fold(1u128, |a, &d| a.saturating_mul(d as u128));
             if n > limit {
-                return Some(format!("'{}' would be a tensor of shape {dims:?} ({n} elements), too big to run (at most {limit})", node.name));
+                return Some(format!(
+                    "'{}' would be a tensor of shape {dims:?} ({n} elements), too big to run (at most {limit})",
+                    node.name
+                ));
             }
         }
     }

@@ -94,11 +94,7 @@ pub(crate) fn compare_into(acc: &mut Acc, sample: usize, a: &Tensor, b: &Tensor,
         }
         sum += diff;
         count += 1;
-        let rel = if diff.is_infinite() {
-            f64::INFINITY
-        } else {
-            diff / ax.max(REL_TINY)
-        };
+        let rel = if diff.is_infinite() { f64::INFINITY } else { diff / ax.max(REL_TINY) };
         if rel > acc.max_rel || rel.is_nan() {
             acc.max_rel = rel;
         }
@@ -112,11 +108,7 @@ pub(crate) fn compare_into(acc: &mut Acc, sample: usize, a: &Tensor, b: &Tensor,
             acc.failing += 1;
         }
         if diff > atol {
-            let need = if ax > 0.0 && diff.is_finite() {
-                (diff - atol) / ax
-            } else {
-                f64::INFINITY
-            };
+            let need = if ax > 0.0 && diff.is_finite() { (diff - atol) / ax } else { f64::INFINITY };
             if need > acc.min_rtol || need.is_nan() {
                 acc.min_rtol = need;
             }
@@ -129,19 +121,11 @@ pub(crate) fn compare_into(acc: &mut Acc, sample: usize, a: &Tensor, b: &Tensor,
 pub(crate) fn finish(name: &str, acc: Acc) -> OutputReport {
     let mut problems = acc.problems;
     if acc.nan_a > 0 || acc.nan_b > 0 {
-        problems.insert(
-            0,
-            format!(
-                "NaN values: {} in the reference, {} in the candidate",
-                acc.nan_a, acc.nan_b
-            ),
-        );
+        problems.insert(0, format!("NaN values: {} in the reference, {} in the candidate", acc.nan_a, acc.nan_b));
     }
     let hard_fail = acc.nan_a > 0
         || acc.nan_b > 0
-        || problems
-            .iter()
-            .any(|p| p.starts_with("shape mismatch") || p.starts_with("cannot compare"));
+        || problems.iter().any(|p| p.starts_with("shape mismatch") || p.starts_with("cannot compare"));
     let (worst_sample, worst_index, wa, wb) = acc.worst.unwrap_or((0, vec![], f64::NAN, f64::NAN));
     OutputReport {
         name: name.to_string(),
@@ -149,11 +133,7 @@ pub(crate) fn finish(name: &str, acc: Acc) -> OutputReport {
         dtype: acc.dtype,
         max_abs_diff: acc.max_abs,
         max_rel_diff: acc.max_rel,
-        mean_abs_diff: if acc.n_means > 0 {
-            acc.sum_means / acc.n_means as f64
-        } else {
-            f64::NAN
-        },
+        mean_abs_diff: if acc.n_means > 0 { acc.sum_means / acc.n_means as f64 } else { f64::NAN },
         worst_index,
         worst_sample,
         worst_reference: wa,
@@ -165,10 +145,6 @@ pub(crate) fn finish(name: &str, acc: Acc) -> OutputReport {
         nan_candidate: acc.nan_b,
         failing_elements: acc.failing,
         passed: !hard_fail && acc.failing == 0,
-        problem: if problems.is_empty() {
-            None
-        } else {
-            Some(problems.join("; "))
-        },
+        problem: if problems.is_empty() { None } else { Some(problems.join("; ")) },
     }
 }

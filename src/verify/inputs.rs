@@ -69,14 +69,13 @@ fn tensor_from_npy_bytes(descr: &str, shape: &[usize], bytes: &[u8]) -> Result<T
 
 fn read_npy_file(path: &Path) -> Result<Tensor, String> {
     let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let header = ndarray_npy::npy::header::Header::from_reader(&mut f)
-        .map_err(|e| format!("not a valid .npy file: {e}"))?;
-    let descr = header.type_descriptor.as_string().cloned().ok_or_else(|| {
-        format!(
-            "unsupported npy dtype (structured): {}",
-            header.type_descriptor
-        )
-    })?;
+    let header =
+        ndarray_npy::npy::header::Header::from_reader(&mut f).map_err(|e| format!("not a valid .npy file: {e}"))?;
+    let descr = header
+        .type_descriptor
+        .as_string()
+        .cloned()
+        .ok_or_else(|| format!("unsupported npy dtype (structured): {}", header.type_descriptor))?;
     let mut bytes = vec![];
     f.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
     if header.layout.is_fortran() {
@@ -105,15 +104,13 @@ fn read_npz_array(path: &Path, name: &str) -> Result<Tensor, String> {
                         let a: ArrayD<$t> = a;
                         return Ok(Tensor::from(a));
                     }
-                    Err(ReadNpzError::Npy(ReadNpyError::WrongDescriptor(v))) => {
-                        match v.as_string() {
-                            Some(s) if *s != descr => {
-                                descr = s.clone();
-                                continue;
-                            }
-                            _ => return Err(format!("unsupported npz dtype {v} for `{name}`")),
+                    Err(ReadNpzError::Npy(ReadNpyError::WrongDescriptor(v))) => match v.as_string() {
+                        Some(s) if *s != descr => {
+                            descr = s.clone();
+                            continue;
                         }
-                    }
+                        _ => return Err(format!("unsupported npz dtype {v} for `{name}`")),
+                    },
                     Err(e) => return Err(e.to_string()),
                 }
             };
@@ -144,8 +141,7 @@ fn read_npz_array(path: &Path, name: &str) -> Result<Tensor, String> {
 
 fn npz_names(path: &Path) -> Result<Vec<String>, String> {
     let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let mut npz =
-        ndarray_npy::NpzReader::new(f).map_err(|e| format!("not a valid .npz file: {e}"))?;
+    let mut npz = ndarray_npy::NpzReader::new(f).map_err(|e| format!("not a valid .npz file: {e}"))?;
     npz.names().map_err(|e| e.to_string())
 }
 
@@ -202,12 +198,7 @@ fn random_tensor(dt: DatumType, shape: &[usize], rng: &mut StdRng) -> Result<Ten
             let v: Vec<bool> = (0..n).map(|_| rng.random::<bool>()).collect();
             Tensor::from_shape::<bool>(shape, &v)
         }
-        other => {
-            return Err(format!(
-                "cannot generate random inputs of type {}",
-                dt_name(other)
-            ))
-        }
+        other => return Err(format!("cannot generate random inputs of type {}", dt_name(other))),
     };
     t.map_err(|e| chain_msg(&e))
 }
@@ -225,7 +216,12 @@ pub(crate) struct ResolvedInput {
 impl ResolvedInput {
     /// What the report says about it.
     pub(crate) fn spec(&self) -> InputSpec {
-        InputSpec { name: self.name.clone(), shape: self.shape.clone(), dtype: dt_name(self.dt), source: self.source.clone() }
+        InputSpec {
+            name: self.name.clone(),
+            shape: self.shape.clone(),
+            dtype: dt_name(self.dt),
+            source: self.source.clone(),
+        }
     }
 
     /// The type and shape to pin the models' input to.
@@ -279,13 +275,11 @@ pub(crate) fn resolve_inputs(
         if files.contains_key(name) {
             return Err(input_err(format!("--input given twice for `{name}`")));
         }
-        let t = read_npy_file(path)
-            .map_err(|e| input_err(format!("cannot read {}: {e}", path.display())))?;
+        let t = read_npy_file(path).map_err(|e| input_err(format!("cannot read {}: {e}", path.display())))?;
         files.insert(name.clone(), (t, format!("file {}", path.display())));
     }
     if let Some(npz) = &opts.inputs_npz {
-        let names =
-            npz_names(npz).map_err(|e| input_err(format!("cannot read {}: {e}", npz.display())))?;
+        let names = npz_names(npz).map_err(|e| input_err(format!("cannot read {}: {e}", npz.display())))?;
         let mut used = 0;
         let mut ignored = vec![];
         for a in &names {
@@ -300,8 +294,8 @@ pub(crate) fn resolve_inputs(
                 ));
                 continue;
             }
-            let t = read_npz_array(npz, a)
-                .map_err(|e| input_err(format!("cannot read {}[{a}]: {e}", npz.display())))?;
+            let t =
+                read_npz_array(npz, a).map_err(|e| input_err(format!("cannot read {}[{a}]: {e}", npz.display())))?;
             files.insert(a.clone(), (t, format!("npz {}[{a}]", npz.display())));
             used += 1;
         }
@@ -339,9 +333,7 @@ pub(crate) fn resolve_inputs(
             (None, None) => match &file {
                 Some((t, _)) => t.datum_type(),
                 None => {
-                    notes.push(format!(
-                        "input `{name}` has no declared type; using float32"
-                    ));
+                    notes.push(format!("input `{name}` has no declared type; using float32"));
                     DatumType::F32
                 }
             },
@@ -356,9 +348,7 @@ pub(crate) fn resolve_inputs(
             }
         }
         // the shape the user asked for, from --input-shape and/or the file
-        let mut user: Option<(Vec<usize>, &str)> = shapes
-            .get(name.as_str())
-            .map(|s| ((*s).clone(), "--input-shape"));
+        let mut user: Option<(Vec<usize>, &str)> = shapes.get(name.as_str()).map(|s| ((*s).clone(), "--input-shape"));
         let mut data = None;
         let mut source = String::new();
         if let Some((t, src)) = file {
@@ -367,10 +357,7 @@ pub(crate) fn resolve_inputs(
                 if *s != fshape {
                     return Err(input_err(format!(
                         "--input-shape {name}:{} disagrees with the shape {:?} of {}",
-                        s.iter()
-                            .map(|d| d.to_string())
-                            .collect::<Vec<_>>()
-                            .join(","),
+                        s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(","),
                         fshape,
                         src.trim_start_matches("file ").trim_start_matches("npz ")
                     )));
@@ -378,18 +365,14 @@ pub(crate) fn resolve_inputs(
             }
             let t = if t.datum_type() == dt {
                 t
-            } else if (is_float(t.datum_type()) && is_float(dt))
-                || (is_int(t.datum_type()) && is_int(dt))
-            {
+            } else if (is_float(t.datum_type()) && is_float(dt)) || (is_int(t.datum_type()) && is_int(dt)) {
                 notes.push(format!(
                     "input `{name}`: {} is {}, cast to the model's {}",
                     src,
                     dt_name(t.datum_type()),
                     dt_name(dt)
                 ));
-                t.cast_to_dt(dt)
-                    .map_err(|e| input_err(chain_msg(&e)))?
-                    .into_owned()
+                t.cast_to_dt(dt).map_err(|e| input_err(chain_msg(&e)))?.into_owned()
             } else {
                 return Err(input_err(format!(
                     "input `{name}`: {} holds {} data but the model expects {}",
@@ -406,9 +389,11 @@ pub(crate) fn resolve_inputs(
             (Some(a), _, _) => a.clone(),
             (None, Some(b), _) => b.clone(),
             (None, None, Some((s, _))) => vec![DeclDim::Unknown; s.len()],
-            (None, None, None) => return Err(input_err(format!(
-                "input `{name}` has no declared shape; give it with --input-shape {name}:d0,d1,..."
-            ))),
+            (None, None, None) => {
+                return Err(input_err(format!(
+                    "input `{name}` has no declared shape; give it with --input-shape {name}:d0,d1,..."
+                )))
+            }
         };
         let other: Vec<DeclDim> = match (&rdims, &cdims) {
             (Some(_), Some(b)) => b.clone(),
@@ -440,9 +425,7 @@ pub(crate) fn resolve_inputs(
                     (None, None) => None,
                 };
                 if let Some(which) = which {
-                    notes.push(format!(
-                        "input `{name}` dim {ix}: {which}, overridden to {want} by {from}"
-                    ));
+                    notes.push(format!("input `{name}` dim {ix}: {which}, overridden to {want} by {from}"));
                 }
                 want
             } else {
@@ -494,13 +477,7 @@ pub(crate) fn resolve_inputs(
                 format!("random integers 0..=3 (seed {})", opts.seed)
             };
         }
-        resolved.push(ResolvedInput {
-            name: name.clone(),
-            dt,
-            shape,
-            data,
-            source,
-        });
+        resolved.push(ResolvedInput { name: name.clone(), dt, shape, data, source });
     }
     Ok(resolved)
 }

@@ -155,20 +155,11 @@ impl Progress {
         if !self.on || self.start.elapsed().as_secs_f64() <= 1.0 {
             return;
         }
-        if !force
-            && self
-                .last
-                .get()
-                .is_some_and(|t| t.elapsed().as_secs_f64() < 1.0)
-        {
+        if !force && self.last.get().is_some_and(|t| t.elapsed().as_secs_f64() < 1.0) {
             return;
         }
         self.last.set(Some(Instant::now()));
-        eprintln!(
-            "verify: {} ({:.1}s)",
-            msg(),
-            self.start.elapsed().as_secs_f64()
-        );
+        eprintln!("verify: {} ({:.1}s)", msg(), self.start.elapsed().as_secs_f64());
     }
 }
 
@@ -176,16 +167,8 @@ impl Progress {
 ///
 /// `Ok(report)` whenever both models ran; `report.passed` tells whether they agree.
 /// `Err(_)` when the check could not be made.
-pub fn verify(
-    reference: &Path,
-    candidate: &Path,
-    opts: &VerifyOptions,
-) -> Result<VerifyReport, Error> {
-    let progress = Progress {
-        on: opts.progress,
-        start: Instant::now(),
-        last: std::cell::Cell::new(None),
-    };
+pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Result<VerifyReport, Error> {
+    let progress = Progress { on: opts.progress, start: Instant::now(), last: std::cell::Cell::new(None) };
     opts.validate().map_err(Error::Input)?;
     let r = load(reference)?;
     let c = load(candidate)?;
@@ -212,15 +195,9 @@ pub fn verify(
         for (acc, name) in accs.iter_mut().zip(&rout) {
             compare_into(acc, s, &ro[name], &co[name], opts.atol, opts.rtol);
         }
-        progress.say(s + 1 == samples, || {
-            format!("sample {}/{} done", s + 1, samples)
-        });
+        progress.say(s + 1 == samples, || format!("sample {}/{} done", s + 1, samples));
     }
-    let outputs: Vec<OutputReport> = rout
-        .iter()
-        .zip(accs)
-        .map(|(n, acc)| finish(n, acc))
-        .collect();
+    let outputs: Vec<OutputReport> = rout.iter().zip(accs).map(|(n, acc)| finish(n, acc)).collect();
     let mut seen = HashSet::new();
     notes.retain(|n| seen.insert(n.clone()));
     Ok(VerifyReport {

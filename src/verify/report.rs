@@ -111,11 +111,7 @@ impl VerifyReport {
                 fmt_num(o.max_abs_reference),
                 fmt_num(o.min_atol),
                 fmt_num(o.min_rtol),
-                if o.passed {
-                    "PASS".into()
-                } else {
-                    "FAIL".into()
-                },
+                if o.passed { "PASS".into() } else { "FAIL".into() },
             ]);
         }
         let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
@@ -141,14 +137,8 @@ impl VerifyReport {
             out.push_str(l.trim_end());
             out.push('\n');
         };
-        line(
-            &headers.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-            &mut out,
-        );
-        line(
-            &widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>(),
-            &mut out,
-        );
+        line(&headers.iter().map(|s| s.to_string()).collect::<Vec<_>>(), &mut out);
+        line(&widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>(), &mut out);
         for r in &rows {
             line(r, &mut out);
         }
@@ -164,11 +154,7 @@ impl VerifyReport {
         let _ = writeln!(
             out,
             "{}: {} of {} output(s) within atol={} rtol={} over {} sample(s) ({} vs {})",
-            if self.passed {
-                "EQUIVALENT"
-            } else {
-                "NOT EQUIVALENT"
-            },
+            if self.passed { "EQUIVALENT" } else { "NOT EQUIVALENT" },
             self.outputs.len() - failed,
             self.outputs.len(),
             self.atol,
@@ -182,13 +168,7 @@ impl VerifyReport {
 }
 
 fn fmt_dims(d: &[usize]) -> String {
-    format!(
-        "[{}]",
-        d.iter()
-            .map(|x| x.to_string())
-            .collect::<Vec<_>>()
-            .join(",")
-    )
+    format!("[{}]", d.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(","))
 }
 
 fn fmt_num(x: f64) -> String {

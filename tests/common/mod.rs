@@ -4,8 +4,8 @@
 
 use acnet_onnx::kernel::AffineConv;
 use acnet_onnx::proto::{
-    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto, AttributeProto, GraphProto, ModelProto,
-    NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto, AttributeProto, GraphProto,
+    ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use acnet_onnx::tensor::{from_f64, from_i64, to_f64, FloatType};
 use acnet_onnx::Model;
@@ -13,19 +13,39 @@ use ndarray::{Array1, ArrayD, Ix1, IxDyn};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 pub fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), ints: v.to_vec(), r#type: Some(AttributeType::Ints as i32), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        ints: v.to_vec(),
+        r#type: Some(AttributeType::Ints as i32),
+        ..Default::default()
+    }
 }
 
 pub fn attr_int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), i: Some(v), r#type: Some(AttributeType::Int as i32), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        i: Some(v),
+        r#type: Some(AttributeType::Int as i32),
+        ..Default::default()
+    }
 }
 
 pub fn attr_float(name: &str, v: f32) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), f: Some(v), r#type: Some(AttributeType::Float as i32), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        f: Some(v),
+        r#type: Some(AttributeType::Float as i32),
+        ..Default::default()
+    }
 }
 
 pub fn attr_string(name: &str, v: &str) -> AttributeProto {
-    AttributeProto { name: Some(name.into()), s: Some(v.as_bytes().to_vec()), r#type: Some(AttributeType::String as i32), ..Default::default() }
+    AttributeProto {
+        name: Some(name.into()),
+        s: Some(v.as_bytes().to_vec()),
+        r#type: Some(AttributeType::String as i32),
+        ..Default::default()
+    }
 }
 
 /// A tensor value info; `dims` empty means no shape.
@@ -33,7 +53,10 @@ pub fn tensor_info(name: &str, elem_type: DataType, dims: &[i64]) -> ValueInfoPr
     let shape = (!dims.is_empty()).then(|| TensorShapeProto {
         dim: dims
             .iter()
-            .map(|&d| tensor_shape_proto::Dimension { value: Some(tensor_shape_proto::dimension::Value::DimValue(d)), ..Default::default() })
+            .map(|&d| tensor_shape_proto::Dimension {
+                value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
+                ..Default::default()
+            })
             .collect(),
     });
     ValueInfoProto {
@@ -159,8 +182,19 @@ impl Builder {
     }
 
     /// A node named `name` writing `outputs` (default: `{name}.y`); returns its first output.
-    pub fn node(&mut self, op: &str, name: &str, inputs: &[&str], outputs: &[&str], attribute: Vec<AttributeProto>) -> String {
-        let output: Vec<String> = if outputs.is_empty() { vec![format!("{name}.y")] } else { outputs.iter().map(|s| s.to_string()).collect() };
+    pub fn node(
+        &mut self,
+        op: &str,
+        name: &str,
+        inputs: &[&str],
+        outputs: &[&str],
+        attribute: Vec<AttributeProto>,
+    ) -> String {
+        let output: Vec<String> = if outputs.is_empty() {
+            vec![format!("{name}.y")]
+        } else {
+            outputs.iter().map(|s| s.to_string()).collect()
+        };
         let first = output[0].clone();
         self.graph.node.push(NodeProto {
             name: Some(name.into()),
@@ -203,7 +237,16 @@ impl Builder {
 
     /// A Conv with random weight `[o, cin_per_group, k...]` and, if asked, a random bias; returns
     /// (output, weight, bias).
-    pub fn conv_rand(&mut self, name: &str, x: &str, o: usize, cin_per_group: usize, k: &[usize], with_bias: bool, a: ConvAttrs) -> (String, ArrayD<f64>, Option<ArrayD<f64>>) {
+    pub fn conv_rand(
+        &mut self,
+        name: &str,
+        x: &str,
+        o: usize,
+        cin_per_group: usize,
+        k: &[usize],
+        with_bias: bool,
+        a: ConvAttrs,
+    ) -> (String, ArrayD<f64>, Option<ArrayD<f64>>) {
         let mut shape = vec![o, cin_per_group];
         shape.extend_from_slice(k);
         let w = self.rand(&shape);
@@ -244,7 +287,15 @@ impl Builder {
     }
 
     /// Slice (opset >= 10 form): starts/ends/axes (/steps) as INT64 initializers.
-    pub fn slice(&mut self, name: &str, x: &str, starts: &[i64], ends: &[i64], axes: &[i64], steps: Option<&[i64]>) -> String {
+    pub fn slice(
+        &mut self,
+        name: &str,
+        x: &str,
+        starts: &[i64],
+        ends: &[i64],
+        axes: &[i64],
+        steps: Option<&[i64]>,
+    ) -> String {
         let s = self.initializer_i64(&format!("{name}.starts"), starts);
         let e = self.initializer_i64(&format!("{name}.ends"), ends);
         let a = self.initializer_i64(&format!("{name}.axes"), axes);
@@ -301,7 +352,11 @@ fn ints_of(n: &NodeProto, name: &str) -> Option<Vec<i64>> {
 /// and initializers (explicit pads only).
 pub fn conv_of(m: &ModelProto, n: &NodeProto) -> AffineConv {
     assert_eq!(n.op_type(), "Conv");
-    assert!(n.attribute.iter().all(|a| a.name() != "auto_pad" || a.s.as_deref() == Some(b"NOTSET".as_slice())), "auto_pad on {:?}", n.name());
+    assert!(
+        n.attribute.iter().all(|a| a.name() != "auto_pad" || a.s.as_deref() == Some(b"NOTSET".as_slice())),
+        "auto_pad on {:?}",
+        n.name()
+    );
     let w = init_f64(m, &n.input[1]);
     let b = n.input.get(2).filter(|b| !b.is_empty()).map(|b| init_f64(m, b).into_dimensionality::<Ix1>().unwrap());
     let r = w.ndim() - 2;
@@ -316,12 +371,24 @@ pub fn conv_of(m: &ModelProto, n: &NodeProto) -> AffineConv {
 /// The only Conv of the model.
 pub fn only_conv(m: &ModelProto) -> AffineConv {
     let convs: Vec<&NodeProto> = graph(m).node.iter().filter(|n| n.op_type() == "Conv").collect();
-    assert_eq!(convs.len(), 1, "expected one Conv, got {:?}", graph(m).node.iter().map(|n| n.op_type()).collect::<Vec<_>>());
+    assert_eq!(
+        convs.len(),
+        1,
+        "expected one Conv, got {:?}",
+        graph(m).node.iter().map(|n| n.op_type()).collect::<Vec<_>>()
+    );
     conv_of(m, convs[0])
 }
 
 /// A plain convolution from builder arrays (bias optional), for reference outputs.
-pub fn affine(w: &ArrayD<f64>, b: Option<&ArrayD<f64>>, groups: usize, strides: &[usize], dilations: &[usize], pads: &[i64]) -> AffineConv {
+pub fn affine(
+    w: &ArrayD<f64>,
+    b: Option<&ArrayD<f64>>,
+    groups: usize,
+    strides: &[usize],
+    dilations: &[usize],
+    pads: &[i64],
+) -> AffineConv {
     let r = w.ndim() - 2;
     AffineConv::new(
         w.clone(),

@@ -201,7 +201,7 @@ pub fn bench_latency(
     let mut times: [Vec<f64>; 2] = [vec![], vec![]];
     loop {
         let round = times[0].len();
-        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        let order = if round.is_multiple_of(2) { [0, 1] } else { [1, 0] };
         for i in order {
             times[i].push(runners[i].run()?);
         }

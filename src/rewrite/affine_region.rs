@@ -264,7 +264,7 @@ fn find_region(cx: &Cx, y: &str) -> Result<Option<Region>, RegionReason> {
                 return Err(RegionReason::UsedOutside { tensor: o.clone() });
             }
         }
-        if g.node[p].input.iter().any(|i| !i.is_empty() && i != &x && ix.producer.get(i).is_none() && ix.constant(g, i).is_none())
+        if g.node[p].input.iter().any(|i| !i.is_empty() && i != &x && !ix.producer.contains_key(i) && ix.constant(g, i).is_none())
         {
             return Ok(None);
         }

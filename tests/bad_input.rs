@@ -947,7 +947,7 @@ fn case_in_test_fuzz_truncations_and_byte_flips() {
     ];
     // the external fixture's tensors name dynamo_ext.onnx.data: put it beside the mutant
     std::fs::copy(fixture("conv2", "dynamo_ext.onnx.data"), d.path().join("dynamo_ext.onnx.data")).unwrap();
-    let mut rng = Rng(0x5eed_0f_ac_e7);
+    let mut rng = Rng(0x5eed0face7);
     let mut failures = vec![];
     let (mut runs, mut loaded) = (0, 0);
     for (seed, _) in &seeds {

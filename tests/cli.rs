@@ -476,7 +476,7 @@ fn case_inspect_prints_the_initializers() {
     ok(&r, "inspect --json");
     let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(v["initializers"].as_array().unwrap().len(), inits.len());
-    assert!(v["analysis"]["rewrites"].as_array().unwrap().len() > 0);
+    assert!(!v["analysis"]["rewrites"].as_array().unwrap().is_empty());
     assert!(snapshot(d.path()) == before);
     assert_eq!(names(d.path()).len(), 2);
 }
@@ -598,7 +598,7 @@ fn case_fuse_bench_reports_latency() {
 #[test]
 fn case_fuse_bench_unsupported_operator_warns() {
     let d = tempdir();
-    let mut m = Model::load(&fixture("qarepvgg", "ts_fold.onnx")).unwrap();
+    let mut m = Model::load(fixture("qarepvgg", "ts_fold.onnx")).unwrap();
     // Bernoulli is not in tract-onnx's op register (see tests/verify.rs)
     let g = m.proto.graph.as_mut().unwrap();
     g.node.iter_mut().rfind(|n| n.op_type() == "Relu").unwrap().op_type = Some("Bernoulli".into());

@@ -237,6 +237,7 @@ impl Builder {
 
     /// A Conv with random weight `[o, cin_per_group, k...]` and, if asked, a random bias; returns
     /// (output, weight, bias).
+    #[allow(clippy::too_many_arguments)]
     pub fn conv_rand(
         &mut self,
         name: &str,

@@ -37,10 +37,12 @@
 //! cargo bench's `--bench` flag is on its command line.
 
 use acnet_onnx::proto::{
-    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto, AttributeProto, GraphProto,
-    ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    tensor_proto::DataType, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
 };
 use acnet_onnx::{save, DataMode, Model};
+
+#[path = "../tests/support/mod.rs"]
+mod support;
 use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -50,6 +52,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::{attr_float, attr_int, attr_ints, tensor_info};
 use tract_onnx::prelude::*;
 
 /// Bump when the generated models change, so that cached models are regenerated.
@@ -102,56 +105,6 @@ impl Arch {
             Arch::ResNet50 => [3, 4, 6, 3],
             Arch::ResNet152 => [3, 8, 36, 3],
         }
-    }
-}
-
-fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        ints: v.to_vec(),
-        r#type: Some(AttributeType::Ints as i32),
-        ..Default::default()
-    }
-}
-
-fn attr_int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        i: Some(v),
-        r#type: Some(AttributeType::Int as i32),
-        ..Default::default()
-    }
-}
-
-fn attr_float(name: &str, v: f32) -> AttributeProto {
-    AttributeProto {
-        name: Some(name.into()),
-        f: Some(v),
-        r#type: Some(AttributeType::Float as i32),
-        ..Default::default()
-    }
-}
-
-fn tensor_info(name: &str, dims: &[i64]) -> ValueInfoProto {
-    let shape = TensorShapeProto {
-        dim: dims
-            .iter()
-            .map(|&d| tensor_shape_proto::Dimension {
-                value: Some(tensor_shape_proto::dimension::Value::DimValue(d)),
-                ..Default::default()
-            })
-            .collect(),
-    };
-    ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: Some(DataType::Float as i32),
-                shape: Some(shape),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
     }
 }
 
@@ -337,8 +290,8 @@ fn resnet(arch: Arch, style: Style, acb: bool, seed: u64) -> ModelProto {
         name: Some(format!("{}_{}", arch.name(), if acb { "acnet" } else { "baseline" })),
         node: g.nodes,
         initializer: g.inits,
-        input: vec![tensor_info("input", &[1, 3, 224, 224])],
-        output: vec![tensor_info("output", &[1, 1000])],
+        input: vec![tensor_info("input", DataType::Float, &[1, 3, 224, 224])],
+        output: vec![tensor_info("output", DataType::Float, &[1, 1000])],
         ..Default::default()
     };
     ModelProto {

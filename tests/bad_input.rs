@@ -5,7 +5,7 @@
 //! Last, a bounded in-process fuzz: seeded truncations and byte flips of small fixtures through
 //! load + fuse + save, asserting no panic and no output file on error.
 
-mod common;
+mod support;
 
 use acnet_onnx::fuse;
 use acnet_onnx::proto::{
@@ -507,7 +507,7 @@ fn case_fuzz_pad_of_absurd_size() {
 /// check may run it: the region is refused, and `verify` says why in one line (exit 2).
 #[test]
 fn case_computed_negative_pad_is_not_run_in_tract() {
-    use common::{attr_string, Builder, ConvAttrs};
+    use support::{attr_string, Builder, ConvAttrs};
     let mut b = Builder::new(3, 6, 6);
     let (a, _, _) = b.conv_rand("a", "x", 3, 3, &[3, 3], true, ConvAttrs::pads(&[1, 1, 1, 1]));
     let p1 = b.initializer_i64("p1", &[0, 0, -2, -2, 0, 0, 0, 0]);

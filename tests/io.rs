@@ -1,6 +1,6 @@
 //! Foundation: lossless load/save, external data, tensor conversion.
 
-mod common;
+mod support;
 
 use acnet_onnx::proto::{tensor_proto::DataType, ModelProto, TensorProto};
 use acnet_onnx::tensor::{from_f64, from_i64, to_f64, to_i64, FloatType};
@@ -230,7 +230,7 @@ fn case_fixture_weights_resolve_from_external_and_inline_alike() {
 /// input is byte-identical to the input.
 #[test]
 fn case_large_tensors_copied_file_to_file() {
-    use common::{conv_of, graph, Builder, ConvAttrs};
+    use support::{conv_of, graph, Builder, ConvAttrs};
     let c = 64;
     let mut b = Builder::new(c, 6, 6);
     let (sq, w_sq, b_sq) = b.conv_rand("sq", "x", c, c, &[3, 3], true, ConvAttrs::pads(&[1, 1, 1, 1]));

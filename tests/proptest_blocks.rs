@@ -28,7 +28,7 @@
 //! tract 0.23 cannot run a Pad with negative amounts (a crop, valid ONNX): both models are
 //! verified with such Pads rewritten as Slice + Pad (`tract_runnable`).
 
-mod common;
+mod support;
 
 use acnet_onnx::proto::{attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, NodeProto};
 use acnet_onnx::tensor::{from_f64, from_i64, to_i64, FloatType};
@@ -36,12 +36,12 @@ use acnet_onnx::verify::{verify, VerifyOptions};
 use acnet_onnx::Model;
 use acnet_onnx::{fuse, FuseReport};
 use acnet_onnx::{save, DataMode};
-use common::*;
 use ndarray::{ArrayD, Ix1, IxDyn, Slice};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use rand::{rngs::StdRng, seq::SliceRandom, SeedableRng};
 use std::collections::{BTreeMap, HashMap};
+use support::*;
 
 // ---------------------------------------------------------------------------------------------
 // configuration
@@ -1472,7 +1472,7 @@ fn fail(what: &str, detail: impl std::fmt::Display, r: &FuseReport) -> TestCaseE
 }
 
 /// The single Conv of the fused model against the branches, on a random input.
-/// The Conv writing `y`, read by `common` (an `auto_pad` made explicit first).
+/// The Conv writing `y`, read by `support` (an `auto_pad` made explicit first).
 fn fused_conv(m: &Model, input: &[usize]) -> acnet_onnx::kernel::AffineConv {
     let g = graph(&m.proto);
     let convs: Vec<_> = g.node.iter().filter(|n| n.op_type() == "Conv" && n.output.iter().any(|o| o == "y")).collect();

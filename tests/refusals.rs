@@ -4,14 +4,14 @@
 // ndarray's `s![.., 1..-1]` counts negative ends from the back; clippy reads them as empty ranges
 #![allow(clippy::reversed_empty_ranges)]
 
-mod common;
+mod support;
 
 use acnet_onnx::kernel::AffineConv;
 use acnet_onnx::proto::{tensor_proto::DataType, ModelProto};
 use acnet_onnx::{fuse, FuseReport};
-use common::*;
 use ndarray::{s, ArrayD};
 use std::collections::BTreeMap;
+use support::*;
 
 /// Fuse; expect exactly one refusal by `rule`, at `node`, whose reason contains `phrase`; no
 /// rewrite, and the model unchanged. Other rules (the general `affine_region` fallback) may

@@ -1,5 +1,5 @@
-//! A tiny builder of ONNX graphs in memory for the rule tests, and helpers to read a rewritten
-//! model back (independently of the passes' own readers).
+//! A tiny builder of ONNX graphs in memory for the rule tests (and the benchmark's generated
+//! models), and helpers to read a rewritten model back (independently of the library's readers).
 #![allow(dead_code)]
 
 use acnet_onnx::kernel::AffineConv;

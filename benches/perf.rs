@@ -1,4 +1,4 @@
-//! Performance benchmark of acnet-onnx on ImageNet-scale ACNet models (issue 6).
+//! Performance benchmark of acnet-onnx on ImageNet-scale ACNet models.
 //!
 //! ```sh
 //! cargo bench --bench perf                 # ResNet-50 and ResNet-152

@@ -17,6 +17,10 @@
 //! names) → `rewrite` (the rules and their driver) → `kernel` (the affine-conv algebra) → `tract`
 //! (the only code that builds tract models) → `verify` → `bench` → `pipeline` → `cli`.
 
+// The crate under its own name, so that the graph builder the integration tests share
+// (tests/support) also serves the unit tests.
+extern crate self as acnet_onnx;
+
 pub mod proto {
     //! The ONNX messages (prost types generated from the vendored `proto/onnx.proto`).
     #![allow(clippy::all, missing_docs)]
@@ -33,6 +37,10 @@ mod pipeline;
 mod rewrite;
 mod tract;
 pub mod verify;
+
+#[cfg(test)]
+#[path = "../tests/support/mod.rs"]
+pub(crate) mod support;
 
 pub use error::{one_line, Error, Result};
 pub use graph::consts::ConstError;

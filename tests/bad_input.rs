@@ -1,5 +1,5 @@
 //! Bad input: a clear one-line error naming the file, exit code 2, never a panic, never an
-//! output file (issue 5). Each case is checked through the library (`Model::load` + `fuse`) and
+//! output file. Each case is checked through the library (`Model::load` + `fuse`) and
 //! through the binary (`fuse`, `inspect`, `verify`). A global allocator records the largest
 //! allocation, so declared sizes the file does not back are shown never to be allocated.
 //! Last, a bounded in-process fuzz: seeded truncations and byte flips of small fixtures through
@@ -462,12 +462,12 @@ fn case_declared_input_shape_too_big_to_check() {
     assert!(r.stdout.contains("EQUIVALENT"), "{}", r.stdout);
 }
 
-/// Found by cargo-fuzz: a DBB seed (a real dynamo export, `fuzz/seeds/`) whose zero Pad pads the
-/// batch axis by 2^28. Evaluating the block in tract (the general `affine_region` path) or
-/// running the model for the check would allocate ~146 GB, and a failed allocation aborts.
-/// Now the region is refused for its size, the fuse goes on, and the check refuses in one line.
+/// A DBB seed (a real dynamo export, `fuzz/seeds/`) whose zero Pad pads the batch axis by 2^28
+/// (a cargo-fuzz finding). Evaluating the block in tract (the general `affine_region` path) or
+/// running the model for the check would allocate ~146 GB, and a failed allocation aborts: the
+/// region is refused for its size, the fuse goes on, and the check refuses in one line.
 #[test]
-fn case_fuzz_pad_of_absurd_size() {
+fn case_a_pad_of_absurd_size_is_refused_before_anything_allocates_it() {
     let d = tempdir();
     let mut m = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/dbb_dynamo_inline.onnx"));
     let g = graph(&mut m);

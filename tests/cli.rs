@@ -1,4 +1,4 @@
-//! The binary's contract (issue 5): exit codes, one-line errors, atomic writes with no staging
+//! The binary's contract: exit codes, one-line errors, atomic writes with no staging
 //! folder or stale data file left, the input never modified, `-o` naming an input file refused
 //! unless `--in-place`, reports, verify and inspect.
 

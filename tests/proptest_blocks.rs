@@ -1671,10 +1671,10 @@ fn negative_pad_block(h: usize, w: usize, pad_b: [i64; 2], pad_e: [i64; 2], conv
     }
 }
 
-/// Was: affine_region evaluated the region in tract's optimised plan, which gets a Pad with
-/// negative amounts wrong, and rewrote the block into a wrong Conv (max abs diff 1.1).
+/// tract's optimised plan gets a Pad with negative amounts wrong: evaluating such a region in it
+/// would rewrite the block into a wrong Conv (max abs diff 1.1). The block is refused or exact.
 #[test]
-fn case_bug_region_negative_pad_wrong_rewrite() {
+fn case_region_with_a_negative_pad_is_never_rewritten_wrongly() {
     let bl = negative_pad_block(7, 11, [-1, 0], [0, 0], [0, 2, 1, 2]);
     assert!(leaf_shapes(&bl).is_ok_and(|s| s.iter().all(|s| s == &[1, 2, 7, 11])));
     let built = build(&bl);
@@ -1695,9 +1695,9 @@ fn case_bug_region_negative_pad_wrong_rewrite() {
 }
 
 /// Runs in a child process (it may abort the process): fuse the block of
-/// `case_bug_region_negative_pad_heap_corruption` a few times.
+/// `case_region_with_a_negative_pad_never_corrupts_the_heap` a few times.
 #[test]
-#[ignore = "run in a child process by case_bug_region_negative_pad_heap_corruption"]
+#[ignore = "run in a child process by case_region_with_a_negative_pad_never_corrupts_the_heap"]
 fn child_fuse_negative_pad_block() {
     if std::env::var_os("PROPTEST_BLOCKS_CHILD").is_none() {
         return;
@@ -1710,10 +1710,10 @@ fn child_fuse_negative_pad_block() {
     }
 }
 
-/// Was: the same kind of region run in tract's optimised plan corrupted the heap (the process
-/// aborted: `double free or corruption`, `free(): invalid pointer`).
+/// The same kind of region run in tract's optimised plan corrupts the heap (the process aborts:
+/// `double free or corruption`, `free(): invalid pointer`): it is never run.
 #[test]
-fn case_bug_region_negative_pad_heap_corruption() {
+fn case_region_with_a_negative_pad_never_corrupts_the_heap() {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "child_fuse_negative_pad_block", "--include-ignored", "--nocapture", "--test-threads=1"])
         .env("PROPTEST_BLOCKS_CHILD", "1")
@@ -1732,10 +1732,10 @@ fn case_bug_region_negative_pad_heap_corruption() {
     );
 }
 
-/// Was: merge_branches absorbed a constant bias only when it was an initializer or a Constant
-/// node, and left `Sum(conv, Reshape(c))` (no refusal given).
+/// A constant bias reaching the sum through a Reshape or Unsqueeze (`Sum(conv, Reshape(c))`)
+/// is absorbed like an initializer or a Constant node.
 #[test]
-fn case_gap_reshaped_constant_bias_is_absorbed() {
+fn case_reshaped_constant_bias_is_absorbed() {
     for src in [Src::Reshape, Src::Unsqueeze] {
         let mut bl = negative_pad_block(5, 5, [0, 0], [0, 0], [1, 1, 1, 1]);
         // a plain RepVGG-like pair: 3x3 pads 1 + 1x1, plus a per-channel constant

@@ -427,3 +427,58 @@ fn recover(cx: &Cx, r: &Region, y: &str) -> Result<(AffineConv, usize), Reason> 
     }
     Ok((conv, bp))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rewrite::driver::Cache;
+    use crate::support::{attr_ints, Builder, ConvAttrs};
+
+    fn check_at(b: &Builder, root: &str) -> Checked<Plan> {
+        let m = b.build();
+        let (ix, cache) = (GraphIndex::new(m.graph()), Cache::default());
+        let cx = Cx::new(&m, &ix, &cache);
+        let at = m.graph().node.iter().position(|n| n.name() == root).unwrap();
+        let c = AffineRegion.find(&cx, at).expect("a region");
+        AffineRegion.check(&cx, &c)
+    }
+
+    /// Conv3x3(x) + AveragePool3x3(x) (zero-padded, borders counted): one 3x3 Conv.
+    fn conv_plus_pool(pool_pads: &[i64]) -> Builder {
+        let mut b = Builder::new(2, 6, 6);
+        let (c, _, _) = b.conv_rand("conv", "x", 2, 2, &[3, 3], true, ConvAttrs::pads(&[1, 1, 1, 1]));
+        let attrs = vec![attr_ints("kernel_shape", &[3, 3]), attr_ints("pads", pool_pads)];
+        let p = b.node("AveragePool", "pool", &["x"], &[], attrs);
+        let y = b.add("sum", &c, &p);
+        b.output(&y);
+        b
+    }
+
+    #[test]
+    fn a_conv_plus_an_average_pool_is_recovered_as_one_conv() {
+        let mut b = conv_plus_pool(&[1, 1, 1, 1]);
+        // count_include_pad: the pool is a plain 1/9 kernel at the borders too
+        b.graph.node[1].attribute.push(crate::support::attr_int("count_include_pad", 1));
+        let Checked::Fits(plan) = check_at(&b, "sum") else { panic!("refused") };
+        assert_eq!((plan.conv.kernel(), plan.conv.groups), (&[3usize, 3][..], 1));
+    }
+
+    #[test]
+    fn a_pool_that_excludes_the_padding_is_not_a_conv() {
+        // without count_include_pad the border taps are divided by fewer: not one convolution
+        let Checked::Refused(r) = check_at(&conv_plus_pool(&[1, 1, 1, 1]), "sum") else { panic!("fused") };
+        assert!(matches!(r[..], [Reason::Region(RegionReason::NotRecovered { .. })]), "{r:?}");
+    }
+
+    #[test]
+    fn a_negative_pad_is_refused_before_tract_runs() {
+        let mut b = Builder::new(2, 6, 6);
+        let (c, _, _) = b.conv_rand("conv", "x", 2, 2, &[3, 3], true, ConvAttrs::pads(&[1, 1, 1, 1]));
+        let p = b.pad("crop", "x", &[0, 0, -1, 0, 0, 0, 1, 0], None);
+        let t = b.node("Transpose", "t", &[&p], &[], vec![attr_ints("perm", &[0, 1, 2, 3])]);
+        let y = b.add("sum", &c, &t);
+        b.output(&y);
+        let Checked::Refused(r) = check_at(&b, "sum") else { panic!("fused") };
+        assert_eq!(r, [Reason::Region(RegionReason::NegativePad { pad: "crop".into() })]);
+    }
+}

@@ -73,3 +73,67 @@ impl Rule for FoldBn {
         cx.node(c.bn).name().to_string()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::GraphIndex;
+    use crate::kernel::read::{Form, ReadError};
+    use crate::rewrite::driver::Cache;
+    use crate::support::{Builder, ConvAttrs};
+
+    /// `check` of the candidate at the BatchNormalization named `bn`.
+    fn check_at(b: &Builder, bn: &str) -> Checked<(AffineConv, FloatType)> {
+        let m = b.build();
+        let (ix, cache) = (GraphIndex::new(m.graph()), Cache::default());
+        let cx = Cx::new(&m, &ix, &cache);
+        let at = m.graph().node.iter().position(|n| n.name() == bn).unwrap();
+        let c = FoldBn.find(&cx, at).expect("a Conv → BatchNormalization");
+        FoldBn.check(&cx, &c)
+    }
+
+    fn refused(c: Checked<(AffineConv, FloatType)>) -> Reason {
+        match c {
+            Checked::Refused(mut r) if r.len() == 1 => r.remove(0),
+            _ => panic!("expected one refusal"),
+        }
+    }
+
+    #[test]
+    fn a_conv_then_bn_folds() {
+        let mut b = Builder::new(2, 5, 5);
+        let (y, _, _) = b.conv_rand("conv", "x", 3, 2, &[3, 3], true, ConvAttrs::pads(&[1, 1, 1, 1]));
+        let (z, _) = b.bn("bn", &y, 3, None);
+        b.output(&z);
+        let Checked::Fits((k, ft)) = check_at(&b, "bn") else { panic!("refused") };
+        assert_eq!((k.out_channels(), ft), (3, FloatType::F32));
+    }
+
+    #[test]
+    fn a_conv_read_elsewhere_too_is_refused() {
+        let mut b = Builder::new(2, 5, 5);
+        let (y, _, _) = b.conv_rand("conv", "x", 3, 2, &[3, 3], false, ConvAttrs::default());
+        let (z, _) = b.bn("bn", &y, 3, None);
+        b.output(&z);
+        b.output(&y);
+        assert_eq!(refused(check_at(&b, "bn")), Reason::UsedOutside { conv: "conv".into() });
+    }
+
+    #[test]
+    fn a_training_mode_bn_is_refused() {
+        let mut b = Builder::new(2, 5, 5);
+        let (y, _, _) = b.conv_rand("conv", "x", 3, 2, &[3, 3], false, ConvAttrs::default());
+        let (z, _) = b.bn("bn", &y, 3, Some(1));
+        b.output(&z);
+        assert_eq!(refused(check_at(&b, "bn")), Reason::Bn(ReadError::Form(Form::BnTrainingMode)));
+    }
+
+    #[test]
+    fn a_bn_of_other_channels_is_refused() {
+        let mut b = Builder::new(2, 5, 5);
+        let (y, _, _) = b.conv_rand("conv", "x", 3, 2, &[3, 3], false, ConvAttrs::default());
+        let (z, _) = b.bn("bn", &y, 4, None);
+        b.output(&z);
+        assert_eq!(refused(check_at(&b, "bn")), Reason::BnChannels { bn: 4, conv: 3 });
+    }
+}

@@ -485,3 +485,73 @@ fn set_pads(n: &mut NodeProto, k: &AffineConv) {
         ..Default::default()
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::graph::{ConstError, GraphIndex};
+    use crate::kernel::Misfit;
+    use crate::rewrite::driver::Cache;
+    use crate::support::{Builder, ConvAttrs};
+
+    /// `check` of the sum tree rooted at the node named `root`: the members of each merged group
+    /// and the refusals.
+    fn check_at(b: &Builder, root: &str) -> (Vec<Vec<usize>>, Vec<Reason>) {
+        let m = b.build();
+        let (ix, cache) = (GraphIndex::new(m.graph()), Cache::default());
+        let cx = Cx::new(&m, &ix, &cache);
+        let at = m.graph().node.iter().position(|n| n.name() == root).unwrap();
+        let c = MergeBranches.find(&cx, at).expect("the root of a sum");
+        let groups = |p: Plan| p.merged.into_iter().map(|m| m.members).collect();
+        match MergeBranches.check(&cx, &c) {
+            Checked::Fits(p) => (groups(p), vec![]),
+            Checked::Partly(p, r) => (groups(p), r),
+            Checked::Refused(r) => (vec![], r),
+        }
+    }
+
+    /// An ACNet block: 3x3 + 3x1 + 1x3 on `x`, with `hor`'s attributes given.
+    fn acb(hor: ConvAttrs) -> Builder {
+        let mut b = Builder::new(2, 6, 6);
+        let (sq, _, _) = b.conv_rand("sq", "x", 3, 2, &[3, 3], true, ConvAttrs::pads(&[1, 1, 1, 1]));
+        let (ver, _, _) = b.conv_rand("ver", "x", 3, 2, &[3, 1], true, ConvAttrs::pads(&[1, 0, 1, 0]));
+        let (hor, _, _) = b.conv_rand("hor", "x", 3, 2, &[1, 3], true, hor);
+        let s = b.add("add", &sq, &ver);
+        let y = b.add("add_1", &s, &hor);
+        b.output(&y);
+        b
+    }
+
+    #[test]
+    fn an_acnet_block_is_one_group() {
+        let (groups, refused) = check_at(&acb(ConvAttrs::pads(&[0, 1, 0, 1])), "add_1");
+        assert_eq!(groups, [vec![0, 1, 2]]);
+        assert!(refused.is_empty());
+    }
+
+    #[test]
+    fn a_branch_of_another_stride_is_refused_with_the_misfit() {
+        let (groups, refused) = check_at(&acb(ConvAttrs::pads(&[0, 1, 0, 1]).strides(&[2, 2])), "add_1");
+        assert!(groups.is_empty());
+        assert_eq!(refused.len(), 1);
+        assert!(
+            matches!(&refused[0], Reason::Misfit { misfit: Misfit::Stride { small: 2, large: 1, axis: 0 }, .. }),
+            "{:?}",
+            refused[0]
+        );
+    }
+
+    #[test]
+    fn a_weight_listed_as_graph_input_is_refused() {
+        let mut b = acb(ConvAttrs::pads(&[0, 1, 0, 1]));
+        b.graph.input.push(b.graph.initializer.iter().find(|t| t.name() == "ver.w").map(|t| {
+            crate::support::tensor_info(t.name(), crate::proto::tensor_proto::DataType::Float, &t.dims)
+        }).unwrap());
+        let (groups, refused) = check_at(&b, "add_1");
+        assert!(groups.is_empty());
+        assert_eq!(
+            refused,
+            [Reason::Conv { conv: "ver".into(), err: ReadError::Weight(ConstError::GraphInput("ver.w".into())) }]
+        );
+    }
+}

@@ -112,3 +112,36 @@ impl Patch {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rewrite::RuleId;
+    use crate::support::Builder;
+
+    /// x → a → b → y: replacing the last node by one reading x kills a and b (and b's
+    /// initializer); a node that was dead before the patch stays.
+    #[test]
+    fn a_patch_removes_what_it_left_dead_and_nothing_else() {
+        let mut b = Builder::new(1, 2, 2);
+        let a = b.node("Relu", "a", &["x"], &[], vec![]);
+        let w = b.initializer("w", &ArrayD::zeros(ndarray::IxDyn(&[1])));
+        let bb = b.node("Add", "b", &[&a, &w], &[], vec![]);
+        b.node("Relu", "dead_before", &["x"], &[], vec![]);
+        let y = b.node("Neg", "y", &[&bb], &["y"], vec![]);
+        b.output(&y);
+        let mut m = b.build();
+        let ix = GraphIndex::new(m.graph());
+        let mut neg = m.graph().node[3].clone();
+        neg.input = vec!["x".into()];
+        let log = Rewrite { rule: RuleId::FOLD_BN, node: "y".into(), detail: String::new() };
+        Patch { at: 3, remove: vec![3], insert: vec![neg], initializers: vec![], log }.apply(
+            &mut m,
+            &ix,
+            &mut HashMap::new(),
+        );
+        let names: Vec<&str> = m.graph().node.iter().map(|n| n.name()).collect();
+        assert_eq!(names, ["dead_before", "y"]);
+        assert!(m.graph().initializer.is_empty(), "the initializer only b read is gone");
+    }
+}

@@ -1,12 +1,17 @@
 //! acnet-onnx: fuse structurally re-parameterised CNN blocks (ACNet, RepVGG, ...) in ONNX
 //! models into the plain convolutions they are equivalent to, and prove the equivalence.
 //!
-//! The whole job is one call, [`fuse_file`] (what `acnet-onnx fuse` runs):
+//! The whole job is one call, [`fuse_file`] (what `acnet-onnx fuse` runs): load, rewrite every
+//! block, stage the output, check it against the input in tract, move it into place.
 //!
-//! ```no_run
+//! ```
 //! use acnet_onnx::{fuse_file, FuseOptions};
-//! let report = fuse_file("model.onnx".as_ref(), "deploy.onnx".as_ref(), &FuseOptions::default())?;
-//! println!("{}", report.fuse.summary());
+//! let out = std::env::temp_dir().join(format!("acnet-onnx-doc-{}.onnx", std::process::id()));
+//! let report = fuse_file("fixtures/conv2/ts_fold.onnx".as_ref(), &out, &FuseOptions::default())?;
+//! assert_eq!(report.fuse.blocks_merged, 3);
+//! assert!(report.check.as_ref().is_some_and(|c| c.passed));
+//! assert_eq!(report.written.as_ref().map(|s| &s.model), Some(&out));
+//! # std::fs::remove_file(&out).unwrap();
 //! # Ok::<(), acnet_onnx::Error>(())
 //! ```
 //!

@@ -431,16 +431,11 @@ fn recover(cx: &Cx, r: &Region, y: &str) -> Result<(AffineConv, usize), Reason> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rewrite::driver::Cache;
+    use crate::rewrite::driver::at_node;
     use crate::support::{attr_ints, Builder, ConvAttrs};
 
     fn check_at(b: &Builder, root: &str) -> Checked<Plan> {
-        let m = b.build();
-        let (ix, cache) = (GraphIndex::new(m.graph()), Cache::default());
-        let cx = Cx::new(&m, &ix, &cache);
-        let at = m.graph().node.iter().position(|n| n.name() == root).unwrap();
-        let c = AffineRegion.find(&cx, at).expect("a region");
-        AffineRegion.check(&cx, &c)
+        at_node(b, root, |cx, at| AffineRegion.check(cx, &AffineRegion.find(cx, at).expect("a region")))
     }
 
     /// Conv3x3(x) + AveragePool3x3(x) (zero-padded, borders counted): one 3x3 Conv.

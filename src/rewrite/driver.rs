@@ -166,6 +166,15 @@ pub(crate) fn run(model: &mut Model, rules: &[&dyn Try]) -> (Vec<Rewrite>, Vec<R
     (log, refusals)
 }
 
+/// Test helper: run `f` on a context of `b`'s model, at the node named `name`.
+#[cfg(test)]
+pub(crate) fn at_node<T>(b: &crate::support::Builder, name: &str, f: impl FnOnce(&Cx, usize) -> T) -> T {
+    let m = b.build();
+    let (ix, cache) = (GraphIndex::new(m.graph()), Cache::default());
+    let at = m.graph().node.iter().position(|n| n.name() == name).expect("a node of that name");
+    f(&Cx::new(&m, &ix, &cache), at)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -77,19 +77,13 @@ impl Rule for FoldBn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::graph::GraphIndex;
     use crate::kernel::read::{Form, ReadError};
-    use crate::rewrite::driver::Cache;
+    use crate::rewrite::driver::at_node;
     use crate::support::{Builder, ConvAttrs};
 
     /// `check` of the candidate at the BatchNormalization named `bn`.
     fn check_at(b: &Builder, bn: &str) -> Checked<(AffineConv, FloatType)> {
-        let m = b.build();
-        let (ix, cache) = (GraphIndex::new(m.graph()), Cache::default());
-        let cx = Cx::new(&m, &ix, &cache);
-        let at = m.graph().node.iter().position(|n| n.name() == bn).unwrap();
-        let c = FoldBn.find(&cx, at).expect("a Conv → BatchNormalization");
-        FoldBn.check(&cx, &c)
+        at_node(b, bn, |cx, at| FoldBn.check(cx, &FoldBn.find(cx, at).expect("a Conv → BatchNormalization")))
     }
 
     fn refused(c: Checked<(AffineConv, FloatType)>) -> Reason {

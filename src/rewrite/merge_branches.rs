@@ -489,21 +489,17 @@ fn set_pads(n: &mut NodeProto, k: &AffineConv) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::graph::{ConstError, GraphIndex};
+    use crate::graph::ConstError;
     use crate::kernel::Misfit;
-    use crate::rewrite::driver::Cache;
+    use crate::rewrite::driver::at_node;
     use crate::support::{Builder, ConvAttrs};
 
     /// `check` of the sum tree rooted at the node named `root`: the members of each merged group
     /// and the refusals.
     fn check_at(b: &Builder, root: &str) -> (Vec<Vec<usize>>, Vec<Reason>) {
-        let m = b.build();
-        let (ix, cache) = (GraphIndex::new(m.graph()), Cache::default());
-        let cx = Cx::new(&m, &ix, &cache);
-        let at = m.graph().node.iter().position(|n| n.name() == root).unwrap();
-        let c = MergeBranches.find(&cx, at).expect("the root of a sum");
+        let checked = at_node(b, root, |cx, at| MergeBranches.check(cx, &MergeBranches.find(cx, at).expect("a sum")));
         let groups = |p: Plan| p.merged.into_iter().map(|m| m.members).collect();
-        match MergeBranches.check(&cx, &c) {
+        match checked {
             Checked::Fits(p) => (groups(p), vec![]),
             Checked::Partly(p, r) => (groups(p), r),
             Checked::Refused(r) => (vec![], r),

@@ -3,6 +3,7 @@
 
 pub(crate) mod attrs;
 pub(crate) mod consts;
+pub(crate) mod fold;
 mod index;
 pub(crate) mod names;
 

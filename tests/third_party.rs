@@ -206,7 +206,8 @@ fn check(model: &str, style: &str, meta: &Value) -> Result<(), String> {
     };
     let fused = Counts::of(&m.proto);
     if let Some(w) = fused.short_of(&Counts::from_meta(deploy)) {
-        let refused: Vec<String> = report.refused.iter().map(|r| format!("{} at '{}': {}", r.rule, r.node, r.reason)).collect();
+        let refused: Vec<String> =
+            report.refused.iter().map(|r| format!("{} at '{}': {}", r.rule, r.node, r.reason)).collect();
         why.push(format!("does not reach deploy: {w} (refused: {refused:?})"));
     }
 
@@ -263,5 +264,11 @@ fn case_every_third_party_fixture_reaches_its_library_deploy_and_pytorch_outputs
             }
         }
     }
-    assert!(failures.is_empty(), "{} of {} fall short:\n{}", failures.len(), models.len() * STYLES.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} fall short:\n{}",
+        failures.len(),
+        models.len() * STYLES.len(),
+        failures.join("\n")
+    );
 }

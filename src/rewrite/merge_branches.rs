@@ -37,6 +37,9 @@ struct Branch {
     nodes: Vec<usize>,
     /// constant per-channel (or scalar) factors the branch is multiplied by, innermost first
     scales: Vec<ArrayD<f64>>,
+    /// how many of `scales` (the last ones) the sum tree applies (a Sub, or a Mul around a
+    /// sub-sum): a branch that is not merged keeps its own Mul nodes but needs these re-applied
+    tree_factors: usize,
 }
 
 /// A sum tree and its branches.
@@ -64,6 +67,16 @@ pub(crate) struct Plan {
     merged: Vec<Merged>,
     /// constant operands of the sum folded into the first merged conv's bias
     absorbed: HashSet<usize>,
+    /// the branches left as they are, each with the factor the sum tree multiplied it by
+    rest: Vec<(usize, Coef)>,
+}
+
+/// The factor a branch left out of the merge is multiplied by in the rewritten sum.
+enum Coef {
+    One,
+    MinusOne,
+    /// a per-channel (or scalar) constant, shaped to broadcast over the sum
+    Scale(ArrayD<f64>),
 }
 
 impl Rule for MergeBranches {
@@ -75,8 +88,16 @@ impl Rule for MergeBranches {
         if !is_root(cx, at) {
             return None;
         }
-        let (leaf_names, internal) = leaves(cx, at);
-        let branches = leaf_names.iter().map(|l| classify(cx, l)).collect();
+        let (leaves, internal) = leaves(cx, at);
+        let branches = leaves
+            .into_iter()
+            .map(|l| {
+                let mut b = classify(cx, &l.name);
+                b.tree_factors = l.factors.len();
+                b.scales.extend(l.factors);
+                b
+            })
+            .collect();
         Some(Candidate { root: at, internal, branches })
     }
 
@@ -114,7 +135,23 @@ impl Rule for MergeBranches {
             return Checked::Refused(refused);
         }
         let absorbed = absorb_constants(cx, branches, &mut merged[0]);
-        let plan = Plan { merged, absorbed };
+        let in_group: HashSet<usize> = merged.iter().flat_map(|d| d.members.iter().copied()).collect();
+        let (o, r) = (merged[0].conv.out_channels(), merged[0].conv.rank());
+        let mut rest = Vec::new();
+        for k in (0..branches.len()).filter(|k| !in_group.contains(k) && !absorbed.contains(k)) {
+            match rest_coef(&branches[k], o, r) {
+                Some(c) => rest.push((k, c)),
+                None => {
+                    let b = &branches[k];
+                    let bad = b.scales[b.scales.len() - b.tree_factors..]
+                        .iter()
+                        .find(|f| channel_vector(f, o, r).is_none())
+                        .map_or(vec![], |f| f.shape().to_vec());
+                    return Checked::refuse(Reason::NotPerChannel { branch: b.leaf.clone(), shape: bad });
+                }
+            }
+        }
+        let plan = Plan { merged, absorbed, rest };
         if refused.is_empty() {
             Checked::Fits(plan)
         } else {
@@ -126,15 +163,15 @@ impl Rule for MergeBranches {
         let Candidate { root: i, internal, branches } = c;
         let root = cx.node(i);
         let out = &root.output[0];
-        let Plan { merged, absorbed } = plan;
-        let in_group: HashSet<usize> = merged.iter().flat_map(|d| d.members.iter().copied()).collect();
-        let rest: Vec<usize> = (0..branches.len()).filter(|k| !in_group.contains(k) && !absorbed.contains(k)).collect();
+        let Plan { merged, absorbed, rest } = plan;
+        let ft = merged[0].ft;
         let n_terms = merged.len() + rest.len();
         let mut names = Names::new(cx.g);
         let mut insert = Vec::new();
         let mut inits = Vec::new();
         let mut remove: Vec<usize> = internal;
-        let mut terms: Vec<(usize, String)> = Vec::new();
+        // (order, tensor, subtracted)
+        let mut terms: Vec<(usize, String, bool)> = Vec::new();
         let mut details = Vec::new();
         for m in merged {
             let base = m.members[m.base];
@@ -154,7 +191,7 @@ impl Rule for MergeBranches {
             for &k in &m.members {
                 remove.extend(&branches[k].nodes);
             }
-            terms.push((*m.members.iter().min().expect("a group has members"), output));
+            terms.push((*m.members.iter().min().expect("a group has members"), output, false));
             let mut kernels: Vec<String> = m
                 .members
                 .iter()
@@ -184,8 +221,26 @@ impl Rule for MergeBranches {
         if !absorbed.is_empty() {
             details.push(format!("{} constant(s) into the bias", absorbed.len()));
         }
-        for &k in &rest {
-            terms.push((k, branches[k].leaf.clone()));
+        for (k, coef) in rest {
+            let leaf = branches[k].leaf.clone();
+            match coef {
+                Coef::One => terms.push((k, leaf, false)),
+                Coef::MinusOne => terms.push((k, leaf, true)),
+                Coef::Scale(a) => {
+                    let cname = names.fresh(&format!("{leaf}_factor"));
+                    let scaled = names.fresh(&format!("{leaf}_scaled"));
+                    let node = NodeProto {
+                        op_type: Some("Mul".into()),
+                        name: Some(names.fresh(&format!("{}_scale{k}", root.name()))),
+                        input: vec![leaf, cname.clone()],
+                        output: vec![scaled.clone()],
+                        ..Default::default()
+                    };
+                    insert.push(node);
+                    inits.push((cname, a, ft));
+                    terms.push((k, scaled, false));
+                }
+            }
         }
         terms.sort_by_key(|t| t.0);
         if n_terms > 1 {
@@ -243,6 +298,7 @@ fn classify(cx: &Cx, leaf: &str) -> Branch {
         kind,
         nodes,
         scales,
+        tree_factors: 0,
     };
     let identity = Kind::Identity { bn: None };
     let Some(p) = cx.producer(&cur) else { return branch(cur, identity, nodes, scales) };
@@ -408,17 +464,27 @@ fn scale(k: &mut AffineConv, b: &Branch) -> Result<(), Reason> {
 /// Constant operands of the sum that add a per-channel (or scalar) bias, folded into `into`'s
 /// bias: which branches they were.
 fn absorb_constants(cx: &Cx, branches: &[Branch], into: &mut Merged) -> HashSet<usize> {
+    let (o, r) = (into.conv.out_channels(), into.conv.rank());
     let mut absorbed = HashSet::new();
     for (k, b) in branches.iter().enumerate() {
-        if matches!(b.kind, Kind::Identity { bn: None }) && b.scales.is_empty() {
-            if let Ok((a, aft)) = cx.consts.f64(&b.leaf) {
-                if aft == into.ft {
-                    if let Some(v) = channel_vector(&a, into.conv.out_channels(), into.conv.rank()) {
-                        into.conv.bias += &v;
-                        absorbed.insert(k);
-                    }
-                }
+        if !matches!(b.kind, Kind::Identity { bn: None }) {
+            continue;
+        }
+        let Ok((a, aft)) = cx.consts.f64(&b.leaf) else { continue };
+        if aft != into.ft {
+            continue;
+        }
+        let Some(mut v) = channel_vector(&a, o, r) else { continue };
+        let mut per_channel = true;
+        for f in &b.scales {
+            match channel_vector(f, o, r) {
+                Some(f) => v = v * f,
+                None => per_channel = false,
             }
+        }
+        if per_channel {
+            into.conv.bias += &v;
+            absorbed.insert(k);
         }
     }
     absorbed
@@ -449,19 +515,43 @@ fn channel_vector(a: &ArrayD<f64>, o: usize, r: usize) -> Option<Array1<f64>> {
     }
 }
 
-/// The sum of `terms` (in order) written to `out`: the root Sum with new inputs, or a chain of
-/// Adds like the root.
-fn sum_of(root: &NodeProto, terms: &[(usize, String)], out: &str, names: &mut Names) -> Vec<NodeProto> {
-    if is_op(root, "Sum") {
+/// The sum of `terms` (in order; `true` for a term subtracted) written to `out`: the root Sum
+/// with new inputs, or a chain of Adds (Subs) like the root (fresh ones when the root is a Mul, Div,
+/// Sub or Neg around the sum), the last named as the root.
+fn sum_of(root: &NodeProto, terms: &[(usize, String, bool)], out: &str, names: &mut Names) -> Vec<NodeProto> {
+    if is_op(root, "Sum") && terms.iter().all(|t| !t.2) {
         let mut s = root.clone();
         s.input = terms.iter().map(|t| t.1.clone()).collect();
         return vec![s];
     }
+    let node = |op: &str| -> NodeProto {
+        if is_op(root, op) {
+            root.clone()
+        } else {
+            NodeProto { op_type: Some(op.into()), name: root.name.clone(), domain: root.domain.clone(), ..Default::default() }
+        }
+    };
     let mut adds = Vec::new();
-    let mut acc = terms[0].1.clone();
-    for (j, t) in terms.iter().enumerate().skip(1) {
-        let mut a = root.clone();
-        let last = j + 1 == terms.len();
+    // a first term subtracted: start from another one (there is one added unless all are subtracted)
+    let mut order: Vec<&(usize, String, bool)> = terms.iter().collect();
+    if let Some(p) = order.iter().position(|t| !t.2) {
+        let first = order.remove(p);
+        order.insert(0, first);
+    }
+    let mut acc = order[0].1.clone();
+    if order[0].2 {
+        let mut neg = node("Neg");
+        let o = names.fresh(&format!("{out}_neg"));
+        neg.name = Some(names.fresh(&format!("{}_neg", root.name())));
+        neg.input = vec![acc];
+        neg.output = vec![o.clone()];
+        adds.push(neg);
+        acc = o;
+    }
+    for (j, t) in order.iter().enumerate().skip(1) {
+        let mut a = node(if t.2 { "Sub" } else { "Add" });
+        a.attribute.clear();
+        let last = j + 1 == order.len();
         let o = if last { out.to_string() } else { names.fresh(&format!("{out}_part{j}")) };
         if !last {
             a.name = Some(names.fresh(&format!("{}_part{j}", root.name())));
@@ -472,6 +562,29 @@ fn sum_of(root: &NodeProto, terms: &[(usize, String)], out: &str, names: &mut Na
         acc = o;
     }
     adds
+}
+
+/// The factor the sum tree multiplies a branch left out of the merge by, for a conv output of
+/// `o` channels and spatial rank `r`; `None` when it is not per channel.
+fn rest_coef(b: &Branch, o: usize, r: usize) -> Option<Coef> {
+    let tree = &b.scales[b.scales.len() - b.tree_factors..];
+    if tree.iter().all(|f| f.len() == 1) {
+        let v: f64 = tree.iter().map(|f| f.iter().next().copied().unwrap_or(1.0)).product();
+        return Some(if v == 1.0 {
+            Coef::One
+        } else if v == -1.0 {
+            Coef::MinusOne
+        } else {
+            Coef::Scale(ndarray::arr0(v).into_dyn())
+        });
+    }
+    let mut v = Array1::from_elem(o, 1.0);
+    for f in tree {
+        v = v * channel_vector(f, o, r)?;
+    }
+    let mut shape = vec![o];
+    shape.extend(std::iter::repeat_n(1, r));
+    Some(Coef::Scale(v.into_shape_with_order(ndarray::IxDyn(&shape)).ok()?))
 }
 
 fn set_pads(n: &mut NodeProto, k: &AffineConv) {
@@ -549,5 +662,90 @@ mod tests {
             refused,
             [Reason::Conv { conv: "ver".into(), err: ReadError::Weight(ConstError::GraphInput("ver.w".into())) }]
         );
+    }
+
+    /// x [1, 4, 6, 6], a depthwise 3x3 conv with bias, and a BatchNormalization, both of x.
+    fn dw_and_bn(b: &mut Builder) -> (String, ArrayD<f64>, ArrayD<f64>, String, crate::support::Bn) {
+        let (conv, w, bias) = b.conv_rand("mix", "x", 4, 1, &[3, 3], true, ConvAttrs::pads(&[1, 1, 1, 1]).group(4));
+        let (bn, p) = b.bn("norm", "x", 4, None);
+        (conv, w, bias.unwrap(), bn, p)
+    }
+
+    fn dw(w: &ArrayD<f64>, bias: &ArrayD<f64>) -> AffineConv {
+        crate::support::affine(w, Some(bias), 4, &[1, 1], &[1, 1], &[1, 1, 1, 1])
+    }
+
+    /// Fuse the builder's model; the one Conv it must leave, and the input it was checked on.
+    fn fused(b: &Builder) -> (AffineConv, ArrayD<f64>) {
+        let mut m = b.build();
+        let report = crate::rewrite::fuse(&mut m).unwrap();
+        assert!(report.refused.is_empty(), "{:?}", report.refused);
+        (crate::support::only_conv(&m.proto), crate::support::rand_input(3, &[1, 4, 6, 6]))
+    }
+
+    #[test]
+    fn a_repmixer_is_one_conv() {
+        // FastViT: x + γ·(mixer(x) − norm(x)), γ of shape [C, 1, 1]
+        let mut b = Builder::new(4, 6, 6);
+        let (conv, w, bias, bn, p) = dw_and_bn(&mut b);
+        let d = b.node("Sub", "sub", &[&conv, &bn], &[], vec![]);
+        let gamma = b.rand(&[4, 1, 1]);
+        let g = b.initializer("gamma", &gamma);
+        let s = b.node("Mul", "mul", &[&d, &g], &[], vec![]);
+        let y = b.add("add", "x", &s);
+        b.output(&y);
+        let (k, x) = fused(&b);
+        let mut want = (dw(&w, &bias).apply(&x) - p.apply(&x)) * &gamma.view().insert_axis(ndarray::Axis(0));
+        want += &x;
+        crate::support::assert_close(&k.apply(&x), &want, 1e-6, "fused RepMixer (weights rounded to f32)");
+    }
+
+    #[test]
+    fn a_gated_residual_with_a_computed_gate_is_one_conv() {
+        // EfficientViM (TorchScript): x + α·(dw(x) − x), α = Gather(Reshape(Sigmoid(alpha), [2, -1, 1, 1]), 1)
+        let mut b = Builder::new(4, 6, 6);
+        let (conv, w, bias, _, _) = dw_and_bn(&mut b);
+        b.graph.node.pop(); // no BatchNormalization here
+        let alpha = b.rand(&[2, 4]);
+        let a = b.initializer("alpha", &alpha);
+        let sig = b.node("Sigmoid", "sig", &[&a], &[], vec![]);
+        let shape = b.initializer_i64("shape", &[2, -1, 1, 1]);
+        let r = b.node("Reshape", "r", &[&sig, &shape], &[], vec![]);
+        let one = b.initializer_i64("one", &[1]);
+        let gate = b.node("Gather", "gate", &[&r, &one], &[], vec![crate::support::attr_int("axis", 0)]);
+        let d = b.node("Sub", "sub", &[&conv, "x"], &[], vec![]);
+        let s = b.node("Mul", "mul", &[&gate, &d], &[], vec![]);
+        let y = b.add("add", "x", &s);
+        b.output(&y);
+        let (k, x) = fused(&b);
+        let gate = alpha.slice(ndarray::s![1, ..]).mapv(|v| 1.0 / (1.0 + (-v).exp())).into_shape_with_order((1, 4, 1, 1)).unwrap();
+        let want = &x + &((dw(&w, &bias).apply(&x) - &x) * &gate);
+        crate::support::assert_close(&k.apply(&x), &want, 1e-6, "fused gated residual (weights rounded to f32)");
+    }
+
+    #[test]
+    fn a_branch_of_another_tensor_keeps_the_factor_the_tree_gave_it() {
+        // γ·(mixer(x) + x − h): x's branches merge, h stays, multiplied by −γ
+        let mut b = Builder::new(4, 6, 6);
+        let (conv, w, bias, _, _) = dw_and_bn(&mut b);
+        b.graph.node.pop();
+        let h = b.input("h", &[1, 4, 6, 6]);
+        let s1 = b.add("add", &conv, "x");
+        let d = b.node("Sub", "sub", &[&s1, &h], &[], vec![]);
+        let gamma = b.rand(&[1, 4, 1, 1]);
+        let g = b.initializer("gamma", &gamma);
+        let y = b.node("Mul", "mul", &[&d, &g], &["y"], vec![]);
+        b.output(&y);
+        let original = b.build();
+        let mut m = b.build();
+        let report = crate::rewrite::fuse(&mut m).unwrap();
+        assert_eq!(report.blocks_merged, 1);
+        let ops: Vec<&str> = m.graph().node.iter().map(|n| n.op_type()).collect();
+        assert_eq!(ops, ["Conv", "Mul", "Add"]);
+        let (x, hv) = (crate::support::rand_input(1, &[1, 4, 6, 6]), crate::support::rand_input(2, &[1, 4, 6, 6]));
+        let want = (dw(&w, &bias).apply(&x) + &x - &hv) * &gamma;
+        let got = crate::support::run_f32(&m, &[x.clone(), hv.clone()]);
+        crate::support::assert_close(&got, &want, 1e-5, "fused, in tract");
+        crate::support::assert_close(&crate::support::run_f32(&original, &[x, hv]), &want, 1e-5, "original, in tract");
     }
 }

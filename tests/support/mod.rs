@@ -414,3 +414,21 @@ pub fn assert_close(got: &ArrayD<f64>, want: &ArrayD<f64>, tol: f64, what: &str)
     let d = max_abs_diff(got, want);
     assert!(d <= tol * scale.max(1.0), "{what}: max abs diff {d} > {tol} (scale {scale})");
 }
+
+/// Run `m` in tract (typed, un-optimised plan) on `inputs` (one per graph input that is not an
+/// initializer, in order; float32): its first output as f64.
+pub fn run_f32(m: &Model, inputs: &[ArrayD<f64>]) -> ArrayD<f64> {
+    use prost::Message;
+    use tract_onnx::prelude::*;
+    let bytes = m.to_inline().unwrap().encode_to_vec();
+    let mut model = tract_onnx::onnx().model_for_read(&mut &bytes[..]).unwrap();
+    for (k, x) in inputs.iter().enumerate() {
+        model = model.with_input_fact(k, f32::fact(x.shape()).into()).unwrap();
+    }
+    let plan = model.into_typed().unwrap().into_runnable().unwrap();
+    let ins: TVec<TValue> = inputs.iter().map(|x| Tensor::from(x.mapv(|v| v as f32)).into()).collect();
+    let out = plan.run(ins).unwrap();
+    let t = out[0].clone().into_tensor();
+    let v: Vec<f64> = t.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().iter().map(|&v| v as f64).collect();
+    ArrayD::from_shape_vec(IxDyn(t.shape()), v).unwrap()
+}

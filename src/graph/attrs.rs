@@ -9,7 +9,8 @@ use crate::proto::{AttributeProto, GraphProto, ModelProto, NodeProto};
 /// of one of them with too few inputs is not a valid model, and is refused as such on load.
 fn arity(op: &str, opset: i64) -> Option<(usize, usize)> {
     Some(match op {
-        "Conv" => (2, 3),
+        "Conv" | "ConvTranspose" | "Gemm" => (2, 3),
+        "MatMul" => (2, 2),
         "BatchNormalization" => (5, 5),
         "Add" | "Sub" | "Mul" | "Div" => (2, 2),
         "Sum" => (1, usize::MAX),

@@ -47,19 +47,29 @@ impl<'g> Names<'g> {
     /// Names for a rewritten conv's weight and bias: the conv's own initializers when nothing
     /// else reads them (and no earlier call of this generator took them), fresh names otherwise.
     pub fn conv_params(&mut self, ix: &GraphIndex, conv: &NodeProto) -> (String, String) {
-        let own = |names: &Self, name: &str| {
-            ix.initializer.contains_key(name)
-                && ix.uses(name) == 1
-                && !ix.inputs.contains(name)
-                && !names.claimed.contains(name)
-        };
-        let w = &conv.input[1];
-        let wname = if own(self, w) { self.claim(w) } else { self.fresh(&format!("{w}_fused")) };
+        let wname = self.own_or_fresh(ix, &conv.input[1]);
         let bname = match conv.input.get(2).filter(|b| !b.is_empty()) {
-            Some(b) if own(self, b) => self.claim(b),
+            Some(b) if self.own(ix, b) => self.claim(b),
             _ => self.fresh(&format!("{wname}_bias")),
         };
         (wname, bname)
+    }
+
+    /// The name for a rewritten value of initializer `name`: its own when only one node reads it
+    /// (and no earlier call of this generator took it), `{name}_fused` (made fresh) otherwise.
+    pub fn own_or_fresh(&mut self, ix: &GraphIndex, name: &str) -> String {
+        if self.own(ix, name) {
+            self.claim(name)
+        } else {
+            self.fresh(&format!("{name}_fused"))
+        }
+    }
+
+    fn own(&self, ix: &GraphIndex, name: &str) -> bool {
+        ix.initializer.contains_key(name)
+            && ix.uses(name) == 1
+            && !ix.inputs.contains(name)
+            && !self.claimed.contains(name)
     }
 
     fn claim(&mut self, name: &str) -> String {

@@ -111,6 +111,7 @@ impl Rule for AffineRegion {
             at: c.root,
             remove: region.dep,
             insert: vec![node],
+            replace: vec![],
             initializers: vec![(wname, conv.weight, ft), (bname, conv.bias.into_dyn(), ft)],
             log: Rewrite { rule: Self::ID, node: bnode.name().to_string(), detail },
         }

@@ -151,7 +151,13 @@ pub(crate) fn run(model: &mut Model, rules: &[&dyn Try]) -> (Vec<Rewrite>, Vec<R
                 continue;
             };
             changed = true;
-            let first_out = p.insert.first().and_then(|n| n.output.first()).cloned();
+            // go on from the first node the patch wrote (inserted, or replaced in place)
+            let first_out = p
+                .insert
+                .first()
+                .or_else(|| p.replace.iter().min_by_key(|r| r.0).map(|r| &r.1))
+                .and_then(|n| n.output.first())
+                .cloned();
             log.push(p.log.clone());
             p.apply(model, &ix, &mut cache.exact);
             ix = GraphIndex::new(model.graph());
@@ -211,7 +217,7 @@ mod tests {
                 insert.push(reader);
             }
             let log = Rewrite { rule: Self::ID, node: n.name().to_string(), detail: "dropped".into() };
-            Patch { at, remove, insert, initializers: vec![], log }
+            Patch { at, remove, insert, replace: vec![], initializers: vec![], log }
         }
         fn node(&self, cx: &Cx, &at: &usize) -> String {
             cx.node(at).name().to_string()

@@ -60,6 +60,7 @@ impl Rule for FoldBn {
             at: c.bn,
             remove: vec![c.conv, c.bn],
             insert: vec![node],
+            replace: vec![],
             initializers: vec![(wname, k.weight, ft), (bname, k.bias.into_dyn(), ft)],
             log: Rewrite {
                 rule: Self::ID,

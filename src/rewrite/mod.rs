@@ -46,6 +46,12 @@ impl RuleId {
     pub const FOLD_BN: RuleId = RuleId("fold_bn");
     pub const MERGE_BRANCHES: RuleId = RuleId("merge_branches");
     pub const AFFINE_REGION: RuleId = RuleId("affine_region");
+    pub const FOLD_BN_FORWARD: RuleId = RuleId("fold_bn_forward");
+
+    /// Whether the rule folds a BatchNormalization (rather than merging a block).
+    pub fn folds_bn(self) -> bool {
+        self == RuleId::FOLD_BN || self == RuleId::FOLD_BN_FORWARD
+    }
 
     /// The rule's name in reports (`fold_bn`, ...).
     pub fn name(self) -> &'static str {
@@ -143,7 +149,7 @@ macro_rules! rules {
     };
 }
 
-rules![fold_bn::FoldBn, merge_branches::MergeBranches, affine_region::AffineRegion];
+rules![fold_bn::FoldBn, merge_branches::MergeBranches, affine_region::AffineRegion, fold_bn_forward::FoldBnForward,];
 
 /// A candidate that was left untouched, and why.
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -255,8 +261,8 @@ pub fn fuse(model: &mut Model) -> Result<FuseReport> {
     let (rewrites, refused) = driver::run(model, RULES);
     let after = Stats::of(model);
     Ok(FuseReport {
-        blocks_merged: rewrites.iter().filter(|r| r.rule != RuleId::FOLD_BN).count(),
-        bns_folded: rewrites.iter().filter(|r| r.rule == RuleId::FOLD_BN).count(),
+        blocks_merged: rewrites.iter().filter(|r| !r.rule.folds_bn()).count(),
+        bns_folded: rewrites.iter().filter(|r| r.rule.folds_bn()).count(),
         rewrites,
         refused,
         before,

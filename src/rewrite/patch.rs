@@ -9,11 +9,14 @@ use crate::proto::{NodeProto, TensorProto};
 use ndarray::ArrayD;
 use std::collections::{HashMap, HashSet};
 
-/// A graph edit: remove nodes, insert new ones where node `at` was, set initializers.
+/// A graph edit: remove nodes, insert new ones where node `at` was, replace nodes in place, set
+/// initializers.
 pub(crate) struct Patch {
     pub at: usize,
     pub remove: Vec<usize>,
     pub insert: Vec<NodeProto>,
+    /// Nodes replaced where they are (index, new node), e.g. readers re-wired to another tensor.
+    pub replace: Vec<(usize, NodeProto)>,
     /// Initializers to write (replacing one of the same name in place, or appended), in f64.
     pub initializers: Vec<(String, ArrayD<f64>, FloatType)>,
     pub log: Rewrite,
@@ -29,7 +32,7 @@ impl Patch {
     /// graph; what was alive before stays, even if nothing reads it. Tensors replaced or removed
     /// have their pages in the input's memory map released (they are not read again).
     pub fn apply(self, model: &mut Model, ix: &GraphIndex, exact: &mut HashMap<String, ArrayD<f64>>) {
-        let Patch { at, remove, insert, initializers, .. } = self;
+        let Patch { at, mut remove, insert, replace, initializers, .. } = self;
         let mut released: Vec<TensorProto> = Vec::new();
         let g = model.graph_mut();
         for (name, arr, ft) in initializers {
@@ -42,10 +45,18 @@ impl Patch {
         }
         // Reads after the patch = reads before (ix) + `delta`. Removing a node un-reads its inputs;
         // a producer whose outputs are all unread then dies too, and so on up the graph.
-        let produced_new: HashSet<String> =
-            insert.iter().flat_map(|n| n.output.iter()).filter(|o| !o.is_empty()).cloned().collect();
+        // a node replaced is a node removed and a new one inserted at its place
+        remove.extend(replace.iter().map(|r| r.0));
+        let mut in_place: HashMap<usize, NodeProto> = replace.into_iter().collect();
+        let produced_new: HashSet<String> = insert
+            .iter()
+            .chain(in_place.values())
+            .flat_map(|n| n.output.iter())
+            .filter(|o| !o.is_empty())
+            .cloned()
+            .collect();
         let mut delta: HashMap<String, isize> = HashMap::new();
-        for n in &insert {
+        for n in insert.iter().chain(in_place.values()) {
             for r in node_reads(n) {
                 *delta.entry(r).or_default() += 1;
             }
@@ -82,13 +93,16 @@ impl Patch {
             if i == at {
                 g.node.extend(insert.take().expect("inserted once"));
             }
-            if !dead.contains(&i) {
+            if let Some(r) = in_place.remove(&i) {
+                g.node.push(r);
+            } else if !dead.contains(&i) {
                 g.node.push(n);
             }
         }
         if let Some(rest) = insert {
             g.node.extend(rest);
         }
+        g.node.extend(in_place.into_values());
         if !dead_inits.is_empty() {
             g.initializer.retain(|t| {
                 let dies = dead_inits.contains(t.name());
@@ -135,7 +149,7 @@ mod tests {
         let mut neg = m.graph().node[3].clone();
         neg.input = vec!["x".into()];
         let log = Rewrite { rule: RuleId::FOLD_BN, node: "y".into(), detail: String::new() };
-        Patch { at: 3, remove: vec![3], insert: vec![neg], initializers: vec![], log }.apply(
+        Patch { at: 3, remove: vec![3], insert: vec![neg], replace: vec![], initializers: vec![], log }.apply(
             &mut m,
             &ix,
             &mut HashMap::new(),

@@ -62,6 +62,26 @@ pub enum Reason {
     },
     /// No Conv among the branches of a group.
     NoConv,
+    /// A BatchNormalization to fold forward also reaches a node it cannot be folded into.
+    BnForwardBlocked {
+        bn: String,
+        node: String,
+        op: String,
+    },
+    /// A BatchNormalization with a nonzero shift before a Conv that zero-pads.
+    BnShiftPadded {
+        bn: String,
+        conv: String,
+    },
+    /// A BatchNormalization with a nonzero shift before a MatMul with no bias to take it.
+    BnShiftNoBias {
+        bn: String,
+        node: String,
+    },
+    /// A BatchNormalization that zeroes a channel cannot fold into a following one.
+    BnZeroScale {
+        bn: String,
+    },
     /// The general path could not prove the region is one convolution.
     Region(RegionReason),
 }
@@ -132,6 +152,20 @@ impl fmt::Display for Reason {
                 write!(f, "branch '{branch}' is multiplied by a constant of shape {shape:?}, not per channel")
             }
             Reason::NoConv => f.write_str("no Conv among the branches"),
+            Reason::BnForwardBlocked { bn, node, op } => write!(
+                f,
+                "BatchNormalization '{bn}' also reaches '{node}' ({op}); it folds forward only when every reader is a Conv, Gemm, MatMul or BatchNormalization (through reshapes, transposes and averages)"
+            ),
+            Reason::BnShiftPadded { bn, conv } => write!(
+                f,
+                "BatchNormalization '{bn}' shifts its output, and Conv '{conv}' zero-pads it: folded, the border would see the shift; left as it is"
+            ),
+            Reason::BnShiftNoBias { bn, node } => {
+                write!(f, "MatMul '{node}' has no constant bias Add to take the shift of BatchNormalization '{bn}'")
+            }
+            Reason::BnZeroScale { bn } => {
+                write!(f, "BatchNormalization '{bn}' zeroes a channel: it cannot fold into the next one")
+            }
             Reason::Region(r) => write!(f, "{r}"),
         }
     }

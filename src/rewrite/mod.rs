@@ -47,10 +47,12 @@ impl RuleId {
     pub const MERGE_BRANCHES: RuleId = RuleId("merge_branches");
     pub const AFFINE_REGION: RuleId = RuleId("affine_region");
     pub const FOLD_BN_FORWARD: RuleId = RuleId("fold_bn_forward");
+    pub const FOLD_BN_LINEAR: RuleId = RuleId("fold_bn_linear");
+    pub const MERGE_LINEAR: RuleId = RuleId("merge_linear");
 
     /// Whether the rule folds a BatchNormalization (rather than merging a block).
     pub fn folds_bn(self) -> bool {
-        self == RuleId::FOLD_BN || self == RuleId::FOLD_BN_FORWARD
+        matches!(self, RuleId::FOLD_BN | RuleId::FOLD_BN_FORWARD | RuleId::FOLD_BN_LINEAR)
     }
 
     /// The rule's name in reports (`fold_bn`, ...).
@@ -149,7 +151,14 @@ macro_rules! rules {
     };
 }
 
-rules![fold_bn::FoldBn, merge_branches::MergeBranches, affine_region::AffineRegion, fold_bn_forward::FoldBnForward,];
+rules![
+    fold_bn::FoldBn,
+    fold_bn_linear::FoldBnLinear,
+    merge_branches::MergeBranches,
+    merge_linear::MergeLinear,
+    affine_region::AffineRegion,
+    fold_bn_forward::FoldBnForward,
+];
 
 /// A candidate that was left untouched, and why.
 #[derive(Clone, Debug, Serialize, PartialEq)]

@@ -35,8 +35,12 @@ impl Patch {
         let Patch { at, mut remove, insert, replace, initializers, .. } = self;
         let mut released: Vec<TensorProto> = Vec::new();
         let g = model.graph_mut();
+        let mut reshaped: HashSet<String> = HashSet::new();
         for (name, arr, ft) in initializers {
             let t = from_f64(&name, &arr, ft);
+            if ix.initializer.get(&name).is_some_and(|&k| g.initializer[k].dims != t.dims) {
+                reshaped.insert(name.clone());
+            }
             match ix.initializer.get(&name) {
                 Some(&k) => released.push(std::mem::replace(&mut g.initializer[k], t)),
                 None => g.initializer.push(t),
@@ -115,8 +119,10 @@ impl Patch {
                 exact.remove(d);
             }
         }
-        // value_info of tensors that no longer exist
-        g.value_info.retain(|v| !gone_outputs.contains(v.name()) || produced_new.contains(v.name()));
+        // value_info of tensors that no longer exist, or of initializers of another shape now
+        g.value_info.retain(|v| {
+            (!gone_outputs.contains(v.name()) || produced_new.contains(v.name())) && !reshaped.contains(v.name())
+        });
         for t in &released {
             if let Ok(Some(b)) = model.raw_bytes(t) {
                 if b.len() >= RELEASE_BYTES {

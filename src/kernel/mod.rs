@@ -4,6 +4,9 @@
 //! Pad nodes into it.
 
 pub(crate) mod read;
+mod seq;
+
+pub use seq::SeqMisfit;
 
 use ndarray::{Array1, ArrayD, Dimension, IxDyn, Slice};
 use std::fmt;

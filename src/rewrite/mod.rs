@@ -49,10 +49,17 @@ impl RuleId {
     pub const FOLD_BN_FORWARD: RuleId = RuleId("fold_bn_forward");
     pub const FOLD_BN_LINEAR: RuleId = RuleId("fold_bn_linear");
     pub const MERGE_LINEAR: RuleId = RuleId("merge_linear");
+    pub const MERGE_SEQUENTIAL: RuleId = RuleId("merge_sequential");
+    pub const FOLD_PAD: RuleId = RuleId("fold_pad");
 
-    /// Whether the rule folds a BatchNormalization (rather than merging a block).
+    /// Whether the rule folds a BatchNormalization into a layer.
     pub fn folds_bn(self) -> bool {
         matches!(self, RuleId::FOLD_BN | RuleId::FOLD_BN_FORWARD | RuleId::FOLD_BN_LINEAR)
+    }
+
+    /// Whether the rule merges a block (branches, layers in sequence or in parallel) into one.
+    pub fn merges_block(self) -> bool {
+        matches!(self, RuleId::MERGE_BRANCHES | RuleId::MERGE_SEQUENTIAL | RuleId::MERGE_LINEAR | RuleId::AFFINE_REGION)
     }
 
     /// The rule's name in reports (`fold_bn`, ...).
@@ -154,6 +161,8 @@ macro_rules! rules {
 rules![
     fold_bn::FoldBn,
     fold_bn_linear::FoldBnLinear,
+    fold_pad::FoldPad,
+    merge_sequential::MergeSequential,
     merge_branches::MergeBranches,
     merge_linear::MergeLinear,
     affine_region::AffineRegion,
@@ -212,7 +221,7 @@ impl Stats {
 /// What `fuse` did.
 #[derive(Clone, Debug, Serialize)]
 pub struct FuseReport {
-    /// Blocks whose branches were merged into one Conv.
+    /// Blocks merged into one layer (branches into one Conv, convs in sequence, parallel Gemms).
     pub blocks_merged: usize,
     /// BatchNormalizations folded into a Conv.
     pub bns_folded: usize,
@@ -270,7 +279,7 @@ pub fn fuse(model: &mut Model) -> Result<FuseReport> {
     let (rewrites, refused) = driver::run(model, RULES);
     let after = Stats::of(model);
     Ok(FuseReport {
-        blocks_merged: rewrites.iter().filter(|r| !r.rule.folds_bn()).count(),
+        blocks_merged: rewrites.iter().filter(|r| r.rule.merges_block()).count(),
         bns_folded: rewrites.iter().filter(|r| r.rule.folds_bn()).count(),
         rewrites,
         refused,

@@ -3,7 +3,7 @@
 
 use crate::graph::ConstError;
 use crate::kernel::read::ReadError;
-use crate::kernel::Misfit;
+use crate::kernel::{Misfit, SeqMisfit};
 use std::fmt;
 
 /// Why a rule refused a candidate.
@@ -81,6 +81,21 @@ pub enum Reason {
     /// A BatchNormalization that zeroes a channel cannot fold into a following one.
     BnZeroScale {
         bn: String,
+    },
+    /// Two convolutions in sequence that are not one.
+    Sequential {
+        first: String,
+        second: String,
+        misfit: SeqMisfit,
+    },
+    /// Two convolutions in sequence whose composition costs more than the two.
+    SequentialCost {
+        first: String,
+        second: String,
+        kernel: String,
+        weights: usize,
+        chain_weights: usize,
+        chain_macs: usize,
     },
     /// The general path could not prove the region is one convolution.
     Region(RegionReason),
@@ -163,6 +178,11 @@ impl fmt::Display for Reason {
             Reason::BnShiftNoBias { bn, node } => {
                 write!(f, "MatMul '{node}' has no constant bias Add to take the shift of BatchNormalization '{bn}'")
             }
+            Reason::Sequential { first, second, misfit } => write!(f, "Conv '{first}' then Conv '{second}': {misfit}"),
+            Reason::SequentialCost { first, second, kernel, weights, chain_weights, chain_macs } => write!(
+                f,
+                "Conv '{first}' then Conv '{second}' would become one {kernel} Conv of {weights} weights and multiply-adds per output position, vs {chain_weights} weights and {chain_macs} multiply-adds for the two: left as two"
+            ),
             Reason::BnZeroScale { bn } => {
                 write!(f, "BatchNormalization '{bn}' zeroes a channel: it cannot fold into the next one")
             }

@@ -3,6 +3,9 @@
 //! graph: TorchScript keeps `Sigmoid → Reshape → Gather` of a parameter (EfficientViM's gates) and
 //! computes a Pad's amounts by `ConstantOfShape → Concat → Reshape → Slice → Transpose → Cast`.
 //!
+//! A Shape or Size of a constant is a constant too (opset-11 TorchScript computes a Pad's amounts
+//! from the Shape of the constant list of amounts).
+//!
 //! Floats are evaluated in f64 (the exact value of the operator on the stored parameters), integers
 //! in i64. Only small tensors are evaluated ([`MAX_ELEMS`]), at most [`MAX_NODES`] nodes per call.
 
@@ -172,6 +175,8 @@ const EVALUATED: &[&str] = &[
     "Mul",
     "Div",
     "Pow",
+    "Shape",
+    "Size",
 ];
 
 fn axis_of(a: i64, rank: usize) -> Option<usize> {
@@ -424,6 +429,16 @@ fn eval(n: &NodeProto, mut ins: Vec<Option<Value>>, opset: i64) -> Option<Value>
                 Value::Int(a) => Some(Value::Int(ArrayD::from_elem(IxDyn(&shape), *a.iter().next()?))),
             }
         }
+        "Shape" => {
+            // of a constant (opset 15: start / end)
+            let shape: Vec<i64> = x?.shape().iter().map(|&d| d as i64).collect();
+            let r = shape.len() as i64;
+            let clamp = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
+            let (a, b) = (clamp(attr_int(n, "start", 0)), clamp(attr_int(n, "end", r)));
+            let v = if a < b { shape[a..b].to_vec() } else { vec![] };
+            Some(Value::Int(ArrayD::from_shape_vec(IxDyn(&[v.len()]), v).ok()?))
+        }
+        "Size" => Some(Value::Int(ndarray::arr0(x?.len() as i64).into_dyn())),
         "Sigmoid" | "Neg" | "Exp" | "Log" | "Sqrt" | "Reciprocal" | "Abs" | "Tanh" | "Relu" | "Floor" | "Ceil" => {
             let f: fn(f64) -> f64 = match op {
                 "Sigmoid" => |v| 1.0 / (1.0 + (-v).exp()),

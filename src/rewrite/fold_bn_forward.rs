@@ -67,6 +67,10 @@ impl Rule for FoldBnForward {
             return None;
         }
         let y = &bn.output[0];
+        // the structure first (shapes may need tract's analysis of the whole model)
+        if !reaches_a_layer(cx, y) {
+            return None;
+        }
         let shape = cx.shape_of(&bn.input[0])?;
         if shape.len() < 2 {
             return None;
@@ -196,6 +200,36 @@ impl Walk {
             }
         }
     }
+}
+
+const CARRIERS: &[&str] = &[
+    "Identity",
+    "Transpose",
+    "Reshape",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "GlobalAveragePool",
+    "AveragePool",
+    "ReduceMean",
+];
+
+/// Whether a Conv, Gemm, MatMul or BatchNormalization reads `t`, directly or through operators
+/// that may carry the channels (by operator only).
+fn reaches_a_layer(cx: &Cx, t: &str) -> bool {
+    let mut stack = vec![(t.to_string(), 0)];
+    while let Some((t, depth)) = stack.pop() {
+        for &c in cx.ix.consumers_of(&t) {
+            let n = cx.node(c);
+            if ["Conv", "Gemm", "MatMul", "BatchNormalization"].iter().any(|op| is_op(n, op)) {
+                return true;
+            }
+            if depth < 32 && CARRIERS.iter().any(|op| is_op(n, op)) {
+                stack.extend(n.output.first().map(|o| (o.clone(), depth + 1)));
+            }
+        }
+    }
+    false
 }
 
 /// A constant 2-d matrix.

@@ -48,6 +48,18 @@ impl Rule for FoldBnLinear {
         if !is_op(bn, "BatchNormalization") {
             return None;
         }
+        // the structure first (shapes may need tract's analysis of the whole model)
+        let mut t = bn.input.first()?.clone();
+        for _ in 0..16 {
+            let n = cx.producer_node(&t)?;
+            if ["MatMul", "Gemm", "Add"].iter().any(|op| is_op(n, op)) {
+                break;
+            }
+            if !["Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose"].iter().any(|op| is_op(n, op)) {
+                return None;
+            }
+            t = n.input.first()?.clone();
+        }
         // walk back from the BN's input with its channel axis (1)
         let mut t = bn.input.first()?.clone();
         let mut shape = cx.shape_of(&t)?;

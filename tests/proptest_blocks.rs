@@ -1792,3 +1792,67 @@ fn case_reshaped_constant_bias_is_absorbed() {
         check_independent(&bl, &built, &m, 1e-6).unwrap();
     }
 }
+
+/// The minimal failing case of issue 12 (PROPTEST_CASES=30000): a 5x5 + cropped 5x1 + 1x5 block
+/// whose 1x5 (pads shifted by -2) reads one column past the 5x5's window, so the structural rule
+/// refuses it. The general path, evaluating in float32 in the 5x5's geometry, took a wrong 5x5
+/// (off by 1.8e-5 relative, inside its 1e-4 check). Evaluated in float64 the check sees the
+/// difference, and the window of the region's operators gives the 5x6 convolution the block is.
+#[test]
+fn case_general_path_recovers_kernels_in_f64_in_the_regions_own_window() {
+    let bn = Some(BnStyle { epsilon: 1e-5, training_attr: false });
+    let geo = |kernel: Vec<usize>, pads: Vec<i64>, crop| Geo {
+        kernel,
+        strides: vec![1, 1],
+        dilations: vec![1, 1],
+        pads,
+        auto_pad: None,
+        crop,
+        pad: None,
+        groups: 1,
+        out: 1,
+    };
+    let br = |name: &str, g: Geo, bn| Branch {
+        name: name.into(),
+        kind: Kind::Conv(g),
+        bias: false,
+        bn,
+        scale: None,
+        share_weight: None,
+    };
+    let bl = Block {
+        seed: 8270,
+        opset: 17,
+        k: 5,
+        cin: 2,
+        cout: 1,
+        input: vec![8, 8],
+        branches: vec![
+            br("square", geo(vec![5, 5], vec![2, 1, 2, 3], None), None),
+            br("ver", geo(vec![5, 1], vec![2, 0, 2, 1], Some((vec![0, 1], vec![0, 0]))), bn),
+            br("hor", geo(vec![1, 5], vec![0, 0, 0, 4], None), bn),
+        ],
+        const_bias: None,
+        tree: Tree::Add(Box::new(Tree::Leaf(1)), Box::new(Tree::Add(Box::new(Tree::Leaf(2)), Box::new(Tree::Leaf(0))))),
+        bn_after: None,
+        f64: false,
+        pre: Pre::None,
+        bystander: false,
+        omit_kernel_shape: false,
+        shuffle: None,
+        explicit_defaults: false,
+        slice_negative_axes: false,
+        slice_steps: false,
+        mutations: vec!["hor: conv pads shifted by -2 on axis 1 (0, 5)".into()],
+    };
+    assert!(leaf_shapes(&bl).is_ok_and(|s| s.iter().all(|s| s == &[1, 1, 8, 8])), "{:?}", leaf_shapes(&bl));
+    let built = build(&bl);
+    let original = built.builder.build();
+    let mut m = built.builder.build();
+    let r = fuse(&mut m).unwrap();
+    assert_eq!(r.after.ops, fused_ops(&bl), "{}", r.summary());
+    assert!(r.rewrites.iter().any(|w| w.rule == "affine_region"), "{:?}", r.rewrites);
+    assert_eq!(fused_conv(&m, &bl.input).kernel(), [5, 6]);
+    check_independent(&bl, &built, &m, 1e-6).unwrap();
+    tract_verify(&tract_runnable(&original), &tract_runnable(&m)).unwrap();
+}

@@ -116,11 +116,12 @@ pub enum RegionReason {
     SizeUnknown {
         tensor: String,
     },
-    /// The geometry the general path does not handle.
+    /// No convolution window fits the region's output size.
     Geometry,
-    /// The region's input is not `[N, C, H, W]` with the Conv's channels.
+    /// The region's input is not `[N, C, spatial...]` with the Conv's channels.
     InputShape(Vec<usize>),
-    /// No Conv reads the region's input (so there is no geometry to recover).
+    /// No Conv reads the region's input and its operators give no window (so there is no
+    /// geometry to recover).
     NoConv,
     /// tract cannot evaluate the region (the text is tract's or the size check's).
     CannotEvaluate(String),
@@ -129,7 +130,7 @@ pub enum RegionReason {
     /// The region's output is not the Conv's.
     OutputShape {
         got: Vec<usize>,
-        want: [i64; 4],
+        want: Vec<i64>,
     },
     /// The response to zero differs across the plane (the borders see something else).
     BiasNotConstant,
@@ -197,13 +198,17 @@ impl fmt::Display for RegionReason {
             RegionReason::NegativePad { pad } => write!(f, "Pad '{pad}' has negative amounts"),
             RegionReason::UsedOutside { tensor } => write!(f, "'{tensor}' inside the region is also used outside it"),
             RegionReason::SizeUnknown { tensor } => write!(f, "the size of '{tensor}' is unknown"),
-            RegionReason::Geometry => f.write_str("the general path handles 2-d, undilated convolutions"),
+            RegionReason::Geometry => {
+                f.write_str("the region's operators give no convolution window that matches its output size")
+            }
             RegionReason::InputShape(s) => write!(f, "region input of shape {s:?}"),
-            RegionReason::NoConv => f.write_str("no Conv reads the region's input"),
+            RegionReason::NoConv => f.write_str(
+                "no Conv reads the region's input, and its operators (a Transpose, Reshape, ... on the way) give no convolution window",
+            ),
             RegionReason::CannotEvaluate(e) => write!(f, "the region cannot be evaluated: {e}"),
             RegionReason::Tract(e) => f.write_str(e),
-            RegionReason::OutputShape { got, want: [n, o, h, w] } => {
-                write!(f, "the region's output {got:?} is not the Conv's output [{n}, {o}, {h}, {w}]")
+            RegionReason::OutputShape { got, want } => {
+                write!(f, "the region's output {got:?} is not the Conv's output {want:?}")
             }
             RegionReason::BiasNotConstant => {
                 f.write_str("the region's response to zero is not constant per channel (borders differ)")

@@ -19,7 +19,8 @@ use tract_onnx::prelude::*;
 const GROWTH_LIMIT: usize = 64;
 
 /// A region of a model, cut out as a model of its own with one float input of a fixed shape,
-/// ready to evaluate.
+/// ready to evaluate in float64 (the general rewrite path recovers kernels from it: float32
+/// evaluation would put its rounding, ~1e-7 of the largest value, into every weight).
 pub(crate) struct RegionPlan {
     plan: Arc<TypedRunnableModel>,
 }
@@ -29,8 +30,9 @@ fn msg(e: TractError) -> String {
 }
 
 impl RegionPlan {
-    /// `out` is the number of elements the region's output must have (the Conv's output).
-    /// tract's panics (it has some on malformed graphs) become errors.
+    /// `region` computes in float64 (its float tensors, casts and input converted by the caller);
+    /// `out` is the number of elements its output may have (the size check's bound). tract's panics
+    /// (it has some on malformed graphs) become errors.
     pub fn new(region: &ModelProto, shape: &[usize], out: usize) -> Result<RegionPlan, String> {
         let bytes = region.encode_to_vec();
         catch(|| Self::build(&bytes, shape, out)).unwrap_or_else(|_| Err("tract failed on the region".into()))
@@ -38,18 +40,17 @@ impl RegionPlan {
 
     fn build(bytes: &[u8], shape: &[usize], out: usize) -> Result<RegionPlan, String> {
         let m = tract_onnx::onnx().model_for_read(&mut &bytes[..]).map_err(msg)?;
-        let m = m.with_input_fact(0, f32::fact(shape).into()).map_err(msg)?.into_typed().map_err(msg)?;
+        let m = m.with_input_fact(0, f64::fact(shape).into()).map_err(msg)?.into_typed().map_err(msg)?;
         check_sizes(&m, shape.iter().fold(1usize, |a, &d| a.saturating_mul(d)).max(out))?;
         Ok(RegionPlan { plan: m.into_optimized().map_err(msg)?.into_runnable().map_err(msg)? })
     }
 
-    /// The region's output for input `x`, in f64.
-    pub fn eval(&self, x: &ArrayD<f32>) -> Result<ArrayD<f64>, String> {
+    /// The region's output for input `x`.
+    pub fn eval(&self, x: &ArrayD<f64>) -> Result<ArrayD<f64>, String> {
         catch(|| {
             let out = self.plan.run(tvec!(Tensor::from(x.clone()).into())).map_err(msg)?;
             let t = out[0].clone().into_tensor();
-            let v =
-                t.try_as_plain_ram().map_err(msg)?.as_slice::<f32>().map_err(msg)?.iter().map(|&v| v as f64).collect();
+            let v = t.try_as_plain_ram().map_err(msg)?.as_slice::<f64>().map_err(msg)?.to_vec();
             ArrayD::from_shape_vec(IxDyn(t.shape()), v).map_err(|e| e.to_string())
         })
         .unwrap_or_else(|_| Err("tract failed on the region".into()))

@@ -51,10 +51,11 @@ impl RuleId {
     pub const MERGE_LINEAR: RuleId = RuleId("merge_linear");
     pub const MERGE_SEQUENTIAL: RuleId = RuleId("merge_sequential");
     pub const FOLD_PAD: RuleId = RuleId("fold_pad");
+    pub const FOLD_BN_TRANSPOSED: RuleId = RuleId("fold_bn_transposed");
 
     /// Whether the rule folds a BatchNormalization into a layer.
     pub fn folds_bn(self) -> bool {
-        matches!(self, RuleId::FOLD_BN | RuleId::FOLD_BN_FORWARD | RuleId::FOLD_BN_LINEAR)
+        matches!(self, RuleId::FOLD_BN | RuleId::FOLD_BN_FORWARD | RuleId::FOLD_BN_LINEAR | RuleId::FOLD_BN_TRANSPOSED)
     }
 
     /// Whether the rule merges a block (branches, layers in sequence or in parallel) into one.
@@ -160,6 +161,7 @@ macro_rules! rules {
 
 rules![
     fold_bn::FoldBn,
+    fold_bn_transposed::FoldBnTransposed,
     fold_bn_linear::FoldBnLinear,
     fold_pad::FoldPad,
     merge_sequential::MergeSequential,

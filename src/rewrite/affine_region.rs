@@ -639,7 +639,9 @@ fn recover(cx: &Cx, r: &Region, y: &str, ft: FloatType) -> Result<(AffineConv, O
     shape[0] = 1;
     let len: Vec<i64> = shape[2..].iter().map(|&d| d as i64).collect();
     let numel: usize = shape.iter().product();
-    let bound = cx.shape_of(y).map_or(numel, |s| s.iter().product::<usize>().max(numel));
+    // how big the region's tensors may grow (never from the analysed shapes, which an absurd Pad
+    // inflates too): the input times the channel ratio of the Conv reading it
+    let bound = numel.saturating_mul(geo.base.as_ref().map_or(4, |(_, b)| b.out_channels().div_ceil(c).max(1)));
     let plan = RegionPlan::new(&submodel(cx, r, y, &shape)?, &shape, bound).map_err(RegionReason::CannotEvaluate)?;
     let eval = |x: &ArrayD<f64>| plan.eval(x).map_err(RegionReason::Tract);
     let y0 = eval(&ArrayD::zeros(IxDyn(&shape)))?;

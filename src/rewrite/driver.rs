@@ -123,12 +123,16 @@ pub(crate) fn run(model: &mut Model, rules: &[&dyn Try]) -> (Vec<Rewrite>, Vec<R
     // The refusals of the last scan (the one that changed nothing) are those that stand.
     let mut refusals = Vec::new();
     let mut changed = true;
-    while changed {
+    // every rewrite removes nodes or merges weights, so a model takes a few rewrites per node at
+    // most; past this bound a rule would be rewriting what it rewrote (a bug): stop there, with a
+    // model that is still valid and equivalent
+    let budget = 64 + 8 * model.graph().node.len();
+    while changed && log.len() < budget {
         changed = false;
         refusals.clear();
         let mut i = 0;
         let mut ix = GraphIndex::new(model.graph());
-        while i < model.graph().node.len() {
+        while i < model.graph().node.len() && log.len() < budget {
             let fired = {
                 let cx = Cx::new(model, &ix, &cache);
                 let mut fired = None;
@@ -159,6 +163,7 @@ pub(crate) fn run(model: &mut Model, rules: &[&dyn Try]) -> (Vec<Rewrite>, Vec<R
                 .and_then(|n| n.output.first())
                 .cloned();
             log.push(p.log.clone());
+            debug_assert!(log.len() < budget, "rules keep rewriting: {:?}", log.last());
             p.apply(model, &ix, &mut cache.exact);
             ix = GraphIndex::new(model.graph());
             if cfg!(debug_assertions) {
@@ -292,5 +297,44 @@ mod tests {
         assert!(cache.exact.contains_key("t1"));
         cache.evict_before(m.graph(), &ix, 4);
         assert!(cache.exact.is_empty());
+    }
+
+    /// A rule that rewrites an Identity into the same Identity, for ever.
+    struct Again;
+
+    impl Rule for Again {
+        type Candidate = usize;
+        type Plan = ();
+        const ID: RuleId = RuleId("again");
+        fn find(&self, cx: &Cx, at: usize) -> Option<usize> {
+            crate::graph::is_op(cx.node(at), "Identity").then_some(at)
+        }
+        fn check(&self, _: &Cx, _: &usize) -> Checked<()> {
+            Checked::Fits(())
+        }
+        fn rewrite(&self, cx: &Cx, at: usize, _: ()) -> Patch {
+            let log = Rewrite { rule: Self::ID, node: cx.node(at).name().to_string(), detail: String::new() };
+            Patch {
+                at,
+                remove: vec![at],
+                insert: vec![cx.node(at).clone()],
+                replace: vec![],
+                initializers: vec![],
+                log,
+            }
+        }
+        fn node(&self, cx: &Cx, &at: &usize) -> String {
+            cx.node(at).name().to_string()
+        }
+    }
+
+    /// A rule that keeps rewriting (a bug) cannot hang the driver (debug builds stop on it).
+    #[test]
+    #[cfg(not(debug_assertions))]
+    fn a_rule_that_keeps_rewriting_is_stopped() {
+        let mut m = model(vec![node("Identity", "id", "x", "y")], "y");
+        let (log, _) = run(&mut m, &[&Again]);
+        assert_eq!(log.len(), 64 + 8);
+        assert_eq!(m.graph().node.len(), 1);
     }
 }

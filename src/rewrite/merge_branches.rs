@@ -112,6 +112,9 @@ impl Rule for MergeBranches {
                 sources.push(&b.source);
             }
         }
+        let constant: Vec<bool> =
+            branches.iter().map(|b| matches!(b.kind, Kind::Identity { bn: None }) && cx.consts.f64(&b.leaf).is_ok()).collect();
+        let has_constant = constant.iter().any(|&c| c);
         for s in &sources {
             let members: Vec<usize> = (0..branches.len()).filter(|&k| branches[k].source == *s).collect();
             let n_conv = members.iter().filter(|&&k| matches!(branches[k].kind, Kind::Conv { .. })).count();
@@ -119,7 +122,16 @@ impl Rule for MergeBranches {
                 refused.push(Reason::UsedOutside { conv });
                 continue;
             }
-            if n_conv == 0 || members.len() < 2 {
+            // one Conv alone is merged only with what scales it or is added to it as a constant
+            // (TorchScript's `identity_out = 0` accumulators, layer scales), and only when the
+            // other operands keep their place in the sum as they are (no factor to write out)
+            let plain = |b: &Branch| {
+                let tree = &b.scales[b.scales.len() - b.tree_factors..];
+                tree.iter().all(|f| f.len() == 1) && tree.iter().map(|f| f.iter().product::<f64>()).product::<f64>() == 1.0
+            };
+            let others_plain = branches.iter().zip(&constant).filter(|(b, &c)| b.source != *s && !c).all(|(b, _)| plain(b));
+            let lone = members.len() == 1 && (branches[members[0]].scales.is_empty() && !has_constant || !others_plain);
+            if n_conv == 0 || lone {
                 continue;
             }
             let group: Vec<&Branch> = members.iter().map(|&k| &branches[k]).collect();
@@ -135,6 +147,12 @@ impl Rule for MergeBranches {
             return Checked::Refused(refused);
         }
         let absorbed = absorb_constants(cx, branches, &mut merged[0]);
+        // a lone Conv is rewritten only when something is merged into it (else the rewrite
+        // would change nothing, and fire again at every scan)
+        let changes = |m: &Merged| m.members.len() > 1 || !branches[m.members[0]].scales.is_empty();
+        if absorbed.is_empty() && !merged.iter().any(changes) {
+            return Checked::Refused(refused);
+        }
         let in_group: HashSet<usize> = merged.iter().flat_map(|d| d.members.iter().copied()).collect();
         let (o, r) = (merged[0].conv.out_channels(), merged[0].conv.rank());
         let mut rest = Vec::new();
@@ -747,5 +765,52 @@ mod tests {
         let got = crate::support::run_f32(&m, &[x.clone(), hv.clone()]);
         crate::support::assert_close(&got, &want, 1e-5, "fused, in tract");
         crate::support::assert_close(&crate::support::run_f32(&original, &[x, hv]), &want, 1e-5, "original, in tract");
+    }
+
+    #[test]
+    fn one_conv_and_an_accumulator_or_a_layer_scale_is_one_conv() {
+        // TorchScript's `identity_out = 0; identity_out += conv(x)`, then a layer scale and a
+        // residual of another tensor: Conv + Add, no Mul and no Add of zero left
+        let mut b = Builder::new(4, 6, 6);
+        let (conv, _, _, _, _) = dw_and_bn(&mut b);
+        b.graph.node.pop();
+        let zero = b.initializer("zero", &ndarray::arr0(0.0).into_dyn());
+        let acc = b.add("acc", &zero, &conv);
+        let gamma = b.rand(&[4, 1, 1]);
+        let g = b.initializer("gamma", &gamma);
+        let s = b.node("Mul", "scale", &[&acc, &g], &[], vec![]);
+        let h = b.input("h", &[1, 4, 6, 6]);
+        let y = b.add("residual", &h, &s);
+        b.output(&y);
+        let original = b.build();
+        let mut m = b.build();
+        let report = crate::rewrite::fuse(&mut m).unwrap();
+        let ops: Vec<&str> = m.graph().node.iter().map(|n| n.op_type()).collect();
+        assert_eq!(ops, ["Conv", "Add"], "{:?}", report.rewrites);
+        let (x, hv) = (crate::support::rand_input(1, &[1, 4, 6, 6]), crate::support::rand_input(2, &[1, 4, 6, 6]));
+        crate::support::assert_close(
+            &crate::support::run_f32(&m, &[x.clone(), hv.clone()]),
+            &crate::support::run_f32(&original, &[x, hv]),
+            1e-5,
+            "one Conv and the residual",
+        );
+    }
+
+    #[test]
+    fn one_conv_and_a_constant_that_is_not_per_channel_is_left_alone() {
+        // the constant varies over the plane: nothing to merge (found by the properties: the
+        // lone Conv was rewritten unchanged at every scan)
+        let mut b = Builder::new(4, 6, 6);
+        let (conv, _, _, _, _) = dw_and_bn(&mut b);
+        b.graph.node.pop();
+        let plane = b.rand(&[1, 1, 6, 6]);
+        let c = b.initializer("plane", &plane);
+        let y = b.add("add", &conv, &c);
+        b.output(&y);
+        let mut m = b.build();
+        let before = m.proto.clone();
+        let report = crate::rewrite::fuse(&mut m).unwrap();
+        assert!(report.rewrites.is_empty(), "{:?}", report.rewrites);
+        assert_eq!(m.proto, before);
     }
 }

@@ -78,6 +78,12 @@ impl Rule for MergeSequential {
         let (n1, n2) = (cx.node(c.first), cx.node(c.second));
         let (wname, bname) = Names::new(cx.g).conv_params(cx.ix, n2);
         let mut node = rewired_conv(n2, &n1.input[0], &wname, &bname, &n2.output[0]);
+        // no bias when neither had one (it is zero)
+        let biased = |n: &NodeProto| n.input.get(2).is_some_and(|b| !b.is_empty());
+        let bias = (biased(n1) || biased(n2)).then_some(bname);
+        if bias.is_none() {
+            node.input.truncate(2);
+        }
         let r = k.rank();
         let ints = |name: &str, v: Vec<i64>| AttributeProto {
             name: Some(name.into()),
@@ -112,7 +118,7 @@ impl Rule for MergeSequential {
             remove: vec![c.first, c.second],
             insert: vec![node],
             replace: vec![],
-            initializers: vec![(wname, k.weight, ft), (bname, k.bias.into_dyn(), ft)],
+            initializers: std::iter::once((wname, k.weight, ft)).chain(bias.map(|b| (b, k.bias.into_dyn(), ft))).collect(),
             log: Rewrite { rule: Self::ID, node: n2.name().to_string(), detail },
         }
     }

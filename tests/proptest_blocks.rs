@@ -19,6 +19,17 @@
 //!   must either leave the model untouched and say why, or produce a model that verifies in
 //!   tract (and, when the block became one Conv, matches the branches computed here).
 //!
+//! * `case_random_sequential_convs_merge_exactly_or_stay_with_a_reason`: random chains of 2-3
+//!   convs (1-3 d, 1x1 and KxK, stride, dilation, groups, depthwise with a channel multiplier,
+//!   paddings anywhere, biases, BNs after each, a zero Pad before, a 1x1 skip and the identity
+//!   summed): the fused model equals the chain computed here conv by conv, verifies in tract,
+//!   holds no more conv weights, is one Conv whenever every merge is exact and no costlier, and
+//!   convs left in sequence come with a reason.
+//! * `case_random_channel_multiplier_blocks_are_one_depthwise_conv`: depthwise blocks with
+//!   groups = C_in and C_out = m·C_in in every branch kind (KxK up to 7x7, smaller squares, Kx1,
+//!   1xK, 1x1, identity and identity-BN where m = 1, stride 2, a `Add(0, ·)` accumulator, BN after
+//!   the sum): one depthwise Conv of the largest kernel, equal to the branches computed here.
+//!
 //! Cases: 256 each by default (a few seconds in release); `PROPTEST_CASES=N` overrides both
 //! (`PROPTEST_CASES=5000 cargo test --release --test proptest_blocks`). Other `PROPTEST_*`
 //! variables (`PROPTEST_RNG_SEED`, `PROPTEST_MAX_SHRINK_ITERS`, ...) work as usual. No
@@ -1855,4 +1866,424 @@ fn case_general_path_recovers_kernels_in_f64_in_the_regions_own_window() {
     assert_eq!(fused_conv(&m, &bl.input).kernel(), [5, 6]);
     check_independent(&bl, &built, &m, 1e-6).unwrap();
     tract_verify(&tract_runnable(&original), &tract_runnable(&m)).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// convolutions in sequence (merge_sequential, fold_pad, with fold_bn and merge_branches around)
+
+/// One conv of a chain.
+#[derive(Clone, Debug)]
+struct SeqConv {
+    kernel: Vec<usize>,
+    strides: Vec<usize>,
+    dilations: Vec<usize>,
+    /// begin per axis, then end per axis
+    pads: Vec<i64>,
+    groups: usize,
+    out: usize,
+    bias: bool,
+    /// a BatchNormalization after it
+    bn: bool,
+}
+
+/// x → [zero Pad] → conv → [BN] → conv → [BN] (→ conv → [BN]) [+ 1x1 skip of x [+ x]].
+#[derive(Clone, Debug)]
+struct Chain {
+    seed: u64,
+    input: Vec<usize>,
+    cin: usize,
+    pad: Option<(Vec<i64>, Vec<i64>)>,
+    convs: Vec<SeqConv>,
+    skip: bool,
+    identity: bool,
+}
+
+fn gen_chain(v: &[u16]) -> Chain {
+    let ch = &mut Ch { v, i: 0 };
+    let seed = ch.pick(1 << 16) as u64;
+    let r = ch.of(&[2, 2, 2, 1, 3]);
+    let input: Vec<usize> = (0..r).map(|_| if r == 3 { 3 + ch.pick(4) } else { 4 + ch.pick(9) }).collect();
+    let cin = 1 + ch.pick(if r == 3 { 3 } else { 6 });
+    let pad = ch
+        .chance(20)
+        .then(|| ((0..r).map(|_| ch.pick(3) as i64).collect(), (0..r).map(|_| ch.pick(3) as i64).collect()));
+    let mut len: Vec<i64> = input
+        .iter()
+        .zip(0..r)
+        .map(|(&l, a)| l as i64 + pad.as_ref().map_or(0, |(b, e): &(Vec<i64>, Vec<i64>)| b[a] + e[a]))
+        .collect();
+    let n = if ch.chance(35) { 3 } else { 2 };
+    let (mut c, mut convs) = (cin, vec![]);
+    for _ in 0..n {
+        let pointwise = ch.chance(40);
+        let kernel: Vec<usize> = (0..r)
+            .map(|_| {
+                if pointwise {
+                    1
+                } else if r == 3 {
+                    ch.of(&[1, 3])
+                } else {
+                    ch.of(&[1, 3, 3, 5])
+                }
+            })
+            .collect();
+        let strides: Vec<usize> = (0..r).map(|_| if ch.chance(20) { 2 } else { 1 }).collect();
+        let dilations: Vec<usize> = (0..r).map(|a| if kernel[a] > 1 && ch.chance(15) { 2 } else { 1 }).collect();
+        let (groups, out) = match ch.pick(8) {
+            0 | 1 => (c, c * (1 + ch.pick(2))), // depthwise, channel multiplier 1 or 2
+            2 if c % 2 == 0 => (2, 2 * (1 + ch.pick(3))),
+            _ => (1, 1 + ch.pick(8)),
+        };
+        let padded = ch.chance(50);
+        let mut pads: Vec<i64> = (0..2 * r)
+            .map(|i| if padded { ch.pick(dilations[i % r] * (kernel[i % r] - 1) + 1) as i64 } else { 0 })
+            .collect();
+        for a in 0..r {
+            // a non-empty output
+            let span = (dilations[a] * (kernel[a] - 1)) as i64 + 1;
+            if len[a] + pads[a] + pads[r + a] < span {
+                pads[r + a] = span - len[a] - pads[a];
+            }
+            len[a] = (len[a] + pads[a] + pads[r + a] - span) / strides[a] as i64 + 1;
+        }
+        convs.push(SeqConv { kernel, strides, dilations, pads, groups, out, bias: ch.chance(50), bn: ch.chance(30) });
+        c = out;
+    }
+    let same = pad.is_none() && len.iter().zip(&input).all(|(&l, &i)| l == i as i64);
+    let skip = same && ch.chance(40);
+    let identity = skip && c == cin && ch.chance(50);
+    Chain { seed, input, cin, pad, convs, skip, identity }
+}
+
+/// A conv's weight, bias, and the BN after it.
+type ConvParams = (ArrayD<f64>, Option<ArrayD<f64>>, Option<Bn>);
+
+struct BuiltChain {
+    builder: Builder,
+    weights: Vec<ConvParams>,
+    skip: Option<(ArrayD<f64>, Option<ArrayD<f64>>)>,
+}
+
+fn build_chain(chain: &Chain) -> BuiltChain {
+    let r = chain.input.len();
+    let mut b = Builder::new(chain.cin, 1, 1);
+    let dims: Vec<i64> = [1, chain.cin].iter().chain(&chain.input).map(|&d| d as i64).collect();
+    b.graph.input[0] = tensor_info("x", DataType::Float, &dims);
+    b.rng = StdRng::seed_from_u64(chain.seed);
+    let mut cur = "x".to_string();
+    if let Some((pb, pe)) = &chain.pad {
+        let amounts: Vec<i64> = [0, 0].iter().chain(pb).chain(&[0, 0]).chain(pe).copied().collect();
+        cur = b.pad("pad", &cur, &amounts, None);
+    }
+    let mut c = chain.cin;
+    let mut weights = vec![];
+    for (i, sc) in chain.convs.iter().enumerate() {
+        let attrs = ConvAttrs::pads(&sc.pads)
+            .strides(&sc.strides.iter().map(|&v| v as i64).collect::<Vec<_>>())
+            .dilations(&sc.dilations.iter().map(|&v| v as i64).collect::<Vec<_>>())
+            .group(sc.groups as i64);
+        let (y, w, bias) = b.conv_rand(&format!("c{i}"), &cur, sc.out, c / sc.groups, &sc.kernel, sc.bias, attrs);
+        cur = y;
+        let bn_p = sc.bn.then(|| {
+            let (y, p) =
+                bn(&mut b, &format!("c{i}.bn"), &cur, sc.out, BnStyle { epsilon: 1e-5, training_attr: false }, &[]);
+            cur = y;
+            p
+        });
+        weights.push((w, bias, bn_p));
+        c = sc.out;
+    }
+    let mut skip = None;
+    if chain.skip {
+        let (s, w, bias) = b.conv_rand("skip", "x", c, chain.cin, &vec![1; r], true, ConvAttrs::default());
+        cur = b.add("add", &cur, &s);
+        skip = Some((w, bias));
+        if chain.identity {
+            cur = b.add("add_id", &cur, "x");
+        }
+    }
+    b.output(&cur);
+    BuiltChain { builder: b, weights, skip }
+}
+
+/// The chain computed here, conv by conv, in f64.
+fn chain_reference(chain: &Chain, built: &BuiltChain, x: &ArrayD<f64>) -> ArrayD<f64> {
+    let r = chain.input.len();
+    let mut y = match &chain.pad {
+        Some((pb, pe)) => pad_signed(x, pb, pe),
+        None => x.clone(),
+    };
+    for (sc, (w, bias, bn_p)) in chain.convs.iter().zip(&built.weights) {
+        let g = Geo {
+            kernel: sc.kernel.clone(),
+            strides: sc.strides.clone(),
+            dilations: sc.dilations.clone(),
+            pads: sc.pads.clone(),
+            auto_pad: None,
+            crop: None,
+            pad: None,
+            groups: sc.groups,
+            out: sc.out,
+        };
+        y = naive_conv(&y, w, bias.as_ref(), &g);
+        if let Some(p) = bn_p {
+            y = p.apply(&y);
+        }
+    }
+    if let Some((w, bias)) = &built.skip {
+        let g = Geo {
+            kernel: vec![1; r],
+            strides: vec![1; r],
+            dilations: vec![1; r],
+            pads: vec![0; 2 * r],
+            auto_pad: None,
+            crop: None,
+            pad: None,
+            groups: 1,
+            out: w.shape()[0],
+        };
+        y = y + naive_conv(x, w, bias.as_ref(), &g);
+        if chain.identity {
+            y += x;
+        }
+    }
+    y
+}
+
+/// Whether the rules must merge the chain into one Conv: the later convs do not pad, no skip,
+/// and each merge (left to right) holds no more weights and multiply-adds per output than its two.
+fn chain_must_merge(chain: &Chain) -> bool {
+    if chain.skip || chain.convs.iter().skip(1).any(|c| c.pads.iter().any(|&p| p != 0)) {
+        return false;
+    }
+    let r = chain.input.len();
+    let weights = |c: &SeqConv, cin: usize| c.out * (cin / c.groups) * c.kernel.iter().product::<usize>();
+    let gcd = |mut a: usize, mut b: usize| {
+        while b != 0 {
+            (a, b) = (b, a % b);
+        }
+        a
+    };
+    // the merged conv so far: (kernel, strides, dilations, groups, out)
+    let first = &chain.convs[0];
+    let (mut k, mut s, mut d, mut g, mut o) =
+        (first.kernel.clone(), first.strides.clone(), first.dilations.clone(), first.groups, first.out);
+    for next in &chain.convs[1..] {
+        let w1 = o * (chain.cin / g) * k.iter().product::<usize>();
+        let w2 = weights(next, o);
+        let g2 = if next.groups == g { g } else { 1 };
+        let mut k2 = vec![0; r];
+        let mut d2 = vec![0; r];
+        for a in 0..r {
+            let step1 = if k[a] > 1 { d[a] } else { 0 };
+            let step2 = if next.kernel[a] > 1 { next.dilations[a] * s[a] } else { 0 };
+            d2[a] = gcd(step1, step2).max(1);
+            k2[a] = (step1 * (k[a] - 1) + step2 * (next.kernel[a] - 1)) / d2[a] + 1;
+        }
+        let merged = next.out * (chain.cin / g2) * k2.iter().product::<usize>();
+        let macs = w1 * next.strides.iter().product::<usize>() + w2;
+        if merged > w1 + w2 || merged > macs {
+            return false;
+        }
+        s = (0..r).map(|a| s[a] * next.strides[a]).collect();
+        (k, d, g, o) = (k2, d2, g2, next.out);
+    }
+    true
+}
+
+fn check_chain(chain: &Chain) -> Result<(), TestCaseError> {
+    let built = build_chain(chain);
+    let original = built.builder.build();
+    let mut m = built.builder.build();
+    let r = fuse(&mut m).map_err(|e| TestCaseError::fail(format!("fuse failed: {e}")))?;
+    let shape: Vec<usize> = [1, chain.cin].iter().chain(&chain.input).copied().collect();
+    let x = rand_input(chain.seed ^ 0x5eed, &shape);
+    let want = chain_reference(chain, &built, &x);
+    // the reference is the model's function (else the check below proves nothing)
+    close(&run_f32(&original, std::slice::from_ref(&x)), &want, 1e-5)
+        .map_err(|e| fail("the reference computed here", e, &r))?;
+    close(&run_f32(&m, &[x]), &want, 1e-5).map_err(|e| fail("fused vs the chain computed here", e, &r))?;
+    let conv_weights = |m: &Model| -> usize {
+        let g = graph(&m.proto);
+        g.node.iter().filter(|n| n.op_type() == "Conv").map(|n| init_f64(&m.proto, &n.input[1]).len()).sum()
+    };
+    if conv_weights(&m) > conv_weights(&original) {
+        return Err(fail("more weights", format!("{} -> {}", conv_weights(&original), conv_weights(&m)), &r));
+    }
+    if chain_must_merge(chain) && r.after.op("Conv") != 1 {
+        return Err(fail("not merged", format!("{:?}", r.after.ops), &r));
+    }
+    if r.after.op("Conv") > 1 && r.refused.is_empty() {
+        return Err(fail("convs left in sequence without a reason", format!("{:?}", r.after.ops), &r));
+    }
+    tract_verify(&original, &m).map_err(|e| fail("tract", e, &r))?;
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// Random chains of 2-3 convs (1-, 2-, 3-d; 1x1 and KxK, stride, dilation, groups, depthwise
+    /// with a channel multiplier, paddings on any of them, biases, BNs after each, a zero Pad
+    /// before the first, a 1x1 skip and the identity summed): the fused model computes the chain
+    /// (computed here, conv by conv), verifies, holds no more weights, is one Conv whenever the
+    /// merges are exact and cheaper, and any convs left in sequence come with a reason.
+    #[test]
+    fn case_random_sequential_convs_merge_exactly_or_stay_with_a_reason(chain in choices(CHOICES).prop_map(|v| gen_chain(&v))) {
+        check_chain(&chain)?;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// depthwise blocks with a channel multiplier (groups = C_in, C_out = m·C_in)
+
+/// A depthwise block: a KxK (K 3, 5 or 7) conv and optionally a smaller square, Kx1 / 1xK, a 1x1
+/// "scale" conv, each with a BN or a bias, all with groups = cin and cin·mult outputs; the identity
+/// (plain or through a BN) when mult = 1 and stride 1; a TorchScript accumulator `Add(0, ·)`; a BN
+/// after the sum.
+#[derive(Clone, Debug)]
+struct DwBlock {
+    seed: u64,
+    input: Vec<usize>,
+    cin: usize,
+    mult: usize,
+    k: usize,
+    stride: usize,
+    /// kernels of the conv branches (the first is KxK), each with a BN (else a bias)
+    convs: Vec<(Vec<usize>, bool)>,
+    identity: bool,
+    identity_bn: bool,
+    accumulator: bool,
+    bn_after: bool,
+}
+
+fn gen_dw(v: &[u16]) -> DwBlock {
+    let ch = &mut Ch { v, i: 0 };
+    let seed = ch.pick(1 << 16) as u64;
+    let r = ch.of(&[2, 2, 2, 1]);
+    let k = ch.of(&[3, 5, 7]);
+    let input: Vec<usize> = (0..r).map(|_| k + ch.pick(6)).collect();
+    let (cin, mult) = (1 + ch.pick(4), 1 + ch.pick(3));
+    let stride = if ch.chance(30) { 2 } else { 1 };
+    let mut convs = vec![(vec![k; r], ch.chance(80))];
+    if k > 3 && ch.chance(50) {
+        convs.push((vec![3; r], ch.chance(80)));
+    }
+    if r == 2 {
+        for kv in [vec![k, 1], vec![1, k]] {
+            if ch.chance(35) {
+                convs.push((kv, ch.chance(80)));
+            }
+        }
+    }
+    if ch.chance(50) {
+        convs.push((vec![1; r], ch.chance(80)));
+    }
+    let can_id = mult == 1 && stride == 1;
+    DwBlock {
+        seed,
+        input,
+        cin,
+        mult,
+        k,
+        stride,
+        convs,
+        identity: can_id && ch.chance(30),
+        identity_bn: can_id && ch.chance(40),
+        accumulator: ch.chance(20),
+        bn_after: ch.chance(20),
+    }
+}
+
+fn check_dw(bl: &DwBlock) -> Result<(), TestCaseError> {
+    let r = bl.input.len();
+    let (c, o) = (bl.cin, bl.cin * bl.mult);
+    let mut b = Builder::new(c, 1, 1);
+    let dims: Vec<i64> = [1, c].iter().chain(&bl.input).map(|&d| d as i64).collect();
+    b.graph.input[0] = tensor_info("x", DataType::Float, &dims);
+    b.rng = StdRng::seed_from_u64(bl.seed);
+    let shape: Vec<usize> = [1, c].iter().chain(&bl.input).copied().collect();
+    let x = rand_input(bl.seed ^ 0xd3, &shape);
+    let st = BnStyle { epsilon: 1e-5, training_attr: false };
+    let (mut terms, mut want): (Vec<String>, Option<ArrayD<f64>>) = (vec![], None);
+    let add = |y: ArrayD<f64>, want: &mut Option<ArrayD<f64>>| *want = Some(want.take().map_or(y.clone(), |w| w + &y));
+    if bl.accumulator {
+        // identity_out = 0; identity_out = identity_out + branch (TorchScript keeps the Add)
+        terms.push(b.initializer("zero", &ndarray::arr0(0.0).into_dyn()));
+    }
+    for (i, (kv, with_bn)) in bl.convs.iter().enumerate() {
+        // "same" padding for the kernel, stride on every branch
+        let pads: Vec<i64> = (0..2 * r).map(|j| (kv[j % r] / 2) as i64).collect();
+        let attrs = ConvAttrs::pads(&pads).strides(&vec![bl.stride as i64; r]).group(c as i64);
+        let (y, w, bias) = b.conv_rand(&format!("b{i}"), "x", o, 1, kv, !with_bn, attrs);
+        let g = Geo {
+            kernel: kv.clone(),
+            strides: vec![bl.stride; r],
+            dilations: vec![1; r],
+            pads: pads.clone(),
+            auto_pad: None,
+            crop: None,
+            pad: None,
+            groups: c,
+            out: o,
+        };
+        let mut yv = naive_conv(&x, &w, bias.as_ref(), &g);
+        let mut yn = y;
+        if *with_bn {
+            let (z, p) = bn(&mut b, &format!("b{i}.bn"), &yn, o, st, &[]);
+            yv = p.apply(&yv);
+            yn = z;
+        }
+        terms.push(yn);
+        add(yv, &mut want);
+    }
+    if bl.identity {
+        terms.push("x".into());
+        add(x.clone(), &mut want);
+    }
+    if bl.identity_bn {
+        let (z, p) = bn(&mut b, "id.bn", "x", c, st, &[]);
+        terms.push(z);
+        add(p.apply(&x), &mut want);
+    }
+    let mut acc = terms[0].clone();
+    for (j, t) in terms.iter().enumerate().skip(1) {
+        acc = b.add(&format!("add{j}"), &acc, t);
+    }
+    let mut want = want.unwrap();
+    if bl.bn_after {
+        let (z, p) = bn(&mut b, "after.bn", &acc, o, st, &[]);
+        acc = z;
+        want = p.apply(&want);
+    }
+    let out = b.node("Identity", "out", &[&acc], &["y"], vec![]);
+    b.output(&out);
+    let original = b.build();
+    let mut m = b.build();
+    let rep = fuse(&mut m).map_err(|e| TestCaseError::fail(format!("fuse failed: {e}")))?;
+    if !rep.refused.is_empty() {
+        return Err(fail("refused a depthwise block", format!("{:?}", rep.refused), &rep));
+    }
+    let convs: Vec<&NodeProto> = graph(&m.proto).node.iter().filter(|n| n.op_type() == "Conv").collect();
+    if convs.len() != 1 {
+        return Err(fail("not one Conv", format!("{:?}", rep.after.ops), &rep));
+    }
+    let k = conv_of(&m.proto, convs[0]);
+    if (k.groups, k.kernel()) != (c, vec![bl.k; r].as_slice()) {
+        return Err(fail("merged geometry", format!("groups {} kernel {:?}", k.groups, k.kernel()), &rep));
+    }
+    close(&k.apply(&x), &want, 1e-6).map_err(|e| fail("fused conv vs the branches computed here", e, &rep))?;
+    tract_verify(&original, &m).map_err(|e| fail("tract", e, &rep))?;
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// Random depthwise blocks with a channel multiplier (see [`DwBlock`]) are one depthwise
+    /// Conv of the largest kernel, equal to the branches computed here, and verify.
+    #[test]
+    fn case_random_channel_multiplier_blocks_are_one_depthwise_conv(bl in choices(CHOICES).prop_map(|v| gen_dw(&v))) {
+        check_dw(&bl)?;
+    }
 }

@@ -2,7 +2,8 @@
 //! convolutions of efficient super-resolution networks, 1x1 → KxK, KxK → 1x1), composed in f64
 //! with the biases pushed through (see [`AffineConv::then_conv`]).
 //!
-//! - find: a Conv reading the output of another Conv that nothing else reads.
+//! - find: a Conv reading the output of another Conv that nothing else reads (not when the first
+//!   has a window and the second pads: that is never one Conv).
 //! - check: the composition is exact ([`SeqMisfit`]: the second may zero-pad the first's output
 //!   only where the first is a one-tap kernel without bias), and worth it: the composed Conv holds
 //!   no more weights and costs no more multiply-adds per output position than the two (1x1 →
@@ -10,7 +11,7 @@
 //! - rewrite: one Conv, with the second's node name, reads the first's input.
 
 use super::{kernel_str, rewired_conv, Checked, Cx, Patch, Reason, Rewrite, Rule, RuleId};
-use crate::graph::{is_op, Names};
+use crate::graph::{attr_ints, attr_string, is_op, Names};
 use crate::kernel::read::read_conv;
 use crate::kernel::AffineConv;
 use crate::model::tensor::FloatType;
@@ -36,7 +37,20 @@ impl Rule for MergeSequential {
         let y = n.input.first()?;
         let first = cx.producer(y)?;
         let ok = is_op(cx.node(first), "Conv") && cx.uses(y) == 1 && !cx.ix.outputs.contains(y);
-        ok.then_some(Candidate { first, second: at })
+        // two window convs, the second padding the first's output (a 3x3 after a 3x3): never one
+        // Conv, so not a candidate (checked on the attributes, before any weight is read)
+        let kernel = |n: &NodeProto| -> Option<Vec<i64>> {
+            let w = cx.ix.constant(cx.g, n.input.get(1)?)?;
+            (w.dims.len() > 2).then(|| w.dims[2..].to_vec())
+        };
+        // per axis: the second pads it (explicitly, or SAME with a kernel longer than 1)
+        let padded = |a: usize| {
+            let r = kernel(n).map_or(0, |k| k.len());
+            attr_ints(n, "pads").is_some_and(|p| p.len() == 2 * r && (p[a] != 0 || p[r + a] != 0))
+                || attr_string(n, "auto_pad").is_some_and(|s| s.starts_with("SAME")) && kernel(n).is_some_and(|k| k[a] > 1)
+        };
+        let windows = kernel(cx.node(first)).is_some_and(|k| (0..k.len()).any(|a| k[a] > 1 && padded(a)));
+        (ok && !windows).then_some(Candidate { first, second: at })
     }
 
     fn check(&self, cx: &Cx, c: &Candidate) -> Checked<Self::Plan> {

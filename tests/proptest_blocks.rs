@@ -24,7 +24,8 @@
 //!   paddings anywhere, biases, BNs after each, a zero Pad before, a 1x1 skip and the identity
 //!   summed): the fused model equals the chain computed here conv by conv, verifies in tract,
 //!   holds no more conv weights, is one Conv whenever every merge is exact and no costlier, and
-//!   convs left in sequence come with a reason.
+//!   convs left in sequence come with a reason (unless a window conv's output is padded by the
+//!   next: never one Conv, not a candidate).
 //! * `case_random_channel_multiplier_blocks_are_one_depthwise_conv`: depthwise blocks with
 //!   groups = C_in and C_out = m·C_in in every branch kind (KxK up to 7x7, smaller squares, Kx1,
 //!   1xK, 1x1, identity and identity-BN where m = 1, stride 2, a `Add(0, ·)` accumulator, BN after
@@ -2099,6 +2100,10 @@ fn check_chain(chain: &Chain) -> Result<(), TestCaseError> {
     let shape: Vec<usize> = [1, chain.cin].iter().chain(&chain.input).copied().collect();
     let x = rand_input(chain.seed ^ 0x5eed, &shape);
     let want = chain_reference(chain, &built, &x);
+    if want.iter().all(|v| v.abs() < 1e-3) {
+        // a last conv that reads only padding, without bias: nothing to compare
+        return Err(TestCaseError::reject("the chain's output is (almost) zero"));
+    }
     // the reference is the model's function (else the check below proves nothing)
     close(&run_f32(&original, std::slice::from_ref(&x)), &want, 1e-5)
         .map_err(|e| fail("the reference computed here", e, &r))?;
@@ -2113,7 +2118,14 @@ fn check_chain(chain: &Chain) -> Result<(), TestCaseError> {
     if chain_must_merge(chain) && r.after.op("Conv") != 1 {
         return Err(fail("not merged", format!("{:?}", r.after.ops), &r));
     }
-    if r.after.op("Conv") > 1 && r.refused.is_empty() {
+    // a conv padding an axis on which an earlier one (merged or not) has a window is never one
+    // Conv with it: no candidate
+    let r_ = chain.input.len();
+    let windows = (1..chain.convs.len()).any(|i| {
+        let c = &chain.convs[i];
+        (0..r_).any(|a| (c.pads[a] != 0 || c.pads[r_ + a] != 0) && chain.convs[..i].iter().any(|p| p.kernel[a] > 1))
+    });
+    if r.after.op("Conv") > 1 && r.refused.is_empty() && !windows {
         return Err(fail("convs left in sequence without a reason", format!("{:?}", r.after.ops), &r));
     }
     tract_verify(&original, &m).map_err(|e| fail("tract", e, &r))?;

@@ -62,7 +62,10 @@ impl Rule for AffineRegion {
     const ID: RuleId = RuleId::AFFINE_REGION;
 
     fn find(&self, cx: &Cx, at: usize) -> Option<Candidate> {
-        if !is_root(cx, at) {
+        // a sum (the walk takes in the Sub, Mul and Div inside it); a Sub, Mul or Div at the top
+        // is arithmetic on a result (a detection head's box decoding), not a block
+        let n = cx.node(at);
+        if !is_root(cx, at) || !(is_op(n, "Add") || is_op(n, "Sum")) {
             return None;
         }
         let y = &cx.node(at).output[0];
@@ -931,7 +934,7 @@ mod tests {
         let p = b.pad("pad", "x", &[0, 0, 1, 1, 0, 0, 1, 1], None);
         let pool = b.node("AveragePool", "pool", &[&p], &[], vec![attr_ints("kernel_shape", &[3, 3])]);
         let s1 = b.add("s1", "x", &n);
-        let y = b.node("Sub", "sum", &[&s1, &pool], &[], vec![]);
+        let y = b.add("sum", &s1, &pool);
         b.output(&y);
         let k = fuses_to_one_conv(&b, &[1, 3, 6, 6], &[]);
         assert_eq!((k.kernel(), k.groups), (&[3usize, 3][..], 3));

@@ -69,9 +69,13 @@ impl Rule for AffineRegion {
             return None;
         }
         let y = &cx.node(at).output[0];
+        // a sum of branches (two operands at least that are not constants: a bias Add is not one)
+        let (operands, _) = leaves(cx, at);
+        if operands.iter().filter(|l| cx.consts.value(&l.name).is_err()).count() < 2 {
+            return None;
+        }
         // the region's input: an operand of the sum where the other branches start, else where
         // the walk back ends
-        let (operands, _) = leaves(cx, at);
         for t in operands.iter().map(|l| &l.name) {
             if let Ok(Some(r)) = find_region(cx, y, Some(t)) {
                 if &r.x == t {

@@ -25,7 +25,8 @@ import warnings
 import acnet_onnx
 from acnet_onnx import _native
 
-ROOT = pathlib.Path(os.environ.get("ACNET_ONNX_REPO", pathlib.Path(__file__).resolve().parents[2]))
+# the repository (its fixtures): ACNET_ONNX_REPO, or the one this file is in
+ROOT = pathlib.Path(os.environ.get("ACNET_ONNX_REPO") or pathlib.Path(__file__).resolve().parents[2])
 CONV2 = ROOT / "fixtures" / "conv2"
 TS_FOLD = CONV2 / "ts_fold.onnx"  # three Conv2 blocks, inline weights, input [1,3,32,32]
 DEPLOY = CONV2 / "deploy.onnx"  # the same network, fused by PyTorch

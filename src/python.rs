@@ -108,7 +108,8 @@ fn apply<T>(table: &[(&str, Setter<T>)], target: &mut T, name: &str, value: &Bou
     }
     setter(target, value).map_err(|e| {
         let py = value.py();
-        let msg = format!("{name}={}: {}", value.repr().map(|r| r.to_string()).unwrap_or_default(), e.value(py));
+        let given = one_line(&value.repr().map(|r| r.to_string()).unwrap_or_default());
+        let msg = format!("{name}={given}: {}", e.value(py));
         if e.is_instance_of::<PyTypeError>(py) {
             PyTypeError::new_err(msg)
         } else {

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use acnet_onnx::verify::{verify, VerifyOptions, VerifyReport};
+use acnet_onnx::verify::{verify, Criterion, VerifyOptions, VerifyReport};
 use acnet_onnx::Error;
 use ndarray::ArrayD;
 use ndarray_npy::{NpzReader, NpzWriter, WriteNpyExt};
@@ -231,12 +231,13 @@ fn case_changed_weight_fails() {
     assert!(table.contains("FAIL") && table.contains("output") && table.contains("NOT EQUIVALENT"), "{table}");
 
     // tolerances from the report make it pass: min_atol is the smallest passing atol
-    let loose = VerifyOptions { atol: o.min_atol, rtol: 0.0, ..Default::default() };
+    let loose = VerifyOptions { atol: o.min_atol, rtol: 0.0, criterion: Criterion::Tolerance, ..Default::default() };
     assert!(verify(&fixture("cifar_quick", "ts_fold.onnx"), &bad, &loose).unwrap().passed);
-    let just_below = VerifyOptions { atol: o.min_atol * 0.999, rtol: 0.0, ..Default::default() };
+    let just_below =
+        VerifyOptions { atol: o.min_atol * 0.999, rtol: 0.0, criterion: Criterion::Tolerance, ..Default::default() };
     assert!(!verify(&fixture("cifar_quick", "ts_fold.onnx"), &bad, &just_below).unwrap().passed);
     // min_rtol with the default atol
-    let by_rtol = VerifyOptions { rtol: o.min_rtol * 1.0001, ..Default::default() };
+    let by_rtol = VerifyOptions { rtol: o.min_rtol * 1.0001, criterion: Criterion::Tolerance, ..Default::default() };
     assert!(verify(&fixture("cifar_quick", "ts_fold.onnx"), &bad, &by_rtol).unwrap().passed);
 
     // a NaN bias in the classifier: fails whatever the tolerance, and says so (a NaN in the

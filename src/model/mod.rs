@@ -9,6 +9,7 @@
 pub(crate) mod external;
 pub(crate) mod save;
 pub(crate) mod sink;
+pub mod transform;
 pub mod tensor;
 pub(crate) mod walk;
 

@@ -32,6 +32,16 @@ impl FloatType {
             FloatType::F64 => DataType::Double,
         }) as i32
     }
+    /// The type's name, numpy's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            FloatType::F32 => "float32",
+            FloatType::F16 => "float16",
+            FloatType::BF16 => "bfloat16",
+            FloatType::F64 => "float64",
+        }
+    }
+
     pub fn size(self) -> usize {
         match self {
             FloatType::F32 => 4,

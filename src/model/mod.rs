@@ -9,8 +9,8 @@
 pub(crate) mod external;
 pub(crate) mod save;
 pub(crate) mod sink;
-pub mod transform;
 pub mod tensor;
+pub mod transform;
 pub(crate) mod walk;
 
 use crate::error::{Error, Result};

@@ -124,9 +124,7 @@ fn is_half(dt: i32) -> bool {
 /// Whether the model stores or computes anything in float16 or bfloat16.
 pub fn has_half(model: &Model) -> bool {
     let g = model.graph();
-    let typed = |t: &Option<TypeProto>| {
-        matches!(t.as_ref().and_then(|t| t.value.as_ref()), Some(type_proto::Value::TensorType(t)) if is_half(t.elem_type()))
-    };
+    let typed = |t: &Option<TypeProto>| matches!(t.as_ref().and_then(|t| t.value.as_ref()), Some(type_proto::Value::TensorType(t)) if is_half(t.elem_type()));
     g.initializer.iter().any(|t| is_half(t.data_type()))
         || g.input.iter().chain(&g.output).chain(&g.value_info).any(|v| typed(&v.r#type))
         || g.node.iter().any(|n| is_op(n, "Cast") && is_half(attr_int(n, "to", 0) as i32))

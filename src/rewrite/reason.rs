@@ -64,7 +64,12 @@ pub enum Reason {
     NoConv,
     /// A value the rewrite would write does not fit its type (float16 weights past ±65504 after
     /// a BN fold, say, or tiny ones that would round to zero).
-    NotRepresentable { tensor: String, dtype: crate::model::tensor::FloatType, overflow: usize, underflow: usize },
+    NotRepresentable {
+        tensor: String,
+        dtype: crate::model::tensor::FloatType,
+        overflow: usize,
+        underflow: usize,
+    },
     /// The general path could not prove the region is one convolution.
     Region(RegionReason),
 }

@@ -63,7 +63,10 @@ impl WeightStats {
         let conv = &self.conv;
         let mut w = Vec::new();
         if self.float16_overflow > 0 {
-            w.push(format!("Conv '{conv}': {} merged weight(s) beyond float16's range (±65504)", self.float16_overflow));
+            w.push(format!(
+                "Conv '{conv}': {} merged weight(s) beyond float16's range (±65504)",
+                self.float16_overflow
+            ));
         }
         if self.float16_flush > 0 {
             w.push(format!("Conv '{conv}': {} non-zero merged weight(s) flush to zero in float16", self.float16_flush));
@@ -86,7 +89,10 @@ pub(crate) fn unrepresentable(a: &ArrayD<f64>, ft: FloatType) -> (usize, usize) 
         FloatType::F32 => (f32::MAX as f64, 7.006_492_321_624_085e-46),
         FloatType::F64 => (f64::MAX, 0.0),
     };
-    a.iter().fold((0, 0), |(o, u), &v| (o + (v.abs() > max) as usize, u + (v != 0.0 && v.abs() < zero) as usize))
+    // (a non-finite value is counted as beyond the range: no rewrite may introduce one)
+    a.iter().fold((0, 0), |(o, u), &v| {
+        (o + (!v.is_finite() || v.abs() > max) as usize, u + (v != 0.0 && v.abs() < zero) as usize)
+    })
 }
 
 #[cfg(test)]

@@ -34,7 +34,6 @@ pub(crate) struct InputFact {
     pub shape: Vec<usize>,
 }
 
-
 /// What plan to build from a loaded model.
 #[derive(Clone, Copy)]
 pub(crate) struct PlanSpec<'a> {
@@ -85,7 +84,8 @@ fn perturbed(t: &Tensor, ft: FloatType, rng: &mut impl rand::Rng) -> TractResult
     match t.datum_type() {
         DatumType::F32 => {
             let wider = matches!(ft, FloatType::F16 | FloatType::BF16);
-            let v: Vec<f32> = view.as_slice::<f32>()?.iter().map(|&v| rounding_step(v as f64, ft, wider, rng) as f32).collect();
+            let v: Vec<f32> =
+                view.as_slice::<f32>()?.iter().map(|&v| rounding_step(v as f64, ft, wider, rng) as f32).collect();
             Tensor::from_shape(t.shape(), &v)
         }
         DatumType::F64 => {
@@ -94,8 +94,11 @@ fn perturbed(t: &Tensor, ft: FloatType, rng: &mut impl rand::Rng) -> TractResult
             Tensor::from_shape(t.shape(), &v)
         }
         DatumType::F16 => {
-            let v: Vec<f16> =
-                view.as_slice::<f16>()?.iter().map(|v| f16::from_f64(rounding_step(v.to_f64(), ft, false, rng))).collect();
+            let v: Vec<f16> = view
+                .as_slice::<f16>()?
+                .iter()
+                .map(|v| f16::from_f64(rounding_step(v.to_f64(), ft, false, rng)))
+                .collect();
             Tensor::from_shape(t.shape(), &v)
         }
         _ => Ok(t.clone()),
@@ -177,9 +180,7 @@ pub(crate) fn prepare(
         if let Some(names) = spec.outputs {
             let outlets = names
                 .iter()
-                .map(|n| {
-                    model.find_outlet_label(n).ok_or_else(|| anyhow::anyhow!("no tensor '{n}' in the model"))
-                })
+                .map(|n| model.find_outlet_label(n).ok_or_else(|| anyhow::anyhow!("no tensor '{n}' in the model")))
                 .collect::<TractResult<Vec<_>>>()?;
             model.select_output_outlets(&outlets)?;
         }

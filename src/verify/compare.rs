@@ -229,8 +229,8 @@ pub(crate) fn finish(name: &str, acc: Acc, j: &Judge) -> OutputReport {
             ),
         );
     }
-    let hard_fail =
-        acc.nonfinite > 0 || problems.iter().any(|p| p.starts_with("shape mismatch") || p.starts_with("cannot compare"));
+    let hard_fail = acc.nonfinite > 0
+        || problems.iter().any(|p| p.starts_with("shape mismatch") || p.starts_with("cannot compare"));
     let (worst_sample, worst_index, wa, wb) = acc.worst.unwrap_or((0, vec![], f64::NAN, f64::NAN));
     let error = max_of(&acc.stat_abs);
     let (noise, floor, ratio, within) = match j.criterion {

@@ -69,7 +69,8 @@ fn tensor_from_npy_bytes(descr: &str, shape: &[usize], bytes: &[u8]) -> Result<T
 
 /// A tensor from .npy bytes (header and data).
 fn read_npy(mut r: impl Read) -> Result<Tensor, String> {
-    let header = ndarray_npy::npy::header::Header::from_reader(&mut r).map_err(|e| format!("not a valid .npy file: {e}"))?;
+    let header =
+        ndarray_npy::npy::header::Header::from_reader(&mut r).map_err(|e| format!("not a valid .npy file: {e}"))?;
     let descr = header
         .type_descriptor
         .as_string()
@@ -112,7 +113,16 @@ pub(crate) fn npz_names(path: &Path) -> Result<Vec<String>, String> {
 /// A tensor as .npy bytes (version 1.0, little-endian, C order).
 fn npy_bytes(t: &Tensor) -> Result<Vec<u8>, String> {
     let (descr, bytes): (&str, Vec<u8>) = match t.datum_type() {
-        DatumType::F16 => ("<f2", t.try_as_plain_ram().map_err(|e| chain_msg(&e))?.as_slice::<f16>().map_err(|e| chain_msg(&e))?.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect()),
+        DatumType::F16 => (
+            "<f2",
+            t.try_as_plain_ram()
+                .map_err(|e| chain_msg(&e))?
+                .as_slice::<f16>()
+                .map_err(|e| chain_msg(&e))?
+                .iter()
+                .flat_map(|v| v.to_bits().to_le_bytes())
+                .collect(),
+        ),
         DatumType::F32 => ("<f4", le(t, |v: &f32| v.to_le_bytes().to_vec())?),
         DatumType::F64 => ("<f8", le(t, |v: &f64| v.to_le_bytes().to_vec())?),
         DatumType::I8 => ("|i1", le(t, |v: &i8| v.to_le_bytes().to_vec())?),
@@ -143,7 +153,13 @@ fn npy_bytes(t: &Tensor) -> Result<Vec<u8>, String> {
 }
 
 fn le<T: Datum>(t: &Tensor, f: impl Fn(&T) -> Vec<u8>) -> Result<Vec<u8>, String> {
-    Ok(t.try_as_plain_ram().map_err(|e| chain_msg(&e))?.as_slice::<T>().map_err(|e| chain_msg(&e))?.iter().flat_map(f).collect())
+    Ok(t.try_as_plain_ram()
+        .map_err(|e| chain_msg(&e))?
+        .as_slice::<T>()
+        .map_err(|e| chain_msg(&e))?
+        .iter()
+        .flat_map(f)
+        .collect())
 }
 
 /// Write named tensors as an .npz file (uncompressed, as numpy's `savez`).
@@ -233,12 +249,13 @@ pub(crate) struct ResolvedInput {
 impl ResolvedInput {
     /// What the report says about it.
     pub(crate) fn spec(&self) -> InputSpec {
-        InputSpec {
-            name: self.name.clone(),
-            shape: self.shape.clone(),
-            dtype: dt_name(self.dt),
-            source: self.source.clone(),
-        }
+        use crate::model::tensor::FloatType;
+        let dtype = match self.stored {
+            Some(FloatType::F16) => "float16".to_string(),
+            Some(FloatType::BF16) => "bfloat16".to_string(),
+            _ => dt_name(self.dt),
+        };
+        InputSpec { name: self.name.clone(), shape: self.shape.clone(), dtype, source: self.source.clone() }
     }
 
     /// The type and shape to pin the models' input to.

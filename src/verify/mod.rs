@@ -214,7 +214,9 @@ impl VerifyOptions {
         }
         let atols = self.output_atol.iter().map(|(n, v)| (format!("atol {n}:"), *v));
         let rtols = self.output_rtol.iter().map(|(n, v)| (format!("rtol {n}:"), *v));
-        for (what, v) in [("atol".to_string(), self.atol), ("rtol".to_string(), self.rtol)].into_iter().chain(atols).chain(rtols) {
+        for (what, v) in
+            [("atol".to_string(), self.atol), ("rtol".to_string(), self.rtol)].into_iter().chain(atols).chain(rtols)
+        {
             if !(v >= 0.0 && v.is_finite()) {
                 return Err(format!("{what} must be a finite number >= 0, got {v}"));
             }
@@ -262,7 +264,6 @@ impl Default for VerifyOptions {
         }
     }
 }
-
 
 /// Both models must have the same input and output names.
 pub(crate) fn check_signature(r: &Loaded, c: &Loaded) -> Result<(), Error> {
@@ -334,7 +335,9 @@ struct Prepared {
 fn load_error(path: &Path, e: Error) -> Error {
     match e {
         Error::Io { msg, .. } | Error::Format { msg, .. } => Error::Load { path: path.to_path_buf(), msg },
-        Error::ExternalData { msg, .. } => Error::Load { path: path.to_path_buf(), msg: format!("external data: {msg}") },
+        Error::ExternalData { msg, .. } => {
+            Error::Load { path: path.to_path_buf(), msg: format!("external data: {msg}") }
+        }
         e => e,
     }
 }
@@ -355,7 +358,9 @@ fn prepare_model(path: &Path, opts: &VerifyOptions, upcast: bool, notes: &mut Ve
     let mut half_inputs = HashMap::new();
     if upcast {
         for v in &model.graph().input {
-            if let Some(crate::proto::type_proto::Value::TensorType(t)) = v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+            if let Some(crate::proto::type_proto::Value::TensorType(t)) =
+                v.r#type.as_ref().and_then(|t| t.value.as_ref())
+            {
                 if let Some(ft @ (FloatType::F16 | FloatType::BF16)) = t.elem_type.and_then(FloatType::from_onnx) {
                     half_inputs.insert(v.name().to_string(), ft);
                 }
@@ -476,7 +481,9 @@ pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Resul
     }
     if opts.criterion == Criterion::Noise {
         if r.weights.is_empty() {
-            notes.push("the reference has no weights to measure its noise by: one rounding of the output is the bound".into());
+            notes.push(
+                "the reference has no weights to measure its noise by: one rounding of the output is the bound".into(),
+            );
         }
         for k in 0..if r.weights.is_empty() { 0 } else { NOISE_DRAWS } {
             let spec = PlanSpec { perturb: Some((&r.weights, opts.seed ^ (0x9e37_79b9 + k))), ..reference_plan };
@@ -583,7 +590,14 @@ fn localise(
         if let Some(po) = &po {
             acc.noise(sample, &ro[name], &po[name], Stat::Max);
         }
-        let judge = Judge { criterion: Criterion::Noise, factor: opts.noise_factor, atol: 0.0, rtol: 0.0, stat: Stat::Max, unit: f64::powi(2.0, -24) };
+        let judge = Judge {
+            criterion: Criterion::Noise,
+            factor: opts.noise_factor,
+            atol: 0.0,
+            rtol: 0.0,
+            stat: Stat::Max,
+            unit: f64::powi(2.0, -24),
+        };
         let o = finish(name, acc, &judge);
         if !o.passed {
             let (node, op) = writer[name].clone();
@@ -603,4 +617,3 @@ fn localise(
     notes.push(format!("no tensor the two models share diverges ({} compared); the outputs do", names.len()));
     Ok(None)
 }
-

@@ -143,14 +143,26 @@ impl VerifyReport {
         let headers: &[&str] = if noise {
             &["output", "shape", "max abs", "error", "noise", "ratio", "worst index", "max|ref|", "result"]
         } else {
-            &["output", "shape", "max abs", "max rel", "mean abs", "worst index", "max|ref|", "min atol", "min rtol", "result"]
+            &[
+                "output",
+                "shape",
+                "max abs",
+                "max rel",
+                "mean abs",
+                "worst index",
+                "max|ref|",
+                "min atol",
+                "min rtol",
+                "result",
+            ]
         };
         let left = |i: usize| i <= 1 || headers[i] == "worst index";
         let mut rows: Vec<Vec<String>> = vec![];
         for o in &self.outputs {
             let result = if o.passed { "PASS".to_string() } else { "FAIL".to_string() };
             rows.push(if noise {
-                let scale = o.noise.unwrap_or(0.0).max(o.noise_floor.unwrap_or(0.0)).max(o.reference_error.unwrap_or(0.0));
+                let scale =
+                    o.noise.unwrap_or(0.0).max(o.noise_floor.unwrap_or(0.0)).max(o.reference_error.unwrap_or(0.0));
                 vec![
                     o.name.clone(),
                     fmt_dims(&o.shape),

@@ -238,11 +238,13 @@ impl VerifyReport {
             let _ = writeln!(out, "note: {n}");
         }
         let failed = self.outputs.iter().filter(|o| !o.passed).count();
-        let within = if noise {
-            let against = if self.golden.is_some() { "the golden outputs" } else { "the reference" };
-            format!("within {}x the reference's rounding noise of {against}", self.noise_factor)
-        } else {
-            format!("within atol={} rtol={} ({})", self.atol, self.rtol, self.stat)
+        let within = match (noise, &self.golden) {
+            (true, None) => format!("within {}x the reference's own rounding noise", self.noise_factor),
+            (true, Some(g)) => format!(
+                "as close to the golden outputs ({g}) as {}x the reference's distance to them (or its rounding noise)",
+                self.noise_factor
+            ),
+            (false, _) => format!("within atol={} rtol={} ({})", self.atol, self.rtol, self.stat),
         };
         let _ = writeln!(
             out,

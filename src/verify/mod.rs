@@ -428,16 +428,25 @@ pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Resul
     }
     progress.say(true, || "models loaded".into());
     let facts: Vec<InputFact> = inputs.iter().map(|i| i.fact()).collect();
-    let reference_plan = PlanSpec::of(PlanKind::Reference);
-    let (rplan, rin, rout) = prepare(&r.loaded, &facts, &mut notes, reference_plan)?;
-    let (cplan, cin, cout) = prepare(&c.loaded, &facts, &mut notes, reference_plan)?;
-    progress.say(true, || "models typed".into());
-
     let all_files = inputs.iter().all(|i| i.data.is_some());
     let samples = if all_files { 1 } else { opts.samples };
     if all_files && opts.samples != 1 {
         notes.push("every input comes from a file: one sample".into());
     }
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    let data: Vec<HashMap<String, Tensor>> =
+        (0..samples).map(|_| sample(&inputs, &mut rng)).collect::<Result<_, _>>()?;
+    // the reference and the candidate, each typed and run on every sample, side by side
+    let reference_plan = PlanSpec::of(PlanKind::Reference);
+    let (ro, co) = std::thread::scope(|scope| {
+        let candidate_side = scope.spawn(|| run_all(&c.loaded, &facts, reference_plan, &data));
+        let ro = run_all(&r.loaded, &facts, reference_plan, &data);
+        (ro, candidate_side.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    });
+    let ((ro, rout, rin, rnotes), (co, _, _, cnotes)) = (ro?, co?);
+    notes.extend(rnotes.into_iter().chain(cnotes));
+    progress.say(true, || format!("{samples} sample(s) run"));
+    drop(c);
     let golden: Option<HashMap<String, Tensor>> = match &opts.load_outputs {
         None => None,
         Some(_) if !all_files => {
@@ -455,13 +464,8 @@ pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Resul
                 .collect::<Result<_, _>>()?,
         ),
     };
-    let mut rng = StdRng::seed_from_u64(opts.seed);
     let mut accs: Vec<Acc> = rout.iter().map(|_| Acc::default()).collect();
-    let mut runs: Vec<(HashMap<String, Tensor>, HashMap<String, Tensor>)> = Vec::with_capacity(samples);
-    for s in 0..samples {
-        let data = sample(&inputs, &mut rng)?;
-        let ro = run(reference, &rplan, &rin, &rout, &data)?;
-        let co = run(candidate, &cplan, &cin, &cout, &data)?;
+    for (s, (ro, co)) in ro.iter().zip(&co).enumerate() {
         for (acc, name) in accs.iter_mut().zip(&rout) {
             let against = golden.as_ref().map_or(&ro[name], |g| &g[name]);
             acc.compare(s, against, &co[name], opts.atol_of(name), opts.rtol_of(name), opts.stat);
@@ -469,14 +473,11 @@ pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Resul
                 acc.reference_error(&g[name], &ro[name], opts.stat);
             }
         }
-        runs.push((data, ro));
-        progress.say(s + 1 == samples, || format!("sample {}/{} done", s + 1, samples));
     }
-    drop((cplan, rplan));
+    drop(co);
     if let Some(p) = &opts.save_outputs {
-        let (data, ro) = &runs[0];
-        let mut arrays: Vec<(String, Tensor)> = rin.iter().map(|n| (n.clone(), data[n].clone())).collect();
-        arrays.extend(rout.iter().map(|n| (n.clone(), ro[n].clone())));
+        let mut arrays: Vec<(String, Tensor)> = rin.iter().map(|n| (n.clone(), data[0][n].clone())).collect();
+        arrays.extend(rout.iter().map(|n| (n.clone(), ro[0][n].clone())));
         write_npz(p, &arrays).map_err(|e| Error::Usage(format!("{}: {e}", p.display())))?;
     }
     if opts.criterion == Criterion::Noise {
@@ -485,11 +486,14 @@ pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Resul
                 "the reference has no weights to measure its noise by: one rounding of the output is the bound".into(),
             );
         }
-        for k in 0..if r.weights.is_empty() { 0 } else { NOISE_DRAWS } {
+        let draws = if r.weights.is_empty() { 0 } else { NOISE_DRAWS };
+        // one perturbed copy at a time (the weights are not held three times), its samples run
+        // side by side
+        for k in 0..draws {
             let spec = PlanSpec { perturb: Some((&r.weights, opts.seed ^ (0x9e37_79b9 + k))), ..reference_plan };
-            let (pplan, pin, pout) = prepare(&r.loaded, &facts, &mut notes, spec)?;
-            for (s, (data, ro)) in runs.iter().enumerate() {
-                let po = run(reference, &pplan, &pin, &pout, data)?;
+            let (po, _, _, pnotes) = run_all(&r.loaded, &facts, spec, &data)?;
+            notes.extend(pnotes);
+            for (s, (ro, po)) in ro.iter().zip(&po).enumerate() {
                 for (acc, name) in accs.iter_mut().zip(&rout) {
                     acc.noise(s, &ro[name], &po[name], opts.stat);
                 }
@@ -511,8 +515,8 @@ pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Resul
         None
     } else {
         let worst = outputs.iter().filter(|o| !o.passed).map(|o| o.worst_sample).next().unwrap_or(0);
-        let (data, _) = &runs[worst.min(runs.len() - 1)];
-        localise(&r, &c, &facts, data, worst, opts, &mut notes).unwrap_or(None)
+        let c = prepare_model(candidate, opts, upcast, &mut vec![])?;
+        localise(&r, &c, &facts, &data[worst.min(data.len() - 1)], worst, opts, &mut notes).unwrap_or(None)
     };
     let mut seen = HashSet::new();
     notes.retain(|n| seen.insert(n.clone()));
@@ -534,6 +538,33 @@ pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Resul
         reference: reference.display().to_string(),
         candidate: candidate.display().to_string(),
     })
+}
+
+/// Outputs of one model's plan (built as `spec` says) on every sample, with its output and input
+/// names and the notes the planning made.
+#[allow(clippy::type_complexity)]
+fn run_all(
+    m: &Loaded,
+    facts: &[InputFact],
+    spec: PlanSpec,
+    data: &[HashMap<String, Tensor>],
+) -> Result<(Vec<HashMap<String, Tensor>>, Vec<String>, Vec<String>, Vec<String>), Error> {
+    let mut notes = vec![];
+    let (plan, inputs, outputs) = prepare(m, facts, &mut notes, spec)?;
+    let run_one = |d: &HashMap<String, Tensor>| run(&m.path, &plan, &inputs, &outputs, d);
+    // the samples on as many threads as there are cores (a plan runs from several threads)
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(data.len()).max(1);
+    let chunk = data.len().div_ceil(threads);
+    let runs: Vec<Result<Vec<_>, Error>> = std::thread::scope(|scope| {
+        let handles: Vec<_> =
+            data.chunks(chunk).map(|part| scope.spawn(move || part.iter().map(run_one).collect())).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+    });
+    let mut all = Vec::with_capacity(data.len());
+    for r in runs {
+        all.extend(r?);
+    }
+    Ok((all, outputs, inputs, notes))
 }
 
 /// The first tensor, in the candidate's node order, that both models compute under the same name

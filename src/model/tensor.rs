@@ -129,6 +129,46 @@ fn dims_of(t: &TensorProto) -> Result<Vec<usize>, String> {
     Ok(t.dims.iter().map(|&d| d as usize).collect())
 }
 
+/// Conversions of at least this many elements are split over every core (below, a thread's
+/// start costs more than it saves); the pieces are independent, so the result is the same.
+const PARALLEL: usize = 1 << 16;
+/// Elements per piece.
+const PIECE: usize = 1 << 14;
+
+/// Little-endian elements of `N` bytes to f64.
+fn decode<const N: usize>(raw: &[u8], f: impl Fn([u8; N]) -> f64 + Sync) -> Vec<f64> {
+    let mut out = vec![0f64; raw.len() / N];
+    let piece = |(o, r): (&mut [f64], &[u8])| {
+        for (d, s) in o.iter_mut().zip(r.chunks_exact(N)) {
+            *d = f(s.try_into().expect("N bytes"));
+        }
+    };
+    if out.len() >= PARALLEL {
+        use rayon::prelude::*;
+        out.par_chunks_mut(PIECE).zip(raw.par_chunks(PIECE * N)).for_each(piece);
+    } else {
+        piece((&mut out, raw));
+    }
+    out
+}
+
+/// f64 to little-endian elements of `N` bytes.
+fn encode<const N: usize>(a: &[f64], f: impl Fn(f64) -> [u8; N] + Sync) -> Vec<u8> {
+    let mut raw = vec![0u8; a.len() * N];
+    let piece = |(r, s): (&mut [u8], &[f64])| {
+        for (o, &x) in r.chunks_exact_mut(N).zip(s) {
+            o.copy_from_slice(&f(x));
+        }
+    };
+    if a.len() >= PARALLEL {
+        use rayon::prelude::*;
+        raw.par_chunks_mut(PIECE * N).zip(a.par_chunks(PIECE)).for_each(piece);
+    } else {
+        piece((&mut raw, a));
+    }
+    raw
+}
+
 /// Decode a float tensor to f64. `raw` is the tensor's bytes when stored as raw data (inline or
 /// resolved from external data); otherwise the typed fields are read.
 pub fn to_f64(t: &TensorProto, raw: Option<&[u8]>) -> Result<ArrayD<f64>, String> {
@@ -147,14 +187,10 @@ pub fn to_f64(t: &TensorProto, raw: Option<&[u8]>) -> Result<ArrayD<f64>, String
             ));
         }
         match ft {
-            FloatType::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
-            FloatType::F64 => raw.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
-            FloatType::F16 => {
-                raw.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64()).collect()
-            }
-            FloatType::BF16 => {
-                raw.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64()).collect()
-            }
+            FloatType::F32 => decode(raw, |c: [u8; 4]| f32::from_le_bytes(c) as f64),
+            FloatType::F64 => decode(raw, f64::from_le_bytes),
+            FloatType::F16 => decode(raw, |c: [u8; 2]| half::f16::from_le_bytes(c).to_f64()),
+            FloatType::BF16 => decode(raw, |c: [u8; 2]| half::bf16::from_le_bytes(c).to_f64()),
         }
     } else {
         let v: Vec<f64> = match ft {
@@ -197,16 +233,13 @@ pub fn to_i64(t: &TensorProto, raw: Option<&[u8]>) -> Result<Vec<i64>, String> {
 
 /// Encode an f64 array as a tensor of type `ft`, in `raw_data` (little-endian).
 pub fn from_f64(name: &str, a: &ArrayD<f64>, ft: FloatType) -> TensorProto {
-    // one loop per type (the match outside the loop), over a contiguous slice when there is one
-    fn encode<const N: usize>(a: &ArrayD<f64>, f: impl Fn(f64) -> [u8; N]) -> Vec<u8> {
-        let mut raw = vec![0u8; a.len() * N];
-        let out = raw.chunks_exact_mut(N);
-        match a.as_slice() {
-            Some(s) => out.zip(s).for_each(|(o, &x)| o.copy_from_slice(&f(x))),
-            None => out.zip(a.iter()).for_each(|(o, &x)| o.copy_from_slice(&f(x))),
-        }
-        raw
-    }
+    let shape = a.shape().to_vec();
+    // one loop per type (the match outside the loop), over a contiguous slice
+    let a: std::borrow::Cow<[f64]> = match a.as_slice() {
+        Some(s) => s.into(),
+        None => a.iter().copied().collect::<Vec<_>>().into(),
+    };
+    let a = &a[..];
     let raw = match ft {
         FloatType::F32 => encode(a, |x| (x as f32).to_le_bytes()),
         FloatType::F64 => encode(a, |x| x.to_le_bytes()),
@@ -214,7 +247,7 @@ pub fn from_f64(name: &str, a: &ArrayD<f64>, ft: FloatType) -> TensorProto {
         FloatType::BF16 => encode(a, |x| half::bf16::from_f64(x).to_bits().to_le_bytes()),
     };
     TensorProto {
-        dims: a.shape().iter().map(|&d| d as i64).collect(),
+        dims: shape.iter().map(|&d| d as i64).collect(),
         data_type: Some(ft.onnx()),
         name: Some(name.to_string()),
         raw_data: Some(Bytes::from(raw)),

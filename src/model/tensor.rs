@@ -269,3 +269,42 @@ pub fn from_i64(name: &str, dims: &[i64], v: &[i64]) -> TensorProto {
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Large tensors are converted in pieces on several threads: every element lands where an
+    /// element-by-element conversion puts it, in every type.
+    #[test]
+    fn pieces_convert_like_one_element_at_a_time() {
+        let n = PARALLEL * 2 + 12_345; // several pieces and a ragged end
+        let values: Vec<f64> = (0..n).map(|i| ((i * 7919) % 10007) as f64 / 97.0 - 50.0).collect();
+        let a = ArrayD::from_shape_vec(IxDyn(&[n]), values.clone()).unwrap();
+        for ft in [FloatType::F32, FloatType::F64, FloatType::F16, FloatType::BF16] {
+            let t = from_f64("t", &a, ft);
+            let raw = t.raw_data.as_deref().unwrap();
+            let one = |x: f64| -> Vec<u8> {
+                match ft {
+                    FloatType::F32 => (x as f32).to_le_bytes().to_vec(),
+                    FloatType::F64 => x.to_le_bytes().to_vec(),
+                    FloatType::F16 => half::f16::from_f64(x).to_le_bytes().to_vec(),
+                    FloatType::BF16 => half::bf16::from_f64(x).to_le_bytes().to_vec(),
+                }
+            };
+            let naive: Vec<u8> = values.iter().flat_map(|&x| one(x)).collect();
+            assert_eq!(raw, &naive[..], "{ft:?} encode");
+            let back = to_f64(&t, Some(raw)).unwrap();
+            let naive_back: Vec<f64> = naive
+                .chunks_exact(ft.size())
+                .map(|c| match ft {
+                    FloatType::F32 => f32::from_le_bytes(c.try_into().unwrap()) as f64,
+                    FloatType::F64 => f64::from_le_bytes(c.try_into().unwrap()),
+                    FloatType::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f64(),
+                    FloatType::BF16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f64(),
+                })
+                .collect();
+            assert_eq!(back.as_slice().unwrap(), &naive_back[..], "{ft:?} decode");
+        }
+    }
+}

@@ -1131,6 +1131,8 @@ struct CheckRow {
     plain_rss: u64,
     /// the criterion's extra inferences: perturb + type + runs, for all draws (load not counted)
     noise: Meas,
+    /// (perturb, type, run) of all draws, medians
+    noise_parts: Option<(f64, f64, f64)>,
     verify: Meas,
     verify_rss: u64,
     phases: Result<Phases, String>,
@@ -1218,14 +1220,17 @@ fn parse_plain(out: &str) -> Option<[(f64, f64, f64); 2]> {
     Some([(rows[0][0], rows[0][1], rows[0][2]), (rows[1][0], rows[1][1], rows[1][2])])
 }
 
-/// The noise child's draws: sum over draws of perturb + type + run.
-fn parse_noise(out: &str) -> Option<f64> {
-    let draws: Vec<f64> = out
+/// The noise child's draws: (perturb, type, run) seconds, summed over the draws.
+fn parse_noise(out: &str) -> Option<(f64, f64, f64)> {
+    let draws: Vec<Vec<f64>> = out
         .lines()
         .filter_map(|l| l.strip_prefix("draw "))
-        .map(|l| l.split_whitespace().filter_map(|v| v.parse::<f64>().ok()).sum())
+        .map(|l| l.split_whitespace().filter_map(|v| v.parse::<f64>().ok()).collect())
         .collect();
-    (draws.len() == NOISE_DRAWS).then(|| draws.iter().sum())
+    if draws.len() != NOISE_DRAWS || draws.iter().any(|d| d.len() != 3) {
+        return None;
+    }
+    Some(draws.iter().fold((0.0, 0.0, 0.0), |a, d| (a.0 + d[0], a.1 + d[1], a.2 + d[2])))
 }
 
 fn section_check(cfg: &Config, v: &Variant) -> CheckRow {
@@ -1244,6 +1249,7 @@ fn section_check(cfg: &Config, v: &Variant) -> CheckRow {
         plain: Err("not run".into()),
         plain_rss: 0,
         noise: Err("not run".into()),
+        noise_parts: None,
         verify: Err("not run".into()),
         verify_rss: 0,
         phases: Err("not run".into()),
@@ -1254,6 +1260,7 @@ fn section_check(cfg: &Config, v: &Variant) -> CheckRow {
     }
     let (mut fuses, mut plains, mut noises) = (vec![], vec![], vec![]);
     let mut parts: Vec<[(f64, f64, f64); 2]> = vec![];
+    let mut noise_parts: Vec<(f64, f64, f64)> = vec![];
     for _ in 0..cfg.runs {
         // the three in turns, so that a change in the machine's load hits them alike
         remove_model(&checked);
@@ -1281,7 +1288,14 @@ fn section_check(cfg: &Config, v: &Variant) -> CheckRow {
             &["--noise-tract".as_ref(), shape.as_ref(), samples.as_ref(), draws.as_ref(), v.path.as_os_str()],
             timeout,
         );
-        noises.push(s.time().and_then(|_| parse_noise(&out).ok_or_else(|| format!("unreadable output {out:?}"))));
+        match (s.time(), parse_noise(&out)) {
+            (Ok(_), Some(p)) => {
+                noises.push(Ok(p.0 + p.1 + p.2));
+                noise_parts.push(p);
+            }
+            (Ok(_), None) => noises.push(Err(format!("unreadable output {out:?}"))),
+            (Err(e), _) => noises.push(Err(e)),
+        }
         if fuses.iter().chain(&plains).chain(&noises).any(|m| m.is_err()) {
             break;
         }
@@ -1293,6 +1307,10 @@ fn section_check(cfg: &Config, v: &Variant) -> CheckRow {
         let comp =
             |m: usize, f: fn(&(f64, f64, f64)) -> f64| median(&mut parts.iter().map(|p| f(&p[m])).collect::<Vec<_>>());
         row.plain_parts = Some([0, 1].map(|m| (comp(m, |p| p.0), comp(m, |p| p.1), comp(m, |p| p.2))));
+    }
+    if !noise_parts.is_empty() {
+        let comp = |f: fn(&(f64, f64, f64)) -> f64| median(&mut noise_parts.iter().map(f).collect::<Vec<_>>());
+        row.noise_parts = Some((comp(|p| p.0), comp(|p| p.1), comp(|p| p.2)));
     }
     // the check alone (once): its time and peak memory
     settle();
@@ -1570,14 +1588,15 @@ fn print_check_table(rows: &[&CheckRow], nv: &[FuseRow], t_time: &mut Target, t_
         );
     }
     println!();
-    println!("Where the plain inferences' time goes (medians; s):");
+    println!("Where the inferences' time goes (medians; s; measured inside the child processes):");
     println!();
-    println!("| model | style | weights | reference: load / type / 3 runs | fused: load / type / 3 runs |");
-    println!("|---|---|---|---|---|");
+    println!("| model | style | weights | plain, reference: load / type / {CHECK_SAMPLES} runs | plain, fused: load / type / {CHECK_SAMPLES} runs | noise, {NOISE_DRAWS} draws: perturb / type / {CHECK_SAMPLES} runs |");
+    println!("|---|---|---|---|---|---|");
     for r in rows {
         let f = |p: &(f64, f64, f64)| format!("{:.3} / {:.3} / {:.3}", p.0, p.1, p.2);
         let (a, b) = r.plain_parts.as_ref().map_or(("-".into(), "-".into()), |p| (f(&p[0]), f(&p[1])));
-        println!("| {} | {} | {} | {a} | {b} |", r.v.arch.label(), r.v.style.label(), r.v.weights());
+        let n = r.noise_parts.as_ref().map_or("-".into(), f);
+        println!("| {} | {} | {} | {a} | {b} | {n} |", r.v.arch.label(), r.v.style.label(), r.v.weights());
     }
 }
 

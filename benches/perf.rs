@@ -1469,13 +1469,15 @@ struct Target {
     limit: f64,
     worst: Option<(f64, String)>,
     failures: Vec<String>,
-    /// when the worst is only a lower bound (a run timed out)
+    /// when the worst is only a lower bound (from a run that timed out)
     at_least: bool,
+    /// a run timed out: missed whatever the ratios measured
+    timed_out: bool,
 }
 
 impl Target {
     fn new(what: impl Into<String>, limit: f64) -> Target {
-        Target { what: what.into(), limit, worst: None, failures: vec![], at_least: false }
+        Target { what: what.into(), limit, worst: None, failures: vec![], at_least: false, timed_out: false }
     }
     fn add(&mut self, r: Option<f64>, label: String) {
         match r {
@@ -1496,7 +1498,7 @@ impl Target {
             }
             None => format!("- {} (<= {}x): **MISSED**{failed}", self.what, self.limit),
             Some((w, label)) => {
-                let met = *w <= self.limit && self.failures.is_empty() && !self.at_least;
+                let met = *w <= self.limit && self.failures.is_empty() && !self.timed_out;
                 format!(
                     "- {} (<= {}x): {} (worst {}{w:.2}x, {label}){failed}",
                     self.what,
@@ -1918,18 +1920,26 @@ fn main() {
                 if r.max_rss > 0 { mib(r.max_rss) } else { "-".into() }
             );
             if timeout {
-                t_chain.at_least = true;
+                t_chain.timed_out = true;
                 let b = bound.unwrap() / fastest;
                 if t_chain.worst.as_ref().is_none_or(|w| b > w.0) {
                     t_chain.worst = Some((b, format!("{} blocks timed out", r.blocks)));
+                    t_chain.at_least = true;
                 }
             } else if r.fuse.is_err() && !r.fuse.as_ref().is_err_and(|e| e.starts_with("skipped")) {
                 t_chain.failures.push(format!("{} blocks", r.blocks));
             }
         }
-        if fastest.is_finite() && !t_chain.at_least {
+        if per_block.iter().flatten().count() < 2 && !t_chain.timed_out {
+            t_chain.failures.push("fewer than two sizes measured".into());
+        }
+        if fastest.is_finite() {
             let n = chain_rows.iter().zip(&per_block).find(|(_, p)| **p == Some(slowest)).map_or(0, |(r, _)| r.blocks);
-            t_chain.add(Some(slowest / fastest), format!("{n} blocks"));
+            let x = slowest / fastest;
+            if t_chain.worst.as_ref().is_none_or(|w| x >= w.0) {
+                t_chain.worst = Some((x, format!("{n} blocks")));
+                t_chain.at_least = false;
+            }
         }
     }
     let big_fuse: Vec<&FuseRow> = fuse_rows.iter().filter(|r| r.v.arch.big()).collect();

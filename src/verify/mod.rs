@@ -14,7 +14,8 @@
 //! scale, cancellation between branches) and on its precision: no fixed tolerance is right for
 //! every model. So the default criterion ([`Criterion::Noise`]) measures the reference's own
 //! rounding noise: the reference is run again with every weight moved by one unit in the last
-//! place of the type it is stored in (up or down at random, two draws), and the candidate passes
+//! place of the type it is stored in (up or down at random, a fresh draw for each sample), and the
+//! candidate passes
 //! when its error statistic (the largest |reference − candidate| by default) is at most
 //! [`VerifyOptions::noise_factor`] times the largest such movement (and never less than one
 //! rounding of the output's precision at its scale, `unit · max|reference|`). The bound is
@@ -163,9 +164,6 @@ impl std::fmt::Display for Stat {
 
 /// The default of [`VerifyOptions::noise_factor`].
 pub const NOISE_FACTOR: f64 = 10.0;
-
-/// How many perturbed copies of the reference measure its noise.
-const NOISE_DRAWS: u64 = 2;
 
 /// Options of [`verify`].
 #[derive(Debug, Clone, PartialEq)]
@@ -486,16 +484,29 @@ pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Resul
                 "the reference has no weights to measure its noise by: one rounding of the output is the bound".into(),
             );
         }
-        let draws = if r.weights.is_empty() { 0 } else { NOISE_DRAWS };
-        // one perturbed copy at a time (the weights are not held three times), its samples run
-        // side by side
-        for k in 0..draws {
-            let spec = PlanSpec { perturb: Some((&r.weights, opts.seed ^ (0x9e37_79b9 + k))), ..reference_plan };
-            let (po, _, _, pnotes) = run_all(&r.loaded, &facts, spec, &data)?;
-            notes.extend(pnotes);
-            for (s, (ro, po)) in ro.iter().zip(&po).enumerate() {
+        // one perturbed copy of the reference per sample (a fresh draw each), run on that sample;
+        // two copies at a time, one a core
+        let draws: Vec<usize> = if r.weights.is_empty() { vec![] } else { (0..data.len()).collect() };
+        for pair in draws.chunks(2) {
+            let perturbed: Vec<_> = std::thread::scope(|scope| {
+                let sides: Vec<_> = pair
+                    .iter()
+                    .map(|&s| {
+                        let spec = PlanSpec {
+                            perturb: Some((&r.weights, opts.seed ^ (0x9e37_79b9 + s as u64))),
+                            ..reference_plan
+                        };
+                        let (r, facts, one) = (&r, &facts, std::slice::from_ref(&data[s]));
+                        scope.spawn(move || run_all(&r.loaded, facts, spec, one))
+                    })
+                    .collect();
+                sides.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+            });
+            for (&s, p) in pair.iter().zip(perturbed) {
+                let (po, _, _, pnotes) = p?;
+                notes.extend(pnotes);
                 for (acc, name) in accs.iter_mut().zip(&rout) {
-                    acc.noise(s, &ro[name], &po[name], opts.stat);
+                    acc.noise(s, &ro[s][name], &po[0][name], opts.stat);
                 }
             }
         }

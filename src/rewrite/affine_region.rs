@@ -112,7 +112,7 @@ impl Rule for AffineRegion {
             remove: region.dep,
             insert: vec![node],
             initializers: vec![(wname, conv.weight, ft), (bname, conv.bias.into_dyn(), ft)],
-            log: Rewrite { rule: Self::ID, node: bnode.name().to_string(), detail },
+            log: Rewrite { rule: Self::ID, node: bnode.name().to_string(), detail, weights: vec![] },
         }
     }
 

@@ -210,7 +210,7 @@ mod tests {
                 remove.push(c);
                 insert.push(reader);
             }
-            let log = Rewrite { rule: Self::ID, node: n.name().to_string(), detail: "dropped".into() };
+            let log = Rewrite { rule: Self::ID, node: n.name().to_string(), detail: "dropped".into(), weights: vec![] };
             Patch { at, remove, insert, initializers: vec![], log }
         }
         fn node(&self, cx: &Cx, &at: &usize) -> String {

@@ -65,6 +65,7 @@ impl Rule for FoldBn {
                 rule: Self::ID,
                 node: conv.name().to_string(),
                 detail: format!("BatchNormalization '{}' folded", bn.name()),
+                weights: vec![],
             },
         }
     }

@@ -62,6 +62,14 @@ pub enum Reason {
     },
     /// No Conv among the branches of a group.
     NoConv,
+    /// A value the rewrite would write does not fit its type (float16 weights past ±65504 after
+    /// a BN fold, say, or tiny ones that would round to zero).
+    NotRepresentable {
+        tensor: String,
+        dtype: crate::model::tensor::FloatType,
+        overflow: usize,
+        underflow: usize,
+    },
     /// The general path could not prove the region is one convolution.
     Region(RegionReason),
 }
@@ -132,6 +140,14 @@ impl fmt::Display for Reason {
                 write!(f, "branch '{branch}' is multiplied by a constant of shape {shape:?}, not per channel")
             }
             Reason::NoConv => f.write_str("no Conv among the branches"),
+            Reason::NotRepresentable { tensor, dtype, overflow, underflow } => {
+                write!(f, "'{tensor}' as {}: ", dtype.name())?;
+                match (overflow, underflow) {
+                    (0, u) => write!(f, "{u} non-zero value(s) would round to zero"),
+                    (o, 0) => write!(f, "{o} value(s) beyond its range"),
+                    (o, u) => write!(f, "{o} value(s) beyond its range, {u} non-zero value(s) would round to zero"),
+                }
+            }
             Reason::Region(r) => write!(f, "{r}"),
         }
     }

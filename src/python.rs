@@ -11,6 +11,7 @@
 
 use crate::bench::BenchOptions;
 use crate::error::{catch, install_panic_hook, one_line};
+use crate::verify::Criterion;
 use crate::{fuse_file, inspect_file, verify_files, DataMode, FuseOptions, VerifyFileOptions, VerifyOptions};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -42,25 +43,73 @@ macro_rules! set {
     };
 }
 
+/// The check's options as given, before the criterion is chosen.
+#[derive(Default)]
+struct CheckKwargs {
+    opts: VerifyOptions,
+    criterion: Option<Criterion>,
+    /// atol, rtol or stat given: they imply the tolerance criterion (as on the command line)
+    tolerances: bool,
+}
+
+impl CheckKwargs {
+    fn finish(mut self) -> PyResult<VerifyOptions> {
+        let implied = if self.tolerances { Criterion::Tolerance } else { Criterion::Noise };
+        self.opts.criterion = self.criterion.unwrap_or(implied);
+        self.opts.validate().map_err(PyValueError::new_err)?;
+        Ok(self.opts)
+    }
+}
+
 /// The options of the equivalence check, taken by `fuse` and `verify` (the CLI's check options).
-const CHECK_OPTIONS: &[(&str, Setter<VerifyOptions>)] = &[
-    ("seed", set!(o, v => o.seed = v.extract()?)),
-    ("samples", set!(o, v => o.samples = v.extract()?)),
-    ("atol", set!(o, v => o.atol = v.extract()?)),
-    ("rtol", set!(o, v => o.rtol = v.extract()?)),
+const CHECK_OPTIONS: &[(&str, Setter<CheckKwargs>)] = &[
+    ("seed", set!(o, v => o.opts.seed = v.extract()?)),
+    ("samples", set!(o, v => o.opts.samples = v.extract()?)),
+    ("criterion", set!(o, v => o.criterion = Some(parse(v)?))),
+    ("noise_factor", set!(o, v => o.opts.noise_factor = v.extract()?)),
+    // --atol X and --atol NAME:X: a number, or a mapping {output: number}
+    ("atol", set!(o, v => tolerance(v, &mut o.opts.atol, &mut o.opts.output_atol, &mut o.tolerances)?)),
+    ("rtol", set!(o, v => tolerance(v, &mut o.opts.rtol, &mut o.opts.output_rtol, &mut o.tolerances)?)),
+    ("stat", set!(o, v => (o.opts.stat, o.tolerances) = (parse(v)?, true))),
     // --input-shape NAME:DIMS: a mapping {name: dims}
-    ("input_shape", set!(o, v => o.input_shapes = pairs(v)?)),
+    ("input_shape", set!(o, v => o.opts.input_shapes = pairs(v)?)),
     // --input NAME=FILE: a mapping {name: path} (`input` names the model in `fuse`)
-    ("input_files", set!(o, v => o.input_files = pairs(v)?)),
-    ("inputs", set!(o, v => o.inputs_npz = Some(v.extract()?))),
+    ("input_files", set!(o, v => o.opts.input_files = pairs(v)?)),
+    ("inputs", set!(o, v => o.opts.inputs_npz = Some(v.extract()?))),
+    ("save_outputs", set!(o, v => o.opts.save_outputs = Some(v.extract()?))),
+    ("load_outputs", set!(o, v => o.opts.load_outputs = Some(v.extract()?))),
+    ("eval_bn", set!(o, v => o.opts.eval_bn = v.extract()?)),
+    ("freeze_initializers", set!(o, v => o.opts.freeze_initializers = v.extract()?)),
     // not a flag: the CLI always shows progress; the Python API only when asked
-    ("progress", set!(o, v => o.progress = v.extract()?)),
+    ("progress", set!(o, v => o.opts.progress = v.extract()?)),
 ];
+
+/// A value the command line parses from text (`criterion="tolerance"`, `stat="quantile:0.99"`).
+fn parse<T: std::str::FromStr<Err = String>>(v: &Bound<'_, PyAny>) -> PyResult<T> {
+    v.extract::<String>()?.parse().map_err(PyValueError::new_err)
+}
+
+/// `atol`/`rtol`: a number for every output, or a mapping {output: number}.
+fn tolerance(
+    v: &Bound<'_, PyAny>,
+    all: &mut f64,
+    per_output: &mut Vec<(String, f64)>,
+    given: &mut bool,
+) -> PyResult<()> {
+    *given = true;
+    if v.hasattr("items")? {
+        *per_output = pairs(v)?;
+    } else {
+        *all = v.extract()?;
+    }
+    Ok(())
+}
 
 /// `fuse`'s options as given, before they are checked together.
 #[derive(Default)]
 struct FuseKwargs {
     opts: FuseOptions,
+    check: CheckKwargs,
     external_data: bool,
     inline: bool,
     bench: bool,
@@ -131,16 +180,11 @@ fn unknown(function: &str, name: &str, known: &[&str]) -> PyErr {
     ))
 }
 
-/// The check's options must make sense (a `ValueError` naming the option).
-fn validate(check: &VerifyOptions) -> PyResult<()> {
-    check.validate().map_err(PyValueError::new_err)
-}
-
 fn fuse_options(options: Option<&Bound<'_, PyDict>>) -> PyResult<FuseOptions> {
     let mut kw = FuseKwargs::default();
     for (k, v) in options.into_iter().flatten() {
         let name: String = k.extract()?;
-        if !apply(FUSE_OPTIONS, &mut kw, &name, &v)? && !apply(CHECK_OPTIONS, &mut kw.opts.check, &name, &v)? {
+        if !apply(FUSE_OPTIONS, &mut kw, &name, &v)? && !apply(CHECK_OPTIONS, &mut kw.check, &name, &v)? {
             return Err(unknown("fuse", &name, &fuse_option_names()));
         }
     }
@@ -175,19 +219,20 @@ fn fuse_options(options: Option<&Bound<'_, PyDict>>) -> PyResult<FuseOptions> {
         }
         kw.opts.bench = Some(b);
     }
-    validate(&kw.opts.check)?;
+    kw.opts.check = kw.check.finish()?;
     Ok(kw.opts)
 }
 
 fn verify_options(options: Option<&Bound<'_, PyDict>>) -> PyResult<VerifyFileOptions> {
     let mut opts = VerifyFileOptions::default();
+    let mut check = CheckKwargs::default();
     for (k, v) in options.into_iter().flatten() {
         let name: String = k.extract()?;
-        if !apply(VERIFY_OPTIONS, &mut opts, &name, &v)? && !apply(CHECK_OPTIONS, &mut opts.check, &name, &v)? {
+        if !apply(VERIFY_OPTIONS, &mut opts, &name, &v)? && !apply(CHECK_OPTIONS, &mut check, &name, &v)? {
             return Err(unknown("verify", &name, &verify_option_names()));
         }
     }
-    validate(&opts.check)?;
+    opts.check = check.finish()?;
     Ok(opts)
 }
 

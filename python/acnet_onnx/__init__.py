@@ -183,8 +183,9 @@ def fuse(input, output, *, verify=True, **options) -> Report:
         bench (bool): measure tract's latency before and after fusion (``report["bench"]``).
         bench_time (float): with ``bench``: seconds of timed runs per model (default 1).
         bench_runs (int): with ``bench``: most timed runs per model (default 50).
-        seed, samples, atol, rtol, input_shape, input_files, inputs, progress: the check's
-            options, as in :func:`verify`.
+        seed, samples, criterion, noise_factor, atol, rtol, stat, input_shape, input_files,
+            inputs, save_outputs, load_outputs, eval_bn, freeze_initializers, progress: the
+            check's options, as in :func:`verify`.
 
     Returns:
         the report of ``--report``: the check (``passed``, ``outputs``, ...), ``verified``,
@@ -215,9 +216,10 @@ def fuse(input, output, *, verify=True, **options) -> Report:
 
 
 def verify(reference, candidate, **options) -> Report:
-    """Run both models in tract on the same inputs and compare every output element-wise (as
-    ``acnet-onnx verify REFERENCE CANDIDATE``): an element passes when
-    ``|a - b| <= atol + rtol * |a|`` (a = reference).
+    """Run both models in tract on the same inputs and compare every output (as
+    ``acnet-onnx verify REFERENCE CANDIDATE``): by default an output passes when it is no further
+    from the reference than ``noise_factor`` times the reference's own rounding noise; with
+    ``atol``/``rtol`` an element passes when ``|a - b| <= atol + rtol * |a|`` (a = reference).
 
     Args:
         reference, candidate: the models: paths, bytes, or ``onnx.ModelProto``s.
@@ -225,13 +227,24 @@ def verify(reference, candidate, **options) -> Report:
     Keyword options (the ``verify`` flags; ``None`` keeps the default):
         seed (int): seed of the random inputs (default 0).
         samples (int): number of random input sets (default 3).
-        atol (float): absolute tolerance (default 1e-4).
-        rtol (float): relative tolerance (default 1e-4).
+        criterion (str): ``"noise"`` (the default) or ``"tolerance"`` (implied by ``atol``,
+            ``rtol`` or ``stat``).
+        noise_factor (float): noise criterion: how many times the reference's rounding noise an
+            output may be off.
+        atol (float or mapping): absolute tolerance (default 1e-4), or ``{output: atol}``.
+        rtol (float or mapping): relative tolerance (default 1e-4), or ``{output: rtol}``.
+        stat (str): the error statistic: ``"elementwise"`` (default), ``"max"``, ``"mean"``,
+            ``"median"`` or ``"quantile:Q"``.
         input_shape (mapping): shapes of inputs with symbolic dims, ``{"input": (1, 3, 224, 224)}``
             (``--input-shape input:1,3,224,224``); a dim left symbolic is 1.
         input_files (mapping): real input data, ``{"input": "x.npy"}`` or a numpy array per input
             (``--input input=x.npy``).
         inputs (path): real input data: an .npz whose arrays are named like the graph inputs.
+        save_outputs (path): write the inputs and the reference's outputs (first sample) to an .npz.
+        load_outputs (path): compare the candidate with golden outputs from this .npz (made
+            elsewhere from the inputs given with ``inputs``/``input_files``).
+        eval_bn (bool): run training-mode BatchNormalization and Dropout in their inference forms.
+        freeze_initializers (bool): treat initializers that are also graph inputs as constants.
         report (path): also write the JSON report to this file.
         progress (bool): print progress on stderr when the check takes over a second (the
             command line always does).

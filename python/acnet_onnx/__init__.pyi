@@ -2,7 +2,7 @@
 # An option added to the tables of src/python.rs needs its line here (the tests check it).
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 StrPath = Union[str, os.PathLike[str]]
 # a path, the model's bytes, or an onnx.ModelProto (anything with SerializeToString)
@@ -51,20 +51,26 @@ def fuse(
     bench_runs: int | None = None,
     seed: int | None = None,
     samples: int | None = None,
-    atol: float | None = None,
-    rtol: float | None = None,
+    criterion: Literal["noise", "tolerance"] | None = None,
+    noise_factor: float | None = None,
+    atol: float | Mapping[str, float] | None = None,
+    rtol: float | Mapping[str, float] | None = None,
+    stat: str | None = None,
     input_shape: Mapping[str, Sequence[int]] | None = None,
     input_files: Mapping[str, Any] | None = None,
     inputs: StrPath | None = None,
+    save_outputs: StrPath | None = None,
+    load_outputs: StrPath | None = None,
+    eval_bn: bool | None = None,
+    freeze_initializers: bool | None = None,
     progress: bool | None = None,
 ) -> Report:
     """Fuse every re-parameterisable block into one Conv, check the result in tract, write it.
 
     Nothing is written when the check fails (``passed`` False, ``exit_code`` 1) unless
     ``force=True``. ``verify=False`` skips the check; ``external_data``/``inline`` choose how
-    weights are stored; ``bench`` measures tract's latency before and after; ``seed``,
-    ``samples``, ``atol`` (1e-4), ``rtol`` (1e-4), ``input_shape`` ({name: dims}),
-    ``input_files`` ({name: .npy path or array}), ``inputs`` (.npz) set the check.
+    weights are stored; ``bench`` measures tract's latency before and after; the check's
+    options are those of ``verify``.
     Raises Error (exit code 2) when the model cannot be read or fused, or the check cannot run.
     """
 
@@ -75,20 +81,30 @@ def verify(
     report: StrPath | None = None,
     seed: int | None = None,
     samples: int | None = None,
-    atol: float | None = None,
-    rtol: float | None = None,
+    criterion: Literal["noise", "tolerance"] | None = None,
+    noise_factor: float | None = None,
+    atol: float | Mapping[str, float] | None = None,
+    rtol: float | Mapping[str, float] | None = None,
+    stat: str | None = None,
     input_shape: Mapping[str, Sequence[int]] | None = None,
     input_files: Mapping[str, Any] | None = None,
     inputs: StrPath | None = None,
+    save_outputs: StrPath | None = None,
+    load_outputs: StrPath | None = None,
+    eval_bn: bool | None = None,
+    freeze_initializers: bool | None = None,
     progress: bool | None = None,
 ) -> Report:
     """Run both models in tract on the same inputs and compare every output element-wise.
 
-    An element passes when ``|a - b| <= atol + rtol * |a|`` (defaults 1e-4, 1e-4; a =
-    reference); ``seed``/``samples`` (0, 3) make the random inputs, ``input_shape`` ({name: dims})
-    sets symbolic dims, ``input_files`` ({name: .npy path or array}) or ``inputs`` (.npz) give real
-    data. ``exit_code`` is 0 when equivalent, 1 when not. Raises Error (exit code 2) when a model
-    cannot be read or run, or the signatures differ.
+    ``criterion``: "noise" (default: within ``noise_factor`` times the reference's own rounding
+    noise) or "tolerance" (``|a - b| <= atol + rtol * |a|``, implied by ``atol``, ``rtol`` or
+    ``stat``; a number, or {output: number}). ``seed``/``samples`` (0, 3) make the random inputs,
+    ``input_shape`` ({name: dims}) sets symbolic dims, ``input_files`` ({name: .npy path or
+    array}) or ``inputs`` (.npz) give real data; ``save_outputs``/``load_outputs`` (.npz) keep or
+    compare with golden outputs; ``eval_bn``, ``freeze_initializers`` as the flags. ``exit_code``
+    is 0 when equivalent, 1 when not. Raises Error (exit code 2) when a model cannot be read or
+    run, or the signatures differ.
     """
 
 def inspect(model: ModelSource) -> Report:

@@ -127,6 +127,26 @@ class Fuse(Case):
         r, _ = self.fuse_quietly(TS_FOLD, self.tmp / "d.onnx", samples=None, atol=None, report=None)
         self.assertEqual((r["samples"], r["atol"]), (3, 1e-4))
 
+    def test_criterion_options_reach_the_report_as_on_the_command_line(self):
+        r = acnet_onnx.verify(TS_FOLD, DEPLOY, samples=1)
+        self.assertEqual((r["criterion"], r["noise_factor"]), ("noise", 10.0))
+        r = acnet_onnx.verify(TS_FOLD, DEPLOY, samples=1, noise_factor=20, eval_bn=True, freeze_initializers=True)
+        self.assertEqual((r["criterion"], r["noise_factor"]), ("noise", 20.0))
+        # atol, rtol or stat imply the tolerance criterion; a mapping sets one output's tolerance
+        r = acnet_onnx.verify(TS_FOLD, DEPLOY, samples=1, atol={"output": 1e-3}, stat="max")
+        self.assertEqual((r["criterion"], r["stat"], r["atol"]), ("tolerance", "max", 1e-4))
+        self.assertEqual((r["outputs"][0]["atol"], r["outputs"][0]["rtol"]), (1e-3, 1e-4))
+        p = cli("verify", TS_FOLD, DEPLOY, "--samples", "1", "--atol", "output:1e-3", "--stat", "max",
+                "--report", self.tmp / "cli.json")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(r, json.loads((self.tmp / "cli.json").read_text()))
+        r = acnet_onnx.verify(TS_FOLD, DEPLOY, samples=1, atol=1e-3, criterion="noise")
+        self.assertEqual(r["criterion"], "noise")
+        with self.assertRaisesRegex(ValueError, "criterion='exact'.*expected noise or tolerance"):
+            acnet_onnx.verify(TS_FOLD, DEPLOY, criterion="exact")
+        with self.assertRaisesRegex(ValueError, "noise-factor must be a finite number >= 1"):
+            acnet_onnx.verify(TS_FOLD, DEPLOY, noise_factor=0.5)
+
     def test_input_shape_sets_a_symbolic_dim(self):
         r, _ = self.fuse_quietly(DYNBATCH, self.tmp / "d.onnx", input_shape={"input": (2, 3, 32, 32)}, samples=1)
         self.assertIs(r["passed"], True)

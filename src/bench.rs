@@ -23,7 +23,7 @@ use tract_onnx::prelude::*;
 
 use crate::error::{catch, Error};
 use crate::tract::errors::{chain_msg, describe_failure, panic_msg};
-use crate::tract::{load, prepare, PlanKind};
+use crate::tract::{load, prepare, PlanKind, PlanSpec};
 use crate::verify::inputs::{resolve_inputs, sample};
 use crate::verify::{check_signature, InputSpec, VerifyOptions};
 
@@ -177,7 +177,7 @@ pub fn bench_latency(
     let facts: Vec<_> = resolved.iter().map(|i| i.fact()).collect();
     let mut runners = vec![];
     for (path, m) in [(before, a), (after, b)] {
-        let (plan, in_names, out_names) = prepare(m, &facts, &mut notes, PlanKind::Optimised)?;
+        let (plan, in_names, out_names) = prepare(&m, &facts, &mut notes, PlanSpec::of(PlanKind::Optimised))?;
         let state = catch(|| plan.spawn())
             .map_err(|p| Error::Run { path: path.to_path_buf(), msg: panic_msg(p) })?
             .map_err(|e| Error::Run { path: path.to_path_buf(), msg: chain_msg(&e) })?;

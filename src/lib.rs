@@ -39,6 +39,8 @@ mod graph;
 pub mod kernel;
 mod model;
 mod pipeline;
+#[cfg(feature = "python")]
+mod python;
 mod rewrite;
 mod tract;
 pub mod verify;

@@ -585,6 +585,29 @@ fn case_external_location_escaping_the_folder() {
     }
 }
 
+/// External data behind a link to a file outside the model's folder is refused in every
+/// command, as onnx does since CVE-2024-27318 (the link's target is read nowhere).
+#[cfg(unix)]
+#[test]
+fn case_external_data_linked_outside_the_folder_is_refused() {
+    let d = tempdir();
+    let (inside, outside) = (d.path().join("model"), d.path().join("elsewhere"));
+    std::fs::create_dir_all(&inside).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    // the same bytes as the real data file, so only the link's place is wrong
+    let secret = outside.join("secret.bin");
+    std::fs::copy(fixture("conv2", "dynamo_ext.onnx.data"), &secret).unwrap();
+    let p = inside.join("dynamo_ext.onnx");
+    std::fs::copy(fixture("conv2", "dynamo_ext.onnx"), &p).unwrap();
+    std::os::unix::fs::symlink(&secret, inside.join("dynamo_ext.onnx.data")).unwrap();
+    refused(&p, &["resolves outside the model's folder", "unsafe"]);
+    // a link that stays inside the folder is fine
+    std::fs::remove_file(inside.join("dynamo_ext.onnx.data")).unwrap();
+    std::fs::copy(&secret, inside.join("real.data")).unwrap();
+    std::os::unix::fs::symlink("real.data", inside.join("dynamo_ext.onnx.data")).unwrap();
+    assert!(Model::load(&p).is_ok());
+}
+
 // ---------------------------------------------------------------------------------------------
 // Graphs that are not well formed
 // ---------------------------------------------------------------------------------------------

@@ -370,6 +370,54 @@ fn case_fuse_report_json() {
     assert_eq!(names(d.path()), ["deploy.onnx", "report.json"]);
 }
 
+/// The check's criterion: the noise criterion by default, with its numbers in the table and the
+/// JSON; tolerances when --atol/--rtol/--stat are given (per output too), or --criterion says so.
+#[test]
+fn case_criterion_flags_and_report() {
+    let d = tempdir();
+    let (export, deploy) = (fixture("conv2", "ts_fold.onnx"), fixture("conv2", "deploy.onnx"));
+    let report = d.path().join("r.json");
+    let verify = |extra: &[&str]| {
+        let mut args: Vec<&OsStr> = vec!["verify".as_ref(), export.as_os_str(), deploy.as_os_str()];
+        args.extend([OsStr::new("--report"), report.as_os_str()]);
+        args.extend(extra.iter().map(OsStr::new));
+        let r = cli(&args);
+        let v: Option<serde_json::Value> =
+            std::fs::read_to_string(&report).ok().map(|s| serde_json::from_str(&s).unwrap());
+        let _ = std::fs::remove_file(&report);
+        (r, v)
+    };
+    let (r, v) = verify(&[]);
+    ok(&r, "default");
+    let v = v.unwrap();
+    assert_eq!((v["criterion"].as_str(), v["noise_factor"].as_f64()), (Some("noise"), Some(10.0)), "{v}");
+    let o = &v["outputs"][0];
+    assert!(o["noise"].as_f64().unwrap() > 0.0 && o["ratio"].as_f64().unwrap() <= 10.0, "{o}");
+    assert!(v["divergence"].is_null() && v["evaluation"] == "native");
+    assert!(r.stdout.contains("ratio") && r.stdout.contains("within 10x"), "{}", r.stdout);
+    for (extra, criterion) in [
+        (&["--atol", "1e-3"][..], "tolerance"),
+        (&["--rtol", "output:1e-3"][..], "tolerance"),
+        (&["--stat", "median"][..], "tolerance"),
+        (&["--criterion", "noise", "--atol", "1"][..], "noise"),
+        (&["--criterion", "tolerance"][..], "tolerance"),
+    ] {
+        let (r, v) = verify(extra);
+        ok(&r, &format!("{extra:?}"));
+        assert_eq!(v.unwrap()["criterion"], criterion, "{extra:?}");
+    }
+    let (r, v) = verify(&["--atol", "output:0", "--rtol", "0", "--atol", "1"]);
+    assert_eq!(r.code, 1, "a per-output atol of 0 wins over the default:\n{}", r.stdout);
+    assert_eq!(v.unwrap()["outputs"][0]["atol"], 0.0);
+    for bad in
+        [&["--stat", "mode"][..], &["--criterion", "exact"][..], &["--noise-factor", "0.5"][..], &["--atol", "x:y"][..]]
+    {
+        let (r, _) = verify(bad);
+        assert_eq!(r.code, 2, "{bad:?}: {}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{bad:?}: {}", r.stderr);
+    }
+}
+
 /// A check that fails (tolerances of zero: the fused model differs by float rounding) writes
 /// nothing and exits 1; --force writes with a one-line warning and exits 0.
 #[test]

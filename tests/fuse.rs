@@ -144,3 +144,36 @@ fn case_refusals_are_empty_on_plain_deploy_models() {
         assert_eq!(m.proto, before, "{model}: untouched");
     }
 }
+
+/// The float conversions of large weights run on every core; the output is byte for byte the
+/// single-threaded one.
+#[test]
+fn case_output_is_identical_to_the_single_threaded_result() {
+    #[path = "support/mod.rs"]
+    mod support;
+    use support::{Builder, ConvAttrs};
+    // an ACNet block with 128x64 channels: every kernel and the merged one past the size at
+    // which conversions are split (64 Ki elements), with a BN after each branch
+    let mut b = Builder::new(64, 6, 6);
+    let mut sum: Option<String> = None;
+    for (name, k, pads) in [("sq", [3, 3], [1, 1, 1, 1]), ("ver", [3, 1], [1, 0, 1, 0]), ("hor", [1, 3], [0, 1, 0, 1])]
+    {
+        let (y, _, _) = b.conv_rand(name, "x", 128, 64, &k, false, ConvAttrs::pads(&pads));
+        let (z, _) = b.bn(&format!("{name}_bn"), &y, 128, None);
+        sum = Some(match sum {
+            None => z,
+            Some(s) => b.add(&format!("{name}_add"), &s, &z),
+        });
+    }
+    b.output(&sum.unwrap());
+    let fused_with = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let mut m = b.build();
+            let r = fuse(&mut m).unwrap();
+            assert_eq!((r.blocks_merged, r.bns_folded), (1, 3), "{}", r.summary());
+            prost::Message::encode_to_vec(&m.proto)
+        })
+    };
+    assert_eq!(fused_with(1), fused_with(4));
+}

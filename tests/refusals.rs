@@ -563,3 +563,49 @@ fn case_reshape_target_overflowing_is_not_a_constant_scale() {
     assert!(r.rewrites.is_empty(), "{:?}", r.rewrites);
     assert_eq!(m.proto, before);
 }
+
+/// A float16 Conv → BN whose folded weights pass float16's range is refused, not written as
+/// infinities; one whose tiny folded weights would round to zero likewise.
+#[test]
+fn case_fold_that_float16_cannot_hold_is_refused() {
+    for (gamma, var, phrase) in [(6000.0, 1e-4, "beyond its range"), (1e-4, 1e4, "would round to zero")] {
+        let mut b = Builder::new(2, 5, 5);
+        b.dtype = acnet_onnx::tensor::FloatType::F16;
+        let (y, _, _) = b.conv_rand("conv", "x", 2, 2, &[3, 3], false, ConvAttrs::pads(&[1, 1, 1, 1]));
+        let ones = ndarray::Array1::from_elem(2, 1.0);
+        let p = Bn {
+            scale: &ones * gamma,
+            bias: ndarray::Array1::zeros(2),
+            mean: ndarray::Array1::zeros(2),
+            var: &ones * var,
+            epsilon: 0.0,
+        };
+        let z = b.bn_with("bn", &y, &p, None, &[]);
+        b.output(&z);
+        let r = expect_refusal(&b, "fold_bn", "bn", phrase);
+        assert!(r.refused[0].reason.to_string().contains("as float16"), "{:?}", r.refused);
+    }
+}
+
+/// Merged weights whose output channels differ in range so much that per-tensor int8 would
+/// crush most of them are flagged in the summary and the report (per merged Conv).
+#[test]
+fn case_merged_weights_that_int8_would_crush_are_flagged() {
+    let mut b = Builder::new(2, 6, 6);
+    let mut w = b.rand(&[4, 2, 3, 3]);
+    w.slice_mut(s![0, .., .., ..]).mapv_inplace(|v| v * 1000.0);
+    let sq = b.conv("sq", "x", &w, None, ConvAttrs::pads(&[1, 1, 1, 1]));
+    let (one, _, _) = b.conv_rand("one", "x", 4, 2, &[1, 1], false, ConvAttrs::default());
+    let y = b.add("sum", &sq, &one);
+    b.output(&y);
+    let mut m = b.build();
+    let r = fuse(&mut m).unwrap();
+    let stats = &r.rewrites[0].weights[0];
+    assert_eq!((stats.conv.as_str(), stats.channels, stats.int8_crushed_channels), ("sq", 4, 3), "{stats:?}");
+    assert!(stats.channel_max_abs_max > 100.0 * stats.channel_max_abs_min);
+    assert!(
+        r.summary().contains("warning: Conv 'sq': per-tensor int8 would crush 3 of 4 output channels"),
+        "{}",
+        r.summary()
+    );
+}

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use acnet_onnx::verify::{verify, VerifyOptions, VerifyReport};
+use acnet_onnx::verify::{verify, Criterion, Stat, VerifyOptions, VerifyReport};
 use acnet_onnx::Error;
 use ndarray::ArrayD;
 use ndarray_npy::{NpzReader, NpzWriter, WriteNpyExt};
@@ -231,12 +231,13 @@ fn case_changed_weight_fails() {
     assert!(table.contains("FAIL") && table.contains("output") && table.contains("NOT EQUIVALENT"), "{table}");
 
     // tolerances from the report make it pass: min_atol is the smallest passing atol
-    let loose = VerifyOptions { atol: o.min_atol, rtol: 0.0, ..Default::default() };
+    let loose = VerifyOptions { atol: o.min_atol, rtol: 0.0, criterion: Criterion::Tolerance, ..Default::default() };
     assert!(verify(&fixture("cifar_quick", "ts_fold.onnx"), &bad, &loose).unwrap().passed);
-    let just_below = VerifyOptions { atol: o.min_atol * 0.999, rtol: 0.0, ..Default::default() };
+    let just_below =
+        VerifyOptions { atol: o.min_atol * 0.999, rtol: 0.0, criterion: Criterion::Tolerance, ..Default::default() };
     assert!(!verify(&fixture("cifar_quick", "ts_fold.onnx"), &bad, &just_below).unwrap().passed);
     // min_rtol with the default atol
-    let by_rtol = VerifyOptions { rtol: o.min_rtol * 1.0001, ..Default::default() };
+    let by_rtol = VerifyOptions { rtol: o.min_rtol * 1.0001, criterion: Criterion::Tolerance, ..Default::default() };
     assert!(verify(&fixture("cifar_quick", "ts_fold.onnx"), &bad, &by_rtol).unwrap().passed);
 
     // a NaN bias in the classifier: fails whatever the tolerance, and says so (a NaN in the
@@ -570,4 +571,131 @@ fn case_npy_float16_and_big_endian() {
     assert!(rep.passed, "{}", rep.table());
     assert!(rep.notes.iter().any(|n| n.contains("float16") && n.contains("float32")), "{:?}", rep.notes);
     assert_eq!(rep.inputs[0].dtype, "float32");
+}
+
+/// Non-finite values pass where both models agree (both NaN, or the same infinity), and fail
+/// where they do not.
+#[test]
+fn case_nan_and_inf_pass_only_where_both_models_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let deploy = fixture("conv2", "deploy.onnx");
+    let with = |name: &str, v: f32| {
+        let mut m = read_proto(&deploy);
+        mutate_first_float(&mut m, "Gemm", 2, true, |_| v);
+        let p = dir.path().join(name);
+        write_proto(&m, &p);
+        p
+    };
+    let (nan, nan2, inf, minus_inf) = (
+        with("nan.onnx", f32::NAN),
+        with("nan2.onnx", f32::NAN),
+        with("inf.onnx", f32::INFINITY),
+        with("minf.onnx", f32::NEG_INFINITY),
+    );
+    for criterion in [Criterion::Noise, Criterion::Tolerance] {
+        let opts = VerifyOptions { samples: 1, criterion, ..Default::default() };
+        let agree = verify(&nan, &nan2, &opts).unwrap();
+        assert!(agree.passed, "{criterion}: {}", agree.table());
+        assert!(agree.outputs[0].nan_reference > 0 && agree.outputs[0].nan_candidate > 0);
+        assert!(verify(&inf, &inf, &opts).unwrap().passed, "{criterion}: same infinities");
+        for (a, b) in [(&deploy, &nan), (&nan, &deploy), (&inf, &minus_inf), (&deploy, &inf)] {
+            let r = verify(a, b, &opts).unwrap();
+            assert!(!r.passed, "{criterion}: {} vs {}", a.display(), b.display());
+            assert!(
+                r.outputs[0].problem.as_deref().unwrap_or("").contains("non-finite values disagree"),
+                "{}",
+                r.table()
+            );
+        }
+    }
+}
+
+/// Per-output tolerances and error statistics (as Polygraphy's): the statistic of |a - b| within
+/// atol, or that of |a - b|/|a| within rtol.
+#[test]
+fn case_per_output_tolerances_and_error_statistics() {
+    let dir = tempfile::tempdir().unwrap();
+    let deploy = fixture("cifar_quick", "deploy.onnx");
+    let mut m = read_proto(&deploy);
+    mutate_first_float(&mut m, "Conv", 1, false, |w| w + 0.5);
+    let bad = dir.path().join("bad.onnx");
+    write_proto(&m, &bad);
+    let reference = fixture("cifar_quick", "ts_fold.onnx");
+    let tol = |f: &dyn Fn(&mut VerifyOptions)| {
+        let mut o = VerifyOptions { criterion: Criterion::Tolerance, atol: 1e-12, rtol: 0.0, ..Default::default() };
+        f(&mut o);
+        verify(&reference, &bad, &o).unwrap()
+    };
+    let r = tol(&|_| {});
+    assert!(!r.passed);
+    let max = r.outputs[0].max_abs_diff;
+    // `error` is the statistic, the largest over samples
+    let mean = tol(&|o| o.stat = Stat::Mean).outputs[0].error;
+    assert!(mean > 0.0 && mean < max, "{mean} {max}");
+    // one output's own atol wins over the default
+    assert!(tol(&|o| o.output_atol = vec![("output".into(), max)]).passed);
+    assert!(!tol(&|o| o.output_atol = vec![("other".into(), max)]).passed);
+    // the mean error is below the max: a mean statistic passes where max does not
+    assert!(
+        tol(&|o| {
+            o.stat = Stat::Mean;
+            o.atol = mean * 1.0001;
+        })
+        .passed
+    );
+    assert!(
+        !tol(&|o| {
+            o.stat = Stat::Max;
+            o.atol = mean * 1.0001;
+        })
+        .passed
+    );
+    let q = tol(&|o| {
+        o.stat = Stat::Quantile(0.5);
+        o.atol = max;
+    });
+    assert!(q.passed && q.stat == "quantile:0.5", "{}", q.table());
+    assert!((q.outputs[0].error - max).abs() > 0.0 || max == 0.0);
+}
+
+/// --save-outputs writes the inputs and the reference's outputs; --load-outputs compares a
+/// candidate with them (here: outputs made by another model, as PyTorch's would be).
+#[test]
+fn case_golden_outputs_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let (export, deploy) = (fixture("conv2", "ts_fold.onnx"), fixture("conv2", "deploy.onnx"));
+    let saved = dir.path().join("golden.npz");
+    let r =
+        verify(&export, &deploy, &VerifyOptions { save_outputs: Some(saved.clone()), ..Default::default() }).unwrap();
+    assert!(r.passed);
+    let names: Vec<String> = NpzReader::new(std::fs::File::open(&saved).unwrap()).unwrap().names().unwrap();
+    assert_eq!(names, ["input", "output"]);
+    let golden =
+        VerifyOptions { inputs_npz: Some(saved.clone()), load_outputs: Some(saved.clone()), ..Default::default() };
+    let r = verify(&export, &deploy, &golden).unwrap();
+    assert!(r.passed && r.golden.is_some(), "{}", r.table());
+    assert!(r.outputs[0].reference_error.is_some());
+    // a candidate with one weight changed is far from the golden outputs
+    let mut m = read_proto(&deploy);
+    mutate_first_float(&mut m, "Conv", 1, false, |w| w * 1.01);
+    let bad = dir.path().join("bad.onnx");
+    write_proto(&m, &bad);
+    assert!(!verify(&export, &bad, &golden).unwrap().passed);
+    // golden outputs belong to given inputs
+    let e = verify(&export, &deploy, &VerifyOptions { load_outputs: Some(saved), ..Default::default() }).unwrap_err();
+    assert!(matches!(e, Error::Input(_)) && e.to_string().contains("--inputs"), "{e}");
+}
+
+/// float16 arrays in an .npz are inputs like any other.
+#[test]
+fn case_float16_inputs_from_npz() {
+    let r = verify(
+        &fixture("half", "ts_fold.onnx"),
+        &fixture("half", "deploy.onnx"),
+        &VerifyOptions { inputs_npz: Some(fixture("half", "io.npz")), ..Default::default() },
+    )
+    .unwrap();
+    assert!(r.passed, "{}", r.table());
+    assert_eq!((r.inputs[0].dtype.as_str(), r.samples), ("float16", 1));
+    assert!(r.inputs[0].source.starts_with("npz"), "{:?}", r.inputs[0]);
 }

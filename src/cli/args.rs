@@ -4,7 +4,7 @@ use crate::bench::BenchOptions;
 use crate::error::Error;
 use crate::model::save::DataMode;
 use crate::pipeline::FuseOptions;
-use crate::verify::VerifyOptions;
+use crate::verify::{Criterion, Stat, VerifyOptions, NOISE_FACTOR};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -37,12 +37,24 @@ pub(crate) struct CheckArgs {
     /// Number of random input sets.
     #[arg(long, default_value_t = 3)]
     pub(crate) samples: usize,
-    /// Absolute tolerance: an element passes when |a-b| <= atol + rtol*|a|.
-    #[arg(long, default_value_t = 1e-4)]
-    pub(crate) atol: f64,
-    /// Relative tolerance.
-    #[arg(long, default_value_t = 1e-4)]
-    pub(crate) rtol: f64,
+    /// How outputs are judged: `noise` (default: no further from the reference than
+    /// --noise-factor times its own rounding noise) or `tolerance` (--atol/--rtol; implied by
+    /// giving either, or --stat).
+    #[arg(long, value_name = "noise|tolerance")]
+    pub(crate) criterion: Option<Criterion>,
+    /// Noise criterion: how many times the reference's rounding noise an output may be off.
+    #[arg(long, value_name = "K", default_value_t = NOISE_FACTOR)]
+    pub(crate) noise_factor: f64,
+    /// Absolute tolerance (default 1e-4): an element passes when |a-b| <= atol + rtol*|a|;
+    /// `name:X` for one output (repeatable).
+    #[arg(long, value_name = "[NAME:]X")]
+    pub(crate) atol: Vec<String>,
+    /// Relative tolerance (default 1e-4); `name:X` for one output (repeatable).
+    #[arg(long, value_name = "[NAME:]X")]
+    pub(crate) rtol: Vec<String>,
+    /// The error statistic: elementwise (default), max, mean, median or quantile:Q.
+    #[arg(long, value_name = "STAT")]
+    pub(crate) stat: Option<Stat>,
     /// Shape of an input with symbolic dims, `name:1,3,224,224` (repeatable).
     #[arg(long = "input-shape", value_name = "NAME:DIMS")]
     pub(crate) input_shape: Vec<String>,
@@ -52,6 +64,31 @@ pub(crate) struct CheckArgs {
     /// Real input data: an .npz whose arrays are named like the graph inputs.
     #[arg(long)]
     pub(crate) inputs: Option<PathBuf>,
+    /// Write the inputs and the reference's outputs (first sample) to an .npz.
+    #[arg(long, value_name = "FILE.npz")]
+    pub(crate) save_outputs: Option<PathBuf>,
+    /// Compare the candidate with golden outputs made elsewhere (an .npz named like the outputs,
+    /// from the inputs given with --inputs/--input) instead of the reference's.
+    #[arg(long, value_name = "FILE.npz")]
+    pub(crate) load_outputs: Option<PathBuf>,
+    /// Use the inference forms of training-mode BatchNormalization (running statistics) and
+    /// Dropout (identity): for models exported without model.eval().
+    #[arg(long)]
+    pub(crate) eval_bn: bool,
+    /// Treat initializers that are also graph inputs as constants (exports with
+    /// keep_initializers_as_inputs=True); `fuse` removes them from the graph inputs.
+    #[arg(long)]
+    pub(crate) freeze_initializers: bool,
+}
+
+/// `X` or `name:X` (the last `:` separates them).
+fn tolerance(flag: &str, s: &str) -> Result<(Option<String>, f64), Error> {
+    let bad = || Error::Usage(format!("{flag} {s:?}: expected a number, or name:number"));
+    if let Ok(v) = s.trim().parse::<f64>() {
+        return Ok((None, v));
+    }
+    let (name, v) = s.rsplit_once(':').ok_or_else(bad)?;
+    Ok((Some(name.to_string()), v.trim().parse::<f64>().map_err(|_| bad())?))
 }
 
 #[derive(Args, Debug)]
@@ -160,11 +197,28 @@ impl CheckArgs {
         let mut o = VerifyOptions {
             seed: self.seed,
             samples: self.samples,
-            atol: self.atol,
-            rtol: self.rtol,
+            noise_factor: self.noise_factor,
+            save_outputs: self.save_outputs.clone(),
+            load_outputs: self.load_outputs.clone(),
+            eval_bn: self.eval_bn,
+            freeze_initializers: self.freeze_initializers,
             progress: true,
             ..Default::default()
         };
+        let tolerances = !self.atol.is_empty() || !self.rtol.is_empty() || self.stat.is_some();
+        o.criterion = self.criterion.unwrap_or(if tolerances { Criterion::Tolerance } else { Criterion::Noise });
+        o.stat = self.stat.unwrap_or_default();
+        for (flag, values) in [("--atol", &self.atol), ("--rtol", &self.rtol)] {
+            for s in values {
+                let (name, v) = tolerance(flag, s)?;
+                match (flag, name) {
+                    ("--atol", None) => o.atol = v,
+                    ("--atol", Some(n)) => o.output_atol.push((n, v)),
+                    (_, None) => o.rtol = v,
+                    (_, Some(n)) => o.output_rtol.push((n, v)),
+                }
+            }
+        }
         for s in &self.input_shape {
             let (name, dims) = s
                 .rsplit_once(':')

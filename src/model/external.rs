@@ -75,6 +75,16 @@ impl ExternalFiles {
             }
             if !files.contains_key(&loc) {
                 let file = dir.join(&loc);
+                // a link may lead anywhere: where it really is must be inside the model's folder too
+                // (the hole onnx closed as CVE-2024-27318)
+                if let (Ok(real), Ok(root)) = (std::fs::canonicalize(&file), std::fs::canonicalize(dir)) {
+                    if !real.starts_with(&root) {
+                        return Err(bad(format!(
+                            "location {loc:?} resolves outside the model's folder (to {}); refused as unsafe",
+                            real.display()
+                        )));
+                    }
+                }
                 let (data, source) = super::map_file(&file, false).map_err(|e| match e {
                     Error::Io { msg, .. } => bad(format!("cannot read {}: {msg}", file.display())),
                     e => e,

@@ -10,6 +10,7 @@ pub(crate) mod external;
 pub(crate) mod save;
 pub(crate) mod sink;
 pub mod tensor;
+pub mod transform;
 pub(crate) mod walk;
 
 use crate::error::{Error, Result};

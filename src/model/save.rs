@@ -193,3 +193,27 @@ fn unique() -> u64 {
 pub fn save(model: &Model, path: &Path, mode: DataMode) -> Result<Saved> {
     stage(model, path, mode)?.commit()
 }
+
+/// A model written to a private temporary folder, removed when dropped: how a model edited in
+/// memory is handed to tract, which reads files.
+pub(crate) struct TempModel {
+    dir: PathBuf,
+    pub path: PathBuf,
+}
+
+impl TempModel {
+    /// Write `model` as `<temp folder>/<name>` (with external data when it came with some).
+    pub fn write(model: &Model, name: &std::ffi::OsStr) -> Result<TempModel> {
+        let dir = std::env::temp_dir().join(format!(".acnet-onnx-check-{}-{}", std::process::id(), unique()));
+        std::fs::create_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+        let tmp = TempModel { path: dir.join(name), dir };
+        save(model, &tmp.path, DataMode::Auto)?;
+        Ok(tmp)
+    }
+}
+
+impl Drop for TempModel {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -32,6 +32,16 @@ impl FloatType {
             FloatType::F64 => DataType::Double,
         }) as i32
     }
+    /// The type's name, numpy's spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            FloatType::F32 => "float32",
+            FloatType::F16 => "float16",
+            FloatType::BF16 => "bfloat16",
+            FloatType::F64 => "float64",
+        }
+    }
+
     pub fn size(self) -> usize {
         match self {
             FloatType::F32 => 4,
@@ -119,6 +129,46 @@ fn dims_of(t: &TensorProto) -> Result<Vec<usize>, String> {
     Ok(t.dims.iter().map(|&d| d as usize).collect())
 }
 
+/// Conversions of at least this many elements are split over every core (below, a thread's
+/// start costs more than it saves); the pieces are independent, so the result is the same.
+const PARALLEL: usize = 1 << 16;
+/// Elements per piece.
+const PIECE: usize = 1 << 14;
+
+/// Little-endian elements of `N` bytes to f64.
+fn decode<const N: usize>(raw: &[u8], f: impl Fn([u8; N]) -> f64 + Sync) -> Vec<f64> {
+    let mut out = vec![0f64; raw.len() / N];
+    let piece = |(o, r): (&mut [f64], &[u8])| {
+        for (d, s) in o.iter_mut().zip(r.chunks_exact(N)) {
+            *d = f(s.try_into().expect("N bytes"));
+        }
+    };
+    if out.len() >= PARALLEL {
+        use rayon::prelude::*;
+        out.par_chunks_mut(PIECE).zip(raw.par_chunks(PIECE * N)).for_each(piece);
+    } else {
+        piece((&mut out, raw));
+    }
+    out
+}
+
+/// f64 to little-endian elements of `N` bytes.
+fn encode<const N: usize>(a: &[f64], f: impl Fn(f64) -> [u8; N] + Sync) -> Vec<u8> {
+    let mut raw = vec![0u8; a.len() * N];
+    let piece = |(r, s): (&mut [u8], &[f64])| {
+        for (o, &x) in r.chunks_exact_mut(N).zip(s) {
+            o.copy_from_slice(&f(x));
+        }
+    };
+    if a.len() >= PARALLEL {
+        use rayon::prelude::*;
+        raw.par_chunks_mut(PIECE * N).zip(a.par_chunks(PIECE)).for_each(piece);
+    } else {
+        piece((&mut raw, a));
+    }
+    raw
+}
+
 /// Decode a float tensor to f64. `raw` is the tensor's bytes when stored as raw data (inline or
 /// resolved from external data); otherwise the typed fields are read.
 pub fn to_f64(t: &TensorProto, raw: Option<&[u8]>) -> Result<ArrayD<f64>, String> {
@@ -137,14 +187,10 @@ pub fn to_f64(t: &TensorProto, raw: Option<&[u8]>) -> Result<ArrayD<f64>, String
             ));
         }
         match ft {
-            FloatType::F32 => raw.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
-            FloatType::F64 => raw.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
-            FloatType::F16 => {
-                raw.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64()).collect()
-            }
-            FloatType::BF16 => {
-                raw.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64()).collect()
-            }
+            FloatType::F32 => decode(raw, |c: [u8; 4]| f32::from_le_bytes(c) as f64),
+            FloatType::F64 => decode(raw, f64::from_le_bytes),
+            FloatType::F16 => decode(raw, |c: [u8; 2]| half::f16::from_le_bytes(c).to_f64()),
+            FloatType::BF16 => decode(raw, |c: [u8; 2]| half::bf16::from_le_bytes(c).to_f64()),
         }
     } else {
         let v: Vec<f64> = match ft {
@@ -187,16 +233,13 @@ pub fn to_i64(t: &TensorProto, raw: Option<&[u8]>) -> Result<Vec<i64>, String> {
 
 /// Encode an f64 array as a tensor of type `ft`, in `raw_data` (little-endian).
 pub fn from_f64(name: &str, a: &ArrayD<f64>, ft: FloatType) -> TensorProto {
-    // one loop per type (the match outside the loop), over a contiguous slice when there is one
-    fn encode<const N: usize>(a: &ArrayD<f64>, f: impl Fn(f64) -> [u8; N]) -> Vec<u8> {
-        let mut raw = vec![0u8; a.len() * N];
-        let out = raw.chunks_exact_mut(N);
-        match a.as_slice() {
-            Some(s) => out.zip(s).for_each(|(o, &x)| o.copy_from_slice(&f(x))),
-            None => out.zip(a.iter()).for_each(|(o, &x)| o.copy_from_slice(&f(x))),
-        }
-        raw
-    }
+    let shape = a.shape().to_vec();
+    // one loop per type (the match outside the loop), over a contiguous slice
+    let a: std::borrow::Cow<[f64]> = match a.as_slice() {
+        Some(s) => s.into(),
+        None => a.iter().copied().collect::<Vec<_>>().into(),
+    };
+    let a = &a[..];
     let raw = match ft {
         FloatType::F32 => encode(a, |x| (x as f32).to_le_bytes()),
         FloatType::F64 => encode(a, |x| x.to_le_bytes()),
@@ -204,7 +247,7 @@ pub fn from_f64(name: &str, a: &ArrayD<f64>, ft: FloatType) -> TensorProto {
         FloatType::BF16 => encode(a, |x| half::bf16::from_f64(x).to_bits().to_le_bytes()),
     };
     TensorProto {
-        dims: a.shape().iter().map(|&d| d as i64).collect(),
+        dims: shape.iter().map(|&d| d as i64).collect(),
         data_type: Some(ft.onnx()),
         name: Some(name.to_string()),
         raw_data: Some(Bytes::from(raw)),
@@ -224,5 +267,44 @@ pub fn from_i64(name: &str, dims: &[i64], v: &[i64]) -> TensorProto {
         name: Some(name.to_string()),
         raw_data: Some(Bytes::from(raw)),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Large tensors are converted in pieces on several threads: every element lands where an
+    /// element-by-element conversion puts it, in every type.
+    #[test]
+    fn pieces_convert_like_one_element_at_a_time() {
+        let n = PARALLEL * 2 + 12_345; // several pieces and a ragged end
+        let values: Vec<f64> = (0..n).map(|i| ((i * 7919) % 10007) as f64 / 97.0 - 50.0).collect();
+        let a = ArrayD::from_shape_vec(IxDyn(&[n]), values.clone()).unwrap();
+        for ft in [FloatType::F32, FloatType::F64, FloatType::F16, FloatType::BF16] {
+            let t = from_f64("t", &a, ft);
+            let raw = t.raw_data.as_deref().unwrap();
+            let one = |x: f64| -> Vec<u8> {
+                match ft {
+                    FloatType::F32 => (x as f32).to_le_bytes().to_vec(),
+                    FloatType::F64 => x.to_le_bytes().to_vec(),
+                    FloatType::F16 => half::f16::from_f64(x).to_le_bytes().to_vec(),
+                    FloatType::BF16 => half::bf16::from_f64(x).to_le_bytes().to_vec(),
+                }
+            };
+            let naive: Vec<u8> = values.iter().flat_map(|&x| one(x)).collect();
+            assert_eq!(raw, &naive[..], "{ft:?} encode");
+            let back = to_f64(&t, Some(raw)).unwrap();
+            let naive_back: Vec<f64> = naive
+                .chunks_exact(ft.size())
+                .map(|c| match ft {
+                    FloatType::F32 => f32::from_le_bytes(c.try_into().unwrap()) as f64,
+                    FloatType::F64 => f64::from_le_bytes(c.try_into().unwrap()),
+                    FloatType::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f64(),
+                    FloatType::BF16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f64(),
+                })
+                .collect();
+            assert_eq!(back.as_slice().unwrap(), &naive_back[..], "{ft:?} decode");
+        }
     }
 }

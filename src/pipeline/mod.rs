@@ -7,6 +7,7 @@ mod paths;
 use crate::bench::{bench_latency, BenchOptions, BenchReport};
 use crate::error::{catch, Error, Result};
 use crate::model::save::{stage, DataMode, Saved};
+use crate::model::transform::{eval_mode, freeze_initializers, training_mode};
 use crate::model::Model;
 use crate::rewrite::{fuse, validate, FuseReport};
 use crate::verify::inputs::check_declared_sizes;
@@ -131,6 +132,14 @@ pub fn fuse_file_with(
     check_writable(output, "output")?;
     opts.check.validate().map_err(|m| Error::Usage(format!("--{m}")))?;
     let mut model = Model::load(input)?;
+    if opts.check.eval_bn {
+        eval_mode(&mut model).map_err(|m| Error::Usage(format!("{}: {m}", input.display())))?;
+    } else if let Some(msg) = training_mode(&model) {
+        return Err(Error::Usage(format!("{}: {msg}", input.display())));
+    }
+    if opts.check.freeze_initializers {
+        freeze_initializers(&mut model);
+    }
     // a save writes `<output>.data` (or removes a stale one): neither may be a file of the input
     let out_data = data_path(output);
     let files = model.files();

@@ -170,7 +170,7 @@ impl Rule for AffineRegion {
             insert: vec![node],
             replace: vec![],
             initializers: vec![(wbase, conv.weight, ft), (bname, conv.bias.into_dyn(), ft)],
-            log: Rewrite { rule: Self::ID, node: name, detail },
+            log: Rewrite { rule: Self::ID, node: name, detail, weights: vec![] },
         }
     }
 

@@ -221,7 +221,7 @@ mod tests {
                 remove.push(c);
                 insert.push(reader);
             }
-            let log = Rewrite { rule: Self::ID, node: n.name().to_string(), detail: "dropped".into() };
+            let log = Rewrite { rule: Self::ID, node: n.name().to_string(), detail: "dropped".into(), weights: vec![] };
             Patch { at, remove, insert, replace: vec![], initializers: vec![], log }
         }
         fn node(&self, cx: &Cx, &at: &usize) -> String {
@@ -313,7 +313,12 @@ mod tests {
             Checked::Fits(())
         }
         fn rewrite(&self, cx: &Cx, at: usize, _: ()) -> Patch {
-            let log = Rewrite { rule: Self::ID, node: cx.node(at).name().to_string(), detail: String::new() };
+            let log = Rewrite {
+                rule: Self::ID,
+                node: cx.node(at).name().to_string(),
+                detail: String::new(),
+                weights: vec![],
+            };
             Patch {
                 at,
                 remove: vec![at],

@@ -66,6 +66,7 @@ impl Rule for FoldBn {
                 rule: Self::ID,
                 node: conv.name().to_string(),
                 detail: format!("BatchNormalization '{}' folded", bn.name()),
+                weights: vec![],
             },
         }
     }

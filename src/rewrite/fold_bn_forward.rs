@@ -141,6 +141,7 @@ impl Rule for FoldBnForward {
                 rule: Self::ID,
                 node: bn.name().to_string(),
                 detail: format!("BatchNormalization folded forward into {}", into.join(", ")),
+                weights: vec![],
             },
         }
     }

@@ -161,6 +161,7 @@ impl Rule for FoldBnLinear {
                 rule: Self::ID,
                 node: layer.name().to_string(),
                 detail: format!("BatchNormalization '{}' folded into {} '{}'", bn.name(), layer.op_type(), layer.name()),
+                weights: vec![],
             },
         }
     }

@@ -100,6 +100,7 @@ impl Rule for FoldBnTransposed {
                 rule: Self::ID,
                 node: d.name().to_string(),
                 detail: format!("BatchNormalization '{}' folded", bn.name()),
+                weights: vec![],
             },
         }
     }

@@ -68,6 +68,7 @@ impl Rule for FoldPad {
             rule: Self::ID,
             node: node.name().to_string(),
             detail: format!("Pad '{}' into the Conv's padding", cx.node(c.pad).name()),
+            weights: vec![],
         };
         Patch { at: c.conv, remove: vec![c.pad], insert: vec![], replace: vec![(c.conv, node)], initializers: vec![], log }
     }

@@ -267,7 +267,7 @@ impl Rule for MergeBranches {
         remove.sort_unstable();
         remove.dedup();
         let node = insert[0].name().to_string();
-        Patch { at: i, remove, insert, replace: vec![], initializers: inits, log: Rewrite { rule: Self::ID, node, detail: details.join("; ") } }
+        Patch { at: i, remove, insert, replace: vec![], initializers: inits, log: Rewrite { rule: Self::ID, node, detail: details.join("; "), weights: vec![] } }
     }
 
     fn node(&self, cx: &Cx, c: &Candidate) -> String {

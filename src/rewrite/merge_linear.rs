@@ -154,6 +154,7 @@ impl Rule for MergeLinear {
                 rule: Self::ID,
                 node: first.name().to_string(),
                 detail: format!("{} Gemms ({}) of one input into one", heads.len(), heads.join(", ")),
+                weights: vec![],
             },
         }
     }

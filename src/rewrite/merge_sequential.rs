@@ -133,7 +133,7 @@ impl Rule for MergeSequential {
             insert: vec![node],
             replace: vec![],
             initializers: std::iter::once((wname, k.weight, ft)).chain(bias.map(|b| (b, k.bias.into_dyn(), ft))).collect(),
-            log: Rewrite { rule: Self::ID, node: n2.name().to_string(), detail },
+            log: Rewrite { rule: Self::ID, node: n2.name().to_string(), detail, weights: vec![] },
         }
     }
 

@@ -24,8 +24,10 @@ pub(crate) mod driver;
 mod patch;
 mod reason;
 mod sum_tree;
+mod weights;
 
 pub use reason::{Reason, RegionReason};
+pub use weights::WeightStats;
 
 pub(crate) use driver::Cx;
 pub(crate) use patch::Patch;
@@ -139,14 +141,29 @@ impl<R: Rule> Try for R {
         let refusals = |reasons: Vec<Reason>, node: String| -> Vec<Refusal> {
             reasons.into_iter().map(|reason| Refusal { rule: R::ID, node: node.clone(), reason }).collect()
         };
-        match self.check(cx, &c) {
-            Checked::Fits(plan) => Step::Fired(self.rewrite(cx, c, plan), vec![]),
-            Checked::Refused(reasons) => Step::Refused(refusals(reasons, self.node(cx, &c))),
-            Checked::Partly(plan, reasons) => {
-                let r = refusals(reasons, self.node(cx, &c));
-                Step::Fired(self.rewrite(cx, c, plan), r)
+        let node = self.node(cx, &c);
+        let (plan, mut refused) = match self.check(cx, &c) {
+            Checked::Fits(plan) => (plan, vec![]),
+            Checked::Refused(reasons) => return Step::Refused(refusals(reasons, node)),
+            Checked::Partly(plan, reasons) => (plan, refusals(reasons, node.clone())),
+        };
+        let mut patch = self.rewrite(cx, c, plan);
+        // every value written must fit its type; the merged weights' ranges go to the report
+        for (name, a, ft) in &patch.initializers {
+            let (overflow, underflow) = weights::unrepresentable(a, *ft);
+            if overflow + underflow > 0 {
+                let reason = Reason::NotRepresentable { tensor: name.clone(), dtype: *ft, overflow, underflow };
+                refused.push(Refusal { rule: R::ID, node, reason });
+                return Step::Refused(refused);
             }
         }
+        let written = patch.insert.iter().chain(patch.replace.iter().map(|r| &r.1));
+        for n in written.filter(|n| n.op_type() == "Conv" && n.input.len() > 1) {
+            if let Some((_, w, _)) = patch.initializers.iter().find(|(name, _, _)| *name == n.input[1]) {
+                patch.log.weights.push(WeightStats::of(n.name(), w));
+            }
+        }
+        Step::Fired(patch, refused)
     }
 }
 
@@ -188,6 +205,8 @@ pub struct Rewrite {
     pub node: String,
     /// What was merged, e.g. `3 branches (3x3, 3x1, 1x3) + BN`.
     pub detail: String,
+    /// The ranges of the weights written (one per Conv the rewrite made).
+    pub weights: Vec<WeightStats>,
 }
 
 /// Size of a graph: nodes, parameters (elements of float initializers), nodes per operator.
@@ -232,6 +251,8 @@ pub struct FuseReport {
     pub refused: Vec<Refusal>,
     pub before: Stats,
     pub after: Stats,
+    /// What the user should know about the model as a whole (one line each).
+    pub notes: Vec<String>,
 }
 
 impl FuseReport {
@@ -261,6 +282,12 @@ impl FuseReport {
                 s.push_str(&format!("  {} at '{}': {}\n", r.rule, r.node, r.reason));
             }
         }
+        for w in self.rewrites.iter().flat_map(|r| &r.weights).flat_map(|w| w.warnings()) {
+            s.push_str(&format!("warning: {w}\n"));
+        }
+        for n in &self.notes {
+            s.push_str(&format!("note: {n}\n"));
+        }
         s
     }
 }
@@ -277,10 +304,18 @@ pub fn validate(model: &Model) -> Result<()> {
 /// Fuse every re-parameterisable block of `model`, in place: every rule runs to a fixed point.
 pub fn fuse(model: &mut Model) -> Result<FuseReport> {
     validate(model)?;
+    let mut notes: Vec<String> = crate::model::transform::training_mode(model).into_iter().collect();
+    let frozen_inputs = crate::model::transform::initializer_inputs(model);
+    if frozen_inputs > 0 {
+        notes.push(format!(
+            "{frozen_inputs} initializer(s) are also graph inputs (an export with keep_initializers_as_inputs=True): a runtime may replace them, so no block that reads them is fused; pass --freeze-initializers to treat them as constants"
+        ));
+    }
     let before = Stats::of(model);
     let (rewrites, refused) = driver::run(model, RULES);
     let after = Stats::of(model);
     Ok(FuseReport {
+        notes,
         blocks_merged: rewrites.iter().filter(|r| r.rule.merges_block()).count(),
         bns_folded: rewrites.iter().filter(|r| r.rule.folds_bn()).count(),
         rewrites,

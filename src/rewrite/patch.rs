@@ -154,7 +154,7 @@ mod tests {
         let ix = GraphIndex::new(m.graph());
         let mut neg = m.graph().node[3].clone();
         neg.input = vec!["x".into()];
-        let log = Rewrite { rule: RuleId::FOLD_BN, node: "y".into(), detail: String::new() };
+        let log = Rewrite { rule: RuleId::FOLD_BN, node: "y".into(), detail: String::new(), weights: vec![] };
         Patch { at: 3, remove: vec![3], insert: vec![neg], replace: vec![], initializers: vec![], log }.apply(
             &mut m,
             &ix,

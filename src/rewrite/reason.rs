@@ -97,6 +97,14 @@ pub enum Reason {
         chain_weights: usize,
         chain_macs: usize,
     },
+    /// A value the rewrite would write does not fit its type (float16 weights past ±65504 after
+    /// a BN fold, say, or tiny ones that would round to zero).
+    NotRepresentable {
+        tensor: String,
+        dtype: crate::model::tensor::FloatType,
+        overflow: usize,
+        underflow: usize,
+    },
     /// The general path could not prove the region is one convolution.
     Region(RegionReason),
 }
@@ -186,6 +194,14 @@ impl fmt::Display for Reason {
             ),
             Reason::BnZeroScale { bn } => {
                 write!(f, "BatchNormalization '{bn}' zeroes a channel: it cannot fold into the next one")
+            }
+            Reason::NotRepresentable { tensor, dtype, overflow, underflow } => {
+                write!(f, "'{tensor}' as {}: ", dtype.name())?;
+                match (overflow, underflow) {
+                    (0, u) => write!(f, "{u} non-zero value(s) would round to zero"),
+                    (o, 0) => write!(f, "{o} value(s) beyond its range"),
+                    (o, u) => write!(f, "{o} value(s) beyond its range, {u} non-zero value(s) would round to zero"),
+                }
             }
             Reason::Region(r) => write!(f, "{r}"),
         }

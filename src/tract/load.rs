@@ -10,7 +10,10 @@ use tract_onnx::tract_hir::ops::unimpl::UnimplementedOp;
 
 /// A parsed model plus what we need to talk about it.
 pub(crate) struct Loaded {
+    /// The model's name in messages (the user's file).
     pub(crate) path: PathBuf,
+    /// The file tract read (a temporary copy when the model was edited for the check).
+    pub(crate) file: PathBuf,
     pub(crate) model: InferenceModel,
     /// Input names, in model order.
     pub(crate) inputs: Vec<String>,
@@ -79,7 +82,7 @@ pub(crate) fn load(path: &Path) -> Result<Loaded, Error> {
         .iter()
         .map(|o| model.outlet_label(*o).map(|s| s.to_string()).unwrap_or_else(|| model.node(o.node).name.clone()))
         .collect();
-    Ok(Loaded { path: path.to_path_buf(), model, inputs, outputs })
+    Ok(Loaded { path: path.to_path_buf(), file: path.to_path_buf(), model, inputs, outputs })
 }
 
 /// What a model declares about one dimension.
@@ -110,6 +113,17 @@ pub(crate) fn decl_dims(shape: &ShapeFactoid) -> Option<Vec<DeclDim>> {
 }
 
 impl Loaded {
+    /// The same model, named `path` in messages.
+    pub(crate) fn shown_as(mut self, path: &Path) -> Loaded {
+        self.path = path.to_path_buf();
+        self
+    }
+
+    /// Whether the model computes a tensor of that name (tract can make it an output).
+    pub(crate) fn has_tensor(&self, name: &str) -> bool {
+        self.model.find_outlet_label(name).is_some()
+    }
+
     /// What the model declares about its input `name`: its element type and dims, each `None`
     /// when not declared.
     pub(crate) fn input_decl(&self, name: &str) -> Result<(Option<DatumType>, Option<Vec<DeclDim>>), Error> {

@@ -11,7 +11,7 @@ pub(crate) mod region;
 pub(crate) mod safety;
 
 pub(crate) use load::{load, DeclDim, Loaded};
-pub(crate) use plan::{prepare, run, InputFact, PlanKind};
+pub(crate) use plan::{prepare, run, InputFact, PlanKind, PlanSpec};
 pub(crate) use region::{shapes, RegionPlan};
 
 use tract_onnx::prelude::DatumType;

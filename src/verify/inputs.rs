@@ -67,17 +67,17 @@ fn tensor_from_npy_bytes(descr: &str, shape: &[usize], bytes: &[u8]) -> Result<T
     }
 }
 
-fn read_npy_file(path: &Path) -> Result<Tensor, String> {
-    let mut f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+/// A tensor from .npy bytes (header and data).
+fn read_npy(mut r: impl Read) -> Result<Tensor, String> {
     let header =
-        ndarray_npy::npy::header::Header::from_reader(&mut f).map_err(|e| format!("not a valid .npy file: {e}"))?;
+        ndarray_npy::npy::header::Header::from_reader(&mut r).map_err(|e| format!("not a valid .npy file: {e}"))?;
     let descr = header
         .type_descriptor
         .as_string()
         .cloned()
         .ok_or_else(|| format!("unsupported npy dtype (structured): {}", header.type_descriptor))?;
     let mut bytes = vec![];
-    f.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+    r.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
     if header.layout.is_fortran() {
         let rev: Vec<usize> = header.shape.iter().rev().copied().collect();
         let t = tensor_from_npy_bytes(&descr, &rev, &bytes)?;
@@ -88,64 +88,94 @@ fn read_npy_file(path: &Path) -> Result<Tensor, String> {
     }
 }
 
-fn read_npz_array(path: &Path, name: &str) -> Result<Tensor, String> {
-    use ndarray::ArrayD;
-    use ndarray_npy::{NpzReader, ReadNpyError, ReadNpzError};
+fn read_npy_file(path: &Path) -> Result<Tensor, String> {
+    read_npy(std::io::BufReader::new(std::fs::File::open(path).map_err(|e| e.to_string())?))
+}
+
+fn open_npz(path: &Path) -> Result<zip::ZipArchive<std::fs::File>, String> {
     let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let mut npz = NpzReader::new(f).map_err(|e| format!("not a valid .npz file: {e}"))?;
-    // NpzReader needs the element type up front: read as f32 first, and on a descriptor
-    // mismatch retry with the type the descriptor names.
-    let mut descr = "<f4".to_string();
-    for _attempt in 0..2 {
-        macro_rules! try_read {
-            ($t:ty) => {
-                match npz.by_name::<ndarray::OwnedRepr<$t>, ndarray::IxDyn>(name) {
-                    Ok(a) => {
-                        let a: ArrayD<$t> = a;
-                        return Ok(Tensor::from(a));
-                    }
-                    Err(ReadNpzError::Npy(ReadNpyError::WrongDescriptor(v))) => match v.as_string() {
-                        Some(s) if *s != descr => {
-                            descr = s.clone();
-                            continue;
-                        }
-                        _ => return Err(format!("unsupported npz dtype {v} for `{name}`")),
-                    },
-                    Err(e) => return Err(e.to_string()),
-                }
-            };
-        }
-        let kind = descr.get(1..).unwrap_or("");
-        match kind {
-            "f4" => try_read!(f32),
-            "f8" => try_read!(f64),
-            "i1" => try_read!(i8),
-            "i2" => try_read!(i16),
-            "i4" => try_read!(i32),
-            "i8" => try_read!(i64),
-            "u1" => try_read!(u8),
-            "u2" => try_read!(u16),
-            "u4" => try_read!(u32),
-            "u8" => try_read!(u64),
-            "b1" => try_read!(bool),
-            _ => {
-                return Err(format!(
-                    "array `{name}` has dtype '{descr}', which .npz inputs do not support \
-                     (pass it as a .npy file instead)"
-                ))
-            }
-        }
+    zip::ZipArchive::new(f).map_err(|e| format!("not a valid .npz file: {e}"))
+}
+
+/// The array `name` of an .npz file (any dtype .npy holds: float16 included).
+pub(crate) fn read_npz_array(path: &Path, name: &str) -> Result<Tensor, String> {
+    let mut npz = open_npz(path)?;
+    let entry = npz.by_name(&format!("{name}.npy")).map_err(|e| format!("cannot read array `{name}`: {e}"))?;
+    read_npy(entry)
+}
+
+/// The names of the arrays of an .npz file.
+pub(crate) fn npz_names(path: &Path) -> Result<Vec<String>, String> {
+    let npz = open_npz(path)?;
+    Ok(npz.file_names().map(|n| n.strip_suffix(".npy").unwrap_or(n).to_string()).collect())
+}
+
+/// A tensor as .npy bytes (version 1.0, little-endian, C order).
+fn npy_bytes(t: &Tensor) -> Result<Vec<u8>, String> {
+    let (descr, bytes): (&str, Vec<u8>) = match t.datum_type() {
+        DatumType::F16 => (
+            "<f2",
+            t.try_as_plain_ram()
+                .map_err(|e| chain_msg(&e))?
+                .as_slice::<f16>()
+                .map_err(|e| chain_msg(&e))?
+                .iter()
+                .flat_map(|v| v.to_bits().to_le_bytes())
+                .collect(),
+        ),
+        DatumType::F32 => ("<f4", le(t, |v: &f32| v.to_le_bytes().to_vec())?),
+        DatumType::F64 => ("<f8", le(t, |v: &f64| v.to_le_bytes().to_vec())?),
+        DatumType::I8 => ("|i1", le(t, |v: &i8| v.to_le_bytes().to_vec())?),
+        DatumType::I16 => ("<i2", le(t, |v: &i16| v.to_le_bytes().to_vec())?),
+        DatumType::I32 => ("<i4", le(t, |v: &i32| v.to_le_bytes().to_vec())?),
+        DatumType::I64 => ("<i8", le(t, |v: &i64| v.to_le_bytes().to_vec())?),
+        DatumType::U8 => ("|u1", le(t, |v: &u8| v.to_le_bytes().to_vec())?),
+        DatumType::U16 => ("<u2", le(t, |v: &u16| v.to_le_bytes().to_vec())?),
+        DatumType::U32 => ("<u4", le(t, |v: &u32| v.to_le_bytes().to_vec())?),
+        DatumType::U64 => ("<u8", le(t, |v: &u64| v.to_le_bytes().to_vec())?),
+        DatumType::Bool => ("|b1", le(t, |v: &bool| vec![*v as u8])?),
+        other => return Err(format!("cannot write {} to .npy", dt_name(other))),
+    };
+    let shape = match t.shape() {
+        [d] => format!("({d},)"),
+        s => format!("({})", s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+    };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    // magic (6) + version (2) + header length (2) + header, padded with spaces to 64, newline last
+    let total = (10 + header.len() + 1).div_ceil(64) * 64;
+    header.push_str(&" ".repeat(total - 10 - header.len() - 1));
+    header.push('\n');
+    let mut out = b"\x93NUMPY\x01\x00".to_vec();
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(&bytes);
+    Ok(out)
+}
+
+fn le<T: Datum>(t: &Tensor, f: impl Fn(&T) -> Vec<u8>) -> Result<Vec<u8>, String> {
+    Ok(t.try_as_plain_ram()
+        .map_err(|e| chain_msg(&e))?
+        .as_slice::<T>()
+        .map_err(|e| chain_msg(&e))?
+        .iter()
+        .flat_map(f)
+        .collect())
+}
+
+/// Write named tensors as an .npz file (uncompressed, as numpy's `savez`).
+pub(crate) fn write_npz(path: &Path, arrays: &[(String, Tensor)]) -> Result<(), String> {
+    use std::io::Write;
+    let f = std::fs::File::create(path).map_err(|e| e.to_string())?;
+    let mut z = zip::ZipWriter::new(f);
+    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    for (name, t) in arrays {
+        z.start_file(format!("{name}.npy"), opts).map_err(|e| e.to_string())?;
+        z.write_all(&npy_bytes(t)?).map_err(|e| e.to_string())?;
     }
-    Err(format!("cannot read array `{name}`"))
+    z.finish().map_err(|e| e.to_string())?;
+    Ok(())
 }
 
-fn npz_names(path: &Path) -> Result<Vec<String>, String> {
-    let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    let mut npz = ndarray_npy::NpzReader::new(f).map_err(|e| format!("not a valid .npz file: {e}"))?;
-    npz.names().map_err(|e| e.to_string())
-}
-
-/// Standard normal samples via Box-Muller, both branches used.
 struct Normal {
     spare: Option<f64>,
 }
@@ -211,23 +241,44 @@ pub(crate) struct ResolvedInput {
     /// Real data, if it comes from a file.
     pub(crate) data: Option<Tensor>,
     pub(crate) source: String,
+    /// The input's own type when the models run as float32 upcasts (random values are rounded
+    /// to it first).
+    pub(crate) stored: Option<crate::model::tensor::FloatType>,
 }
 
 impl ResolvedInput {
     /// What the report says about it.
     pub(crate) fn spec(&self) -> InputSpec {
-        InputSpec {
-            name: self.name.clone(),
-            shape: self.shape.clone(),
-            dtype: dt_name(self.dt),
-            source: self.source.clone(),
-        }
+        use crate::model::tensor::FloatType;
+        let dtype = match self.stored {
+            Some(FloatType::F16) => "float16".to_string(),
+            Some(FloatType::BF16) => "bfloat16".to_string(),
+            _ => dt_name(self.dt),
+        };
+        InputSpec { name: self.name.clone(), shape: self.shape.clone(), dtype, source: self.source.clone() }
     }
 
     /// The type and shape to pin the models' input to.
     pub(crate) fn fact(&self) -> InputFact {
         InputFact { name: self.name.clone(), dt: self.dt, shape: self.shape.clone() }
     }
+}
+
+/// `t` (float32) with every value rounded to `ft` (exactly representable in float32 again).
+fn round_to(t: &Tensor, ft: crate::model::tensor::FloatType) -> Result<Tensor, String> {
+    use crate::model::tensor::FloatType;
+    let v = t.try_as_plain_ram().map_err(|e| chain_msg(&e))?;
+    let r: Vec<f32> = v
+        .as_slice::<f32>()
+        .map_err(|e| chain_msg(&e))?
+        .iter()
+        .map(|&x| match ft {
+            FloatType::F16 => f16::from_f32(x).to_f32(),
+            FloatType::BF16 => half::bf16::from_f32(x).to_f32(),
+            _ => x,
+        })
+        .collect();
+    Tensor::from_shape(t.shape(), &r).map_err(|e| chain_msg(&e))
 }
 
 /// One sample: every input's values (from its file, or drawn from `rng` in input order).
@@ -237,6 +288,10 @@ pub(crate) fn sample(inputs: &[ResolvedInput], rng: &mut StdRng) -> Result<HashM
         let t = match &i.data {
             Some(t) => t.clone(),
             None => random_tensor(i.dt, &i.shape, rng).map_err(Error::Input)?,
+        };
+        let t = match (i.stored, t.datum_type()) {
+            (Some(ft), DatumType::F32) if i.data.is_none() => round_to(&t, ft).map_err(Error::Input)?,
+            _ => t,
         };
         data.insert(i.name.clone(), t);
     }
@@ -477,7 +532,7 @@ pub(crate) fn resolve_inputs(
                 format!("random integers 0..=3 (seed {})", opts.seed)
             };
         }
-        resolved.push(ResolvedInput { name: name.clone(), dt, shape, data, source });
+        resolved.push(ResolvedInput { name: name.clone(), dt, shape, data, source, stored: None });
     }
     Ok(resolved)
 }

@@ -1,12 +1,42 @@
 //! The equivalence check: runs a reference and a candidate ONNX model in tract on identical
-//! inputs ([`inputs`]) and compares every output element-wise ([`compare`]) into a report
-//! ([`report`]).
+//! inputs ([`inputs`]), compares every output ([`compare`]) and judges it ([`Criterion`]) into a
+//! report ([`report`]); when the check fails, it names the first tensor that diverges.
 //!
-//! Models are loaded **by path** (tract resolves ONNX external data relative to the model's
-//! folder), their input facts are pinned to concrete shapes, and they run as *typed but not
-//! decluttered / optimised* plans ([`PlanKind::Reference`](crate::tract::PlanKind)): tract's
-//! optimiser folds BatchNormalization into convolutions and merges identical siblings, which
-//! could hide the very mistakes this check is meant to find.
+//! Models run as *typed but not decluttered / optimised* plans
+//! ([`PlanKind::Reference`](crate::tract::PlanKind)): tract's optimiser folds BatchNormalization
+//! into convolutions and merges identical siblings, which could hide the very mistakes this check
+//! is meant to find.
+//!
+//! # The criterion
+//!
+//! A fused model is not bit-identical to its original: weights are merged and rounded once, sums
+//! are taken in another order. How far that moves an output depends on the model (its depth, its
+//! scale, cancellation between branches) and on its precision: no fixed tolerance is right for
+//! every model. So the default criterion ([`Criterion::Noise`]) measures the reference's own
+//! rounding noise: the reference is run again with every weight moved by one unit in the last
+//! place of the type it is stored in (up or down at random, a fresh draw for each sample), and the
+//! candidate passes
+//! when its error statistic (the largest |reference − candidate| by default) is at most
+//! [`VerifyOptions::noise_factor`] times the largest such movement (and never less than one
+//! rounding of the output's precision at its scale, `unit · max|reference|`). The bound is
+//! scale-free (it grows with the outputs), precision-aware (float16 weights move by float16's
+//! unit) and insensitive to elements near zero (no elementwise relative error). A wrong fusion,
+//! one weight off by much more than its rounding, lands hundreds of times the noise away.
+//!
+//! [`Criterion::Tolerance`] keeps elementwise bounds: an element passes when
+//! `|a − b| ≤ atol + rtol·|a|` (per-output values allowed), or, with another
+//! [`Stat`](VerifyOptions::stat), an output passes when the statistic of |a − b| is at most atol
+//! or that of |a − b|/|a| at most rtol (as Polygraphy's `--check-error-stat`).
+//!
+//! Either way, NaN and infinite values pass only where both models agree (both NaN, or the same
+//! infinity), and shapes must match.
+//!
+//! # Precision
+//!
+//! tract cannot run bfloat16 at all, nor every operator in float16: models that store or compute
+//! anything in half precision are evaluated as their exact float32 upcast (the same weights,
+//! activations not rounded to half precision), and judged by the noise of their stored precision.
+//! The report's `evaluation` says so.
 //!
 //! # Inputs
 //!
@@ -32,31 +62,108 @@
 //! way is reported in `notes`); a dimension left symbolic (or unknown) in both models defaults to 1
 //! and `notes` says so. Symbols are also substituted in the models' other declared facts
 //! (`value_info`).
-//!
-//! # Comparison
-//!
-//! Every output (matched by name) is compared in f64, `a` = reference, `b` = candidate. An element
-//! passes iff `|a - b| <= atol + rtol * |a|`; an output passes iff all its elements pass, the shapes
-//! agree and neither side holds a NaN. Statistics are aggregated over samples (max of maxes, mean
-//! of means). Values that are infinite (e.g. `min_rtol` when the reference is 0 where the
-//! difference exceeds `atol`) serialise to JSON `null`.
 
 pub(crate) mod compare;
 pub(crate) mod inputs;
+mod noise;
 pub(crate) mod report;
 
 pub use inputs::MAX_INPUT_ELEMENTS;
-pub use report::{InputSpec, OutputReport, VerifyReport};
+pub use report::{Divergence, InputSpec, OutputReport, VerifyReport};
 
 use crate::error::Error;
-use crate::tract::{load, prepare, run, Loaded, PlanKind};
-use compare::{compare_into, finish, Acc};
-use inputs::{resolve_inputs, sample};
+use crate::model::save::TempModel;
+use crate::model::tensor::FloatType;
+use crate::model::transform::{eval_mode, freeze_initializers, has_half, training_mode, upcast_half};
+use crate::model::Model;
+use crate::tract::{load, prepare, run, InputFact, Loaded, PlanKind, PlanSpec};
+use compare::{finish, Acc, Judge};
+use inputs::{read_npz_array, resolve_inputs, sample, write_npz};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use tract_onnx::prelude::Tensor;
+
+/// How outputs are judged (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Criterion {
+    /// No further from the reference than [`VerifyOptions::noise_factor`] times the reference's
+    /// own rounding noise.
+    #[default]
+    Noise,
+    /// Within `atol` and `rtol`.
+    Tolerance,
+}
+
+impl std::str::FromStr for Criterion {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "noise" => Ok(Criterion::Noise),
+            "tolerance" => Ok(Criterion::Tolerance),
+            _ => Err(format!("criterion {s:?}: expected noise or tolerance")),
+        }
+    }
+}
+
+impl std::fmt::Display for Criterion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Criterion::Noise => "noise",
+            Criterion::Tolerance => "tolerance",
+        })
+    }
+}
+
+/// The error statistic an output is judged by.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Stat {
+    /// Tolerances: every element within `atol + rtol·|a|`. Noise: the largest error.
+    #[default]
+    Elementwise,
+    Max,
+    Mean,
+    Median,
+    /// The `q` quantile (0 ≤ q ≤ 1).
+    Quantile(f64),
+}
+
+impl std::str::FromStr for Stat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "elementwise" | "elemwise" => Stat::Elementwise,
+            "max" => Stat::Max,
+            "mean" => Stat::Mean,
+            "median" => Stat::Median,
+            _ => match s.strip_prefix("quantile:").map(str::parse::<f64>) {
+                Some(Ok(q)) if (0.0..=1.0).contains(&q) => Stat::Quantile(q),
+                _ => {
+                    return Err(format!(
+                        "statistic {s:?}: expected elementwise, max, mean, median or quantile:Q with 0 <= Q <= 1"
+                    ))
+                }
+            },
+        })
+    }
+}
+
+impl std::fmt::Display for Stat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Stat::Elementwise => f.write_str("elementwise"),
+            Stat::Max => f.write_str("max"),
+            Stat::Mean => f.write_str("mean"),
+            Stat::Median => f.write_str("median"),
+            Stat::Quantile(q) => write!(f, "quantile:{q}"),
+        }
+    }
+}
+
+/// The default of [`VerifyOptions::noise_factor`].
+pub const NOISE_FACTOR: f64 = 10.0;
 
 /// Options of [`verify`].
 #[derive(Debug, Clone, PartialEq)]
@@ -65,16 +172,34 @@ pub struct VerifyOptions {
     pub seed: u64,
     /// Number of random input sets (default 3); one when every input comes from a file.
     pub samples: usize,
-    /// Absolute tolerance (default 1e-4).
+    /// How outputs are judged (default [`Criterion::Noise`]).
+    pub criterion: Criterion,
+    /// Noise criterion: how many times the reference's rounding noise an output may be off
+    /// (default [`NOISE_FACTOR`]).
+    pub noise_factor: f64,
+    /// Tolerance criterion: absolute tolerance (default 1e-4), per-output values in `output_atol`.
     pub atol: f64,
-    /// Relative tolerance, relative to the reference value (default 1e-4).
+    /// Tolerance criterion: relative tolerance (default 1e-4), per-output values in `output_rtol`.
     pub rtol: f64,
+    pub output_atol: Vec<(String, f64)>,
+    pub output_rtol: Vec<(String, f64)>,
+    /// The error statistic (default [`Stat::Elementwise`]).
+    pub stat: Stat,
     /// `--input-shape name:1,3,224,224`: concrete shapes of inputs.
     pub input_shapes: Vec<(String, Vec<usize>)>,
     /// `--input name=file.npy`: real input data.
     pub input_files: Vec<(String, PathBuf)>,
     /// `--inputs file.npz`: real input data, arrays named like the graph inputs.
     pub inputs_npz: Option<PathBuf>,
+    /// Write the inputs and the reference's outputs of the first sample to this .npz.
+    pub save_outputs: Option<PathBuf>,
+    /// Compare the candidate with these outputs (an .npz, arrays named like the outputs, made
+    /// elsewhere from the same inputs, e.g. by PyTorch) instead of the reference's.
+    pub load_outputs: Option<PathBuf>,
+    /// Run training-mode BatchNormalization and Dropout in their inference forms.
+    pub eval_bn: bool,
+    /// Treat initializers listed as graph inputs as constants.
+    pub freeze_initializers: bool,
     /// Print `verify: ...` progress lines on stderr once the check has run for more than 1 s.
     pub progress: bool,
 }
@@ -85,12 +210,32 @@ impl VerifyOptions {
         if self.samples == 0 {
             return Err("samples must be at least 1".into());
         }
-        for (what, v) in [("atol", self.atol), ("rtol", self.rtol)] {
+        let atols = self.output_atol.iter().map(|(n, v)| (format!("atol {n}:"), *v));
+        let rtols = self.output_rtol.iter().map(|(n, v)| (format!("rtol {n}:"), *v));
+        for (what, v) in
+            [("atol".to_string(), self.atol), ("rtol".to_string(), self.rtol)].into_iter().chain(atols).chain(rtols)
+        {
             if !(v >= 0.0 && v.is_finite()) {
                 return Err(format!("{what} must be a finite number >= 0, got {v}"));
             }
         }
+        if !(self.noise_factor >= 1.0 && self.noise_factor.is_finite()) {
+            return Err(format!("noise-factor must be a finite number >= 1, got {}", self.noise_factor));
+        }
+        if let Stat::Quantile(q) = self.stat {
+            if !(0.0..=1.0).contains(&q) {
+                return Err(format!("stat quantile must be from 0 to 1, got {q}"));
+            }
+        }
         Ok(())
+    }
+
+    fn atol_of(&self, output: &str) -> f64 {
+        self.output_atol.iter().rev().find(|(n, _)| n == output).map_or(self.atol, |(_, v)| *v)
+    }
+
+    fn rtol_of(&self, output: &str) -> f64 {
+        self.output_rtol.iter().rev().find(|(n, _)| n == output).map_or(self.rtol, |(_, v)| *v)
     }
 }
 
@@ -99,11 +244,20 @@ impl Default for VerifyOptions {
         VerifyOptions {
             seed: 0,
             samples: 3,
+            criterion: Criterion::Noise,
+            noise_factor: NOISE_FACTOR,
             atol: 1e-4,
             rtol: 1e-4,
+            output_atol: vec![],
+            output_rtol: vec![],
+            stat: Stat::Elementwise,
             input_shapes: vec![],
             input_files: vec![],
             inputs_npz: None,
+            save_outputs: None,
+            load_outputs: None,
+            eval_bn: false,
+            freeze_initializers: false,
             progress: false,
         }
     }
@@ -149,7 +303,6 @@ struct Progress {
     start: Instant,
     last: std::cell::Cell<Option<Instant>>,
 }
-
 impl Progress {
     fn say(&self, force: bool, msg: impl FnOnce() -> String) {
         if !self.on || self.start.elapsed().as_secs_f64() <= 1.0 {
@@ -163,6 +316,97 @@ impl Progress {
     }
 }
 
+/// A model as the check runs it: read with this crate's loader, edited as the options ask
+/// (inference forms, frozen initializers, float32 upcast), and loaded into tract (from a
+/// temporary copy when edited).
+struct Prepared {
+    model: Model,
+    loaded: Loaded,
+    /// the weights and the type each is stored in (before any upcast)
+    weights: HashMap<String, FloatType>,
+    /// the inputs of a half-precision type, when the model runs upcast
+    half_inputs: HashMap<String, FloatType>,
+    _temp: Option<TempModel>,
+}
+
+/// Our loader's errors on a file the check reads are load errors, as tract's are.
+fn load_error(path: &Path, e: Error) -> Error {
+    match e {
+        Error::Io { msg, .. } | Error::Format { msg, .. } => Error::Load { path: path.to_path_buf(), msg },
+        Error::ExternalData { msg, .. } => {
+            Error::Load { path: path.to_path_buf(), msg: format!("external data: {msg}") }
+        }
+        e => e,
+    }
+}
+
+fn prepare_model(path: &Path, opts: &VerifyOptions, upcast: bool, notes: &mut Vec<String>) -> Result<Prepared, Error> {
+    let mut model = Model::load(path).map_err(|e| load_error(path, e))?;
+    let mut edited = false;
+    if opts.eval_bn {
+        let n = eval_mode(&mut model).map_err(|m| Error::Usage(format!("{}: {m}", path.display())))?;
+        edited |= n > 0;
+    } else if let Some(msg) = training_mode(&model) {
+        return Err(Error::Usage(format!("{}: {msg}", path.display())));
+    }
+    if opts.freeze_initializers {
+        edited |= freeze_initializers(&mut model) > 0;
+    }
+    let weights = noise::weights(&model);
+    let mut half_inputs = HashMap::new();
+    if upcast {
+        for v in &model.graph().input {
+            if let Some(crate::proto::type_proto::Value::TensorType(t)) =
+                v.r#type.as_ref().and_then(|t| t.value.as_ref())
+            {
+                if let Some(ft @ (FloatType::F16 | FloatType::BF16)) = t.elem_type.and_then(FloatType::from_onnx) {
+                    half_inputs.insert(v.name().to_string(), ft);
+                }
+            }
+        }
+        model = upcast_half(&model)?;
+        edited = true;
+        notes.push(
+            "half precision is evaluated as the exact float32 upcast of both models (tract cannot run all of it as stored); judged by the noise of the stored precision".into(),
+        );
+    }
+    let (loaded, temp) = if edited {
+        let name = path.file_name().unwrap_or(std::ffi::OsStr::new("model.onnx"));
+        let temp = TempModel::write(&model, name)?;
+        let loaded = load(&temp.path).map_err(|e| shown_as(e, &temp.path, path))?.shown_as(path);
+        (loaded, Some(temp))
+    } else {
+        (load(path)?, None)
+    };
+    Ok(Prepared { model, loaded, weights, half_inputs, _temp: temp })
+}
+
+/// An error about a temporary copy, told about the user's file.
+fn shown_as(e: Error, temp: &Path, path: &Path) -> Error {
+    let fix = |m: String| m.replace(&temp.display().to_string(), &path.display().to_string());
+    match e {
+        Error::Load { msg, .. } => Error::Load { path: path.to_path_buf(), msg: fix(msg) },
+        Error::Unsupported { op, .. } => Error::Unsupported { path: path.to_path_buf(), op },
+        Error::Run { msg, .. } => Error::Run { path: path.to_path_buf(), msg: fix(msg) },
+        e => e,
+    }
+}
+
+/// The unit roundoff of an output's precision.
+fn unit_of(model: &Model, output: &str) -> f64 {
+    let g = model.graph();
+    let dt = g.output.iter().find(|o| o.name() == output).and_then(|o| match o.r#type.as_ref()?.value.as_ref()? {
+        crate::proto::type_proto::Value::TensorType(t) => t.elem_type,
+        _ => None,
+    });
+    match dt.and_then(FloatType::from_onnx) {
+        Some(FloatType::F16) => f64::powi(2.0, -11),
+        Some(FloatType::BF16) => f64::powi(2.0, -8),
+        Some(FloatType::F64) => f64::powi(2.0, -53),
+        _ => f64::powi(2.0, -24),
+    }
+}
+
 /// Checks that `candidate` computes the same function as `reference` (see the module docs).
 ///
 /// `Ok(report)` whenever both models ran; `report.passed` tells whether they agree.
@@ -170,40 +414,133 @@ impl Progress {
 pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Result<VerifyReport, Error> {
     let progress = Progress { on: opts.progress, start: Instant::now(), last: std::cell::Cell::new(None) };
     opts.validate().map_err(Error::Input)?;
-    let r = load(reference)?;
-    let c = load(candidate)?;
-    check_signature(&r, &c)?;
     let mut notes = vec![];
-    let inputs = resolve_inputs(&r, &c, opts, &mut notes)?;
+    let half = |p: &Path| Model::load(p).map(|m| has_half(&m)).map_err(|e| load_error(p, e));
+    let upcast = half(reference)? || half(candidate)?;
+    let r = prepare_model(reference, opts, upcast, &mut notes)?;
+    let c = prepare_model(candidate, opts, upcast, &mut notes)?;
+    check_signature(&r.loaded, &c.loaded)?;
+    let mut inputs = resolve_inputs(&r.loaded, &c.loaded, opts, &mut notes)?;
+    for i in &mut inputs {
+        i.stored = r.half_inputs.get(&i.name).copied();
+    }
     progress.say(true, || "models loaded".into());
-    let facts: Vec<_> = inputs.iter().map(|i| i.fact()).collect();
-    let (rplan, rin, rout) = prepare(r, &facts, &mut notes, PlanKind::Reference)?;
-    let (cplan, cin, cout) = prepare(c, &facts, &mut notes, PlanKind::Reference)?;
-    progress.say(true, || "models typed".into());
-
+    let facts: Vec<InputFact> = inputs.iter().map(|i| i.fact()).collect();
     let all_files = inputs.iter().all(|i| i.data.is_some());
     let samples = if all_files { 1 } else { opts.samples };
     if all_files && opts.samples != 1 {
         notes.push("every input comes from a file: one sample".into());
     }
     let mut rng = StdRng::seed_from_u64(opts.seed);
-    let mut accs: Vec<Acc> = rout.iter().map(|_| Acc::default()).collect();
-    for s in 0..samples {
-        let data = sample(&inputs, &mut rng)?;
-        let ro = run(reference, &rplan, &rin, &rout, &data)?;
-        let co = run(candidate, &cplan, &cin, &cout, &data)?;
-        for (acc, name) in accs.iter_mut().zip(&rout) {
-            compare_into(acc, s, &ro[name], &co[name], opts.atol, opts.rtol);
+    let data: Vec<HashMap<String, Tensor>> =
+        (0..samples).map(|_| sample(&inputs, &mut rng)).collect::<Result<_, _>>()?;
+    // the reference and the candidate, each typed and run on every sample, side by side
+    let reference_plan = PlanSpec::of(PlanKind::Reference);
+    let (ro, co) = std::thread::scope(|scope| {
+        let candidate_side = scope.spawn(|| run_all(&c.loaded, &facts, reference_plan, &data));
+        let ro = run_all(&r.loaded, &facts, reference_plan, &data);
+        (ro, candidate_side.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    });
+    let ((ro, rout, rin, rnotes), (co, _, _, cnotes)) = (ro?, co?);
+    notes.extend(rnotes.into_iter().chain(cnotes));
+    progress.say(true, || format!("{samples} sample(s) run"));
+    drop(c);
+    let golden: Option<HashMap<String, Tensor>> = match &opts.load_outputs {
+        None => None,
+        Some(_) if !all_files => {
+            return Err(Error::Input(
+                "--load-outputs compares one sample: give the inputs the golden outputs were made from (--inputs or --input)".into(),
+            ))
         }
-        progress.say(s + 1 == samples, || format!("sample {}/{} done", s + 1, samples));
+        Some(p) => Some(
+            rout.iter()
+                .map(|n| {
+                    read_npz_array(p, n)
+                        .map(|t| (n.clone(), t))
+                        .map_err(|e| Error::Input(format!("cannot read {}[{n}]: {e}", p.display())))
+                })
+                .collect::<Result<_, _>>()?,
+        ),
+    };
+    let mut accs: Vec<Acc> = rout.iter().map(|_| Acc::default()).collect();
+    for (s, (ro, co)) in ro.iter().zip(&co).enumerate() {
+        for (acc, name) in accs.iter_mut().zip(&rout) {
+            let against = golden.as_ref().map_or(&ro[name], |g| &g[name]);
+            acc.compare(s, against, &co[name], opts.atol_of(name), opts.rtol_of(name), opts.stat);
+            if let Some(g) = &golden {
+                acc.reference_error(&g[name], &ro[name], opts.stat);
+            }
+        }
     }
-    let outputs: Vec<OutputReport> = rout.iter().zip(accs).map(|(n, acc)| finish(n, acc)).collect();
+    drop(co);
+    if let Some(p) = &opts.save_outputs {
+        let mut arrays: Vec<(String, Tensor)> = rin.iter().map(|n| (n.clone(), data[0][n].clone())).collect();
+        arrays.extend(rout.iter().map(|n| (n.clone(), ro[0][n].clone())));
+        write_npz(p, &arrays).map_err(|e| Error::Usage(format!("{}: {e}", p.display())))?;
+    }
+    if opts.criterion == Criterion::Noise {
+        if r.weights.is_empty() {
+            notes.push(
+                "the reference has no weights to measure its noise by: one rounding of the output is the bound".into(),
+            );
+        }
+        // one perturbed copy of the reference per sample (a fresh draw each), run on that sample;
+        // two copies at a time, one a core
+        let draws: Vec<usize> = if r.weights.is_empty() { vec![] } else { (0..data.len()).collect() };
+        for pair in draws.chunks(2) {
+            let perturbed: Vec<_> = std::thread::scope(|scope| {
+                let sides: Vec<_> = pair
+                    .iter()
+                    .map(|&s| {
+                        let spec = PlanSpec {
+                            perturb: Some((&r.weights, opts.seed ^ (0x9e37_79b9 + s as u64))),
+                            ..reference_plan
+                        };
+                        let (r, facts, one) = (&r, &facts, std::slice::from_ref(&data[s]));
+                        scope.spawn(move || run_all(&r.loaded, facts, spec, one))
+                    })
+                    .collect();
+                sides.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+            });
+            for (&s, p) in pair.iter().zip(perturbed) {
+                let (po, _, _, pnotes) = p?;
+                notes.extend(pnotes);
+                for (acc, name) in accs.iter_mut().zip(&rout) {
+                    acc.noise(s, &ro[s][name], &po[0][name], opts.stat);
+                }
+            }
+        }
+        progress.say(true, || "noise measured".into());
+    }
+    let judge = |name: &str| Judge {
+        criterion: opts.criterion,
+        factor: opts.noise_factor,
+        atol: opts.atol_of(name),
+        rtol: opts.rtol_of(name),
+        stat: opts.stat,
+        unit: unit_of(&r.model, name),
+    };
+    let outputs: Vec<OutputReport> = rout.iter().zip(accs).map(|(n, acc)| finish(n, acc, &judge(n))).collect();
+    let passed = outputs.iter().all(|o| o.passed);
+    let divergence = if passed {
+        None
+    } else {
+        let worst = outputs.iter().filter(|o| !o.passed).map(|o| o.worst_sample).next().unwrap_or(0);
+        let c = prepare_model(candidate, opts, upcast, &mut vec![])?;
+        localise(&r, &c, &facts, &data[worst.min(data.len() - 1)], worst, opts, &mut notes).unwrap_or(None)
+    };
     let mut seen = HashSet::new();
     notes.retain(|n| seen.insert(n.clone()));
     Ok(VerifyReport {
-        passed: outputs.iter().all(|o| o.passed),
+        passed,
+        criterion: opts.criterion.to_string(),
+        noise_factor: opts.noise_factor,
+        stat: opts.stat.to_string(),
         atol: opts.atol,
         rtol: opts.rtol,
+        evaluation: if upcast { "float32 upcast".into() } else { "native".into() },
+        golden: opts.load_outputs.as_ref().map(|p| p.display().to_string()),
+        divergence,
         samples,
         seed: opts.seed,
         inputs: inputs.iter().map(|i| i.spec()).collect(),
@@ -212,4 +549,113 @@ pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Resul
         reference: reference.display().to_string(),
         candidate: candidate.display().to_string(),
     })
+}
+
+/// Outputs of one model's plan (built as `spec` says) on every sample, with its output and input
+/// names and the notes the planning made.
+#[allow(clippy::type_complexity)]
+fn run_all(
+    m: &Loaded,
+    facts: &[InputFact],
+    spec: PlanSpec,
+    data: &[HashMap<String, Tensor>],
+) -> Result<(Vec<HashMap<String, Tensor>>, Vec<String>, Vec<String>, Vec<String>), Error> {
+    let mut notes = vec![];
+    let (plan, inputs, outputs) = prepare(m, facts, &mut notes, spec)?;
+    let run_one = |d: &HashMap<String, Tensor>| run(&m.path, &plan, &inputs, &outputs, d);
+    // the samples on as many threads as there are cores (a plan runs from several threads)
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(data.len()).max(1);
+    let chunk = data.len().div_ceil(threads);
+    let runs: Vec<Result<Vec<_>, Error>> = std::thread::scope(|scope| {
+        let handles: Vec<_> =
+            data.chunks(chunk).map(|part| scope.spawn(move || part.iter().map(run_one).collect())).collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+    });
+    let mut all = Vec::with_capacity(data.len());
+    for r in runs {
+        all.extend(r?);
+    }
+    Ok((all, outputs, inputs, notes))
+}
+
+/// The first tensor, in the candidate's node order, that both models compute under the same name
+/// and whose difference is more than the noise factor times the reference's noise there (both
+/// measured on one sample, `data`). Best effort: `Ok(None)` when none is found.
+fn localise(
+    r: &Prepared,
+    c: &Prepared,
+    facts: &[InputFact],
+    data: &HashMap<String, Tensor>,
+    sample: usize,
+    opts: &VerifyOptions,
+    notes: &mut Vec<String>,
+) -> Result<Option<Divergence>, Error> {
+    let inputs: HashSet<&str> = r.model.graph().input.iter().map(|v| v.name()).collect();
+    let in_reference: HashSet<&str> =
+        r.model.graph().node.iter().flat_map(|n| n.output.iter().map(|s| s.as_str())).collect();
+    let mut names: Vec<String> = Vec::new();
+    let mut writer: HashMap<String, (String, String)> = HashMap::new();
+    for n in &c.model.graph().node {
+        for o in n.output.iter().filter(|o| !o.is_empty()) {
+            if in_reference.contains(o.as_str())
+                && !inputs.contains(o.as_str())
+                && r.loaded.has_tensor(o)
+                && c.loaded.has_tensor(o)
+                && !names.contains(o)
+            {
+                names.push(o.clone());
+                writer.insert(o.clone(), (n.name().to_string(), n.op_type().to_string()));
+            }
+        }
+    }
+    if names.is_empty() {
+        return Ok(None);
+    }
+    let spec = PlanSpec { kind: PlanKind::Reference, perturb: None, outputs: Some(&names) };
+    let mut scratch = vec![];
+    let (rp, rin, rout) = prepare(&r.loaded, facts, &mut scratch, spec)?;
+    let ro = run(&r.loaded.path, &rp, &rin, &rout, data)?;
+    drop(rp);
+    let (cp, cin, cout) = prepare(&c.loaded, facts, &mut scratch, spec)?;
+    let co = run(&c.loaded.path, &cp, &cin, &cout, data)?;
+    drop(cp);
+    let po = if r.weights.is_empty() {
+        None
+    } else {
+        let spec = PlanSpec { perturb: Some((&r.weights, opts.seed ^ 0x9e37_79b9)), ..spec };
+        let (pp, pin, pout) = prepare(&r.loaded, facts, &mut scratch, spec)?;
+        Some(run(&r.loaded.path, &pp, &pin, &pout, data)?)
+    };
+    for (k, name) in names.iter().enumerate() {
+        let mut acc = Acc::default();
+        acc.compare(sample, &ro[name], &co[name], 0.0, 0.0, Stat::Max);
+        if let Some(po) = &po {
+            acc.noise(sample, &ro[name], &po[name], Stat::Max);
+        }
+        let judge = Judge {
+            criterion: Criterion::Noise,
+            factor: opts.noise_factor,
+            atol: 0.0,
+            rtol: 0.0,
+            stat: Stat::Max,
+            unit: f64::powi(2.0, -24),
+        };
+        let o = finish(name, acc, &judge);
+        if !o.passed {
+            let (node, op) = writer[name].clone();
+            let scale = o.noise.unwrap_or(0.0).max(o.noise_floor.unwrap_or(0.0));
+            return Ok(Some(Divergence {
+                tensor: name.clone(),
+                node,
+                op,
+                sample,
+                error: o.error,
+                noise: scale,
+                ratio: o.ratio.unwrap_or(f64::INFINITY),
+                compared: k + 1,
+            }));
+        }
+    }
+    notes.push(format!("no tensor the two models share diverges ({} compared); the outputs do", names.len()));
+    Ok(None)
 }

@@ -50,19 +50,71 @@ pub struct OutputReport {
     /// Number of NaN elements in the reference / candidate outputs (all samples).
     pub nan_reference: usize,
     pub nan_candidate: usize,
-    /// Number of elements failing `|a - b| <= atol + rtol * |a|` (all samples).
+    /// Number of elements failing `|a - b| <= atol + rtol * |a|` (all samples), non-finite
+    /// disagreements included.
     pub failing_elements: usize,
-    /// Why the output cannot pass independently of tolerances (NaN, shape mismatch), if so.
+    /// The error statistic (`stat` of |a - b|, the largest over samples).
+    pub error: f64,
+    /// Noise criterion: how far the reference moves when every weight moves by one rounding
+    /// (the statistic, largest over samples and perturbations); null with tolerances.
+    pub noise: Option<f64>,
+    /// Noise criterion: one rounding of the output's precision at its scale (`unit · max|ref|`),
+    /// the least noise assumed.
+    pub noise_floor: Option<f64>,
+    /// With golden outputs: how far the reference model is from them.
+    pub reference_error: Option<f64>,
+    /// Noise criterion: `error / max(noise, noise_floor, reference_error)`; passes up to the
+    /// report's `noise_factor`.
+    pub ratio: Option<f64>,
+    /// The tolerances of this output.
+    pub atol: f64,
+    pub rtol: f64,
+    /// Why the output cannot pass whatever the tolerance (non-finite values that disagree, a
+    /// shape mismatch), if so.
     pub problem: Option<String>,
     pub passed: bool,
+}
+
+/// The first tensor, in the candidate's order, that both models compute under the same name and
+/// that diverges: where the candidate goes wrong.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Divergence {
+    /// The tensor's name.
+    pub tensor: String,
+    /// The candidate's node that writes it, and its operator.
+    pub node: String,
+    pub op: String,
+    /// Sample it was found on.
+    pub sample: usize,
+    /// As for the outputs: the error statistic, the reference's noise there, their ratio.
+    pub error: f64,
+    pub noise: f64,
+    pub ratio: f64,
+    /// How many tensors both models compute (and were compared, in order, up to this one).
+    pub compared: usize,
 }
 
 /// Result of [`verify`](super::verify).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct VerifyReport {
     pub passed: bool,
+    /// `noise` (the default) or `tolerance`.
+    pub criterion: String,
+    /// Noise criterion: the most an output may be further from the reference than the
+    /// reference's own rounding noise.
+    pub noise_factor: f64,
+    /// The error statistic compared: `elementwise`, `max`, `mean`, `median` or `quantile:Q`.
+    pub stat: String,
+    /// Default tolerances (per-output values are in `outputs`).
     pub atol: f64,
     pub rtol: f64,
+    /// How the models ran: `native`, or `float32 upcast` (half precision evaluated as the exact
+    /// float32 upcast of its weights).
+    pub evaluation: String,
+    /// The golden outputs the candidate was compared with, if any.
+    pub golden: Option<String>,
+    /// When the check failed: the first diverging tensor, if one was found.
+    pub divergence: Option<Divergence>,
     /// Number of input sets actually run.
     pub samples: usize,
     pub seed: u64,
@@ -87,32 +139,55 @@ impl VerifyReport {
 
     /// A fixed-width table, one row per output, then the verdict line.
     pub fn table(&self) -> String {
-        let headers = [
-            "output",
-            "shape",
-            "max abs",
-            "max rel",
-            "mean abs",
-            "worst index",
-            "max|ref|",
-            "min atol",
-            "min rtol",
-            "result",
-        ];
+        let noise = self.criterion == "noise";
+        let headers: &[&str] = if noise {
+            &["output", "shape", "max abs", "error", "noise", "ratio", "worst index", "max|ref|", "result"]
+        } else {
+            &[
+                "output",
+                "shape",
+                "max abs",
+                "max rel",
+                "mean abs",
+                "worst index",
+                "max|ref|",
+                "min atol",
+                "min rtol",
+                "result",
+            ]
+        };
+        let left = |i: usize| i <= 1 || headers[i] == "worst index";
         let mut rows: Vec<Vec<String>> = vec![];
         for o in &self.outputs {
-            rows.push(vec![
-                o.name.clone(),
-                fmt_dims(&o.shape),
-                fmt_num(o.max_abs_diff),
-                fmt_num(o.max_rel_diff),
-                fmt_num(o.mean_abs_diff),
-                fmt_dims(&o.worst_index),
-                fmt_num(o.max_abs_reference),
-                fmt_num(o.min_atol),
-                fmt_num(o.min_rtol),
-                if o.passed { "PASS".into() } else { "FAIL".into() },
-            ]);
+            let result = if o.passed { "PASS".to_string() } else { "FAIL".to_string() };
+            rows.push(if noise {
+                let scale =
+                    o.noise.unwrap_or(0.0).max(o.noise_floor.unwrap_or(0.0)).max(o.reference_error.unwrap_or(0.0));
+                vec![
+                    o.name.clone(),
+                    fmt_dims(&o.shape),
+                    fmt_num(o.max_abs_diff),
+                    fmt_num(o.error),
+                    fmt_num(scale),
+                    fmt_ratio(o.ratio.unwrap_or(f64::NAN)),
+                    fmt_dims(&o.worst_index),
+                    fmt_num(o.max_abs_reference),
+                    result,
+                ]
+            } else {
+                vec![
+                    o.name.clone(),
+                    fmt_dims(&o.shape),
+                    fmt_num(o.max_abs_diff),
+                    fmt_num(o.max_rel_diff),
+                    fmt_num(o.mean_abs_diff),
+                    fmt_dims(&o.worst_index),
+                    fmt_num(o.max_abs_reference),
+                    fmt_num(o.min_atol),
+                    fmt_num(o.min_rtol),
+                    result,
+                ]
+            });
         }
         let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
         for r in &rows {
@@ -127,8 +202,8 @@ impl VerifyReport {
                 if i > 0 {
                     l.push_str("  ");
                 }
-                // names and shapes left-aligned, numbers right-aligned
-                if i <= 1 || i == 5 {
+                // names, shapes and indices left-aligned, numbers right-aligned
+                if left(i) {
                     let _ = write!(l, "{c:<w$}");
                 } else {
                     let _ = write!(l, "{c:>w$}");
@@ -147,23 +222,53 @@ impl VerifyReport {
                 let _ = writeln!(out, "{}: {}", o.name, p);
             }
         }
+        if let Some(d) = &self.divergence {
+            let _ = writeln!(
+                out,
+                "first divergence: '{}' written by {} '{}' (error {} = {}x the reference's noise there; sample {})",
+                d.tensor,
+                d.op,
+                d.node,
+                fmt_num(d.error),
+                fmt_ratio(d.ratio),
+                d.sample
+            );
+        }
         for n in &self.notes {
             let _ = writeln!(out, "note: {n}");
         }
         let failed = self.outputs.iter().filter(|o| !o.passed).count();
+        let within = match (noise, &self.golden) {
+            (true, None) => format!("within {}x the reference's own rounding noise", self.noise_factor),
+            (true, Some(g)) => format!(
+                "as close to the golden outputs ({g}) as {}x the reference's distance to them (or its rounding noise)",
+                self.noise_factor
+            ),
+            (false, _) => format!("within atol={} rtol={} ({})", self.atol, self.rtol, self.stat),
+        };
         let _ = writeln!(
             out,
-            "{}: {} of {} output(s) within atol={} rtol={} over {} sample(s) ({} vs {})",
+            "{}: {} of {} output(s) {within} over {} sample(s) ({} vs {})",
             if self.passed { "EQUIVALENT" } else { "NOT EQUIVALENT" },
             self.outputs.len() - failed,
             self.outputs.len(),
-            self.atol,
-            self.rtol,
             self.samples,
             self.reference,
             self.candidate,
         );
         out
+    }
+}
+
+fn fmt_ratio(x: f64) -> String {
+    if x.is_nan() {
+        "-".into()
+    } else if x.is_infinite() {
+        "inf".into()
+    } else if x >= 100.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.2}")
     }
 }
 

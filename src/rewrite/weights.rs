@@ -1,0 +1,120 @@
+//! What merged weights look like to the precisions users deploy in: whether they fit float16,
+//! and whether per-tensor int8 quantisation would crush most output channels. Re-parameterised
+//! models are known to quantise badly; the report says so per merged Conv.
+
+use crate::model::tensor::FloatType;
+use ndarray::ArrayD;
+use serde::Serialize;
+
+/// float16's largest finite value.
+const F16_MAX: f64 = 65504.0;
+/// Below half of float16's smallest subnormal (2^-24), a value rounds to zero.
+const F16_ZERO: f64 = 2.980_232_238_769_531_2e-8;
+/// A channel is crushed by per-tensor int8 when its largest |w| is below this fraction of the
+/// tensor's: it gets fewer than 8 of int8's 127 levels (under 3 bits).
+pub const INT8_CRUSH: f64 = 1.0 / 16.0;
+
+/// Ranges of one merged weight tensor.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct WeightStats {
+    /// The merged Conv.
+    pub conv: String,
+    pub min: f64,
+    pub max: f64,
+    /// Over output channels (axis 0), the smallest and largest of each channel's max |w|.
+    pub channel_max_abs_min: f64,
+    pub channel_max_abs_max: f64,
+    pub channels: usize,
+    /// Channels whose max |w| is below [`INT8_CRUSH`] times the tensor's.
+    pub int8_crushed_channels: usize,
+    /// Weights beyond float16's range (±65504).
+    pub float16_overflow: usize,
+    /// Non-zero weights that round to zero in float16.
+    pub float16_flush: usize,
+}
+
+impl WeightStats {
+    pub fn of(conv: &str, w: &ArrayD<f64>) -> WeightStats {
+        let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
+        let (mut overflow, mut flush) = (0, 0);
+        for &v in w {
+            min = min.min(v);
+            max = max.max(v);
+            overflow += (v.abs() > F16_MAX) as usize;
+            flush += (v != 0.0 && v.abs() < F16_ZERO) as usize;
+        }
+        let channel: Vec<f64> = w.outer_iter().map(|c| c.iter().fold(0.0, |m: f64, v| m.max(v.abs()))).collect();
+        let top = channel.iter().fold(0.0, |m: f64, &v| m.max(v));
+        WeightStats {
+            conv: conv.to_string(),
+            min,
+            max,
+            channel_max_abs_min: channel.iter().fold(f64::INFINITY, |m, &v| m.min(v)),
+            channel_max_abs_max: top,
+            channels: channel.len(),
+            int8_crushed_channels: channel.iter().filter(|&&c| c < top * INT8_CRUSH).count(),
+            float16_overflow: overflow,
+            float16_flush: flush,
+        }
+    }
+
+    /// One line per problem.
+    pub fn warnings(&self) -> Vec<String> {
+        let conv = &self.conv;
+        let mut w = Vec::new();
+        if self.float16_overflow > 0 {
+            w.push(format!(
+                "Conv '{conv}': {} merged weight(s) beyond float16's range (±65504)",
+                self.float16_overflow
+            ));
+        }
+        if self.float16_flush > 0 {
+            w.push(format!("Conv '{conv}': {} non-zero merged weight(s) flush to zero in float16", self.float16_flush));
+        }
+        if self.int8_crushed_channels * 2 > self.channels {
+            w.push(format!(
+                "Conv '{conv}': per-tensor int8 would crush {} of {} output channels (their largest weight is under 1/16 of the tensor's: fewer than 8 of 127 levels); quantise per channel",
+                self.int8_crushed_channels, self.channels
+            ));
+        }
+        w
+    }
+}
+
+/// Values of `a` that `ft` cannot hold: (beyond its range, non-zero but rounding to zero).
+pub(crate) fn unrepresentable(a: &ArrayD<f64>, ft: FloatType) -> (usize, usize) {
+    let (max, zero) = match ft {
+        FloatType::F16 => (F16_MAX, F16_ZERO),
+        FloatType::BF16 => (3.389_531_389_251_535_5e38, 4.591_774_807_899_561e-41),
+        FloatType::F32 => (f32::MAX as f64, 7.006_492_321_624_085e-46),
+        FloatType::F64 => (f64::MAX, 0.0),
+    };
+    // (a non-finite value is counted as beyond the range: no rewrite may introduce one)
+    a.iter().fold((0, 0), |(o, u), &v| {
+        (o + (!v.is_finite() || v.abs() > max) as usize, u + (v != 0.0 && v.abs() < zero) as usize)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::IxDyn;
+
+    #[test]
+    fn stats_flag_float16_and_int8_problems() {
+        // 4 channels: one large, three tiny
+        let w = ArrayD::from_shape_vec(IxDyn(&[4, 1]), vec![70000.0, 1e-9, -0.5, 1.0]).unwrap();
+        let s = WeightStats::of("c", &w);
+        assert_eq!((s.float16_overflow, s.float16_flush, s.int8_crushed_channels, s.channels), (1, 1, 3, 4));
+        assert_eq!(s.warnings().len(), 3);
+        let ok = ArrayD::from_shape_vec(IxDyn(&[2, 1]), vec![1.0, -0.5]).unwrap();
+        assert!(WeightStats::of("c", &ok).warnings().is_empty());
+    }
+
+    #[test]
+    fn unrepresentable_counts_overflow_and_underflow_per_type() {
+        let a = ArrayD::from_shape_vec(IxDyn(&[3]), vec![1e5, 1e-9, 1.0]).unwrap();
+        assert_eq!(unrepresentable(&a, FloatType::F16), (1, 1));
+        assert_eq!(unrepresentable(&a, FloatType::F32), (0, 0));
+    }
+}

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 
 /// Producers and consumers of every tensor of one graph (not of its subgraphs; a tensor a
 /// subgraph reads from the outer scope counts as consumed by the node that holds the subgraph).
-#[derive(Debug, Default)]
+#[derive(Debug, Default, PartialEq)]
 pub struct GraphIndex {
     /// tensor name → (node index, output slot)
     pub producer: HashMap<String, (usize, usize)>,
@@ -65,7 +65,9 @@ pub fn node_reads(n: &NodeProto) -> Vec<String> {
 impl GraphIndex {
     pub fn new(g: &GraphProto) -> GraphIndex {
         let mut ix = GraphIndex::default();
-        for (i, t) in g.initializer.iter().enumerate() {
+        // (an initializer without a name is a slot the rewrite emptied; a model that has one
+        // is refused on load)
+        for (i, t) in g.initializer.iter().enumerate().filter(|(_, t)| !t.name().is_empty()) {
             ix.initializer.insert(t.name().to_string(), i);
         }
         ix.inputs.extend(g.input.iter().map(|v| v.name().to_string()));
@@ -81,6 +83,39 @@ impl GraphIndex {
             }
         }
         ix
+    }
+
+    /// Forget node `i` (about to be removed or replaced): its outputs lose their producer, its
+    /// reads lose this consumer.
+    pub fn remove_node(&mut self, i: usize, n: &NodeProto) {
+        for (slot, o) in n.output.iter().enumerate() {
+            if self.producer.get(o) == Some(&(i, slot)) {
+                self.producer.remove(o);
+            }
+        }
+        for r in node_reads(n) {
+            if let Some(c) = self.consumers.get_mut(&r) {
+                c.retain(|&k| k != i);
+                if c.is_empty() {
+                    self.consumers.remove(&r);
+                }
+            }
+        }
+    }
+
+    /// Index node `n`, now at position `i`. Consumer lists stay in node order, as
+    /// [`GraphIndex::new`] builds them.
+    pub fn add_node(&mut self, i: usize, n: &NodeProto) {
+        for (slot, o) in n.output.iter().enumerate() {
+            if !o.is_empty() {
+                self.producer.insert(o.clone(), (i, slot));
+            }
+        }
+        for r in node_reads(n) {
+            let c = self.consumers.entry(r).or_default();
+            let at = c.partition_point(|&k| k <= i);
+            c.insert(at, i);
+        }
     }
 
     /// How many times a tensor is read, counting a graph output as one read.

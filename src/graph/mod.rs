@@ -12,7 +12,7 @@ pub(crate) use attrs::{
 };
 pub(crate) use consts::{ConstError, Consts};
 pub(crate) use index::{node_reads, GraphIndex};
-pub(crate) use names::Names;
+pub(crate) use names::{graph_names, Names};
 
 use crate::proto::{tensor_shape_proto::dimension::Value, type_proto, ValueInfoProto};
 

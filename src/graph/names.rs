@@ -7,40 +7,45 @@ use std::collections::HashSet;
 
 /// Makes names not used anywhere in a graph (nor made before by this generator).
 pub(crate) struct Names<'g> {
-    g: &'g GraphProto,
-    /// every name of the graph and every name made; filled on first use
-    taken: Option<HashSet<String>>,
+    /// every name of the graph (see [`graph_names`]; the rewrite driver keeps this set across
+    /// patches)
+    known: &'g HashSet<String>,
+    /// the names made
+    made: HashSet<String>,
     /// initializer names handed out as a conv's own by [`Names::conv_params`]
     claimed: HashSet<String>,
 }
 
+/// Every name a graph uses: inputs, outputs, initializers, value infos, node inputs and outputs.
+pub(crate) fn graph_names(g: &GraphProto) -> HashSet<String> {
+    let mut t: HashSet<String> = HashSet::new();
+    t.extend(g.input.iter().map(|v| v.name().to_string()));
+    t.extend(g.output.iter().map(|v| v.name().to_string()));
+    t.extend(g.initializer.iter().map(|t| t.name().to_string()));
+    t.extend(g.value_info.iter().map(|v| v.name().to_string()));
+    for n in &g.node {
+        t.extend(n.input.iter().cloned());
+        t.extend(n.output.iter().cloned());
+    }
+    t
+}
+
 impl<'g> Names<'g> {
-    pub fn new(g: &'g GraphProto) -> Names<'g> {
-        Names { g, taken: None, claimed: HashSet::new() }
+    /// A generator over a graph whose names are all in `known`.
+    pub fn new(known: &'g HashSet<String>) -> Names<'g> {
+        Names { known, made: HashSet::new(), claimed: HashSet::new() }
     }
 
     /// `base`, or `base_1`, `base_2`, ... : the first that is free.
     pub fn fresh(&mut self, base: &str) -> String {
-        let g = self.g;
-        let taken = self.taken.get_or_insert_with(|| {
-            let mut t: HashSet<String> = HashSet::new();
-            t.extend(g.input.iter().map(|v| v.name().to_string()));
-            t.extend(g.output.iter().map(|v| v.name().to_string()));
-            t.extend(g.initializer.iter().map(|t| t.name().to_string()));
-            t.extend(g.value_info.iter().map(|v| v.name().to_string()));
-            for n in &g.node {
-                t.extend(n.input.iter().cloned());
-                t.extend(n.output.iter().cloned());
-            }
-            t
-        });
+        let taken = |n: &str| self.made.contains(n) || self.known.contains(n);
         let mut name = base.to_string();
         let mut k = 1;
-        while taken.contains(&name) {
+        while taken(&name) {
             name = format!("{base}_{k}");
             k += 1;
         }
-        taken.insert(name.clone());
+        self.made.insert(name.clone());
         name
     }
 
@@ -97,7 +102,8 @@ mod tests {
     #[test]
     fn fresh_names_avoid_the_graph_and_each_other() {
         let g = graph();
-        let mut names = Names::new(&g);
+        let known = graph_names(&g);
+        let mut names = Names::new(&known);
         assert_eq!(names.fresh("y"), "y_1");
         assert_eq!(names.fresh("y"), "y_2");
         assert_eq!(names.fresh("w_fused"), "w_fused_1");
@@ -109,7 +115,8 @@ mod tests {
     fn a_conv_keeps_its_own_parameter_names_once_per_generator() {
         let g = graph();
         let ix = GraphIndex::new(&g);
-        let mut names = Names::new(&g);
+        let known = graph_names(&g);
+        let mut names = Names::new(&known);
         let conv = &g.node[0];
         assert_eq!(names.conv_params(&ix, conv), ("w".to_string(), "b".to_string()));
         // a second merged conv in the same patch never gets the same names

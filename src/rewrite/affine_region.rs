@@ -20,7 +20,7 @@
 
 use super::sum_tree::{is_root, leaves};
 use super::{kernel_str, rewired_conv, Checked, Cx, Patch, Reason, RegionReason, Rewrite, Rule, RuleId};
-use crate::graph::{attr_int, attr_ints, is_default_domain, is_op, GraphIndex, Names};
+use crate::graph::{attr_int, attr_ints, is_default_domain, is_op, GraphIndex};
 use crate::kernel::read::{read_conv, read_pad, read_slice};
 use crate::kernel::AffineConv;
 use crate::model::tensor::{from_f64, to_f64, FloatType};
@@ -113,7 +113,7 @@ impl Rule for AffineRegion {
         let root = cx.node(c.root);
         let y = &root.output[0];
         let Plan { conv, base, ft } = plan;
-        let mut names = Names::new(cx.g);
+        let mut names = cx.names();
         let (mut node, wbase) = match base {
             Some(b) => {
                 let bnode = cx.node(b);

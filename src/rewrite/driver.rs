@@ -1,16 +1,16 @@
 //! The driver: tries every rule at every node, applies the patch of the first that fires, and
 //! repeats whole scans until one changes nothing. What rules see of the model is a [`Cx`].
 
+use super::patch::Holes;
 use super::{Refusal, Rewrite, Step, Try};
-use crate::graph::{default_opset, Consts, GraphIndex};
+use crate::graph::{default_opset, graph_names, Consts, GraphIndex, Names};
 use crate::model::Model;
 use crate::proto::{GraphProto, NodeProto};
 use ndarray::ArrayD;
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// State kept across patches.
-#[derive(Default)]
 pub(crate) struct Cache {
     /// The exact f64 values of the tensors the rewrite wrote, so that a kernel folded and then
     /// merged (a BN folded into each branch, then the branches merged; nested sums) is rounded to
@@ -18,11 +18,28 @@ pub(crate) struct Cache {
     /// an entry can be dropped at any time: it is dropped once the scan has passed every node
     /// that could read it ([`Cache::evict_before`]), which keeps at most a block's worth alive.
     pub exact: HashMap<String, ArrayD<f64>>,
+    /// Every name the graph has used since the rewrite began (names of removed tensors stay
+    /// taken), so that fresh names are found without reading the graph.
+    names: HashSet<String>,
+    /// The slots patches emptied, not yet compacted away.
+    holes: Holes,
     /// Concrete tensor shapes from tract's analysis of the model, computed when first needed.
     shapes: RefCell<Option<HashMap<String, Vec<usize>>>>,
+    /// The shapes the graph declares (value infos, then graph inputs), by name; read once.
+    declared: RefCell<Option<HashMap<String, Option<Vec<usize>>>>>,
 }
 
 impl Cache {
+    pub fn new(g: &GraphProto) -> Cache {
+        Cache {
+            exact: HashMap::new(),
+            names: graph_names(g),
+            holes: Holes::default(),
+            shapes: RefCell::default(),
+            declared: RefCell::default(),
+        }
+    }
+
     /// Drop the f64 values no rule at node `i` or later can read: rules read a kernel from the
     /// sum, BatchNormalization or scale at most two steps downstream of its Conv (Conv → Mul →
     /// Add), so an entry whose Conv's outputs are consumed, two steps deep, only before `i` is
@@ -91,35 +108,59 @@ impl<'a> Cx<'a> {
         self.ix.uses(name)
     }
 
+    /// A generator of fresh names for one patch.
+    pub fn names(&self) -> Names<'a> {
+        Names::new(&self.cache.names)
+    }
+
     /// Concrete shape of a tensor: from the graph's declared shapes, else from tract's analysis
     /// of the whole model (done once). A symbolic batch dim counts as 1.
     pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
-        let g = self.g;
-        let declared = g.value_info.iter().chain(&g.input).find(|v| v.name() == name).and_then(|v| {
-            crate::graph::declared_dims(v)?
-                .iter()
-                .enumerate()
-                .map(|(i, d)| match d {
-                    Some(v) if *v >= 0 => Some(*v as usize),
-                    _ if i == 0 => Some(1),
-                    _ => None,
-                })
-                .collect::<Option<Vec<usize>>>()
+        let (g, holes) = (self.g, &self.cache.holes);
+        let mut declared = self.cache.declared.borrow_mut();
+        let declared = declared.get_or_insert_with(|| {
+            let mut m = HashMap::new();
+            for v in g.value_info.iter().chain(&g.input) {
+                let dims = crate::graph::declared_dims(v).and_then(|d| {
+                    d.iter()
+                        .enumerate()
+                        .map(|(i, d)| match d {
+                            Some(v) if *v >= 0 => Some(*v as usize),
+                            _ if i == 0 => Some(1),
+                            _ => None,
+                        })
+                        .collect::<Option<Vec<usize>>>()
+                });
+                m.entry(v.name().to_string()).or_insert(dims);
+            }
+            m
         });
-        if declared.is_some() {
-            return declared;
+        // (a dropped value info is no longer the tensor's; the graph inputs' never drop)
+        if let Some(Some(d)) = declared.get(name).filter(|_| !holes.value_info(name)) {
+            return Some(d.clone());
         }
         let mut cache = self.cache.shapes.borrow_mut();
-        cache.get_or_insert_with(|| crate::tract::shapes(self.model)).get(name).cloned()
+        cache
+            .get_or_insert_with(|| {
+                if holes.is_empty() {
+                    return crate::tract::shapes(self.model);
+                }
+                let mut m = self.model.clone();
+                Holes::compacted(holes, m.graph_mut());
+                crate::tract::shapes(&m)
+            })
+            .get(name)
+            .cloned()
     }
 }
 
 /// Run `rules` to a fixed point. Returns what fired and the refusals still standing.
 pub(crate) fn run(model: &mut Model, rules: &[&dyn Try]) -> (Vec<Rewrite>, Vec<Refusal>) {
-    let mut cache = Cache::default();
+    let mut cache = Cache::new(model.graph());
     let mut log = Vec::new();
     // Scan the nodes in order; after a patch, go on from the node it inserted. Repeat whole
-    // scans until one makes no change. The index is rebuilt only after a patch.
+    // scans until one makes no change. A patch updates the index for the nodes it touched and
+    // leaves the slots it emptied in place (see `Holes`); they are compacted between scans.
     // The refusals of the last scan (the one that changed nothing) are those that stand.
     let mut refusals = Vec::new();
     let mut changed = true;
@@ -131,8 +172,13 @@ pub(crate) fn run(model: &mut Model, rules: &[&dyn Try]) -> (Vec<Rewrite>, Vec<R
         changed = false;
         refusals.clear();
         let mut i = 0;
+        cache.holes.compact(model.graph_mut());
         let mut ix = GraphIndex::new(model.graph());
         while i < model.graph().node.len() && log.len() < budget {
+            if cache.holes.node(i) {
+                i += 1;
+                continue;
+            }
             let fired = {
                 let cx = Cx::new(model, &ix, &cache);
                 let mut fired = None;
@@ -162,18 +208,26 @@ pub(crate) fn run(model: &mut Model, rules: &[&dyn Try]) -> (Vec<Rewrite>, Vec<R
                 .or_else(|| p.replace.iter().min_by_key(|r| r.0).map(|r| &r.1))
                 .and_then(|n| n.output.first())
                 .cloned();
+            for n in p.insert.iter().chain(p.replace.iter().map(|r| &r.1)) {
+                cache.names.extend(n.input.iter().chain(&n.output).cloned());
+            }
+            cache.names.extend(p.initializers.iter().map(|t| t.0.clone()));
             log.push(p.log.clone());
             debug_assert!(log.len() < budget, "rules keep rewriting: {:?}", log.last());
-            p.apply(model, &ix, &mut cache.exact);
-            ix = GraphIndex::new(model.graph());
+            p.apply(model, &mut ix, &mut cache.exact, &mut cache.holes);
             if cfg!(debug_assertions) {
-                if let Err(e) = ix.validate(model.graph()) {
+                let fresh = GraphIndex::new(model.graph());
+                assert_eq!(ix, fresh, "rewrite {:?}: the index kept across patches is not the graph's", log.last());
+                let mut g = model.graph().clone();
+                cache.holes.compacted(&mut g);
+                if let Err(e) = GraphIndex::new(&g).validate(&g) {
                     panic!("rewrite {:?} broke the graph: {e}", log.last());
                 }
             }
             i = first_out.and_then(|o| ix.producer.get(&o).map(|&(n, _)| n)).unwrap_or(0);
         }
     }
+    cache.holes.compact(model.graph_mut());
     (log, refusals)
 }
 
@@ -181,7 +235,7 @@ pub(crate) fn run(model: &mut Model, rules: &[&dyn Try]) -> (Vec<Rewrite>, Vec<R
 #[cfg(test)]
 pub(crate) fn at_node<T>(b: &crate::support::Builder, name: &str, f: impl FnOnce(&Cx, usize) -> T) -> T {
     let m = b.build();
-    let (ix, cache) = (GraphIndex::new(m.graph()), Cache::default());
+    let (ix, cache) = (GraphIndex::new(m.graph()), Cache::new(m.graph()));
     let at = m.graph().node.iter().position(|n| n.name() == name).expect("a node of that name");
     f(&Cx::new(&m, &ix, &cache), at)
 }
@@ -290,7 +344,7 @@ mod tests {
             "y",
         );
         let ix = GraphIndex::new(m.graph());
-        let mut cache = Cache::default();
+        let mut cache = Cache::new(m.graph());
         cache.exact.insert("t1".into(), ArrayD::zeros(ndarray::IxDyn(&[1])));
         // t1 is read by b (1), whose output is read by c (2), then d (3): kept until node 3 is passed
         cache.evict_before(m.graph(), &ix, 3);

@@ -4,7 +4,6 @@ use super::{Checked, Cx, Patch, Reason, Rewrite, Rule, RuleId};
 use crate::graph::is_op;
 use crate::kernel::read::{read_bn, read_conv};
 use crate::kernel::AffineConv;
-use crate::graph::Names;
 use crate::model::tensor::FloatType;
 
 pub(crate) struct FoldBn;
@@ -54,7 +53,7 @@ impl Rule for FoldBn {
 
     fn rewrite(&self, cx: &Cx, c: Candidate, (k, ft): Self::Plan) -> Patch {
         let (bn, conv) = (cx.node(c.bn), cx.node(c.conv));
-        let (wname, bname) = Names::new(cx.g).conv_params(cx.ix, conv);
+        let (wname, bname) = cx.names().conv_params(cx.ix, conv);
         let node = super::rewired_conv(conv, &conv.input[0], &wname, &bname, &bn.output[0]);
         Patch {
             at: c.bn,

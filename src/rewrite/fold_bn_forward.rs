@@ -95,7 +95,7 @@ impl Rule for FoldBnForward {
             Err(err) => return Checked::refuse(Reason::Bn(err)),
         };
         let (t, s) = p.affine();
-        let mut names = Names::new(cx.g);
+        let mut names = cx.names();
         let mut plan = Plan { nodes: HashMap::new(), inits: vec![] };
         for e in &c.ends {
             let r = match *e {

@@ -127,7 +127,7 @@ impl Rule for FoldBnLinear {
             Err(err) => return Checked::refuse(Reason::Bn(err)),
         };
         let (t, s) = p.affine();
-        let mut names = Names::new(cx.g);
+        let mut names = cx.names();
         let mut plan = Plan { nodes: HashMap::new(), remove: vec![c.bn], inits: vec![] };
         let r = match c.layer {
             Layer::MatMul(mm, add) => matmul(cx, c.bn, mm, add, &t, &s, &mut names, &mut plan),

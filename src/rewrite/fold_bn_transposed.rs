@@ -4,7 +4,7 @@
 //! columns, and the bias becomes `b·t + s`.
 
 use super::{Checked, Cx, Patch, Reason, Rewrite, Rule, RuleId};
-use crate::graph::{attr_int, is_op, Names};
+use crate::graph::{attr_int, is_op};
 use crate::kernel::read::{read_bn, Form, ReadError};
 use crate::model::tensor::FloatType;
 use ndarray::{Array1, ArrayD, Axis};
@@ -86,7 +86,7 @@ impl Rule for FoldBnTransposed {
 
     fn rewrite(&self, cx: &Cx, c: Candidate, plan: Plan) -> Patch {
         let (bn, d) = (cx.node(c.bn), cx.node(c.deconv));
-        let (wname, bname) = Names::new(cx.g).conv_params(cx.ix, d);
+        let (wname, bname) = cx.names().conv_params(cx.ix, d);
         let mut node = d.clone();
         node.input = vec![d.input[0].clone(), wname.clone(), bname.clone()];
         node.output = vec![bn.output[0].clone()];

@@ -184,7 +184,7 @@ impl Rule for MergeBranches {
         let Plan { merged, absorbed, rest } = plan;
         let ft = merged[0].ft;
         let n_terms = merged.len() + rest.len();
-        let mut names = Names::new(cx.g);
+        let mut names = cx.names();
         let mut insert = Vec::new();
         let mut inits = Vec::new();
         let mut remove: Vec<usize> = internal;

@@ -10,7 +10,7 @@
 
 use super::sum_tree::{is_root, leaves};
 use super::{Checked, Cx, Patch, Reason, Rewrite, Rule, RuleId};
-use crate::graph::{attr_float, attr_int, is_op, ConstError, Names};
+use crate::graph::{attr_float, attr_int, is_op, ConstError};
 use crate::model::tensor::FloatType;
 use ndarray::{Array1, Array2, ArrayD, Axis, Ix2};
 
@@ -128,7 +128,7 @@ impl Rule for MergeLinear {
     fn rewrite(&self, cx: &Cx, c: Candidate, plan: Plan) -> Patch {
         let root = cx.node(c.root);
         let first = cx.node(c.heads[0].gemm);
-        let mut names = Names::new(cx.g);
+        let mut names = cx.names();
         let wname = names.own_or_fresh(cx.ix, &first.input[1]);
         let cname = match first.input.get(2).filter(|s| !s.is_empty()) {
             Some(s) => names.own_or_fresh(cx.ix, s),

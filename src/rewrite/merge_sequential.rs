@@ -11,7 +11,7 @@
 //! - rewrite: one Conv, with the second's node name, reads the first's input.
 
 use super::{kernel_str, rewired_conv, Checked, Cx, Patch, Reason, Rewrite, Rule, RuleId};
-use crate::graph::{attr_ints, attr_string, is_op, Names};
+use crate::graph::{attr_ints, attr_string, is_op};
 use crate::kernel::read::read_conv;
 use crate::kernel::AffineConv;
 use crate::model::tensor::FloatType;
@@ -90,7 +90,7 @@ impl Rule for MergeSequential {
 
     fn rewrite(&self, cx: &Cx, c: Candidate, (k, ft): Self::Plan) -> Patch {
         let (n1, n2) = (cx.node(c.first), cx.node(c.second));
-        let (wname, bname) = Names::new(cx.g).conv_params(cx.ix, n2);
+        let (wname, bname) = cx.names().conv_params(cx.ix, n2);
         let mut node = rewired_conv(n2, &n1.input[0], &wname, &bname, &n2.output[0]);
         // no bias when neither had one (it is zero)
         let biased = |n: &NodeProto| n.input.get(2).is_some_and(|b| !b.is_empty());

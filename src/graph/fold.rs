@@ -96,7 +96,11 @@ impl<'c, 'a> Folder<'c, 'a> {
             return v.clone();
         }
         let v = self.compute(name);
-        self.memo.insert(name.to_string(), v.clone());
+        // (a stored constant is decoded again when read again: as cheap as a copy of the memo's,
+        // and the usual read — one weight, once — copies nothing)
+        if self.consts.ix.constant(self.consts.model.graph(), name).is_none() {
+            self.memo.insert(name.to_string(), v.clone());
+        }
         v
     }
 

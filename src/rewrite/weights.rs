@@ -33,28 +33,59 @@ pub struct WeightStats {
     pub float16_flush: usize,
 }
 
+/// Per output channel: min, max, max |w|, count beyond float16's range, count flushed by it.
+#[derive(Clone, Copy)]
+struct Channel(f64, f64, f64, usize, usize);
+
+impl Channel {
+    fn of(c: &[f64]) -> Channel {
+        let mut s = Channel(f64::INFINITY, f64::NEG_INFINITY, 0.0, 0, 0);
+        for &v in c {
+            s.0 = s.0.min(v);
+            s.1 = s.1.max(v);
+            s.2 = s.2.max(v.abs());
+            s.3 += (v.abs() > F16_MAX) as usize;
+            s.4 += (v != 0.0 && v.abs() < F16_ZERO) as usize;
+        }
+        s
+    }
+}
+
+/// Tensors at least this big are scanned on every core.
+const PARALLEL: usize = 1 << 16;
+
+/// `a`'s values in logical order, borrowed when it is in standard layout.
+fn standard(a: &ArrayD<f64>) -> std::borrow::Cow<'_, [f64]> {
+    match a.as_slice() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(a.iter().copied().collect()),
+    }
+}
+
 impl WeightStats {
     pub fn of(conv: &str, w: &ArrayD<f64>) -> WeightStats {
-        let (mut min, mut max) = (f64::INFINITY, f64::NEG_INFINITY);
-        let (mut overflow, mut flush) = (0, 0);
-        for &v in w {
-            min = min.min(v);
-            max = max.max(v);
-            overflow += (v.abs() > F16_MAX) as usize;
-            flush += (v != 0.0 && v.abs() < F16_ZERO) as usize;
-        }
-        let channel: Vec<f64> = w.outer_iter().map(|c| c.iter().fold(0.0, |m: f64, v| m.max(v.abs()))).collect();
-        let top = channel.iter().fold(0.0, |m: f64, &v| m.max(v));
+        use rayon::prelude::*;
+        let values = standard(w);
+        let per = if w.ndim() == 0 { 1 } else { w.shape()[1..].iter().product::<usize>().max(1) };
+        let channel: Vec<Channel> = if values.len() >= PARALLEL {
+            values.par_chunks(per).map(Channel::of).collect()
+        } else {
+            values.chunks(per).map(Channel::of).collect()
+        };
+        let all = channel.iter().fold(Channel(f64::INFINITY, f64::NEG_INFINITY, 0.0, 0, 0), |a, c| {
+            Channel(a.0.min(c.0), a.1.max(c.1), a.2.max(c.2), a.3 + c.3, a.4 + c.4)
+        });
+        let top = all.2;
         WeightStats {
             conv: conv.to_string(),
-            min,
-            max,
-            channel_max_abs_min: channel.iter().fold(f64::INFINITY, |m, &v| m.min(v)),
+            min: all.0,
+            max: all.1,
+            channel_max_abs_min: channel.iter().fold(f64::INFINITY, |m, c| m.min(c.2)),
             channel_max_abs_max: top,
             channels: channel.len(),
-            int8_crushed_channels: channel.iter().filter(|&&c| c < top * INT8_CRUSH).count(),
-            float16_overflow: overflow,
-            float16_flush: flush,
+            int8_crushed_channels: channel.iter().filter(|c| c.2 < top * INT8_CRUSH).count(),
+            float16_overflow: all.3,
+            float16_flush: all.4,
         }
     }
 
@@ -90,9 +121,17 @@ pub(crate) fn unrepresentable(a: &ArrayD<f64>, ft: FloatType) -> (usize, usize) 
         FloatType::F64 => (f64::MAX, 0.0),
     };
     // (a non-finite value is counted as beyond the range: no rewrite may introduce one)
-    a.iter().fold((0, 0), |(o, u), &v| {
-        (o + (!v.is_finite() || v.abs() > max) as usize, u + (v != 0.0 && v.abs() < zero) as usize)
-    })
+    let count = |c: &[f64]| {
+        c.iter().fold((0, 0), |(o, u), &v| {
+            (o + (!v.is_finite() || v.abs() > max) as usize, u + (v != 0.0 && v.abs() < zero) as usize)
+        })
+    };
+    let values = standard(a);
+    if values.len() < PARALLEL {
+        return count(&values);
+    }
+    use rayon::prelude::*;
+    values.par_chunks(PARALLEL).map(count).reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
 }
 
 #[cfg(test)]

@@ -501,6 +501,36 @@ fn case_a_pad_of_absurd_size_is_refused_before_anything_allocates_it() {
     one_line_naming(&r, "absurd_pad.onnx", &["too big to run"], "verify absurd pad");
 }
 
+/// A Transpose whose perm repeats an axis (found by cargo-fuzz: one byte changed in a DBB export,
+/// perm [1,1,2,0]). tract's Transpose loops for ever on it, allocating until memory runs out, so
+/// the model is refused as invalid when it is loaded, before tract sees it: by fuse, verify and
+/// inspect alike, in one line, exit code 2, nothing written.
+#[test]
+fn case_transpose_perm_that_is_not_a_permutation() {
+    let d = tempdir();
+    let mut m = read(&Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/dbb_dynamo_inline.onnx"));
+    let g = graph(&mut m);
+    let t = g.node.iter_mut().find(|n| n.op_type() == "Transpose").expect("the seed has a Transpose");
+    let perm = t.attribute.iter_mut().find(|a| a.name() == "perm").unwrap();
+    assert!(perm.ints.len() >= 2);
+    perm.ints[0] = perm.ints[1];
+    let p = d.path().join("bad_perm.onnx");
+    write(&m, &p);
+    let e = Model::load(&p).map(|_| ()).unwrap_err().to_string();
+    assert!(e.contains("not a permutation"), "{e}");
+    let out = d.path().join("fused.onnx");
+    for (what, r) in [
+        ("fuse", fuse_cli(&p, &out, &[])),
+        ("fuse --no-verify", fuse_cli(&p, &out, &["--no-verify"])),
+        ("verify", cli(&["verify".as_ref(), p.as_os_str(), p.as_os_str()])),
+        ("inspect", cli(&["inspect".as_ref(), p.as_os_str()])),
+    ] {
+        assert_eq!(r.code, 2, "{what}: {}\n{}", r.stderr, r.stdout);
+        one_line_naming(&r, "bad_perm.onnx", &["not a permutation"], what);
+    }
+    assert!(!out.exists(), "nothing written");
+}
+
 /// A Pad whose amounts are computed (here `Add` of two constants, as TorchScript's shape
 /// arithmetic computes them) and negative on one side (a crop: valid ONNX). tract-onnx casts
 /// the amounts to `usize` and then writes out of bounds, so neither the general path nor the

@@ -26,12 +26,24 @@ fn arity(op: &str, opset: i64) -> Option<(usize, usize)> {
 }
 
 /// Check the nodes of the operators the rules read have the inputs their schema requires (at
-/// the model's opset) and a named first output.
+/// the model's opset) and a named first output, and that every Transpose's perm is a permutation.
 pub fn check_arity(g: &GraphProto, opset: i64) -> Result<()> {
     let gname = g.name.as_deref().filter(|n| !n.is_empty()).unwrap_or("graph");
     for n in g.node.iter().filter(|n| is_default_domain(n)) {
-        let Some((min, max)) = arity(n.op_type(), opset) else { continue };
         let bad = |msg: String| Err(Error::Invalid(format!("{gname}: node '{}' ({}) {msg}", n.name(), n.op_type())));
+        // (tract's Transpose loops for ever, allocating, on a perm that is not a permutation)
+        if n.op_type() == "Transpose" {
+            if let Some(perm) = attr_ints(n, "perm") {
+                let mut seen = vec![false; perm.len()];
+                let ok = perm.iter().all(|&p| {
+                    usize::try_from(p).ok().filter(|&p| p < seen.len()).is_some_and(|p| !std::mem::replace(&mut seen[p], true))
+                });
+                if !ok {
+                    return bad(format!("has perm {perm:?}, which is not a permutation of its axes"));
+                }
+            }
+        }
+        let Some((min, max)) = arity(n.op_type(), opset) else { continue };
         let given = n.input.iter().rposition(|i| !i.is_empty()).map_or(0, |p| p + 1);
         if given < min || given > max {
             let want = if min == max {

@@ -531,6 +531,40 @@ fn case_transpose_perm_that_is_not_a_permutation() {
     assert!(!out.exists(), "nothing written");
 }
 
+/// Every input cargo-fuzz found a problem with (`fuzz/regressions/`), through load + fuse + save
+/// in process: an error or a refusal, no panic, and no allocation past [`ALLOC_BOUND`] (a
+/// Transpose perm repeating an axis made tract's Transpose grow a vector without end; a
+/// crop-path block turned by one byte into a region whose recovered kernel would have held
+/// ~39 TB was allocated before its taps were known to be visible).
+#[test]
+fn case_fuzz_findings_are_refused_without_a_large_allocation() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    assert!(files.len() >= 2, "{files:?}");
+    for f in files {
+        let (outcome, biggest) = biggest_alloc(|| {
+            let mut m = Model::load(&f).map_err(|e| e.to_string())?;
+            let r = fuse(&mut m).map_err(|e| e.to_string())?;
+            let out = tempdir();
+            save(&m, &out.path().join("out.onnx"), DataMode::Inline).map_err(|e| e.to_string())?;
+            Ok::<_, String>(r)
+        });
+        assert!(biggest < ALLOC_BOUND, "{}: an allocation of {biggest} bytes", f.display());
+        match f.file_name().unwrap().to_str().unwrap() {
+            "transpose_perm_repeats_an_axis.onnx" => {
+                assert!(outcome.as_ref().is_err_and(|e| e.contains("not a permutation")), "{outcome:?}")
+            }
+            "region_kernel_of_absurd_size.onnx" => {
+                let r = outcome.unwrap();
+                assert!(r.rewrites.is_empty(), "{}", r.summary());
+                assert!(r.refused.iter().any(|x| x.rule == "affine_region"), "{}", r.summary());
+            }
+            other => panic!("{other}: say what it must give"),
+        }
+    }
+}
+
 /// A Pad whose amounts are computed (here `Add` of two constants, as TorchScript's shape
 /// arithmetic computes them) and negative on one side (a crop: valid ONNX). tract-onnx casts
 /// the amounts to `usize` and then writes out of bounds, so neither the general path nor the

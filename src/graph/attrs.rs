@@ -36,7 +36,10 @@ pub fn check_arity(g: &GraphProto, opset: i64) -> Result<()> {
             if let Some(perm) = attr_ints(n, "perm") {
                 let mut seen = vec![false; perm.len()];
                 let ok = perm.iter().all(|&p| {
-                    usize::try_from(p).ok().filter(|&p| p < seen.len()).is_some_and(|p| !std::mem::replace(&mut seen[p], true))
+                    usize::try_from(p)
+                        .ok()
+                        .filter(|&p| p < seen.len())
+                        .is_some_and(|p| !std::mem::replace(&mut seen[p], true))
                 });
                 if !ok {
                     return bad(format!("has perm {perm:?}, which is not a permutation of its axes"));

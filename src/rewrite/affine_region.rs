@@ -32,6 +32,10 @@ use crate::tract::RegionPlan;
 use ndarray::{Array1, ArrayD, Axis, IxDyn};
 use std::collections::{HashMap, HashSet};
 
+/// The most weights a kernel the general path recovers may hold (2^26: 512 MiB in float64; a
+/// 2048x2048 3x3 conv holds 37.7 M).
+const KERNEL_LIMIT: u128 = 1 << 26;
+
 pub(crate) struct AffineRegion;
 
 /// The root of a sum and the region that computes it (or why the region cannot be taken).
@@ -700,6 +704,17 @@ fn recover(cx: &Cx, r: &Region, y: &str, ft: FloatType) -> Result<(AffineConv, O
     // (a stride phase, a tap past the output's edge) is seen
     let mut wshape = vec![o, c];
     wshape.extend(k.iter());
+    // a tap is seen only where some output position reads a real input through it, so a kernel
+    // longer than outputs x inputs on an axis cannot be probed; and the weights are bounded
+    // before they are allocated (a huge stride and padding keep the output small while the
+    // kernel grows: found by fuzzing)
+    if (0..rank).any(|a| k[a] as u128 > out[a] as u128 * len[a].max(0) as u128) {
+        return Err(RegionReason::InputTooSmall.into());
+    }
+    let weights = wshape.iter().fold(1u128, |n, &v| n.saturating_mul(v as u128));
+    if weights > KERNEL_LIMIT {
+        return Err(RegionReason::KernelTooBig { weights }.into());
+    }
     let mut weight = ArrayD::zeros(IxDyn(&wshape));
     let mut seen = ArrayD::from_elem(IxDyn(&wshape[1..]), false);
     let out_u: Vec<usize> = out.iter().map(|&v| v as usize).collect();

@@ -143,6 +143,10 @@ pub enum RegionReason {
     /// The response to zero differs across the plane (the borders see something else).
     BiasNotConstant,
     InputTooSmall,
+    /// The kernel to recover would hold more weights than the general path evaluates (2^26).
+    KernelTooBig {
+        weights: u128,
+    },
     ReadsOutsideWindow,
     /// The recovered convolution does not reproduce the region.
     NotRecovered {
@@ -230,6 +234,10 @@ impl fmt::Display for RegionReason {
                 f.write_str("the region's response to zero is not constant per channel (borders differ)")
             }
             RegionReason::InputTooSmall => f.write_str("the input is too small to probe the kernel"),
+            RegionReason::KernelTooBig { weights } => write!(
+                f,
+                "the kernel to recover would hold {weights} weights, more than the general path evaluates (2^26)"
+            ),
             RegionReason::ReadsOutsideWindow => f.write_str("the region reads outside the Conv's window"),
             RegionReason::NotRecovered { max_diff } => {
                 write!(f, "the region is not the recovered convolution (max diff {max_diff:.3e} on random inputs)")

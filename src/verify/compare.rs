@@ -210,7 +210,8 @@ pub(crate) struct Judge {
     pub atol: f64,
     pub rtol: f64,
     pub stat: Stat,
-    /// unit roundoff of the output's precision (the floor of the noise criterion)
+    /// the floor of the noise criterion per unit of max|reference|: the unit roundoff of the
+    /// output's precision times the square root of the reference's depth to this output
     pub unit: f64,
 }
 

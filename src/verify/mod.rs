@@ -407,6 +407,19 @@ fn unit_of(model: &Model, output: &str) -> f64 {
     }
 }
 
+/// The number of nodes on the longest path from the graph's inputs to `output`: the roundings
+/// the reference's own arithmetic makes on the way, which weight perturbation does not show.
+fn depth_of(model: &Model, output: &str) -> usize {
+    let mut depth: HashMap<&str, usize> = HashMap::new();
+    for n in &model.graph().node {
+        let d = 1 + n.input.iter().filter_map(|i| depth.get(i.as_str())).copied().max().unwrap_or(0);
+        for o in &n.output {
+            depth.insert(o, d);
+        }
+    }
+    depth.get(output).copied().unwrap_or(1)
+}
+
 /// Checks that `candidate` computes the same function as `reference` (see the module docs).
 ///
 /// `Ok(report)` whenever both models ran; `report.passed` tells whether they agree.
@@ -518,7 +531,8 @@ pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Resul
         atol: opts.atol_of(name),
         rtol: opts.rtol_of(name),
         stat: opts.stat,
-        unit: unit_of(&r.model, name),
+        // one rounding of the output per step of the reference's arithmetic, as a random walk
+        unit: unit_of(&r.model, name) * (depth_of(&r.model, name) as f64).sqrt(),
     };
     let outputs: Vec<OutputReport> = rout.iter().zip(accs).map(|(n, acc)| finish(n, acc, &judge(n))).collect();
     let passed = outputs.iter().all(|o| o.passed);

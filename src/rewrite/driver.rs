@@ -40,6 +40,12 @@ impl Cache {
         }
     }
 
+    /// Forget the declared shapes read so far: the graph's value infos were compacted, and the
+    /// dropped ones (tensors gone, initializers reshaped) are no longer marked as holes.
+    fn forget_declared(&mut self) {
+        *self.declared.get_mut() = None;
+    }
+
     /// Drop the f64 values no rule at node `i` or later can read: rules read a kernel from the
     /// sum, BatchNormalization or scale at most two steps downstream of its Conv (Conv → Mul →
     /// Add), so an entry whose Conv's outputs are consumed, two steps deep, only before `i` is
@@ -173,6 +179,7 @@ pub(crate) fn run(model: &mut Model, rules: &[&dyn Try]) -> (Vec<Rewrite>, Vec<R
         refusals.clear();
         let mut i = 0;
         cache.holes.compact(model.graph_mut());
+        cache.forget_declared();
         let mut ix = GraphIndex::new(model.graph());
         while i < model.graph().node.len() && log.len() < budget {
             if cache.holes.node(i) {
@@ -214,7 +221,9 @@ pub(crate) fn run(model: &mut Model, rules: &[&dyn Try]) -> (Vec<Rewrite>, Vec<R
             cache.names.extend(p.initializers.iter().map(|t| t.0.clone()));
             log.push(p.log.clone());
             debug_assert!(log.len() < budget, "rules keep rewriting: {:?}", log.last());
-            p.apply(model, &mut ix, &mut cache.exact, &mut cache.holes);
+            if p.apply(model, &mut ix, &mut cache.exact, &mut cache.holes) {
+                cache.forget_declared();
+            }
             if cfg!(debug_assertions) {
                 let fresh = GraphIndex::new(model.graph());
                 assert_eq!(ix, fresh, "rewrite {:?}: the index kept across patches is not the graph's", log.last());

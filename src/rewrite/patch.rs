@@ -103,7 +103,8 @@ impl Patch {
     /// nodes the patch touched); the f64 values written go to `exact`. Nodes and initializers the
     /// patch leaves unread are removed, and so on up the graph; what was alive before stays, even
     /// if nothing reads it. Removed slots are left empty (see [`Holes`]); when the inserted nodes
-    /// do not fit in the slot of node `at`, the graph is compacted and re-indexed. Tensors
+    /// do not fit in the slot of node `at`, the graph is compacted and re-indexed (and `true`
+    /// returned). Tensors
     /// replaced or removed have their pages in the input's memory map released (they are not read
     /// again).
     pub fn apply(
@@ -112,7 +113,7 @@ impl Patch {
         ix: &mut GraphIndex,
         exact: &mut HashMap<String, ArrayD<f64>>,
         holes: &mut Holes,
-    ) {
+    ) -> bool {
         let Patch { at, mut remove, mut insert, replace, initializers, .. } = self;
         let mut released: Vec<TensorProto> = Vec::new();
         let g = model.graph_mut();
@@ -217,6 +218,7 @@ impl Patch {
                 }
             }
         }
+        !fits
     }
 }
 

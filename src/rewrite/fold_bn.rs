@@ -1,6 +1,6 @@
 //! Conv → BatchNormalization (inference) becomes one Conv: W·γ/σ, (b − μ)·γ/σ + β.
 
-use super::{Checked, Cx, Patch, Reason, Rewrite, Rule, RuleId};
+use super::{Checked, Cx, Patch, Reason, Rule, RuleId};
 use crate::graph::is_op;
 use crate::kernel::read::{read_bn, read_conv};
 use crate::kernel::AffineConv;
@@ -52,22 +52,7 @@ impl Rule for FoldBn {
     }
 
     fn rewrite(&self, cx: &Cx, c: Candidate, (k, ft): Self::Plan) -> Patch {
-        let (bn, conv) = (cx.node(c.bn), cx.node(c.conv));
-        let (wname, bname) = cx.names().conv_params(cx.ix, conv);
-        let node = super::rewired_conv(conv, &conv.input[0], &wname, &bname, &bn.output[0]);
-        Patch {
-            at: c.bn,
-            remove: vec![c.conv, c.bn],
-            insert: vec![node],
-            replace: vec![],
-            initializers: vec![(wname, k.weight, ft), (bname, k.bias.into_dyn(), ft)],
-            log: Rewrite {
-                rule: Self::ID,
-                node: conv.name().to_string(),
-                detail: format!("BatchNormalization '{}' folded", bn.name()),
-                weights: vec![],
-            },
-        }
+        super::folded_bn_patch(cx, Self::ID, c.conv, c.bn, k.weight, k.bias.into_dyn(), ft)
     }
 
     fn node(&self, cx: &Cx, c: &Candidate) -> String {

@@ -3,7 +3,7 @@
 //! `g·(C_out/groups) + j` is column j of the rows of group g, so the BN's scale t multiplies those
 //! columns, and the bias becomes `b·t + s`.
 
-use super::{Checked, Cx, Patch, Reason, Rewrite, Rule, RuleId};
+use super::{Checked, Cx, Patch, Reason, Rule, RuleId};
 use crate::graph::{attr_int, is_op};
 use crate::kernel::read::{read_bn, Form, ReadError};
 use crate::model::tensor::FloatType;
@@ -85,24 +85,7 @@ impl Rule for FoldBnTransposed {
     }
 
     fn rewrite(&self, cx: &Cx, c: Candidate, plan: Plan) -> Patch {
-        let (bn, d) = (cx.node(c.bn), cx.node(c.deconv));
-        let (wname, bname) = cx.names().conv_params(cx.ix, d);
-        let mut node = d.clone();
-        node.input = vec![d.input[0].clone(), wname.clone(), bname.clone()];
-        node.output = vec![bn.output[0].clone()];
-        Patch {
-            at: c.bn,
-            remove: vec![c.deconv, c.bn],
-            insert: vec![node],
-            replace: vec![],
-            initializers: vec![(wname, plan.weight, plan.ft), (bname, plan.bias.into_dyn(), plan.ft)],
-            log: Rewrite {
-                rule: Self::ID,
-                node: d.name().to_string(),
-                detail: format!("BatchNormalization '{}' folded", bn.name()),
-                weights: vec![],
-            },
-        }
+        super::folded_bn_patch(cx, Self::ID, c.deconv, c.bn, plan.weight, plan.bias.into_dyn(), plan.ft)
     }
 
     fn node(&self, cx: &Cx, c: &Candidate) -> String {

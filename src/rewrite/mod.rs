@@ -339,6 +339,36 @@ pub(crate) fn rewired_conv(
     c
 }
 
+/// The patch of a BatchNormalization folded into the layer before it (a Conv or ConvTranspose
+/// at `layer`): one node like the layer, reading its input, writing the BN's output, with the
+/// folded weight and bias (under the layer's own names where only it reads them).
+pub(crate) fn folded_bn_patch(
+    cx: &Cx,
+    rule: RuleId,
+    layer: usize,
+    bn: usize,
+    weight: ndarray::ArrayD<f64>,
+    bias: ndarray::ArrayD<f64>,
+    ft: crate::model::tensor::FloatType,
+) -> Patch {
+    let (l, b) = (cx.node(layer), cx.node(bn));
+    let (wname, bname) = cx.names().conv_params(cx.ix, l);
+    let node = rewired_conv(l, &l.input[0], &wname, &bname, &b.output[0]);
+    Patch {
+        at: bn,
+        remove: vec![layer, bn],
+        insert: vec![node],
+        replace: vec![],
+        initializers: vec![(wname, weight, ft), (bname, bias, ft)],
+        log: Rewrite {
+            rule,
+            node: l.name().to_string(),
+            detail: format!("BatchNormalization '{}' folded", b.name()),
+            weights: vec![],
+        },
+    }
+}
+
 /// A kernel size as `3x3`.
 pub(crate) fn kernel_str(k: &[usize]) -> String {
     k.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("x")

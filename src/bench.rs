@@ -169,9 +169,10 @@ pub fn bench_latency(
     }
     let a = load(before)?;
     let b = load(after)?;
-    check_signature(&a, &b)?;
+    let (sa, sb) = (a.signature()?, b.signature()?);
+    check_signature(&sa, &sb)?;
     let mut notes = vec![];
-    let resolved = resolve_inputs(&a, &b, inputs, &mut notes)?;
+    let resolved = resolve_inputs(&sa, &sb, inputs, &mut notes)?;
     // the equivalence check's first sample
     let data = sample(&resolved, &mut StdRng::seed_from_u64(inputs.seed))?;
     let facts: Vec<_> = resolved.iter().map(|i| i.fact()).collect();

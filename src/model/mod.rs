@@ -69,7 +69,7 @@ fn map_file(path: &Path, stream: bool) -> Result<(Bytes, Option<Source>)> {
     // SAFETY: the map is read-only; a concurrent writer of the same file is outside what any
     // model loader can defend against (the same holds for onnxruntime and tract).
     let map = Bytes::from_owner(unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(path, e))?);
-    Ok((map.clone(), Some(Source { map, file: std::sync::Arc::new(file) })))
+    Ok((map.clone(), Some(Source { map, file: std::sync::Arc::new(file), path: path.to_path_buf() })))
 }
 
 /// What makes a `ModelProto` a model: a graph, an ir_version, an opset import.
@@ -226,6 +226,49 @@ impl Model {
         let mut v: Vec<PathBuf> = self.path.iter().cloned().collect();
         v.extend(self.external.locations().into_iter().map(|l| dir.join(l)));
         v
+    }
+
+    /// The model with every large stored weight replaced by a reference to the bytes it already
+    /// has in a file (ONNX external data: a location relative to [`Model::dir`], an offset and a
+    /// length): inline `raw_data` that is a slice of the model's own file points into that
+    /// file; external tensors stay as they are. A reader that resolves external data one tensor
+    /// at a time (tract) then copies each weight once, instead of decoding the whole file and
+    /// then copying every weight out of it. Only the graph's initializers and the values of
+    /// its Constant nodes (what readers resolve as tensors) of at least `min_bytes` bytes are
+    /// replaced. `None` when nothing would be.
+    pub fn with_file_references(&self, min_bytes: usize) -> Option<ModelProto> {
+        use crate::model::external::kv;
+        let dir = self.dir();
+        let reference = |t: &TensorProto| -> Option<Vec<crate::proto::StringStringEntryProto>> {
+            let raw = t.raw_data.as_ref().filter(|r| r.len() >= min_bytes && !is_external(t))?;
+            self.sources.iter().find_map(|src| {
+                let offset = src.offset_of(raw)?;
+                let loc = src.path.strip_prefix(&dir).ok().or_else(|| {
+                    // a model loaded as `model.onnx` has the folder "."
+                    (dir == Path::new(".")).then_some(src.path.as_path())
+                })?;
+                let loc = loc.to_str().filter(|l| !l.is_empty())?;
+                Some(vec![kv("location", loc), kv("offset", &offset.to_string()), kv("length", &raw.len().to_string())])
+            })
+        };
+        let mut proto = self.proto.clone();
+        let mut any = false;
+        let mut refer = |t: &mut TensorProto| {
+            if let Some(entries) = reference(t) {
+                t.raw_data = None;
+                t.external_data = entries;
+                t.data_location = Some(crate::proto::tensor_proto::DataLocation::External as i32);
+                any = true;
+            }
+        };
+        let g = proto.graph.as_mut().expect("a Model has a graph: checked when it is made");
+        g.initializer.iter_mut().for_each(&mut refer);
+        for n in g.node.iter_mut().filter(|n| n.op_type() == "Constant" && crate::graph::is_default_domain(n)) {
+            for a in n.attribute.iter_mut().filter(|a| a.name() == "value") {
+                a.t.iter_mut().for_each(&mut refer);
+            }
+        }
+        any.then_some(proto)
     }
 
     /// The model with every tensor inline: external tensors get their bytes as `raw_data`.

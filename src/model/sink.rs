@@ -18,11 +18,13 @@ use std::sync::Arc;
 pub(crate) struct Source {
     pub map: Bytes,
     pub file: Arc<File>,
+    /// The file's path, as it was opened.
+    pub path: std::path::PathBuf,
 }
 
 impl Source {
     /// The offset of `s` in this file, if `s` lies inside the map.
-    fn offset_of(&self, s: &[u8]) -> Option<u64> {
+    pub(crate) fn offset_of(&self, s: &[u8]) -> Option<u64> {
         let base = self.map.as_ptr() as usize;
         let p = s.as_ptr() as usize;
         (p >= base && p.checked_add(s.len())? <= base + self.map.len()).then(|| (p - base) as u64)

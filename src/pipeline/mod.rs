@@ -164,19 +164,26 @@ pub fn fuse_file_with(
         named.push((&out_data, "the output's data file"));
         check_report_path(r, &named)?;
     }
-    guarded(input, "fusing (nothing was written)", || fuse_and_write(input, output, &mut model, opts, on))
+    guarded(input, "fusing (nothing was written)", || fuse_and_write(input, output, model, opts, on))
 }
 
 fn fuse_and_write(
     input: &Path,
     output: &Path,
-    model: &mut Model,
+    mut model: Model,
     opts: &FuseOptions,
     on: &mut dyn FnMut(Event),
 ) -> Result<FuseFileReport> {
-    let fused = fuse(model)?;
+    let fused = fuse(&mut model)?;
     on(Event::Fused(&fused));
-    let staged = stage(model, output, opts.data)?;
+    let staged = stage(&model, output, opts.data)?;
+    // what --bench needs of the fused model (it has the input's graph inputs); then its merged
+    // weights are let go: the check reads the staged file
+    let bench_sizes = opts
+        .bench
+        .as_ref()
+        .map(|_| check_sizes(&model, input, &opts.check, "set a smaller one with --input-shape"));
+    drop(model);
     let mut report = FuseFileReport { fuse: fused, check: None, bench: None, written: None, warnings: vec![] };
     let warn = |report: &mut FuseFileReport, msg: String, on: &mut dyn FnMut(Event)| {
         on(Event::Warning(&msg));
@@ -213,7 +220,8 @@ fn fuse_and_write(
     }
     if let Some(bo) = &opts.bench {
         // the fused model has the input's graph inputs
-        let measured = check_sizes(model, input, &opts.check, "set a smaller one with --input-shape")
+        let measured = bench_sizes
+            .unwrap_or(Ok(()))
             .and_then(|()| bench_latency(input, &staged.model_path(), &opts.check, bo));
         match measured {
             Ok(b) => {

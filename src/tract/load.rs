@@ -28,7 +28,7 @@ pub(crate) fn load(path: &Path) -> Result<Loaded, Error> {
         Ok(m) if m.is_dir() => return Err(load_err("is a directory, not an ONNX file".into())),
         Ok(_) => {}
     }
-    let res = catch(|| tract_onnx::onnx().model_for_path(path));
+    let res = catch(|| parse_file(tract_onnx::onnx(), path));
     let model = match res {
         Err(p) => return Err(load_err(panic_msg(p))),
         Ok(Err(e)) => {
@@ -85,6 +85,37 @@ pub(crate) fn load(path: &Path) -> Result<Loaded, Error> {
     Ok(Loaded { path: path.to_path_buf(), file: path.to_path_buf(), model, inputs, outputs })
 }
 
+/// Weights smaller than this stay inline when tract is pointed at the model's file (see
+/// [`parse_file`]).
+const REFERENCE_BYTES: usize = 4096;
+
+/// tract's model of the ONNX file at `path`, each weight copied once.
+///
+/// tract's own loader decodes the whole file into its protobuf types (a copy of every weight)
+/// and then copies every weight into a tensor, holding both: twice the model at the peak. We
+/// decode the file ourselves (a memory map; no copy), hand tract the model with every large
+/// weight replaced by an external-data reference to where its bytes already are in the file,
+/// and tract copies each one straight into its tensor. A file our loader refuses goes to
+/// tract's own loader as it is.
+pub(crate) fn parse_file(onnx: tract_onnx::model::Onnx, path: &Path) -> TractResult<InferenceModel> {
+    use prost::Message;
+    use tract_onnx::tract_hir::prelude::Framework;
+    let referenced = crate::model::Model::load(path).ok().and_then(|m| {
+        let dir = m.dir().to_str()?.to_string();
+        Some((m.with_file_references(REFERENCE_BYTES)?, dir))
+    });
+    let Some((proto, dir)) = referenced else { return onnx.model_for_path(path) };
+    let bytes = proto.encode_to_vec();
+    drop(proto);
+    let pb = onnx.proto_model_for_read(&mut bytes.as_slice())?;
+    drop(bytes);
+    let parsed = onnx.parse(&pb, Some(&dir))?;
+    if !parsed.unresolved_inputs.is_empty() {
+        anyhow::bail!("Could not resolve inputs at top-level: {:?}", parsed.unresolved_inputs)
+    }
+    Ok(parsed.model)
+}
+
 /// What a model declares about one dimension.
 #[derive(Clone, Debug)]
 pub(crate) enum DeclDim {
@@ -124,12 +155,40 @@ impl Loaded {
         self.model.find_outlet_label(name).is_some()
     }
 
+    /// What the model shows the outside (see [`Signature`]).
+    pub(crate) fn signature(&self) -> Result<Signature, Error> {
+        let decls = (0..self.inputs.len())
+            .map(|ix| {
+                let fact = self
+                    .model
+                    .input_fact(ix)
+                    .map_err(|e| Error::Load { path: self.path.clone(), msg: chain_msg(&e) })?;
+                Ok((fact.datum_type.concretize(), decl_dims(&fact.shape)))
+            })
+            .collect::<Result<_, Error>>()?;
+        Ok(Signature { path: self.path.clone(), inputs: self.inputs.clone(), outputs: self.outputs.clone(), decls })
+    }
+}
+
+/// What a loaded model shows the outside: its input and output names and what it declares about
+/// its inputs; small, so that it outlives the model it was read from.
+#[derive(Clone, Debug)]
+pub(crate) struct Signature {
+    /// The model's name in messages (the user's file).
+    pub(crate) path: PathBuf,
+    /// Input names, in model order.
+    pub(crate) inputs: Vec<String>,
+    /// Output names, in model order.
+    pub(crate) outputs: Vec<String>,
+    /// per input: its element type and dims, each `None` when not declared
+    decls: Vec<(Option<DatumType>, Option<Vec<DeclDim>>)>,
+}
+
+impl Signature {
     /// What the model declares about its input `name`: its element type and dims, each `None`
     /// when not declared.
-    pub(crate) fn input_decl(&self, name: &str) -> Result<(Option<DatumType>, Option<Vec<DeclDim>>), Error> {
+    pub(crate) fn input_decl(&self, name: &str) -> (Option<DatumType>, Option<Vec<DeclDim>>) {
         let ix = self.inputs.iter().position(|n| n == name).expect("an input of the model");
-        let fact =
-            self.model.input_fact(ix).map_err(|e| Error::Load { path: self.path.clone(), msg: chain_msg(&e) })?;
-        Ok((fact.datum_type.concretize(), decl_dims(&fact.shape)))
+        self.decls[ix].clone()
     }
 }

@@ -6,12 +6,14 @@
 
 pub(crate) mod errors;
 pub(crate) mod load;
+pub(crate) mod perturb;
 pub(crate) mod plan;
 pub(crate) mod region;
 pub(crate) mod safety;
 
-pub(crate) use load::{load, DeclDim, Loaded};
-pub(crate) use plan::{prepare, run, InputFact, PlanKind, PlanSpec};
+pub(crate) use load::{load, DeclDim, Loaded, Signature};
+pub(crate) use perturb::{perturb_in_place, Draws};
+pub(crate) use plan::{on_threads, prepare, run, InputFact, PlanKind, PlanSpec};
 pub(crate) use region::{shapes, RegionPlan};
 
 use tract_onnx::prelude::DatumType;

@@ -51,82 +51,6 @@ impl PlanSpec<'_> {
     }
 }
 
-/// `v` (stored as `ft`) moved by its rounding: when the evaluation type is wider than the stored
-/// one (half precision upcast to float32), by a uniform random fraction of half a unit in the
-/// last place of `ft`, as rounding to `ft` would; otherwise (the stored type is the evaluation
-/// type) by one whole unit up or down, the least that type can move. Zero stays zero.
-fn rounding_step(v: f64, ft: FloatType, wider: bool, rng: &mut impl rand::Rng) -> f64 {
-    if v == 0.0 || !v.is_finite() {
-        return v;
-    }
-    let up: bool = rng.random();
-    let next = |v: f64| -> f64 {
-        let toward = if up == (v > 0.0) { 1i64 } else { -1i64 };
-        match ft {
-            FloatType::F64 => f64::from_bits((v.to_bits() as i64 + toward) as u64),
-            FloatType::F32 => f32::from_bits(((v as f32).to_bits() as i64 + toward) as u32) as f64,
-            FloatType::F16 => half::f16::from_bits((half::f16::from_f64(v).to_bits() as i64 + toward) as u16).to_f64(),
-            FloatType::BF16 => {
-                half::bf16::from_bits((half::bf16::from_f64(v).to_bits() as i64 + toward) as u16).to_f64()
-            }
-        }
-    };
-    if wider {
-        v + (next(v) - v) * 0.5 * rng.random::<f64>()
-    } else {
-        next(v)
-    }
-}
-
-/// `t` with every element moved one unit in the last place of `ft`, in random directions.
-fn perturbed(t: &Tensor, ft: FloatType, rng: &mut impl rand::Rng) -> TractResult<Tensor> {
-    let view = t.try_as_plain_ram()?;
-    match t.datum_type() {
-        DatumType::F32 => {
-            let wider = matches!(ft, FloatType::F16 | FloatType::BF16);
-            let v: Vec<f32> =
-                view.as_slice::<f32>()?.iter().map(|&v| rounding_step(v as f64, ft, wider, rng) as f32).collect();
-            Tensor::from_shape(t.shape(), &v)
-        }
-        DatumType::F64 => {
-            let wider = ft != FloatType::F64;
-            let v: Vec<f64> = view.as_slice::<f64>()?.iter().map(|&v| rounding_step(v, ft, wider, rng)).collect();
-            Tensor::from_shape(t.shape(), &v)
-        }
-        DatumType::F16 => {
-            let v: Vec<f16> = view
-                .as_slice::<f16>()?
-                .iter()
-                .map(|v| f16::from_f64(rounding_step(v.to_f64(), ft, false, rng)))
-                .collect();
-            Tensor::from_shape(t.shape(), &v)
-        }
-        _ => Ok(t.clone()),
-    }
-}
-
-/// Perturb the listed constants of `model` (see [`PlanSpec::perturb`]).
-fn perturb(model: &mut InferenceModel, which: &HashMap<String, FloatType>, seed: u64) -> TractResult<()> {
-    use rand::SeedableRng;
-    use tract_onnx::tract_core::ops::konst::Const;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut ids: Vec<(String, usize)> = model
-        .nodes()
-        .iter()
-        .filter(|n| n.op_as::<Const>().is_some() && which.contains_key(&n.name))
-        .map(|n| (n.name.clone(), n.id))
-        .collect();
-    ids.sort();
-    for (name, id) in ids {
-        let node = model.node_mut(id);
-        let t = node.op_as::<Const>().expect("a Const").val().clone();
-        let p = perturbed(&t, which[&name], &mut rng)?.into_arc_tensor();
-        node.outputs[0].fact = InferenceFact::from(TypedFact::try_from(p.clone())?);
-        node.op = Box::new(Const::new(p)?);
-    }
-    Ok(())
-}
-
 /// The runnable plan of `m` with its inputs pinned to `inputs`' types and shapes, and its input
 /// and output names.
 pub(crate) fn prepare(
@@ -149,7 +73,7 @@ pub(crate) fn prepare(
         }
     }
     if overridden {
-        let res = catch(|| tract_onnx::onnx().with_ignore_value_info(true).model_for_path(&m.file));
+        let res = catch(|| super::load::parse_file(tract_onnx::onnx().with_ignore_value_info(true), &m.file));
         model = match res {
             Ok(Ok(m)) => m,
             Ok(Err(e)) => return Err(Error::Load { path: path.clone(), msg: chain_msg(&e) }),
@@ -175,7 +99,7 @@ pub(crate) fn prepare(
             model.set_symbols(&subs)?;
         }
         if let Some((which, seed)) = spec.perturb {
-            perturb(&mut model, which, seed)?;
+            super::perturb::perturb(&mut model, which, seed)?;
         }
         if let Some(names) = spec.outputs {
             let outlets = names
@@ -222,6 +146,22 @@ pub(crate) fn prepare(
         }
         Ok(Ok(plan)) => Ok((plan, in_names, out_names)),
     }
+}
+
+/// Run `f` with tract's matrix products spread over `threads` threads (a pool kept per count);
+/// `threads` ≤ 1 runs it as it is. The check runs a single sample this way on every core.
+pub(crate) fn on_threads<R>(threads: usize, f: impl FnOnce() -> R) -> R {
+    use std::sync::{Mutex, OnceLock};
+    use tract_linalg::multithread::{multithread_tract_scope, Executor};
+    static POOLS: OnceLock<Mutex<HashMap<usize, Executor>>> = OnceLock::new();
+    if threads <= 1 {
+        return f();
+    }
+    let pool = {
+        let mut pools = POOLS.get_or_init(Default::default).lock().unwrap_or_else(|e| e.into_inner());
+        pools.entry(threads).or_insert_with(|| Executor::multithread_with_name(threads, "acnet-onnx-check")).clone()
+    };
+    multithread_tract_scope(pool, f)
 }
 
 /// Run a plan on `data` (by input name); its outputs by name.

@@ -5,7 +5,7 @@ use super::report::InputSpec;
 use super::VerifyOptions;
 use crate::error::Error;
 use crate::tract::errors::{chain_msg, summarize};
-use crate::tract::{dt_name, is_float, is_int, DeclDim, InputFact, Loaded};
+use crate::tract::{dt_name, is_float, is_int, DeclDim, InputFact, Signature};
 use rand::rngs::StdRng;
 use rand::Rng;
 use std::collections::HashMap;
@@ -299,8 +299,8 @@ pub(crate) fn sample(inputs: &[ResolvedInput], rng: &mut StdRng) -> Result<HashM
 }
 
 pub(crate) fn resolve_inputs(
-    r: &Loaded,
-    c: &Loaded,
+    r: &Signature,
+    c: &Signature,
     opts: &VerifyOptions,
     notes: &mut Vec<String>,
 ) -> Result<Vec<ResolvedInput>, Error> {
@@ -373,8 +373,8 @@ pub(crate) fn resolve_inputs(
 
     let mut resolved = vec![];
     for name in &r.inputs {
-        let (rdt, rdims) = r.input_decl(name)?;
-        let (cdt, cdims) = c.input_decl(name)?;
+        let (rdt, rdims) = r.input_decl(name);
+        let (cdt, cdims) = c.input_decl(name);
         let file = files.remove(name);
         let dt = match (rdt, cdt) {
             (Some(a), Some(b)) if a != b => {

@@ -14,8 +14,8 @@
 //! scale, cancellation between branches) and on its precision: no fixed tolerance is right for
 //! every model. So the default criterion ([`Criterion::Noise`]) measures the reference's own
 //! rounding noise: the reference is run again with every weight moved by one unit in the last
-//! place of the type it is stored in (up or down at random, a fresh draw for each sample), and the
-//! candidate passes
+//! place of the type it is stored in (up or down at random, a fresh draw for each sample; more
+//! draws when an output has few elements, see [`NOISE_OBSERVATIONS`]), and the candidate passes
 //! when its error statistic (the largest |reference − candidate| by default) is at most
 //! [`VerifyOptions::noise_factor`] times the largest such movement (and never less than one
 //! rounding of the output's precision at its scale, `unit · max|reference|`). The bound is
@@ -55,6 +55,13 @@
 //!
 //! Both models always get bit-identical inputs.
 //!
+//! # Memory
+//!
+//! One model's weights are in memory at a time: the candidate is loaded for its signature and let
+//! go; the reference is loaded (each weight copied once, see [`crate::tract::load`]), run on
+//! every sample, perturbed in place for each draw of the noise (from its weights as stored in
+//! its file, read again) and let go; then the candidate is loaded again and run.
+//!
 //! # Shapes
 //!
 //! The inputs' declared dtypes and shapes are taken from the ONNX graphs. A dimension given by
@@ -76,7 +83,7 @@ use crate::model::save::TempModel;
 use crate::model::tensor::FloatType;
 use crate::model::transform::{eval_mode, freeze_initializers, has_half, training_mode, upcast_half};
 use crate::model::Model;
-use crate::tract::{load, prepare, run, InputFact, Loaded, PlanKind, PlanSpec};
+use crate::tract::{load, on_threads, perturb_in_place, prepare, run, Draws, InputFact, Loaded, PlanKind, PlanSpec, Signature};
 use compare::{finish, Acc, Judge};
 use inputs::{read_npz_array, resolve_inputs, sample, write_npz};
 use rand::rngs::StdRng;
@@ -264,7 +271,7 @@ impl Default for VerifyOptions {
 }
 
 /// Both models must have the same input and output names.
-pub(crate) fn check_signature(r: &Loaded, c: &Loaded) -> Result<(), Error> {
+pub(crate) fn check_signature(r: &Signature, c: &Signature) -> Result<(), Error> {
     fn same_set(a: &[String], b: &[String]) -> bool {
         let sa: HashSet<&String> = a.iter().collect();
         let sb: HashSet<&String> = b.iter().collect();
@@ -321,7 +328,11 @@ impl Progress {
 /// temporary copy when edited).
 struct Prepared {
     model: Model,
-    loaded: Loaded,
+    /// tract's model, while it is held (see [`Prepared::tract`] and [`Prepared::let_go`])
+    loaded: Option<Loaded>,
+    /// the file tract reads (a temporary copy when edited) and the name it has in messages
+    file: PathBuf,
+    shown: PathBuf,
     /// the weights and the type each is stored in (before any upcast)
     weights: HashMap<String, FloatType>,
     /// the inputs of a half-precision type, when the model runs upcast
@@ -370,15 +381,63 @@ fn prepare_model(path: &Path, opts: &VerifyOptions, upcast: bool, notes: &mut Ve
             "half precision is evaluated as the exact float32 upcast of both models (tract cannot run all of it as stored); judged by the noise of the stored precision".into(),
         );
     }
-    let (loaded, temp) = if edited {
+    let temp = if edited {
         let name = path.file_name().unwrap_or(std::ffi::OsStr::new("model.onnx"));
-        let temp = TempModel::write(&model, name)?;
-        let loaded = load(&temp.path).map_err(|e| shown_as(e, &temp.path, path))?.shown_as(path);
-        (loaded, Some(temp))
+        Some(TempModel::write(&model, name)?)
     } else {
-        (load(path)?, None)
+        None
     };
-    Ok(Prepared { model, loaded, weights, half_inputs, _temp: temp })
+    let file = temp.as_ref().map_or(path.to_path_buf(), |t| t.path.clone());
+    let mut p = Prepared { model, loaded: None, file, shown: path.to_path_buf(), weights, half_inputs, _temp: temp };
+    p.tract()?;
+    Ok(p)
+}
+
+impl Prepared {
+    /// tract's model, loaded again if it was let go.
+    fn tract(&mut self) -> Result<&mut Loaded, Error> {
+        if self.loaded.is_none() {
+            let loaded = if self.file == self.shown {
+                load(&self.file)?
+            } else {
+                load(&self.file).map_err(|e| shown_as(e, &self.file, &self.shown))?.shown_as(&self.shown)
+            };
+            self.loaded = Some(loaded);
+            give_back();
+        }
+        Ok(self.loaded.as_mut().expect("loaded above"))
+    }
+
+    /// Let go of tract's model (its weights) until it is needed again.
+    fn let_go(&mut self) {
+        self.loaded = None;
+        give_back();
+    }
+}
+
+/// Return the allocator's free memory to the system: the phases of the check free one model's
+/// weights before the next is loaded, and what they freed must not stay counted in the
+/// process's memory (glibc keeps freed memory of each thread's arena otherwise).
+fn give_back() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory of the allocator's arenas to the system
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// The noise criterion sees at least this many perturbed output elements per output: an output
+/// with fewer elements than that over all samples gets more draws per sample (at most
+/// [`MAX_DRAWS`]). One draw of one element is one random sum of the weights' movements, which
+/// cancels to nearly nothing often enough to fail a correct model; the largest of 64 such sums
+/// is about 2.4 of their standard deviation, and below a tenth of it once in 10^40.
+pub const NOISE_OBSERVATIONS: usize = 64;
+/// The most draws of the noise per sample.
+pub const MAX_DRAWS: usize = 16;
+
+/// The seed of draw `k` of sample `s`.
+fn draw_seed(seed: u64, s: usize, k: usize) -> u64 {
+    seed ^ (0x9e37_79b9 + s as u64) ^ ((k as u64) << 40)
 }
 
 /// An error about a temporary copy, told about the user's file.
@@ -430,10 +489,14 @@ pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Resul
     let mut notes = vec![];
     let half = |p: &Path| Model::load(p).map(|m| has_half(&m)).map_err(|e| load_error(p, e));
     let upcast = half(reference)? || half(candidate)?;
-    let r = prepare_model(reference, opts, upcast, &mut notes)?;
-    let c = prepare_model(candidate, opts, upcast, &mut notes)?;
-    check_signature(&r.loaded, &c.loaded)?;
-    let mut inputs = resolve_inputs(&r.loaded, &c.loaded, opts, &mut notes)?;
+    // the candidate first, for its signature; then its weights are let go until its turn
+    let mut c = prepare_model(candidate, opts, upcast, &mut notes)?;
+    let csig = c.tract()?.signature()?;
+    c.let_go();
+    let mut r = prepare_model(reference, opts, upcast, &mut notes)?;
+    let rsig = r.tract()?.signature()?;
+    check_signature(&rsig, &csig)?;
+    let mut inputs = resolve_inputs(&rsig, &csig, opts, &mut notes)?;
     for i in &mut inputs {
         i.stored = r.half_inputs.get(&i.name).copied();
     }
@@ -447,17 +510,11 @@ pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Resul
     let mut rng = StdRng::seed_from_u64(opts.seed);
     let data: Vec<HashMap<String, Tensor>> =
         (0..samples).map(|_| sample(&inputs, &mut rng)).collect::<Result<_, _>>()?;
-    // the reference and the candidate, each typed and run on every sample, side by side
+    // the reference on every sample
     let reference_plan = PlanSpec::of(PlanKind::Reference);
-    let (ro, co) = std::thread::scope(|scope| {
-        let candidate_side = scope.spawn(|| run_all(&c.loaded, &facts, reference_plan, &data));
-        let ro = run_all(&r.loaded, &facts, reference_plan, &data);
-        (ro, candidate_side.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-    });
-    let ((ro, rout, rin, rnotes), (co, _, _, cnotes)) = (ro?, co?);
-    notes.extend(rnotes.into_iter().chain(cnotes));
-    progress.say(true, || format!("{samples} sample(s) run"));
-    drop(c);
+    let (ro, rout, rin, rnotes) = run_all(r.tract()?, &facts, reference_plan, &data)?;
+    notes.extend(rnotes);
+    progress.say(true, || format!("{samples} sample(s) run on the reference"));
     let golden: Option<HashMap<String, Tensor>> = match &opts.load_outputs {
         None => None,
         Some(_) if !all_files => {
@@ -476,6 +533,43 @@ pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Resul
         ),
     };
     let mut accs: Vec<Acc> = rout.iter().map(|_| Acc::default()).collect();
+    if opts.criterion == Criterion::Noise {
+        if r.weights.is_empty() {
+            notes.push(
+                "the reference has no weights to measure its noise by: one rounding of the output is the bound".into(),
+            );
+        } else {
+            // the reference perturbed in place, one draw at a time, each run on its sample
+            let fewest = ro[0].values().map(|t| t.len()).min().unwrap_or(0).max(1) * data.len();
+            let draws = NOISE_OBSERVATIONS.div_ceil(fewest).clamp(1, MAX_DRAWS);
+            let mut state = Draws::default();
+            for (s, one) in data.iter().enumerate() {
+                for k in 0..draws {
+                    let loaded = r.loaded.as_mut().expect("the reference is held");
+                    perturb_in_place(loaded, &r.weights, draw_seed(opts.seed, s, k), &mut state)?;
+                    give_back();
+                    let (po, _, _, pnotes) = run_all(loaded, &facts, reference_plan, std::slice::from_ref(one))?;
+                    notes.extend(pnotes);
+                    for (acc, name) in accs.iter_mut().zip(&rout) {
+                        acc.noise(s, &ro[s][name], &po[0][name], opts.stat);
+                    }
+                    give_back();
+                }
+            }
+            if draws > 1 {
+                notes.push(format!(
+                    "an output has {fewest} element(s) over all samples: {draws} draws of the noise per sample"
+                ));
+            }
+            progress.say(true, || "noise measured".into());
+        }
+    }
+    r.let_go();
+    // the candidate on every sample
+    let (co, _, _, cnotes) = run_all(c.tract()?, &facts, reference_plan, &data)?;
+    c.let_go();
+    notes.extend(cnotes);
+    progress.say(true, || format!("{samples} sample(s) run on the candidate"));
     for (s, (ro, co)) in ro.iter().zip(&co).enumerate() {
         for (acc, name) in accs.iter_mut().zip(&rout) {
             let against = golden.as_ref().map_or(&ro[name], |g| &g[name]);
@@ -490,40 +584,6 @@ pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Resul
         let mut arrays: Vec<(String, Tensor)> = rin.iter().map(|n| (n.clone(), data[0][n].clone())).collect();
         arrays.extend(rout.iter().map(|n| (n.clone(), ro[0][n].clone())));
         write_npz(p, &arrays).map_err(|e| Error::Usage(format!("{}: {e}", p.display())))?;
-    }
-    if opts.criterion == Criterion::Noise {
-        if r.weights.is_empty() {
-            notes.push(
-                "the reference has no weights to measure its noise by: one rounding of the output is the bound".into(),
-            );
-        }
-        // one perturbed copy of the reference per sample (a fresh draw each), run on that sample;
-        // two copies at a time, one a core
-        let draws: Vec<usize> = if r.weights.is_empty() { vec![] } else { (0..data.len()).collect() };
-        for pair in draws.chunks(2) {
-            let perturbed: Vec<_> = std::thread::scope(|scope| {
-                let sides: Vec<_> = pair
-                    .iter()
-                    .map(|&s| {
-                        let spec = PlanSpec {
-                            perturb: Some((&r.weights, opts.seed ^ (0x9e37_79b9 + s as u64))),
-                            ..reference_plan
-                        };
-                        let (r, facts, one) = (&r, &facts, std::slice::from_ref(&data[s]));
-                        scope.spawn(move || run_all(&r.loaded, facts, spec, one))
-                    })
-                    .collect();
-                sides.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
-            });
-            for (&s, p) in pair.iter().zip(perturbed) {
-                let (po, _, _, pnotes) = p?;
-                notes.extend(pnotes);
-                for (acc, name) in accs.iter_mut().zip(&rout) {
-                    acc.noise(s, &ro[s][name], &po[0][name], opts.stat);
-                }
-            }
-        }
-        progress.say(true, || "noise measured".into());
     }
     let judge = |name: &str| Judge {
         criterion: opts.criterion,
@@ -540,8 +600,7 @@ pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Resul
         None
     } else {
         let worst = outputs.iter().filter(|o| !o.passed).map(|o| o.worst_sample).next().unwrap_or(0);
-        let c = prepare_model(candidate, opts, upcast, &mut vec![])?;
-        localise(&r, &c, &facts, &data[worst.min(data.len() - 1)], worst, opts, &mut notes).unwrap_or(None)
+        localise(&mut r, &mut c, &facts, &data[worst.min(data.len() - 1)], worst, opts, &mut notes).unwrap_or(None)
     };
     let mut seen = HashSet::new();
     notes.retain(|n| seen.insert(n.clone()));
@@ -576,9 +635,11 @@ fn run_all(
 ) -> Result<(Vec<HashMap<String, Tensor>>, Vec<String>, Vec<String>, Vec<String>), Error> {
     let mut notes = vec![];
     let (plan, inputs, outputs) = prepare(m, facts, &mut notes, spec)?;
-    let run_one = |d: &HashMap<String, Tensor>| run(&m.path, &plan, &inputs, &outputs, d);
-    // the samples on as many threads as there are cores (a plan runs from several threads)
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(data.len()).max(1);
+    // the samples on as many threads as there are cores (a plan runs from several threads), the
+    // cores left over (fewer samples than cores) inside each run
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = cores.min(data.len()).max(1);
+    let run_one = |d: &HashMap<String, Tensor>| on_threads(cores / threads, || run(&m.path, &plan, &inputs, &outputs, d));
     let chunk = data.len().div_ceil(threads);
     let runs: Vec<Result<Vec<_>, Error>> = std::thread::scope(|scope| {
         let handles: Vec<_> =
@@ -596,14 +657,20 @@ fn run_all(
 /// and whose difference is more than the noise factor times the reference's noise there (both
 /// measured on one sample, `data`). Best effort: `Ok(None)` when none is found.
 fn localise(
-    r: &Prepared,
-    c: &Prepared,
+    r: &mut Prepared,
+    c: &mut Prepared,
     facts: &[InputFact],
     data: &HashMap<String, Tensor>,
     sample: usize,
     opts: &VerifyOptions,
     notes: &mut Vec<String>,
 ) -> Result<Option<Divergence>, Error> {
+    // the reference was perturbed in place: loaded again
+    r.let_go();
+    r.tract()?;
+    c.tract()?;
+    let (r, c) = (&*r, &*c);
+    let (rt, ct) = (r.loaded.as_ref().expect("loaded"), c.loaded.as_ref().expect("loaded"));
     let inputs: HashSet<&str> = r.model.graph().input.iter().map(|v| v.name()).collect();
     let in_reference: HashSet<&str> =
         r.model.graph().node.iter().flat_map(|n| n.output.iter().map(|s| s.as_str())).collect();
@@ -613,8 +680,8 @@ fn localise(
         for o in n.output.iter().filter(|o| !o.is_empty()) {
             if in_reference.contains(o.as_str())
                 && !inputs.contains(o.as_str())
-                && r.loaded.has_tensor(o)
-                && c.loaded.has_tensor(o)
+                && rt.has_tensor(o)
+                && ct.has_tensor(o)
                 && !names.contains(o)
             {
                 names.push(o.clone());
@@ -627,18 +694,18 @@ fn localise(
     }
     let spec = PlanSpec { kind: PlanKind::Reference, perturb: None, outputs: Some(&names) };
     let mut scratch = vec![];
-    let (rp, rin, rout) = prepare(&r.loaded, facts, &mut scratch, spec)?;
-    let ro = run(&r.loaded.path, &rp, &rin, &rout, data)?;
+    let (rp, rin, rout) = prepare(rt, facts, &mut scratch, spec)?;
+    let ro = run(&rt.path, &rp, &rin, &rout, data)?;
     drop(rp);
-    let (cp, cin, cout) = prepare(&c.loaded, facts, &mut scratch, spec)?;
-    let co = run(&c.loaded.path, &cp, &cin, &cout, data)?;
+    let (cp, cin, cout) = prepare(ct, facts, &mut scratch, spec)?;
+    let co = run(&ct.path, &cp, &cin, &cout, data)?;
     drop(cp);
     let po = if r.weights.is_empty() {
         None
     } else {
         let spec = PlanSpec { perturb: Some((&r.weights, opts.seed ^ 0x9e37_79b9)), ..spec };
-        let (pp, pin, pout) = prepare(&r.loaded, facts, &mut scratch, spec)?;
-        Some(run(&r.loaded.path, &pp, &pin, &pout, data)?)
+        let (pp, pin, pout) = prepare(rt, facts, &mut scratch, spec)?;
+        Some(run(&rt.path, &pp, &pin, &pout, data)?)
     };
     for (k, name) in names.iter().enumerate() {
         let mut acc = Acc::default();

@@ -68,3 +68,4 @@ pub(crate) fn weights(model: &Model) -> HashMap<String, FloatType> {
     }
     out
 }
+

@@ -179,10 +179,8 @@ fn fuse_and_write(
     let staged = stage(&model, output, opts.data)?;
     // what --bench needs of the fused model (it has the input's graph inputs); then its merged
     // weights are let go: the check reads the staged file
-    let bench_sizes = opts
-        .bench
-        .as_ref()
-        .map(|_| check_sizes(&model, input, &opts.check, "set a smaller one with --input-shape"));
+    let bench_sizes =
+        opts.bench.as_ref().map(|_| check_sizes(&model, input, &opts.check, "set a smaller one with --input-shape"));
     drop(model);
     let mut report = FuseFileReport { fuse: fused, check: None, bench: None, written: None, warnings: vec![] };
     let warn = |report: &mut FuseFileReport, msg: String, on: &mut dyn FnMut(Event)| {
@@ -220,9 +218,8 @@ fn fuse_and_write(
     }
     if let Some(bo) = &opts.bench {
         // the fused model has the input's graph inputs
-        let measured = bench_sizes
-            .unwrap_or(Ok(()))
-            .and_then(|()| bench_latency(input, &staged.model_path(), &opts.check, bo));
+        let measured =
+            bench_sizes.unwrap_or(Ok(())).and_then(|()| bench_latency(input, &staged.model_path(), &opts.check, bo));
         match measured {
             Ok(b) => {
                 on(Event::Benched(&b));

@@ -4,6 +4,8 @@
 use super::errors::{chain_msg, panic_msg, summarize};
 use crate::error::{catch, Error};
 use std::path::{Path, PathBuf};
+#[cfg(test)]
+use std::{collections::HashMap, sync::Arc};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::{Factoid, GenericFactoid, ShapeFactoid};
 use tract_onnx::tract_hir::ops::unimpl::UnimplementedOp;
@@ -190,5 +192,36 @@ impl Signature {
     pub(crate) fn input_decl(&self, name: &str) -> (Option<DatumType>, Option<Vec<DeclDim>>) {
         let ix = self.inputs.iter().position(|n| n == name).expect("an input of the model");
         self.decls[ix].clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::tract_core::ops::konst::Const;
+
+    /// Every constant of tract's model, by node name.
+    fn consts(m: &InferenceModel) -> HashMap<String, Arc<Tensor>> {
+        m.nodes().iter().filter_map(|n| n.op_as::<Const>().map(|c| (n.name.clone(), c.val().clone()))).collect()
+    }
+
+    #[test]
+    fn weights_read_through_file_references_are_the_weights_tract_reads_itself() {
+        let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+        for f in ["resnet20/ts_fold.onnx", "resnet20/dynamo_inline.onnx", "resnet20/dynamo_ext.onnx"] {
+            let path = fixtures.join(f);
+            let ours = crate::model::Model::load(&path).unwrap();
+            if !f.contains("ext") {
+                let referenced = ours.with_file_references(REFERENCE_BYTES).expect("large inline weights");
+                let n = referenced.graph.as_ref().unwrap().initializer.iter().filter(|t| t.raw_data.is_none()).count();
+                assert!(n > 10, "{f}: {n} weights referenced");
+            }
+            let a = consts(&parse_file(tract_onnx::onnx(), &path).unwrap());
+            let b = consts(&tract_onnx::onnx().model_for_path(&path).unwrap());
+            assert_eq!(a.len(), b.len(), "{f}");
+            for (name, t) in &b {
+                assert_eq!(a[name], *t, "{f}: {name}");
+            }
+        }
     }
 }

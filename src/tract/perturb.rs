@@ -100,7 +100,8 @@ macro_rules! ulp {
     };
 }
 
-ulp!(f32, u32, 0x8000_0000, 0x7f80_0000, 0x7f7f_ffff, f32::to_bits, f32::from_bits, |v: f32| v as f64, |v: f64| v as f32);
+ulp!(f32, u32, 0x8000_0000, 0x7f80_0000, 0x7f7f_ffff, f32::to_bits, f32::from_bits, |v: f32| v as f64, |v: f64| v
+    as f32);
 ulp!(
     f64,
     u64,
@@ -177,7 +178,10 @@ fn move_upcast<T: Ulp>(values: &[T], ft: FloatType, seed: u64) -> Vec<T> {
 
 /// Whether a tensor of type `dt` stored as `ft` moves by whole units of its own type.
 fn whole_units(dt: DatumType, ft: FloatType) -> bool {
-    matches!((dt, ft), (DatumType::F32, FloatType::F32) | (DatumType::F64, FloatType::F64) | (DatumType::F16, FloatType::F16))
+    matches!(
+        (dt, ft),
+        (DatumType::F32, FloatType::F32) | (DatumType::F64, FloatType::F64) | (DatumType::F16, FloatType::F16)
+    )
 }
 
 /// `t` (stored as `ft`) with every element moved, as `seed` draws; other types unchanged.
@@ -355,5 +359,40 @@ mod tests {
         assert!(a.iter().all(|&x| x == 1.0f32.away(1) || x == 1.0f32.away(-1)));
         let ups = a.iter().filter(|&&x| x > 1.0).count();
         assert!((400..600).contains(&ups), "{ups}");
+    }
+
+    #[test]
+    fn draws_in_place_are_the_perturbed_copies_of_the_stored_weights() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/resnet20/ts_fold.onnx");
+        let mut m = super::super::load(&path).unwrap();
+        let consts = |m: &InferenceModel| -> HashMap<String, Arc<Tensor>> {
+            m.nodes().iter().filter_map(|n| n.op_as::<Const>().map(|c| (n.name.clone(), c.val().clone()))).collect()
+        };
+        let stored = consts(&m.model);
+        let which: HashMap<String, FloatType> = stored
+            .iter()
+            .filter(|(_, t)| t.datum_type() == DatumType::F32 && t.len() > 1)
+            .map(|(n, _)| (n.clone(), FloatType::F32))
+            .collect();
+        assert!(which.len() > 10);
+        // one weight that cannot be moved back exactly: kept aside, perturbed from its original
+        let (edge, _) = which.iter().next().map(|(n, t)| (n.clone(), *t)).unwrap();
+        let id = m.model.nodes().iter().find(|n| n.name == edge).unwrap().id;
+        let mut t = stored[&edge].as_ref().clone();
+        t.try_as_plain_ram_mut().unwrap().as_slice_mut::<f32>().unwrap()[0] = f32::from_bits(1);
+        set_const(&mut m.model, id, t).unwrap();
+        let original = m.model.clone();
+        let mut draws = Draws::default();
+        for seed in [11, 12, 13] {
+            perturb_in_place(&mut m, &which, seed, &mut draws).unwrap();
+            let mut fresh = original.clone();
+            perturb(&mut fresh, &which, seed).unwrap();
+            let (a, b) = (consts(&m.model), consts(&fresh));
+            for name in which.keys() {
+                assert_eq!(a[name], b[name], "draw {seed}: {name}");
+                assert_ne!(a[name], consts(&original)[name], "draw {seed}: {name} not moved");
+            }
+        }
+        assert_eq!(draws.kept.len(), 1);
     }
 }

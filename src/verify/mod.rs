@@ -83,7 +83,9 @@ use crate::model::save::TempModel;
 use crate::model::tensor::FloatType;
 use crate::model::transform::{eval_mode, freeze_initializers, has_half, training_mode, upcast_half};
 use crate::model::Model;
-use crate::tract::{load, on_threads, perturb_in_place, prepare, run, Draws, InputFact, Loaded, PlanKind, PlanSpec, Signature};
+use crate::tract::{
+    load, on_threads, perturb_in_place, prepare, run, Draws, InputFact, Loaded, PlanKind, PlanSpec, Signature,
+};
 use compare::{finish, Acc, Judge};
 use inputs::{read_npz_array, resolve_inputs, sample, write_npz};
 use rand::rngs::StdRng;
@@ -639,7 +641,8 @@ fn run_all(
     // cores left over (fewer samples than cores) inside each run
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = cores.min(data.len()).max(1);
-    let run_one = |d: &HashMap<String, Tensor>| on_threads(cores / threads, || run(&m.path, &plan, &inputs, &outputs, d));
+    let run_one =
+        |d: &HashMap<String, Tensor>| on_threads(cores / threads, || run(&m.path, &plan, &inputs, &outputs, d));
     let chunk = data.len().div_ceil(threads);
     let runs: Vec<Result<Vec<_>, Error>> = std::thread::scope(|scope| {
         let handles: Vec<_> =

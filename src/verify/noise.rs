@@ -68,4 +68,3 @@ pub(crate) fn weights(model: &Model) -> HashMap<String, FloatType> {
     }
     out
 }
-

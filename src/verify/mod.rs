@@ -59,8 +59,10 @@
 //!
 //! One model's weights are in memory at a time: the candidate is loaded for its signature and let
 //! go; the reference is loaded (each weight copied once, see [`crate::tract::load`]), run on
-//! every sample, perturbed in place for each draw of the noise (from its weights as stored in
-//! its file, read again) and let go; then the candidate is loaded again and run.
+//! every sample, perturbed in place draw after draw (each draw undoes the one before: a move by
+//! one unit in the last place is exactly reversible, see [`crate::tract::perturb`]) and let go;
+//! then the candidate is loaded again and run. Free memory is returned to the system between
+//! these phases. A run of one sample spreads tract's matrix products over every core.
 //!
 //! # Shapes
 //!
@@ -431,8 +433,9 @@ fn give_back() {
 /// The noise criterion sees at least this many perturbed output elements per output: an output
 /// with fewer elements than that over all samples gets more draws per sample (at most
 /// [`MAX_DRAWS`]). One draw of one element is one random sum of the weights' movements, which
-/// cancels to nearly nothing often enough to fail a correct model; the largest of 64 such sums
-/// is about 2.4 of their standard deviation, and below a tenth of it once in 10^40.
+/// cancels to nearly nothing often enough to fail a correct model (below a tenth of its standard
+/// deviation one time in 12, for a normal sum); the largest of 64 independent such sums is about
+/// 2.4 standard deviations.
 pub const NOISE_OBSERVATIONS: usize = 64;
 /// The most draws of the noise per sample.
 pub const MAX_DRAWS: usize = 16;

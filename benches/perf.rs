@@ -896,7 +896,7 @@ fn child_plain(args: &[String]) {
 }
 
 /// Every float32 constant of `m` moved one unit in the last place, up or down at random: the
-/// noise criterion's perturbed reference (src/tract/plan.rs moves the weights the same way).
+/// noise criterion's perturbed reference (src/tract/perturb.rs moves the weights the same way).
 fn perturb_consts(m: &mut InferenceModel, seed: u64) {
     use tract_onnx::tract_core::ops::konst::Const;
     let mut rng = StdRng::seed_from_u64(seed);

@@ -535,7 +535,8 @@ fn case_transpose_perm_that_is_not_a_permutation() {
 /// in process: an error or a refusal, no panic, and no allocation past [`ALLOC_BOUND`] (a
 /// Transpose perm repeating an axis made tract's Transpose grow a vector without end; a
 /// crop-path block turned by one byte into a region whose recovered kernel would have held
-/// ~39 TB was allocated before its taps were known to be visible).
+/// ~39 TB was allocated before its taps were known to be visible; a DBB export whose constant
+/// Pad amounts became 8·10^15, which tract evaluates while typing the region: 2·10^18 bytes).
 #[test]
 fn case_fuzz_findings_are_refused_without_a_large_allocation() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
@@ -559,6 +560,25 @@ fn case_fuzz_findings_are_refused_without_a_large_allocation() {
                 let r = outcome.unwrap();
                 assert!(r.rewrites.is_empty(), "{}", r.summary());
                 assert!(r.refused.iter().any(|x| x.rule == "affine_region"), "{}", r.summary());
+            }
+            "constant_pad_of_absurd_amounts.onnx" => {
+                let r = outcome.unwrap();
+                assert!(
+                    r.refused.iter().any(|x| x.rule == "affine_region"
+                        && x.reason.to_string().contains("Pad 'node_pad' pads by at least")
+                        && x.reason.to_string().contains("too big to run")),
+                    "{}",
+                    r.summary()
+                );
+                // the check does not hand it to tract either: one line, exit 2
+                let c = cli(&["verify".as_ref(), f.as_os_str(), f.as_os_str()]);
+                assert_eq!(c.code, 2, "{}\n{}", c.stderr, c.stdout);
+                one_line_naming(
+                    &c,
+                    "constant_pad_of_absurd_amounts.onnx",
+                    &["too big to run"],
+                    "verify absurd constant pad",
+                );
             }
             other => panic!("{other}: say what it must give"),
         }

@@ -102,7 +102,11 @@ const REFERENCE_BYTES: usize = 4096;
 pub(crate) fn parse_file(onnx: tract_onnx::model::Onnx, path: &Path) -> TractResult<InferenceModel> {
     use prost::Message;
     use tract_onnx::tract_hir::prelude::Framework;
-    let referenced = crate::model::Model::load(path).ok().and_then(|m| {
+    let ours = crate::model::Model::load(path).ok();
+    if let Some(why) = ours.as_ref().and_then(|m| super::safety::grows_too_big(m, super::safety::MAX_TENSOR_ELEMENTS)) {
+        anyhow::bail!(why)
+    }
+    let referenced = ours.and_then(|m| {
         let dir = m.dir().to_str()?.to_string();
         Some((m.with_file_references(REFERENCE_BYTES)?, dir))
     });

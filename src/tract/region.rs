@@ -2,7 +2,7 @@
 //! analysis of a whole model.
 
 use super::errors::summarize;
-use super::safety::unrunnable;
+use super::safety::{grows_too_big, unrunnable, MAX_TENSOR_ELEMENTS};
 use crate::error::catch;
 use crate::model::Model;
 use crate::proto::ModelProto;
@@ -34,6 +34,11 @@ impl RegionPlan {
     /// `out` is the number of elements its output may have (the size check's bound). tract's panics
     /// (it has some on malformed graphs) become errors.
     pub fn new(region: &ModelProto, shape: &[usize], out: usize) -> Result<RegionPlan, String> {
+        let limit = growth_limit(shape.iter().fold(1usize, |a, &d| a.saturating_mul(d)).max(out));
+        let m = Model::from_proto(region.clone()).map_err(|e| e.to_string())?;
+        if let Some(why) = grows_too_big(&m, limit as u128) {
+            return Err(format!("inside the region: {why}"));
+        }
         let bytes = region.encode_to_vec();
         catch(|| Self::build(&bytes, shape, out)).unwrap_or_else(|_| Err("tract failed on the region".into()))
     }
@@ -57,14 +62,18 @@ impl RegionPlan {
     }
 }
 
+/// The most elements a tensor of a region of `size` elements may have.
+fn growth_limit(size: usize) -> usize {
+    size.max(1 << 16).saturating_mul(GROWTH_LIMIT)
+}
+
 /// Refuse a region whose tensors are not all of known size, grow past [`GROWTH_LIMIT`] times
 /// `size`, or that tract cannot run (see [`unrunnable`]).
 fn check_sizes(m: &TypedModel, size: usize) -> Result<(), String> {
     if let Some(node) = m.nodes().iter().find(|n| n.outputs.iter().any(|o| o.fact.shape.as_concrete().is_none())) {
         return Err(format!("the size of '{}' inside the region is not known", node.name));
     }
-    let limit = size.max(1 << 16).saturating_mul(GROWTH_LIMIT);
-    match unrunnable(m, limit as u128) {
+    match unrunnable(m, growth_limit(size) as u128) {
         Some(why) => Err(format!("inside the region: {why}")),
         None => Ok(()),
     }
@@ -109,6 +118,9 @@ fn analyse(m: &Model) -> Result<HashMap<String, Vec<usize>>, String> {
 /// never asked: a BatchNormalization whose input has fewer than 2 axes (its inference rules
 /// index the channel axis unchecked). Found by the structural fuzz test.
 fn crashes_analysis(m: &Model) -> Option<String> {
+    if let Some(why) = grows_too_big(m, MAX_TENSOR_ELEMENTS) {
+        return Some(why);
+    }
     let g = m.graph();
     let rank = |name: &str| -> Option<usize> {
         if let Some(t) = g.initializer.iter().find(|t| t.name() == name) {

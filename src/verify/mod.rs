@@ -392,9 +392,7 @@ fn prepare_model(path: &Path, opts: &VerifyOptions, upcast: bool, notes: &mut Ve
         None
     };
     let file = temp.as_ref().map_or(path.to_path_buf(), |t| t.path.clone());
-    let mut p = Prepared { model, loaded: None, file, shown: path.to_path_buf(), weights, half_inputs, _temp: temp };
-    p.tract()?;
-    Ok(p)
+    Ok(Prepared { model, loaded: None, file, shown: path.to_path_buf(), weights, half_inputs, _temp: temp })
 }
 
 impl Prepared {
@@ -494,11 +492,18 @@ pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Resul
     let mut notes = vec![];
     let half = |p: &Path| Model::load(p).map(|m| has_half(&m)).map_err(|e| load_error(p, e));
     let upcast = half(reference)? || half(candidate)?;
-    // the candidate first, for its signature; then its weights are let go until its turn
-    let mut c = prepare_model(candidate, opts, upcast, &mut notes)?;
-    let csig = c.tract()?.signature()?;
-    c.let_go();
     let mut r = prepare_model(reference, opts, upcast, &mut notes)?;
+    let mut c = prepare_model(candidate, opts, upcast, &mut notes)?;
+    // tract's candidate first, for its signature; then its weights are let go until its turn
+    let csig = match c.tract().and_then(|l| l.signature()) {
+        Ok(s) => s,
+        Err(e) => {
+            // what is wrong with both models is told of the reference (the user's own file)
+            r.tract()?.signature()?;
+            return Err(e);
+        }
+    };
+    c.let_go();
     let rsig = r.tract()?.signature()?;
     check_signature(&rsig, &csig)?;
     let mut inputs = resolve_inputs(&rsig, &csig, opts, &mut notes)?;

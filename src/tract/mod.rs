@@ -1,6 +1,7 @@
 //! The only code that builds tract models: loading model files ([`load`]), typed plans at
 //! concrete input shapes ([`plan`]: the un-optimised reference plan the check runs, or tract's
-//! optimised plan for latency), what tract must not be asked to run ([`safety`]), a region of a
+//! optimised plan for latency), the noise criterion's perturbed weights ([`perturb`]), what
+//! tract must not be handed or asked to run ([`safety`]), a region of a
 //! model evaluated on its own and the shape analysis of a model ([`region`]), and tract's errors
 //! as one line ([`errors`]).
 

@@ -97,8 +97,9 @@ const REFERENCE_BYTES: usize = 4096;
 /// and then copies every weight into a tensor, holding both: twice the model at the peak. We
 /// decode the file ourselves (a memory map; no copy), hand tract the model with every large
 /// weight replaced by an external-data reference to where its bytes already are in the file,
-/// and tract copies each one straight into its tensor. A file our loader refuses goes to
-/// tract's own loader as it is.
+/// and tract copies each one straight into its tensor. A file our loader refuses, or one tract
+/// cannot read that way (a model file that is a link to another folder: tract keeps external
+/// data inside the model's folder), goes to tract's own loader as it is.
 pub(crate) fn parse_file(onnx: tract_onnx::model::Onnx, path: &Path) -> TractResult<InferenceModel> {
     use prost::Message;
     use tract_onnx::tract_hir::prelude::Framework;
@@ -113,13 +114,14 @@ pub(crate) fn parse_file(onnx: tract_onnx::model::Onnx, path: &Path) -> TractRes
     let Some((proto, dir)) = referenced else { return onnx.model_for_path(path) };
     let bytes = proto.encode_to_vec();
     drop(proto);
-    let pb = onnx.proto_model_for_read(&mut bytes.as_slice())?;
-    drop(bytes);
-    let parsed = onnx.parse(&pb, Some(&dir))?;
-    if !parsed.unresolved_inputs.is_empty() {
-        anyhow::bail!("Could not resolve inputs at top-level: {:?}", parsed.unresolved_inputs)
+    let parsed = onnx.proto_model_for_read(&mut bytes.as_slice()).and_then(|pb| {
+        drop(bytes);
+        onnx.parse(&pb, Some(&dir))
+    });
+    match parsed {
+        Ok(p) if p.unresolved_inputs.is_empty() => Ok(p.model),
+        _ => onnx.model_for_path(path),
     }
-    Ok(parsed.model)
 }
 
 /// What a model declares about one dimension.
@@ -207,6 +209,18 @@ mod tests {
     /// Every constant of tract's model, by node name.
     fn consts(m: &InferenceModel) -> HashMap<String, Arc<Tensor>> {
         m.nodes().iter().filter_map(|n| n.op_as::<Const>().map(|c| (n.name.clone(), c.val().clone()))).collect()
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_model_file_linked_from_another_folder_loads() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/resnet20/ts_fold.onnx");
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir.path().join("linked.onnx");
+        std::os::unix::fs::symlink(&fixture, &link).unwrap();
+        let a = consts(&parse_file(tract_onnx::onnx(), &link).unwrap());
+        let b = consts(&tract_onnx::onnx().model_for_path(&fixture).unwrap());
+        assert_eq!(a, b);
     }
 
     #[test]

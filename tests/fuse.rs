@@ -177,3 +177,57 @@ fn case_output_is_identical_to_the_single_threaded_result() {
     };
     assert_eq!(fused_with(1), fused_with(4));
 }
+
+/// A BatchNormalization folded into each branch and the branches then merged give weights
+/// rounded to float32 once, from the float64 values: here each merged 3x3 weight of ResNet-20's
+/// BN-node export (TorchScript, opset 11, where the merge comes a scan after the folds) is
+/// computed in this test from the export's own parameters (W·γ/√(var+ε) per branch, the 3x1 and
+/// 1x3 kernels added onto the centre column and row) and must equal ours bit for bit.
+#[test]
+fn case_a_kernel_folded_then_merged_is_rounded_once() {
+    let src = dir("resnet20").join("ts_nofold_op11.onnx");
+    let original = Model::load(&src).unwrap();
+    let mut m = original.clone();
+    fuse(&mut m).unwrap();
+    let og = original.proto.graph.as_ref().unwrap();
+    let value = |m: &Model, name: &str| {
+        let g = m.proto.graph.as_ref().unwrap();
+        let t = g.initializer.iter().find(|t| t.name() == name).unwrap_or_else(|| panic!("{name}"));
+        to_f64(t, m.raw_bytes(t).unwrap().as_deref()).unwrap()
+    };
+    // the branch whose Conv reads `weight`, folded with the BatchNormalization after it
+    let folded = |weight: &str| -> ArrayD<f64> {
+        let conv = og.node.iter().find(|n| n.op_type() == "Conv" && n.input[1] == weight).unwrap();
+        let bn = og.node.iter().find(|n| n.input.first() == conv.output.first()).unwrap();
+        assert_eq!(bn.op_type(), "BatchNormalization");
+        let eps = bn.attribute.iter().find(|a| a.name() == "epsilon").map_or(1e-5, |a| a.f()) as f64;
+        let (gamma, var) = (value(&original, &bn.input[1]), value(&original, &bn.input[4]));
+        let mut w = value(&original, weight);
+        for (o, mut row) in w.outer_iter_mut().enumerate() {
+            row *= gamma[o] / (var[o] + eps).sqrt();
+        }
+        w
+    };
+    let mut blocks = 0;
+    for t in &og.initializer {
+        let Some(prefix) = t.name().strip_suffix("square_conv.weight") else { continue };
+        let mut want = folded(t.name());
+        let (ver, hor) = (folded(&format!("{prefix}ver_conv.weight")), folded(&format!("{prefix}hor_conv.weight")));
+        let c = want.shape()[2] / 2;
+        for o in 0..want.shape()[0] {
+            for i in 0..want.shape()[1] {
+                for k in 0..want.shape()[2] {
+                    want[[o, i, k, c]] += ver[[o, i, k, 0]];
+                }
+                for k in 0..want.shape()[3] {
+                    want[[o, i, c, k]] += hor[[o, i, 0, k]];
+                }
+            }
+        }
+        let got = value(&m, t.name());
+        let off = got.iter().zip(want.iter()).filter(|(g, w)| **g as f32 != **w as f32).count();
+        assert_eq!(off, 0, "{}: {off} of {} weights are not the float64 sum rounded once", t.name(), got.len());
+        blocks += 1;
+    }
+    assert_eq!(blocks, 19, "every ACNet block of ResNet-20");
+}

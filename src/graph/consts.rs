@@ -4,7 +4,7 @@
 
 use super::fold::{Folder, Value};
 use super::GraphIndex;
-use crate::model::tensor::FloatType;
+use crate::model::tensor::{FloatType, Scaled};
 use crate::model::Model;
 use ndarray::ArrayD;
 use std::collections::HashMap;
@@ -39,13 +39,36 @@ impl fmt::Display for ConstError {
     }
 }
 
+/// The f64 values of a tensor the rewrite wrote: held, or a stored tensor scaled along axis 0
+/// (computed when read; the graph holds an initializer without data until the rewrite ends).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Exact {
+    Values(ArrayD<f64>),
+    Scaled(Scaled),
+}
+
+impl Exact {
+    pub fn to_f64(&self) -> ArrayD<f64> {
+        match self {
+            Exact::Values(a) => a.clone(),
+            Exact::Scaled(s) => s.to_f64(),
+        }
+    }
+}
+
+impl From<ArrayD<f64>> for Exact {
+    fn from(a: ArrayD<f64>) -> Exact {
+        Exact::Values(a)
+    }
+}
+
 /// Reads the constants of a model's graph. `exact` holds the f64 values of tensors the rewrite
-/// wrote (the graph holds them rounded to their dtype), so that a kernel folded and then merged
-/// is rounded once.
+/// wrote (the graph holds them rounded to their dtype, or not yet: see [`Exact::Scaled`]), so
+/// that a kernel folded and then merged is rounded once.
 pub(crate) struct Consts<'a> {
     pub model: &'a Model,
     pub ix: &'a GraphIndex,
-    pub exact: &'a HashMap<String, ArrayD<f64>>,
+    pub exact: &'a HashMap<String, Exact>,
 }
 
 impl Consts<'_> {

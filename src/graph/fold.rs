@@ -111,7 +111,7 @@ impl<'c, 'a> Folder<'c, 'a> {
             let code = t.data_type.unwrap_or(0);
             if let (Some(ft), Some(a)) = (FloatType::from_onnx(code), self.consts.exact.get(name)) {
                 if ix.initializer.contains_key(name) {
-                    return Ok(Value::Float(a.clone(), ft));
+                    return Ok(Value::Float(a.to_f64(), ft));
                 }
             }
             let ok_type = FloatType::from_onnx(code).is_some()

@@ -10,7 +10,7 @@ pub(crate) mod names;
 pub(crate) use attrs::{
     attr, attr_float, attr_int, attr_ints, attr_string, check_arity, default_opset, is_default_domain, is_op,
 };
-pub(crate) use consts::{ConstError, Consts};
+pub(crate) use consts::{ConstError, Consts, Exact};
 pub(crate) use index::{node_reads, GraphIndex};
 pub(crate) use names::{graph_names, Names};
 

@@ -173,11 +173,28 @@ pub(crate) fn read_conv(k: &Consts, n: &NodeProto) -> Read<(AffineConv, FloatTyp
         return Err(Form::ConvWithoutWeight.into());
     }
     let (w, ft) = k.f64(&n.input[1]).map_err(ReadError::Weight)?;
-    if w.ndim() < 3 {
-        return Err(Form::WeightRank(w.ndim()).into());
+    let f = read_conv_form(k, n, w.shape(), ft)?;
+    Ok((AffineConv::new(w, f.bias, f.groups, f.strides, f.dilations, f.pads_begin, f.pads_end), ft))
+}
+
+/// A Conv but for its weight's values: what [`read_conv`] reads besides them.
+pub(crate) struct ConvForm {
+    pub bias: Option<Array1<f64>>,
+    pub groups: usize,
+    pub strides: Vec<usize>,
+    pub dilations: Vec<usize>,
+    pub pads_begin: Vec<i64>,
+    pub pads_end: Vec<i64>,
+}
+
+/// Conv `n` whose weight has shape `shape` and type `ft`, but for the weight's values (the checks
+/// and the refusals of [`read_conv`]).
+pub(crate) fn read_conv_form(k: &Consts, n: &NodeProto, shape: &[usize], ft: FloatType) -> Read<ConvForm> {
+    if shape.len() < 3 {
+        return Err(Form::WeightRank(shape.len()).into());
     }
-    let r = w.ndim() - 2;
-    let o = w.shape()[0];
+    let r = shape.len() - 2;
+    let o = shape[0];
     let bias = match n.input.get(2).filter(|b| !b.is_empty()) {
         Some(b) => {
             let (a, bt) = k.f64(b).map_err(ReadError::Bias)?;
@@ -189,10 +206,10 @@ pub(crate) fn read_conv(k: &Consts, n: &NodeProto) -> Read<(AffineConv, FloatTyp
         None => None,
     };
     let groups = attr_int(n, "group", 1);
-    if groups < 1 || o % groups as usize != 0 {
+    if groups < 1 || !o.is_multiple_of(groups as usize) {
         return Err(Form::GroupsDivide { groups, out: o }.into());
     }
-    let kernel: Vec<usize> = w.shape()[2..].to_vec();
+    let kernel: Vec<usize> = shape[2..].to_vec();
     if let Some(ks) = attr_ints(n, "kernel_shape") {
         if ks.iter().map(|&k| k as usize).ne(kernel.iter().copied()) {
             return Err(Form::KernelShape { attr: ks, weight: kernel }.into());
@@ -230,7 +247,7 @@ pub(crate) fn read_conv(k: &Consts, n: &NodeProto) -> Read<(AffineConv, FloatTyp
         }
         _ => return Err(Form::AutoPadUnknown(auto_pad).into()),
     };
-    Ok((AffineConv::new(w, bias, groups as usize, strides, dilations, pb, pe), ft))
+    Ok(ConvForm { bias, groups: groups as usize, strides, dilations, pads_begin: pb, pads_end: pe })
 }
 
 /// Crop per spatial axis (begin, end) that a Slice applies to a tensor of rank `rank`.

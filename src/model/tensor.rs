@@ -255,6 +255,128 @@ pub fn from_f64(name: &str, a: &ArrayD<f64>, ft: FloatType) -> TensorProto {
     }
 }
 
+/// A stored float tensor times a factor per slice along axis 0 (a BatchNormalization folded into
+/// the Conv that stores it), not computed until read: element `i` is the f64 product
+/// `value(i) · scale[i / per]`, where `per` is the product of `dims[1..]`, the same number an f64
+/// array scaled in place holds. Holding the stored bytes (a view into the model's memory map)
+/// instead of the values saves a pass over the weights and the memory of an f64 copy.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scaled {
+    /// The stored elements, little-endian, of type `ft`.
+    pub raw: Bytes,
+    pub ft: FloatType,
+    pub dims: Vec<usize>,
+    /// One factor per slice along axis 0.
+    pub scale: Vec<f64>,
+}
+
+/// The stored element type's decoder, chosen once per call (the loops stay monomorphic).
+macro_rules! with_decoder {
+    ($ft:expr, |$n:ident, $f:ident| $body:expr) => {
+        match $ft {
+            FloatType::F32 => {
+                const $n: usize = 4;
+                let $f = |c: [u8; 4]| f32::from_le_bytes(c) as f64;
+                $body
+            }
+            FloatType::F64 => {
+                const $n: usize = 8;
+                let $f = f64::from_le_bytes;
+                $body
+            }
+            FloatType::F16 => {
+                const $n: usize = 2;
+                let $f = |c: [u8; 2]| half::f16::from_le_bytes(c).to_f64();
+                $body
+            }
+            FloatType::BF16 => {
+                const $n: usize = 2;
+                let $f = |c: [u8; 2]| half::bf16::from_le_bytes(c).to_f64();
+                $body
+            }
+        }
+    };
+}
+
+impl Scaled {
+    /// `raw` read as `dims` of `ft`, times `scale` along axis 0; `None` unless the sizes agree
+    /// (one factor per slice, the bytes of every element).
+    pub fn new(raw: Bytes, ft: FloatType, dims: Vec<usize>, scale: Vec<f64>) -> Option<Scaled> {
+        let n = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
+        let ok = !dims.is_empty() && dims[0] == scale.len() && n.checked_mul(ft.size()) == Some(raw.len());
+        ok.then_some(Scaled { raw, ft, dims, scale })
+    }
+
+    fn per(&self) -> usize {
+        self.dims[1..].iter().product()
+    }
+
+    /// The values of slice `c` (axis 0) into `out` (`per` elements).
+    pub fn slice_into(&self, c: usize, out: &mut [f64]) {
+        let (per, s) = (self.per(), self.scale[c]);
+        with_decoder!(self.ft, |N, f| {
+            let raw = &self.raw[c * per * N..(c + 1) * per * N];
+            for (o, b) in out.iter_mut().zip(raw.chunks_exact(N)) {
+                *o = f(b.try_into().expect("N bytes")) * s;
+            }
+        })
+    }
+
+    /// The values, in f64.
+    pub fn to_f64(&self) -> ArrayD<f64> {
+        let per = self.per();
+        let mut out = vec![0f64; self.raw.len() / self.ft.size()];
+        let fill = |(c, o): (usize, &mut [f64])| self.slice_into(c, o);
+        if out.len() >= PARALLEL && per > 0 {
+            use rayon::prelude::*;
+            out.par_chunks_mut(per).enumerate().for_each(fill);
+        } else if per > 0 {
+            out.chunks_mut(per).enumerate().for_each(fill);
+        }
+        ArrayD::from_shape_vec(IxDyn(&self.dims), out).expect("the sizes were checked")
+    }
+
+    /// The tensor `name` of the values rounded once to `ft`: the bytes [`from_f64`] writes for
+    /// [`Scaled::to_f64`], without the f64 copy.
+    pub fn encode(&self, name: &str, ft: FloatType) -> TensorProto {
+        let per = self.per();
+        let n = self.raw.len() / self.ft.size();
+        let mut raw = vec![0u8; n * ft.size()];
+        let piece = |c: usize, r: &mut [u8], buf: &mut Vec<f64>| {
+            buf.resize(per, 0.0);
+            self.slice_into(c, buf);
+            match ft {
+                FloatType::F32 => put(r, buf, |x| (x as f32).to_le_bytes()),
+                FloatType::F64 => put(r, buf, |x| x.to_le_bytes()),
+                FloatType::F16 => put(r, buf, |x| half::f16::from_f64(x).to_bits().to_le_bytes()),
+                FloatType::BF16 => put(r, buf, |x| half::bf16::from_f64(x).to_bits().to_le_bytes()),
+            }
+        };
+        let size = per * ft.size();
+        if n >= PARALLEL && per > 0 {
+            use rayon::prelude::*;
+            raw.par_chunks_mut(size).enumerate().for_each_init(Vec::new, |buf, (c, r)| piece(c, r, buf));
+        } else if per > 0 {
+            let mut buf = Vec::new();
+            raw.chunks_mut(size).enumerate().for_each(|(c, r)| piece(c, r, &mut buf));
+        }
+        TensorProto {
+            dims: self.dims.iter().map(|&d| d as i64).collect(),
+            data_type: Some(ft.onnx()),
+            name: Some(name.to_string()),
+            raw_data: Some(Bytes::from(raw)),
+            ..Default::default()
+        }
+    }
+}
+
+/// `values` encoded by `f` into `raw`.
+fn put<const N: usize>(raw: &mut [u8], values: &[f64], f: impl Fn(f64) -> [u8; N]) {
+    for (o, &x) in raw.chunks_exact_mut(N).zip(values) {
+        o.copy_from_slice(&f(x));
+    }
+}
+
 /// Encode i64 values as an INT64 tensor.
 pub fn from_i64(name: &str, dims: &[i64], v: &[i64]) -> TensorProto {
     let mut raw = Vec::with_capacity(v.len() * 8);
@@ -305,6 +427,34 @@ mod tests {
                 })
                 .collect();
             assert_eq!(back.as_slice().unwrap(), &naive_back[..], "{ft:?} decode");
+        }
+    }
+
+    /// A scaled stored tensor reads as the stored values decoded and multiplied in place, and is
+    /// written as those values rounded once: small and large (several threads), every type in and
+    /// out, negative and zero factors.
+    #[test]
+    fn scaled_tensors_read_and_write_as_the_decoded_values_scaled_in_place() {
+        for (channels, per) in [(3usize, 5usize), (37, 4099)] {
+            let n = channels * per;
+            let values: Vec<f64> = (0..n).map(|i| ((i * 7919) % 10007) as f64 / 97.0 - 50.0).collect();
+            let a = ArrayD::from_shape_vec(IxDyn(&[channels, per, 1]), values).unwrap();
+            let scale: Vec<f64> = (0..channels).map(|c| [0.37, -2.5, 0.0, 1e-3][c % 4] * (c + 1) as f64).collect();
+            for ft in [FloatType::F32, FloatType::F64, FloatType::F16, FloatType::BF16] {
+                let stored = from_f64("w", &a, ft);
+                let raw = stored.raw_data.clone().unwrap();
+                let mut expect = to_f64(&stored, Some(&raw)).unwrap();
+                for (c, mut w) in expect.outer_iter_mut().enumerate() {
+                    w *= scale[c];
+                }
+                let s = Scaled::new(raw.clone(), ft, vec![channels, per, 1], scale.clone()).unwrap();
+                assert_eq!(s.to_f64(), expect, "{ft:?} read, {channels} channels");
+                for out in [FloatType::F32, FloatType::F16] {
+                    assert_eq!(s.encode("w2", out), from_f64("w2", &expect, out), "{ft:?} -> {out:?}");
+                }
+                assert!(Scaled::new(raw.clone(), ft, vec![channels, per, 1], scale[1..].to_vec()).is_none());
+                assert!(Scaled::new(raw.slice(1..), ft, vec![channels, per, 1], scale.clone()).is_none());
+            }
         }
     }
 }

@@ -173,7 +173,7 @@ impl Rule for AffineRegion {
             remove: region.dep,
             insert: vec![node],
             replace: vec![],
-            initializers: vec![(wbase, conv.weight, ft), (bname, conv.bias.into_dyn(), ft)],
+            initializers: vec![(wbase, conv.weight.into(), ft), (bname, conv.bias.into_dyn().into(), ft)],
             log: Rewrite { rule: Self::ID, node: name, detail, weights: vec![] },
         }
     }
@@ -349,7 +349,7 @@ fn submodel(cx: &Cx, r: &Region, y: &str, shape: &[usize]) -> Result<ModelProto,
     let mut inits = Vec::new();
     for t in &g.initializer {
         if needed.contains(t.name()) {
-            let mut t = t.clone();
+            let mut t = cx.settled(t).unwrap_or_else(|| t.clone());
             cx.model.inline_tensor(&mut t).map_err(|e| RegionReason::Tract(e.to_string()))?;
             inits.push(to_double(t)?);
         }

@@ -3,10 +3,10 @@
 
 use super::patch::Holes;
 use super::{Refusal, Rewrite, Step, Try};
-use crate::graph::{default_opset, graph_names, Consts, GraphIndex, Names};
+use crate::graph::{default_opset, graph_names, Consts, Exact, GraphIndex, Names};
+use crate::model::tensor::FloatType;
 use crate::model::Model;
-use crate::proto::{GraphProto, NodeProto};
-use ndarray::ArrayD;
+use crate::proto::{GraphProto, NodeProto, TensorProto};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 
@@ -14,10 +14,14 @@ use std::collections::{HashMap, HashSet};
 pub(crate) struct Cache {
     /// The exact f64 values of the tensors the rewrite wrote, so that a kernel folded and then
     /// merged (a BN folded into each branch, then the branches merged; nested sums) is rounded to
-    /// its dtype once. The graph always holds the rounded values too (tract reads the graph), so
-    /// an entry can be dropped at any time: it is dropped once the scan has passed every node
-    /// that could read it ([`Cache::evict_before`]), which keeps at most a block's worth alive.
-    pub exact: HashMap<String, ArrayD<f64>>,
+    /// its dtype once. The graph holds the rounded values of held ones ([`Exact::Values`]) too,
+    /// so such an entry can be dropped at any time: it is dropped once the scan has passed every
+    /// node that could read it ([`Cache::evict_before`]), which keeps at most a block's worth
+    /// alive. A scaled stored tensor ([`Exact::Scaled`]: a BN folded into the Conv that stores
+    /// it) is small (a view of the stored bytes and a factor per channel) and stays until the
+    /// rewrite ends, when the graph gets its values ([`settle`]); until then the graph's
+    /// initializer has no data, and whatever reads the graph's tensors reads [`Cache::settled`].
+    pub exact: HashMap<String, Exact>,
     /// Every name the graph has used since the rewrite began (names of removed tensors stay
     /// taken), so that fresh names are found without reading the graph.
     names: HashSet<String>,
@@ -69,8 +73,54 @@ impl Cache {
             }
             last
         };
-        self.exact.retain(|name, _| horizon(name) >= i);
+        self.exact.retain(|name, e| matches!(e, Exact::Scaled(_)) || horizon(name) >= i);
     }
+
+    /// Whether some initializer of the graph has no data yet (see [`Exact::Scaled`]).
+    fn unsettled(&self) -> bool {
+        self.exact.values().any(|e| matches!(e, Exact::Scaled(_)))
+    }
+
+    /// `t` as the graph will hold it once the rewrite ends: its values computed if it is an
+    /// initializer the rewrite wrote and has not computed yet, else `None` (it is as it is).
+    pub fn settled(&self, t: &TensorProto) -> Option<TensorProto> {
+        settled(&self.exact, t)
+    }
+}
+
+fn settled(exact: &HashMap<String, Exact>, t: &TensorProto) -> Option<TensorProto> {
+    let Some(Exact::Scaled(s)) = exact.get(t.name()) else { return None };
+    let ft = FloatType::from_onnx(t.data_type.unwrap_or(0))?;
+    (t.raw_data.is_none() && t.external_data.is_empty()).then(|| s.encode(t.name(), ft))
+}
+
+/// Give the graph's initializers that have no data yet their values (in parallel: each is a pass
+/// over its stored tensor, whose pages in the input's memory map are let go of once read), and
+/// forget them.
+pub(crate) fn settle(model: &mut Model, cache: &mut Cache) {
+    use rayon::prelude::*;
+    if !cache.unsettled() {
+        return;
+    }
+    let (exact, m) = (&cache.exact, &*model);
+    let done: Vec<(usize, TensorProto)> = m
+        .graph()
+        .initializer
+        .par_iter()
+        .enumerate()
+        .filter_map(|(k, t)| {
+            let s = settled(exact, t)?;
+            if let Some(Exact::Scaled(from)) = exact.get(t.name()) {
+                m.release(&from.raw);
+            }
+            Some((k, s))
+        })
+        .collect();
+    let g = model.graph_mut();
+    for (k, t) in done {
+        g.initializer[k] = t;
+    }
+    cache.exact.retain(|_, e| !matches!(e, Exact::Scaled(_)));
 }
 
 /// What a rule sees: the model, its graph's index, its constants, and cached analyses.
@@ -114,6 +164,11 @@ impl<'a> Cx<'a> {
         self.ix.uses(name)
     }
 
+    /// Initializer `t` with its values: see [`Cache::settled`].
+    pub fn settled(&self, t: &TensorProto) -> Option<TensorProto> {
+        self.cache.settled(t)
+    }
+
     /// A generator of fresh names for one patch.
     pub fn names(&self) -> Names<'a> {
         Names::new(&self.cache.names)
@@ -148,11 +203,16 @@ impl<'a> Cx<'a> {
         let mut cache = self.cache.shapes.borrow_mut();
         cache
             .get_or_insert_with(|| {
-                if holes.is_empty() {
+                if holes.is_empty() && !self.cache.unsettled() {
                     return crate::tract::shapes(self.model);
                 }
                 let mut m = self.model.clone();
                 Holes::compacted(holes, m.graph_mut());
+                for t in &mut m.graph_mut().initializer {
+                    if let Some(s) = self.cache.settled(t) {
+                        *t = s;
+                    }
+                }
                 crate::tract::shapes(&m)
             })
             .get(name)
@@ -237,6 +297,7 @@ pub(crate) fn run(model: &mut Model, rules: &[&dyn Try]) -> (Vec<Rewrite>, Vec<R
         }
     }
     cache.holes.compact(model.graph_mut());
+    settle(model, &mut cache);
     (log, refusals)
 }
 
@@ -354,7 +415,7 @@ mod tests {
         );
         let ix = GraphIndex::new(m.graph());
         let mut cache = Cache::new(m.graph());
-        cache.exact.insert("t1".into(), ArrayD::zeros(ndarray::IxDyn(&[1])));
+        cache.exact.insert("t1".into(), ndarray::ArrayD::zeros(ndarray::IxDyn(&[1])).into());
         // t1 is read by b (1), whose output is read by c (2), then d (3): kept until node 3 is passed
         cache.evict_before(m.graph(), &ix, 3);
         assert!(cache.exact.contains_key("t1"));

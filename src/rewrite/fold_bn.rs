@@ -1,10 +1,17 @@
 //! Conv → BatchNormalization (inference) becomes one Conv: W·γ/σ, (b − μ)·γ/σ + β.
+//!
+//! When the weight is a stored tensor the rewrite has not written, the folded weight is not
+//! computed here: it is the stored bytes and a factor per output channel ([`Exact::Scaled`]),
+//! computed by whatever reads it next (a merge of the block's branches reads it from there) or,
+//! for a Conv only folded, written from the stored bytes in one pass when the rewrite ends.
 
 use super::{Checked, Cx, Patch, Reason, Rule, RuleId};
-use crate::graph::is_op;
-use crate::kernel::read::{read_bn, read_conv};
-use crate::kernel::AffineConv;
-use crate::model::tensor::FloatType;
+use crate::graph::{is_op, Exact};
+use crate::kernel::read::{read_bn, read_conv, read_conv_form};
+use crate::model::tensor::{checked_numel, FloatType, Scaled};
+use crate::proto::NodeProto;
+use bytes::Bytes;
+use ndarray::{Array1, ArrayD};
 
 pub(crate) struct FoldBn;
 
@@ -16,7 +23,8 @@ pub(crate) struct Candidate {
 
 impl Rule for FoldBn {
     type Candidate = Candidate;
-    type Plan = (AffineConv, FloatType);
+    /// The folded weight, the folded bias, their type.
+    type Plan = (Exact, ArrayD<f64>, FloatType);
     const ID: RuleId = RuleId::FOLD_BN;
 
     fn find(&self, cx: &Cx, at: usize) -> Option<Candidate> {
@@ -33,31 +41,69 @@ impl Rule for FoldBn {
         if cx.uses(&bn.input[0]) != 1 {
             return Checked::refuse(Reason::UsedOutside { conv: conv.name().to_string() });
         }
-        let (mut k, ft) = match read_conv(&cx.consts, conv) {
-            Ok(k) => k,
-            Err(err) => return Checked::refuse(Reason::Conv { conv: conv.name().to_string(), err }),
+        let refuse_conv = |err| Checked::refuse(Reason::Conv { conv: conv.name().to_string(), err });
+        let stored = stored_weight(cx, conv);
+        // the weight's values are read now only when they are not a stored tensor
+        let (weight, bias, ft) = match &stored {
+            Some((_, ft, dims)) => match read_conv_form(&cx.consts, conv, dims, *ft) {
+                Ok(f) => (None, f.bias.unwrap_or_else(|| Array1::zeros(dims[0])), *ft),
+                Err(err) => return refuse_conv(err),
+            },
+            None => match read_conv(&cx.consts, conv) {
+                Ok((k, ft)) => (Some(k.weight), k.bias, ft),
+                Err(err) => return refuse_conv(err),
+            },
         };
         let (b, bft) = match read_bn(&cx.consts, bn) {
             Ok(b) => b,
             Err(err) => return Checked::refuse(Reason::Bn(err)),
         };
-        if b.scale.len() != k.out_channels() {
-            return Checked::refuse(Reason::BnChannels { bn: b.scale.len(), conv: k.out_channels() });
+        if b.scale.len() != bias.len() {
+            return Checked::refuse(Reason::BnChannels { bn: b.scale.len(), conv: bias.len() });
         }
         if bft != ft {
             return Checked::refuse(Reason::BnConvDtypes);
         }
-        k.fold_bn(&b);
-        Checked::Fits((k, ft))
+        // (what `AffineConv::fold_bn` computes: each output channel's weights times a, b·a + c)
+        let (a, c) = b.affine();
+        let bias = (&bias * &a + &c).into_dyn();
+        let weight = match (weight, stored) {
+            (Some(mut w), _) => {
+                for (o, mut w) in w.outer_iter_mut().enumerate() {
+                    w *= a[o];
+                }
+                Exact::Values(w)
+            }
+            (None, Some((raw, ft, dims))) => {
+                Exact::Scaled(Scaled::new(raw, ft, dims, a.to_vec()).expect("sizes checked by stored_weight"))
+            }
+            (None, None) => unreachable!("a weight read or stored"),
+        };
+        Checked::Fits((weight, bias, ft))
     }
 
-    fn rewrite(&self, cx: &Cx, c: Candidate, (k, ft): Self::Plan) -> Patch {
-        super::folded_bn_patch(cx, Self::ID, c.conv, c.bn, k.weight, k.bias.into_dyn(), ft)
+    fn rewrite(&self, cx: &Cx, c: Candidate, (weight, bias, ft): Self::Plan) -> Patch {
+        super::folded_bn_patch(cx, Self::ID, c.conv, c.bn, weight, bias, ft)
     }
 
     fn node(&self, cx: &Cx, c: &Candidate) -> String {
         cx.node(c.bn).name().to_string()
     }
+}
+
+/// The Conv's weight as stored (its bytes, type and shape), when it is a float initializer the
+/// rewrite has not written, whose bytes are all there; else `None` (its values are read).
+fn stored_weight(cx: &Cx, conv: &NodeProto) -> Option<(Bytes, FloatType, Vec<usize>)> {
+    let name = conv.input.get(1)?;
+    if cx.consts.exact.contains_key(name) || !cx.ix.initializer.contains_key(name) {
+        return None;
+    }
+    let t = cx.ix.constant(cx.g, name)?;
+    let ft = FloatType::from_onnx(t.data_type.unwrap_or(0))?;
+    let n = checked_numel(&t.dims).ok()?;
+    let raw = cx.model.raw_bytes(t).ok()??;
+    let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+    (n.checked_mul(ft.size()) == Some(raw.len()) && dims.len() >= 3).then_some((raw, ft, dims))
 }
 
 #[cfg(test)]
@@ -68,11 +114,11 @@ mod tests {
     use crate::support::{Builder, ConvAttrs};
 
     /// `check` of the candidate at the BatchNormalization named `bn`.
-    fn check_at(b: &Builder, bn: &str) -> Checked<(AffineConv, FloatType)> {
+    fn check_at(b: &Builder, bn: &str) -> Checked<(Exact, ArrayD<f64>, FloatType)> {
         at_node(b, bn, |cx, at| FoldBn.check(cx, &FoldBn.find(cx, at).expect("a Conv → BatchNormalization")))
     }
 
-    fn refused(c: Checked<(AffineConv, FloatType)>) -> Reason {
+    fn refused(c: Checked<(Exact, ArrayD<f64>, FloatType)>) -> Reason {
         match c {
             Checked::Refused(mut r) if r.len() == 1 => r.remove(0),
             _ => panic!("expected one refusal"),
@@ -85,8 +131,8 @@ mod tests {
         let (y, _, _) = b.conv_rand("conv", "x", 3, 2, &[3, 3], true, ConvAttrs::pads(&[1, 1, 1, 1]));
         let (z, _) = b.bn("bn", &y, 3, None);
         b.output(&z);
-        let Checked::Fits((k, ft)) = check_at(&b, "bn") else { panic!("refused") };
-        assert_eq!((k.out_channels(), ft), (3, FloatType::F32));
+        let Checked::Fits((w, bias, ft)) = check_at(&b, "bn") else { panic!("refused") };
+        assert_eq!((w.to_f64().shape(), bias.len(), ft), (&[3, 2, 3, 3][..], 3, FloatType::F32));
     }
 
     #[test]

@@ -136,7 +136,7 @@ impl Rule for FoldBnForward {
             remove: vec![c.bn],
             insert: vec![],
             replace: plan.nodes.into_iter().collect(),
-            initializers: plan.inits,
+            initializers: plan.inits.into_iter().map(|(n, a, ft)| (n, a.into(), ft)).collect(),
             log: Rewrite {
                 rule: Self::ID,
                 node: bn.name().to_string(),

@@ -156,7 +156,7 @@ impl Rule for FoldBnLinear {
             remove: plan.remove,
             insert: vec![],
             replace: plan.nodes.into_iter().collect(),
-            initializers: plan.inits,
+            initializers: plan.inits.into_iter().map(|(n, a, ft)| (n, a.into(), ft)).collect(),
             log: Rewrite {
                 rule: Self::ID,
                 node: layer.name().to_string(),

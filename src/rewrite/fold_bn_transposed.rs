@@ -85,7 +85,7 @@ impl Rule for FoldBnTransposed {
     }
 
     fn rewrite(&self, cx: &Cx, c: Candidate, plan: Plan) -> Patch {
-        super::folded_bn_patch(cx, Self::ID, c.deconv, c.bn, plan.weight, plan.bias.into_dyn(), plan.ft)
+        super::folded_bn_patch(cx, Self::ID, c.deconv, c.bn, plan.weight.into(), plan.bias.into_dyn(), plan.ft)
     }
 
     fn node(&self, cx: &Cx, c: &Candidate) -> String {

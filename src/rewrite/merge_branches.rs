@@ -204,8 +204,8 @@ impl Rule for MergeBranches {
             }
             insert.push(node);
             let merged_kernel = kernel_str(conv.kernel());
-            inits.push((wname, conv.weight, m.ft));
-            inits.push((bname, conv.bias.into_dyn(), m.ft));
+            inits.push((wname, conv.weight.into(), m.ft));
+            inits.push((bname, conv.bias.into_dyn().into(), m.ft));
             for &k in &m.members {
                 remove.extend(&branches[k].nodes);
             }
@@ -255,7 +255,7 @@ impl Rule for MergeBranches {
                         ..Default::default()
                     };
                     insert.push(node);
-                    inits.push((cname, a, ft));
+                    inits.push((cname, a.into(), ft));
                     terms.push((k, scaled, false));
                 }
             }

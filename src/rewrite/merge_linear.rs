@@ -149,7 +149,7 @@ impl Rule for MergeLinear {
             remove,
             insert: vec![node],
             replace: vec![],
-            initializers: vec![(wname, w.into_dyn(), plan.ft), (cname, plan.c.into_dyn(), plan.ft)],
+            initializers: vec![(wname, w.into_dyn().into(), plan.ft), (cname, plan.c.into_dyn().into(), plan.ft)],
             log: Rewrite {
                 rule: Self::ID,
                 node: first.name().to_string(),

@@ -132,7 +132,9 @@ impl Rule for MergeSequential {
             remove: vec![c.first, c.second],
             insert: vec![node],
             replace: vec![],
-            initializers: std::iter::once((wname, k.weight, ft)).chain(bias.map(|b| (b, k.bias.into_dyn(), ft))).collect(),
+            initializers: std::iter::once((wname, k.weight.into(), ft))
+                .chain(bias.map(|b| (b, k.bias.into_dyn().into(), ft)))
+                .collect(),
             log: Rewrite { rule: Self::ID, node: n2.name().to_string(), detail, weights: vec![] },
         }
     }

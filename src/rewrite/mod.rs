@@ -149,18 +149,22 @@ impl<R: Rule> Try for R {
         };
         let mut patch = self.rewrite(cx, c, plan);
         // every value written must fit its type; the merged weights' ranges go to the report
+        // (one pass over each tensor finds both)
+        let mut scans = Vec::with_capacity(patch.initializers.len());
         for (name, a, ft) in &patch.initializers {
-            let (overflow, underflow) = weights::unrepresentable(a, *ft);
+            let scan = weights::Scan::of_exact(a, *ft);
+            let (overflow, underflow) = scan.unrepresentable();
             if overflow + underflow > 0 {
                 let reason = Reason::NotRepresentable { tensor: name.clone(), dtype: *ft, overflow, underflow };
                 refused.push(Refusal { rule: R::ID, node, reason });
                 return Step::Refused(refused);
             }
+            scans.push(scan);
         }
         let written = patch.insert.iter().chain(patch.replace.iter().map(|r| &r.1));
         for n in written.filter(|n| n.op_type() == "Conv" && n.input.len() > 1) {
-            if let Some((_, w, _)) = patch.initializers.iter().find(|(name, _, _)| *name == n.input[1]) {
-                patch.log.weights.push(WeightStats::of(n.name(), w));
+            if let Some(k) = patch.initializers.iter().position(|(name, _, _)| *name == n.input[1]) {
+                patch.log.weights.push(scans[k].stats(n.name()));
             }
         }
         Step::Fired(patch, refused)
@@ -347,7 +351,7 @@ pub(crate) fn folded_bn_patch(
     rule: RuleId,
     layer: usize,
     bn: usize,
-    weight: ndarray::ArrayD<f64>,
+    weight: crate::graph::Exact,
     bias: ndarray::ArrayD<f64>,
     ft: crate::model::tensor::FloatType,
 ) -> Patch {
@@ -359,7 +363,7 @@ pub(crate) fn folded_bn_patch(
         remove: vec![layer, bn],
         insert: vec![node],
         replace: vec![],
-        initializers: vec![(wname, weight, ft), (bname, bias, ft)],
+        initializers: vec![(wname, weight, ft), (bname, bias.into(), ft)],
         log: Rewrite {
             rule,
             node: l.name().to_string(),

@@ -2,11 +2,10 @@
 //! initializers; then remove what the edit left dead (and only that).
 
 use super::Rewrite;
-use crate::graph::{node_reads, GraphIndex};
+use crate::graph::{node_reads, Exact, GraphIndex};
 use crate::model::tensor::{from_f64, FloatType};
 use crate::model::Model;
 use crate::proto::{GraphProto, NodeProto, TensorProto};
-use ndarray::ArrayD;
 use std::collections::{HashMap, HashSet};
 
 /// A graph edit: remove nodes, insert new ones where node `at` was, replace nodes in place, set
@@ -18,8 +17,19 @@ pub(crate) struct Patch {
     /// Nodes replaced where they are (index, new node), e.g. readers re-wired to another tensor.
     pub replace: Vec<(usize, NodeProto)>,
     /// Initializers to write (replacing one of the same name in place, or appended), in f64.
-    pub initializers: Vec<(String, ArrayD<f64>, FloatType)>,
+    pub initializers: Vec<(String, Exact, FloatType)>,
     pub log: Rewrite,
+}
+
+/// The initializer of a tensor whose values are not computed yet: its name, type and shape, no
+/// data (a read of its data fails: 0 values for its elements).
+pub(crate) fn unsettled(name: &str, dims: &[usize], ft: FloatType) -> TensorProto {
+    TensorProto {
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: Some(ft.onnx()),
+        name: Some(name.to_string()),
+        ..Default::default()
+    }
 }
 
 /// Tensors at least this big have their pages released from the input's memory map when a
@@ -111,14 +121,20 @@ impl Patch {
         self,
         model: &mut Model,
         ix: &mut GraphIndex,
-        exact: &mut HashMap<String, ArrayD<f64>>,
+        exact: &mut HashMap<String, Exact>,
         holes: &mut Holes,
     ) -> bool {
         let Patch { at, mut remove, mut insert, replace, initializers, .. } = self;
         let mut released: Vec<TensorProto> = Vec::new();
+        // (the stored bytes of scaled tensors no longer read)
+        let mut released_bytes: Vec<bytes::Bytes> = Vec::new();
         let g = model.graph_mut();
         for (name, arr, ft) in initializers {
-            let t = from_f64(&name, &arr, ft);
+            let t = match &arr {
+                Exact::Values(a) => from_f64(&name, a, ft),
+                // computed when the rewrite ends (see `driver::settle`)
+                Exact::Scaled(s) => unsettled(&name, &s.dims, ft),
+            };
             match ix.initializer.get(&name) {
                 Some(&k) => {
                     if g.initializer[k].dims != t.dims {
@@ -131,7 +147,9 @@ impl Patch {
                     g.initializer.push(t);
                 }
             }
-            exact.insert(name, arr);
+            if let Some(Exact::Scaled(old)) = exact.insert(name, arr) {
+                released_bytes.push(old.raw);
+            }
         }
         // Reads after the patch = reads before (ix) + `delta`. Removing a node un-reads its inputs;
         // a producer whose outputs are all unread then dies too, and so on up the graph.
@@ -205,17 +223,18 @@ impl Patch {
                 released.push(std::mem::take(&mut g.initializer[k]));
                 holes.inits.insert(k);
             }
-            exact.remove(&d);
+            if let Some(Exact::Scaled(old)) = exact.remove(&d) {
+                released_bytes.push(old.raw);
+            }
         }
         if !fits {
             holes.compact_inserting(g, at, insert);
             *ix = GraphIndex::new(g);
         }
-        for t in &released {
-            if let Ok(Some(b)) = model.raw_bytes(t) {
-                if b.len() >= RELEASE_BYTES {
-                    model.release(&b);
-                }
+        let stored = released.iter().filter_map(|t| model.raw_bytes(t).ok().flatten());
+        for b in stored.chain(released_bytes) {
+            if b.len() >= RELEASE_BYTES {
+                model.release(&b);
             }
         }
         !fits
@@ -234,7 +253,7 @@ mod tests {
     fn a_patch_removes_what_it_left_dead_and_nothing_else() {
         let mut b = Builder::new(1, 2, 2);
         let a = b.node("Relu", "a", &["x"], &[], vec![]);
-        let w = b.initializer("w", &ArrayD::zeros(ndarray::IxDyn(&[1])));
+        let w = b.initializer("w", &ndarray::ArrayD::zeros(ndarray::IxDyn(&[1])));
         let bb = b.node("Add", "b", &[&a, &w], &[], vec![]);
         b.node("Relu", "dead_before", &["x"], &[], vec![]);
         let y = b.node("Neg", "y", &[&bb], &["y"], vec![]);

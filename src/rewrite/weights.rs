@@ -2,6 +2,7 @@
 //! and whether per-tensor int8 quantisation would crush most output channels. Re-parameterised
 //! models are known to quantise badly; the report says so per merged Conv.
 
+use crate::graph::Exact;
 use crate::model::tensor::FloatType;
 use ndarray::ArrayD;
 use serde::Serialize;
@@ -33,22 +34,148 @@ pub struct WeightStats {
     pub float16_flush: usize,
 }
 
-/// Per output channel: min, max, max |w|, count beyond float16's range, count flushed by it.
+/// What one pass over a tensor's values finds, per output channel (axis 0) and in all.
 #[derive(Clone, Copy)]
-struct Channel(f64, f64, f64, usize, usize);
+struct Part {
+    min: f64,
+    max: f64,
+    max_abs: f64,
+    /// beyond float16's range / non-zero but flushed to zero by float16
+    f16_overflow: usize,
+    f16_flush: usize,
+    /// not finite or beyond the range of the tensor's own type / non-zero but rounding to zero in it
+    overflow: usize,
+    underflow: usize,
+}
 
-impl Channel {
-    fn of(c: &[f64]) -> Channel {
-        let mut s = Channel(f64::INFINITY, f64::NEG_INFINITY, 0.0, 0, 0);
-        for &v in c {
-            s.0 = s.0.min(v);
-            s.1 = s.1.max(v);
-            s.2 = s.2.max(v.abs());
-            s.3 += (v.abs() > F16_MAX) as usize;
-            s.4 += (v != 0.0 && v.abs() < F16_ZERO) as usize;
+impl Part {
+    const EMPTY: Part = Part {
+        min: f64::INFINITY,
+        max: f64::NEG_INFINITY,
+        max_abs: 0.0,
+        f16_overflow: 0,
+        f16_flush: 0,
+        overflow: 0,
+        underflow: 0,
+    };
+
+    /// `c`'s values against the limits `(largest, smallest non-zero)` of the tensor's type. A NaN
+    /// is left out of the min and max (as `f64::min` does) and counted as an overflow.
+    ///
+    /// One vectorised pass finds the min, the max, the smallest non-zero |v| and whether any value
+    /// is not finite; when these show that nothing can be counted (the usual case), that is the
+    /// answer, else the values are counted one by one.
+    fn of(c: &[f64], (largest, zero): (f64, f64)) -> Part {
+        let Quick { min, max, smallest, finite } = quick(c);
+        let max_abs = (-min).max(max).max(0.0);
+        if finite && max_abs <= largest.min(F16_MAX) && smallest >= zero.max(F16_ZERO) {
+            return Part { min, max, max_abs, ..Part::EMPTY };
         }
-        s
+        c.iter().fold(Part::EMPTY, |mut p, &v| {
+            let a = v.abs();
+            p.min = p.min.min(v);
+            p.max = p.max.max(v);
+            p.max_abs = p.max_abs.max(a);
+            p.f16_overflow += (a > F16_MAX) as usize;
+            p.f16_flush += (v != 0.0 && a < F16_ZERO) as usize;
+            p.overflow += (!a.is_finite() || a > largest) as usize;
+            p.underflow += (v != 0.0 && a < zero) as usize;
+            p
+        })
     }
+
+    fn and(self, b: Part) -> Part {
+        Part {
+            min: self.min.min(b.min),
+            max: self.max.max(b.max),
+            max_abs: self.max_abs.max(b.max_abs),
+            f16_overflow: self.f16_overflow + b.f16_overflow,
+            f16_flush: self.f16_flush + b.f16_flush,
+            overflow: self.overflow + b.overflow,
+            underflow: self.underflow + b.underflow,
+        }
+    }
+}
+
+/// What one vectorised pass finds: the min and max (NaNs left out), the smallest non-zero |v|,
+/// and whether every value is finite.
+struct Quick {
+    min: f64,
+    max: f64,
+    smallest: f64,
+    finite: bool,
+}
+
+/// [`Quick`] with SSE2 (part of every x86-64 CPU): two values per instruction, two accumulators
+/// of each kind. `min_pd(v, m)` is `v < m ? v : m`, so a NaN in `v` leaves `m` as it is.
+#[cfg(target_arch = "x86_64")]
+fn quick(c: &[f64]) -> Quick {
+    // SAFETY: SSE2 is part of the x86-64 baseline: every CPU this code runs on has it
+    unsafe { quick_sse2(c) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse2")]
+fn quick_sse2(c: &[f64]) -> Quick {
+    use std::arch::x86_64::*;
+    let (inf, zero) = (_mm_set1_pd(f64::INFINITY), _mm_setzero_pd());
+    let abs = _mm_castsi128_pd(_mm_set1_epi64x(i64::MAX));
+    let mut mn = [inf; 2];
+    let mut mx = [_mm_set1_pd(f64::NEG_INFINITY); 2];
+    let mut nz = [inf; 2];
+    let mut nan = [zero; 2];
+    let mut step = |k: usize, v: __m128d| {
+        mn[k] = _mm_min_pd(v, mn[k]);
+        mx[k] = _mm_max_pd(v, mx[k]);
+        // |v|, or infinity where v is ±0
+        let a = _mm_or_pd(_mm_and_pd(v, abs), _mm_and_pd(_mm_cmpeq_pd(v, zero), inf));
+        nz[k] = _mm_min_pd(a, nz[k]);
+        // (NaN, and infinity times zero, make the sum NaN)
+        nan[k] = _mm_add_pd(nan[k], _mm_mul_pd(v, zero));
+    };
+    let mut quads = c.chunks_exact(4);
+    for q in &mut quads {
+        step(0, _mm_set_pd(q[1], q[0]));
+        step(1, _mm_set_pd(q[3], q[2]));
+    }
+    let mut tail = quads.remainder().chunks_exact(2);
+    for p in &mut tail {
+        step(0, _mm_set_pd(p[1], p[0]));
+    }
+    if let [v] = tail.remainder() {
+        // (the lone last value twice: min, max, smallest and the NaN test are the same)
+        step(1, _mm_set1_pd(*v));
+    }
+    let lanes = |a: [__m128d; 2]| -> [f64; 4] {
+        let (mut x, mut y) = ([0f64; 2], [0f64; 2]);
+        // SAFETY: each store writes two f64 into a two-element array
+        unsafe {
+            _mm_storeu_pd(x.as_mut_ptr(), a[0]);
+            _mm_storeu_pd(y.as_mut_ptr(), a[1]);
+        }
+        [x[0], x[1], y[0], y[1]]
+    };
+    Quick {
+        min: lanes(mn).into_iter().fold(f64::INFINITY, f64::min),
+        max: lanes(mx).into_iter().fold(f64::NEG_INFINITY, f64::max),
+        smallest: lanes(nz).into_iter().fold(f64::INFINITY, f64::min),
+        finite: lanes(nan).into_iter().all(|v| !v.is_nan()),
+    }
+}
+
+/// [`Quick`], one value at a time.
+#[cfg(not(target_arch = "x86_64"))]
+fn quick(c: &[f64]) -> Quick {
+    let mut q = Quick { min: f64::INFINITY, max: f64::NEG_INFINITY, smallest: f64::INFINITY, finite: true };
+    for &v in c {
+        q.min = if v < q.min { v } else { q.min };
+        q.max = if v > q.max { v } else { q.max };
+        if v != 0.0 && v.abs() < q.smallest {
+            q.smallest = v.abs();
+        }
+        q.finite &= v.is_finite();
+    }
+    q
 }
 
 /// Tensors at least this big are scanned on every core.
@@ -62,33 +189,85 @@ fn standard(a: &ArrayD<f64>) -> std::borrow::Cow<'_, [f64]> {
     }
 }
 
-impl WeightStats {
-    pub fn of(conv: &str, w: &ArrayD<f64>) -> WeightStats {
+/// The largest finite value of `ft` and, below it, half its smallest subnormal (rounds to zero).
+fn limits(ft: FloatType) -> (f64, f64) {
+    match ft {
+        FloatType::F16 => (F16_MAX, F16_ZERO),
+        FloatType::BF16 => (3.389_531_389_251_535_5e38, 4.591_774_807_899_561e-41),
+        FloatType::F32 => (f32::MAX as f64, 7.006_492_321_624_085e-46),
+        FloatType::F64 => (f64::MAX, 0.0),
+    }
+}
+
+/// One pass over a tensor about to be written in type `ft`: whether `ft` holds every value, and
+/// the ranges the report shows.
+pub(crate) struct Scan {
+    channels: Vec<Part>,
+    all: Part,
+}
+
+impl Scan {
+    pub fn of(w: &ArrayD<f64>, ft: FloatType) -> Scan {
         use rayon::prelude::*;
         let values = standard(w);
         let per = if w.ndim() == 0 { 1 } else { w.shape()[1..].iter().product::<usize>().max(1) };
-        let channel: Vec<Channel> = if values.len() >= PARALLEL {
-            values.par_chunks(per).map(Channel::of).collect()
+        let lim = limits(ft);
+        let channels: Vec<Part> = if values.len() >= PARALLEL {
+            values.par_chunks(per).map(|c| Part::of(c, lim)).collect()
         } else {
-            values.chunks(per).map(Channel::of).collect()
+            values.chunks(per).map(|c| Part::of(c, lim)).collect()
         };
-        let all = channel.iter().fold(Channel(f64::INFINITY, f64::NEG_INFINITY, 0.0, 0, 0), |a, c| {
-            Channel(a.0.min(c.0), a.1.max(c.1), a.2.max(c.2), a.3 + c.3, a.4 + c.4)
-        });
-        let top = all.2;
-        WeightStats {
-            conv: conv.to_string(),
-            min: all.0,
-            max: all.1,
-            channel_max_abs_min: channel.iter().fold(f64::INFINITY, |m, c| m.min(c.2)),
-            channel_max_abs_max: top,
-            channels: channel.len(),
-            int8_crushed_channels: channel.iter().filter(|c| c.2 < top * INT8_CRUSH).count(),
-            float16_overflow: all.3,
-            float16_flush: all.4,
-        }
+        let all = channels.iter().fold(Part::EMPTY, |a, &c| a.and(c));
+        Scan { channels, all }
     }
 
+    /// [`Scan::of`] the values a rewrite writes, computing a scaled stored tensor's one output
+    /// channel at a time (no copy of the whole).
+    pub fn of_exact(e: &Exact, ft: FloatType) -> Scan {
+        use rayon::prelude::*;
+        let s = match e {
+            Exact::Values(a) => return Scan::of(a, ft),
+            Exact::Scaled(s) => s,
+        };
+        let (lim, per) = (limits(ft), s.dims[1..].iter().product::<usize>());
+        let part = |buf: &mut Vec<f64>, c: usize| {
+            buf.resize(per, 0.0);
+            s.slice_into(c, buf);
+            Part::of(buf, lim)
+        };
+        let channels: Vec<Part> = if s.scale.len() * per >= PARALLEL {
+            (0..s.scale.len()).into_par_iter().map_init(Vec::new, part).collect()
+        } else {
+            let mut buf = Vec::new();
+            (0..s.scale.len()).map(|c| part(&mut buf, c)).collect()
+        };
+        let all = channels.iter().fold(Part::EMPTY, |a, &c| a.and(c));
+        Scan { channels, all }
+    }
+
+    /// Values `ft` cannot hold: (not finite or beyond its range, non-zero but rounding to zero).
+    pub fn unrepresentable(&self) -> (usize, usize) {
+        (self.all.overflow, self.all.underflow)
+    }
+
+    /// The report's ranges of the weight of Conv `conv`.
+    pub fn stats(&self, conv: &str) -> WeightStats {
+        let top = self.all.max_abs;
+        WeightStats {
+            conv: conv.to_string(),
+            min: self.all.min,
+            max: self.all.max,
+            channel_max_abs_min: self.channels.iter().fold(f64::INFINITY, |m, c| m.min(c.max_abs)),
+            channel_max_abs_max: top,
+            channels: self.channels.len(),
+            int8_crushed_channels: self.channels.iter().filter(|c| c.max_abs < top * INT8_CRUSH).count(),
+            float16_overflow: self.all.f16_overflow,
+            float16_flush: self.all.f16_flush,
+        }
+    }
+}
+
+impl WeightStats {
     /// One line per problem.
     pub fn warnings(&self) -> Vec<String> {
         let conv = &self.conv;
@@ -112,28 +291,6 @@ impl WeightStats {
     }
 }
 
-/// Values of `a` that `ft` cannot hold: (beyond its range, non-zero but rounding to zero).
-pub(crate) fn unrepresentable(a: &ArrayD<f64>, ft: FloatType) -> (usize, usize) {
-    let (max, zero) = match ft {
-        FloatType::F16 => (F16_MAX, F16_ZERO),
-        FloatType::BF16 => (3.389_531_389_251_535_5e38, 4.591_774_807_899_561e-41),
-        FloatType::F32 => (f32::MAX as f64, 7.006_492_321_624_085e-46),
-        FloatType::F64 => (f64::MAX, 0.0),
-    };
-    // (a non-finite value is counted as beyond the range: no rewrite may introduce one)
-    let count = |c: &[f64]| {
-        c.iter().fold((0, 0), |(o, u), &v| {
-            (o + (!v.is_finite() || v.abs() > max) as usize, u + (v != 0.0 && v.abs() < zero) as usize)
-        })
-    };
-    let values = standard(a);
-    if values.len() < PARALLEL {
-        return count(&values);
-    }
-    use rayon::prelude::*;
-    values.par_chunks(PARALLEL).map(count).reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,17 +300,71 @@ mod tests {
     fn stats_flag_float16_and_int8_problems() {
         // 4 channels: one large, three tiny
         let w = ArrayD::from_shape_vec(IxDyn(&[4, 1]), vec![70000.0, 1e-9, -0.5, 1.0]).unwrap();
-        let s = WeightStats::of("c", &w);
+        let s = Scan::of(&w, FloatType::F32).stats("c");
         assert_eq!((s.float16_overflow, s.float16_flush, s.int8_crushed_channels, s.channels), (1, 1, 3, 4));
         assert_eq!(s.warnings().len(), 3);
         let ok = ArrayD::from_shape_vec(IxDyn(&[2, 1]), vec![1.0, -0.5]).unwrap();
-        assert!(WeightStats::of("c", &ok).warnings().is_empty());
+        assert!(Scan::of(&ok, FloatType::F32).stats("c").warnings().is_empty());
     }
 
     #[test]
     fn unrepresentable_counts_overflow_and_underflow_per_type() {
         let a = ArrayD::from_shape_vec(IxDyn(&[3]), vec![1e5, 1e-9, 1.0]).unwrap();
-        assert_eq!(unrepresentable(&a, FloatType::F16), (1, 1));
-        assert_eq!(unrepresentable(&a, FloatType::F32), (0, 0));
+        assert_eq!(Scan::of(&a, FloatType::F16).unrepresentable(), (1, 1));
+        assert_eq!(Scan::of(&a, FloatType::F32).unrepresentable(), (0, 0));
+    }
+
+    /// The straightforward scan the lane-wise one must equal.
+    fn naive(c: &[f64], (largest, zero): (f64, f64)) -> (f64, f64, f64, [usize; 4]) {
+        let mut n = [0; 4];
+        let (mut mn, mut mx, mut ab) = (f64::INFINITY, f64::NEG_INFINITY, 0f64);
+        for &v in c {
+            mn = mn.min(v);
+            mx = mx.max(v);
+            ab = ab.max(v.abs());
+            n[0] += (v.abs() > F16_MAX) as usize;
+            n[1] += (v != 0.0 && v.abs() < F16_ZERO) as usize;
+            n[2] += (!v.is_finite() || v.abs() > largest) as usize;
+            n[3] += (v != 0.0 && v.abs() < zero) as usize;
+        }
+        (mn, mx, ab, n)
+    }
+
+    #[test]
+    fn scan_equals_the_straightforward_one_with_and_without_special_values_at_every_tail_length() {
+        let special = [0.0, -0.0, 1e-9, -3e-46, 7e4, -1e39, f64::INFINITY, f64::NEG_INFINITY, f64::NAN, 0.5, -2.0];
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for (channels, specials) in [(1usize, true), (3, true), (70, true), (3, false), (70, false)] {
+            for per in [1usize, 7, 8, 9, 17, 1000] {
+                let v: Vec<f64> = (0..channels * per)
+                    .map(|_| {
+                        let r = next();
+                        if specials && r % 5 == 0 {
+                            special[(r >> 8) as usize % special.len()]
+                        } else {
+                            ((r >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 4.0
+                        }
+                    })
+                    .collect();
+                let w = ArrayD::from_shape_vec(IxDyn(&[channels, per]), v.clone()).unwrap();
+                for ft in [FloatType::F16, FloatType::BF16, FloatType::F32, FloatType::F64] {
+                    let scan = Scan::of(&w, ft);
+                    let (mn, mx, ab, n) = naive(&v, limits(ft));
+                    let s = scan.stats("c");
+                    assert_eq!((s.min, s.max, s.channel_max_abs_max), (mn, mx, ab), "{channels}x{per} {ft:?}");
+                    assert_eq!((s.float16_overflow, s.float16_flush), (n[0], n[1]));
+                    assert_eq!(scan.unrepresentable(), (n[2], n[3]));
+                    let per_channel: Vec<f64> = v.chunks(per).map(|c| naive(c, limits(ft)).2).collect();
+                    assert_eq!(s.channel_max_abs_min, per_channel.iter().fold(f64::INFINITY, |m, &c| m.min(c)));
+                    assert_eq!(s.channels, channels);
+                }
+            }
+        }
     }
 }

@@ -3,7 +3,7 @@
 //! models are known to quantise badly; the report says so per merged Conv.
 
 use crate::graph::Exact;
-use crate::model::tensor::FloatType;
+use crate::model::tensor::{FloatType, Scaled};
 use ndarray::ArrayD;
 use serde::Serialize;
 
@@ -35,7 +35,7 @@ pub struct WeightStats {
 }
 
 /// What one pass over a tensor's values finds, per output channel (axis 0) and in all.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Part {
     min: f64,
     max: f64,
@@ -163,6 +163,86 @@ fn quick_sse2(c: &[f64]) -> Quick {
     }
 }
 
+/// The [`Part`] of channel `c` of a scaled float32 tensor without computing its values, when
+/// nothing in it can be counted: one pass over the stored float32 values finds their min, max and
+/// smallest non-zero |v|, and those of the products follow, exactly: rounding is monotone, so
+/// `v ≤ w` gives `fl(v·s) ≤ fl(w·s)` for `s > 0` (and the order flips for `s < 0`). `None` sends
+/// the channel to the full count (a stored value not finite, a factor zero or not finite, or a
+/// product near a limit).
+fn scaled_f32(s: &Scaled, c: usize, per: usize, (largest, zero): (f64, f64)) -> Option<Part> {
+    let k = s.scale[c];
+    if s.ft != FloatType::F32 || per == 0 || k == 0.0 || !k.is_finite() {
+        return None;
+    }
+    let q = quick_f32(&s.raw[c * per * 4..(c + 1) * per * 4]);
+    if !q.finite {
+        return None;
+    }
+    let (a, b) = (q.min * k, q.max * k);
+    let (min, max) = if k > 0.0 { (a, b) } else { (b, a) };
+    let max_abs = (-min).max(max).max(0.0);
+    // (a product that rounds to zero would change which value is the smallest non-zero one)
+    let smallest = q.smallest * k.abs();
+    let quiet = max_abs <= largest.min(F16_MAX) && smallest >= zero.max(F16_ZERO) && smallest > 0.0;
+    quiet.then_some(Part { min, max, max_abs, ..Part::EMPTY })
+}
+
+/// [`Quick`] of little-endian float32 values, four per SSE instruction.
+#[cfg(target_arch = "x86_64")]
+fn quick_f32(raw: &[u8]) -> Quick {
+    // SAFETY: SSE2 is part of the x86-64 baseline: every CPU this code runs on has it
+    unsafe { quick_f32_sse2(raw) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse2")]
+fn quick_f32_sse2(raw: &[u8]) -> Quick {
+    use std::arch::x86_64::*;
+    let (inf, zero) = (_mm_set1_ps(f32::INFINITY), _mm_setzero_ps());
+    let abs = _mm_castsi128_ps(_mm_set1_epi32(i32::MAX));
+    let (mut mn, mut mx, mut nz, mut nan) = (inf, _mm_set1_ps(f32::NEG_INFINITY), inf, zero);
+    let mut quads = raw.chunks_exact(16);
+    for q in &mut quads {
+        // SAFETY: `q` holds 16 readable bytes; the load has no alignment requirement (and x86 is
+        // little-endian, as the stored values are)
+        let v = unsafe { _mm_loadu_ps(q.as_ptr().cast::<f32>()) };
+        mn = _mm_min_ps(v, mn);
+        mx = _mm_max_ps(v, mx);
+        let a = _mm_or_ps(_mm_and_ps(v, abs), _mm_and_ps(_mm_cmpeq_ps(v, zero), inf));
+        nz = _mm_min_ps(a, nz);
+        nan = _mm_add_ps(nan, _mm_mul_ps(v, zero));
+    }
+    let lanes = |a: __m128| -> [f32; 4] {
+        let mut x = [0f32; 4];
+        // SAFETY: the store writes four f32 into a four-element array
+        unsafe { _mm_storeu_ps(x.as_mut_ptr(), a) };
+        x
+    };
+    let mut q = Quick {
+        min: lanes(mn).into_iter().fold(f32::INFINITY, f32::min) as f64,
+        max: lanes(mx).into_iter().fold(f32::NEG_INFINITY, f32::max) as f64,
+        smallest: lanes(nz).into_iter().fold(f32::INFINITY, f32::min) as f64,
+        finite: lanes(nan).into_iter().all(|v| !v.is_nan()),
+    };
+    for b in quads.remainder().chunks_exact(4) {
+        let v = f32::from_le_bytes(b.try_into().expect("4 bytes")) as f64;
+        q.min = if v < q.min { v } else { q.min };
+        q.max = if v > q.max { v } else { q.max };
+        if v != 0.0 && v.abs() < q.smallest {
+            q.smallest = v.abs();
+        }
+        q.finite &= v.is_finite();
+    }
+    q
+}
+
+/// [`Quick`] of little-endian float32 values, one at a time.
+#[cfg(not(target_arch = "x86_64"))]
+fn quick_f32(raw: &[u8]) -> Quick {
+    let v: Vec<f64> = raw.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")) as f64).collect();
+    quick(&v)
+}
+
 /// [`Quick`], one value at a time.
 #[cfg(not(target_arch = "x86_64"))]
 fn quick(c: &[f64]) -> Quick {
@@ -231,6 +311,9 @@ impl Scan {
         };
         let (lim, per) = (limits(ft), s.dims[1..].iter().product::<usize>());
         let part = |buf: &mut Vec<f64>, c: usize| {
+            if let Some(p) = scaled_f32(s, c, per, lim) {
+                return p;
+            }
             buf.resize(per, 0.0);
             s.slice_into(c, buf);
             Part::of(buf, lim)
@@ -363,6 +446,48 @@ mod tests {
                     let per_channel: Vec<f64> = v.chunks(per).map(|c| naive(c, limits(ft)).2).collect();
                     assert_eq!(s.channel_max_abs_min, per_channel.iter().fold(f64::INFINITY, |m, &c| m.min(c)));
                     assert_eq!(s.channels, channels);
+                }
+            }
+        }
+    }
+
+    /// A scaled stored tensor is scanned (float32: from the stored values and the factors, by
+    /// the order of products) exactly as its values would be: special values, every tail length,
+    /// negative, zero, tiny, huge and non-finite factors, float32 and float16.
+    #[test]
+    fn scaled_tensors_scan_as_their_values() {
+        use crate::model::tensor::{from_f64, Scaled};
+        let special = [0.0, -0.0, 1e-9, -3e-39, 7e4, -1e38, f64::INFINITY, f64::NAN, 0.5, -2.0];
+        let scales = [0.37, -2.5, 0.0, -0.0, 1e-30, 1e30, 3e-3, f64::INFINITY, f64::NAN, 1.0];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for (channels, specials) in [(10usize, true), (10, false), (40, false)] {
+            for per in [1usize, 3, 4, 5, 8, 17, 2000] {
+                let v: Vec<f64> = (0..channels * per)
+                    .map(|_| {
+                        let r = next();
+                        if specials && r % 7 == 0 {
+                            special[(r >> 8) as usize % special.len()]
+                        } else {
+                            ((r >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 4.0
+                        }
+                    })
+                    .collect();
+                let w = ArrayD::from_shape_vec(IxDyn(&[channels, per]), v).unwrap();
+                let scale: Vec<f64> = (0..channels).map(|c| scales[c % scales.len()]).collect();
+                for stored in [FloatType::F32, FloatType::F16] {
+                    let raw = from_f64("w", &w, stored).raw_data.unwrap();
+                    let s = Scaled::new(raw, stored, vec![channels, per], scale.clone()).unwrap();
+                    for ft in [FloatType::F32, FloatType::F16, FloatType::BF16] {
+                        let (got, want) = (Scan::of_exact(&Exact::Scaled(s.clone()), ft), Scan::of(&s.to_f64(), ft));
+                        assert_eq!(got.channels, want.channels, "{channels}x{per} {stored:?} -> {ft:?}");
+                        assert_eq!(got.all, want.all);
+                    }
                 }
             }
         }

@@ -178,11 +178,13 @@ fn case_output_is_identical_to_the_single_threaded_result() {
     assert_eq!(fused_with(1), fused_with(4));
 }
 
-/// A BatchNormalization folded into each branch and the branches then merged give weights
-/// rounded to float32 once, from the float64 values: here each merged 3x3 weight of ResNet-20's
-/// BN-node export (TorchScript, opset 11, where the merge comes a scan after the folds) is
-/// computed in this test from the export's own parameters (W·γ/√(var+ε) per branch, the 3x1 and
-/// 1x3 kernels added onto the centre column and row) and must equal ours bit for bit.
+/// A BatchNormalization folded into each branch and the branches then merged give weights and
+/// biases rounded to float32 once, from the float64 values: here each merged 3x3 Conv of
+/// ResNet-20's BN-node export (TorchScript, opset 11; in the second Conv of each residual block
+/// the branches' sum is read by the residual Add, so the merge happens at the fourth node from
+/// the branch Convs) is computed in this test from the export's own parameters (per branch
+/// W·γ/√(var+ε) and β − μ·γ/√(var+ε), the 3x1 and 1x3 kernels added onto the centre column and
+/// row, the biases summed) and must equal ours bit for bit.
 #[test]
 fn case_a_kernel_folded_then_merged_is_rounded_once() {
     let src = dir("resnet20").join("ts_nofold_op11.onnx");
@@ -195,24 +197,30 @@ fn case_a_kernel_folded_then_merged_is_rounded_once() {
         let t = g.initializer.iter().find(|t| t.name() == name).unwrap_or_else(|| panic!("{name}"));
         to_f64(t, m.raw_bytes(t).unwrap().as_deref()).unwrap()
     };
-    // the branch whose Conv reads `weight`, folded with the BatchNormalization after it
-    let folded = |weight: &str| -> ArrayD<f64> {
+    // the branch whose Conv (no bias) reads `weight`, folded with the BatchNormalization after it
+    let folded = |weight: &str| -> (ArrayD<f64>, ArrayD<f64>) {
         let conv = og.node.iter().find(|n| n.op_type() == "Conv" && n.input[1] == weight).unwrap();
         let bn = og.node.iter().find(|n| n.input.first() == conv.output.first()).unwrap();
         assert_eq!(bn.op_type(), "BatchNormalization");
         let eps = bn.attribute.iter().find(|a| a.name() == "epsilon").map_or(1e-5, |a| a.f()) as f64;
-        let (gamma, var) = (value(&original, &bn.input[1]), value(&original, &bn.input[4]));
+        assert_eq!(conv.input.len(), 2, "a Conv without bias");
+        let p: Vec<ArrayD<f64>> = (1..5).map(|k| value(&original, &bn.input[k])).collect();
+        let (gamma, beta, mean, var) = (&p[0], &p[1], &p[2], &p[3]);
         let mut w = value(&original, weight);
+        let mut b = beta.clone();
         for (o, mut row) in w.outer_iter_mut().enumerate() {
-            row *= gamma[o] / (var[o] + eps).sqrt();
+            let a = gamma[o] / (var[o] + eps).sqrt();
+            row *= a;
+            b[o] -= mean[o] * a;
         }
-        w
+        (w, b)
     };
     let mut blocks = 0;
     for t in &og.initializer {
         let Some(prefix) = t.name().strip_suffix("square_conv.weight") else { continue };
-        let mut want = folded(t.name());
-        let (ver, hor) = (folded(&format!("{prefix}ver_conv.weight")), folded(&format!("{prefix}hor_conv.weight")));
+        let (mut want, sq_b) = folded(t.name());
+        let ((ver, ver_b), (hor, hor_b)) =
+            (folded(&format!("{prefix}ver_conv.weight")), folded(&format!("{prefix}hor_conv.weight")));
         let c = want.shape()[2] / 2;
         for o in 0..want.shape()[0] {
             for i in 0..want.shape()[1] {
@@ -227,6 +235,11 @@ fn case_a_kernel_folded_then_merged_is_rounded_once() {
         let got = value(&m, t.name());
         let off = got.iter().zip(want.iter()).filter(|(g, w)| **g as f32 != **w as f32).count();
         assert_eq!(off, 0, "{}: {off} of {} weights are not the float64 sum rounded once", t.name(), got.len());
+        let g = m.proto.graph.as_ref().unwrap();
+        let merged = g.node.iter().find(|n| n.op_type() == "Conv" && n.input[1] == t.name()).unwrap();
+        let (got, want) = (value(&m, &merged.input[2]), &(&sq_b + &ver_b) + &hor_b);
+        let off = got.iter().zip(want.iter()).filter(|(g, w)| **g as f32 != **w as f32).count();
+        assert_eq!(off, 0, "{}: {off} of {} biases are not the float64 sum rounded once", merged.input[2], got.len());
         blocks += 1;
     }
     assert_eq!(blocks, 19, "every ACNet block of ResNet-20");

@@ -10,6 +10,10 @@ use crate::proto::{GraphProto, NodeProto, TensorProto};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 
+/// How many sums, scales and norms past the first three steps from a kernel's readers the exact
+/// cache looks through for the root of the sum that may merge it (see [`Cache::evict_before`]).
+const SUM_DEPTH: usize = 64;
+
 /// State kept across patches.
 pub(crate) struct Cache {
     /// The exact f64 values of the tensors the rewrite wrote, so that a kernel folded and then
@@ -50,24 +54,37 @@ impl Cache {
         *self.declared.get_mut() = None;
     }
 
-    /// Drop the f64 values no rule at node `i` or later can read: rules read a kernel from the
-    /// sum, BatchNormalization or scale at most two steps downstream of its Conv (Conv → Mul →
-    /// Add), so an entry whose Conv's outputs are consumed, two steps deep, only before `i` is
-    /// done with.
+    /// Drop the f64 values no rule at node `i` or later can read: rules read a kernel from a
+    /// BatchNormalization or scale at most two steps downstream of its Conv (Conv → Mul → Add),
+    /// or from the root of the sum its block's branches meet in (a sum of k terms is k − 1 Adds
+    /// deep: MobileOne's, or a residual Add on an ACNet block's sum). So an entry is done with
+    /// once `i` is past every node three steps from its readers and past the sums, scales and
+    /// norms that follow (up to [`SUM_DEPTH`] more). Dropped earlier, a merge would read the
+    /// value rounded to its dtype, and round it twice.
     fn evict_before(&mut self, g: &GraphProto, ix: &GraphIndex, i: usize) {
         if self.exact.is_empty() {
             return;
         }
+        // (the operators of sums and of the scales and norms between them: FastViT's layer scale)
+        let affine =
+            |n: &NodeProto| matches!(n.op_type(), "Add" | "Sub" | "Sum" | "Mul" | "Div" | "BatchNormalization");
         let horizon = |name: &str| -> usize {
             let mut last = 0;
+            let mut seen: HashSet<usize> = HashSet::new();
             let mut frontier: Vec<usize> = ix.consumers_of(name).to_vec();
-            for _ in 0..3 {
+            for depth in 0..3 + SUM_DEPTH {
                 let mut next = Vec::new();
                 for &c in &frontier {
+                    if !seen.insert(c) || (depth >= 3 && !affine(&g.node[c])) {
+                        continue;
+                    }
                     last = last.max(c);
                     for o in &g.node[c].output {
                         next.extend_from_slice(ix.consumers_of(o));
                     }
+                }
+                if next.is_empty() {
+                    break;
                 }
                 frontier = next;
             }
@@ -420,6 +437,41 @@ mod tests {
         cache.evict_before(m.graph(), &ix, 3);
         assert!(cache.exact.contains_key("t1"));
         cache.evict_before(m.graph(), &ix, 4);
+        assert!(cache.exact.is_empty());
+    }
+
+    /// Past three steps, the sums (and scales) a block's branches meet in keep a kernel's exact
+    /// values: the root of a long sum may still merge it; anything else ends the look-ahead.
+    #[test]
+    fn exact_values_are_kept_until_the_scan_passed_the_root_of_their_sum() {
+        let add = |name: &str, a: &str, o: &str| NodeProto {
+            op_type: Some("Add".into()),
+            name: Some(name.into()),
+            input: vec![a.into(), "x".into()],
+            output: vec![o.into()],
+            ..Default::default()
+        };
+        let m = model(
+            vec![
+                node("Relu", "a", "x", "t1"),
+                node("Relu", "b", "t1", "t2"),
+                add("s1", "t2", "u1"),
+                add("s2", "u1", "u2"),
+                add("s3", "u2", "u3"),
+                add("s4", "u3", "u4"),
+                node("Relu", "r", "u4", "v"),
+                add("s5", "v", "y"),
+            ],
+            "y",
+        );
+        let ix = GraphIndex::new(m.graph());
+        let mut cache = Cache::new(m.graph());
+        cache.exact.insert("t1".into(), ndarray::ArrayD::zeros(ndarray::IxDyn(&[1])).into());
+        // t1 is read by b (1); then s1 (2), s2 (3) and on through the sums to s4 (5); the Relu
+        // (6) ends them, and the Add after it (7) is not looked at
+        cache.evict_before(m.graph(), &ix, 5);
+        assert!(cache.exact.contains_key("t1"));
+        cache.evict_before(m.graph(), &ix, 6);
         assert!(cache.exact.is_empty());
     }
 

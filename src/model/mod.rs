@@ -271,6 +271,37 @@ impl Model {
         any.then_some(proto)
     }
 
+    /// The model with every large stored weight — an initializer or a Constant node's value of
+    /// at least `min_bytes` bytes, or stored externally — replaced by a scalar zero of its type:
+    /// the graph as it is, for a reader that needs its structure only (tract's parser, for a
+    /// model's inputs and outputs). Tensors of a type without a fixed size stay.
+    pub fn without_weights(&self, min_bytes: usize) -> ModelProto {
+        let shrink = |t: &mut TensorProto| {
+            let Some(size) = t.data_type.and_then(crate::model::tensor::elem_size) else { return };
+            let bytes = t.raw_data.as_ref().map_or(0, |r| r.len());
+            let elems = t.dims.iter().try_fold(1i64, |a, &d| a.checked_mul(d.max(0)));
+            let stored = elems.map_or(usize::MAX, |n| (n as u128 * size as u128).min(usize::MAX as u128) as usize);
+            if is_external(t) || bytes >= min_bytes || stored >= min_bytes {
+                let data_type = t.data_type;
+                *t = TensorProto {
+                    name: t.name.clone(),
+                    data_type,
+                    raw_data: Some(vec![0u8; size].into()),
+                    ..Default::default()
+                };
+            }
+        };
+        let mut proto = self.proto.clone();
+        let g = proto.graph.as_mut().expect("a Model has a graph: checked when it is made");
+        g.initializer.iter_mut().for_each(shrink);
+        for n in g.node.iter_mut().filter(|n| n.op_type() == "Constant" && crate::graph::is_default_domain(n)) {
+            for a in n.attribute.iter_mut().filter(|a| a.name() == "value") {
+                a.t.iter_mut().for_each(shrink);
+            }
+        }
+        proto
+    }
+
     /// The model with every tensor inline: external tensors get their bytes as `raw_data`.
     pub fn to_inline(&self) -> Result<ModelProto> {
         let mut proto = self.proto.clone();

@@ -3,6 +3,7 @@
 
 use super::errors::{chain_msg, panic_msg, summarize};
 use crate::error::{catch, Error};
+use crate::model::Model;
 use std::path::{Path, PathBuf};
 #[cfg(test)]
 use std::{collections::HashMap, sync::Arc};
@@ -30,7 +31,29 @@ pub(crate) fn load(path: &Path) -> Result<Loaded, Error> {
         Ok(m) if m.is_dir() => return Err(load_err("is a directory, not an ONNX file".into())),
         Ok(_) => {}
     }
-    let res = catch(|| parse_file(tract_onnx::onnx(), path));
+    from_parsed(path, catch(|| parse_file(tract_onnx::onnx(), path)))
+}
+
+/// What `model` (read from `path`) shows the outside, read without its weights: tract parses a
+/// copy whose large tensors are scalars ([`Model::without_weights`]). Parsing analyses nothing,
+/// so the inputs, outputs and operators tract reports are those of the whole model. `None` when
+/// tract does not take the copy: the caller loads the model itself (for its error).
+pub(crate) fn signature_without_weights(model: &Model, path: &Path) -> Option<Signature> {
+    use prost::Message;
+    let bytes = model.without_weights(REFERENCE_BYTES).encode_to_vec();
+    let onnx = tract_onnx::onnx();
+    let dir = model.dir().to_str()?.to_string();
+    let res = catch(|| {
+        let parsed = onnx.proto_model_for_read(&mut bytes.as_slice()).and_then(|pb| onnx.parse(&pb, Some(&dir)))?;
+        anyhow::ensure!(parsed.unresolved_inputs.is_empty(), "unresolved inputs");
+        Ok(parsed.model)
+    });
+    from_parsed(path, res).ok()?.signature().ok()
+}
+
+/// A model tract parsed (or failed to), checked for operators tract cannot run.
+fn from_parsed(path: &Path, res: Result<TractResult<InferenceModel>, crate::error::Panic>) -> Result<Loaded, Error> {
+    let load_err = |msg: String| Error::Load { path: path.to_path_buf(), msg };
     let model = match res {
         Err(p) => return Err(load_err(panic_msg(p))),
         Ok(Err(e)) => {
@@ -103,7 +126,7 @@ const REFERENCE_BYTES: usize = 4096;
 pub(crate) fn parse_file(onnx: tract_onnx::model::Onnx, path: &Path) -> TractResult<InferenceModel> {
     use prost::Message;
     use tract_onnx::tract_hir::prelude::Framework;
-    let ours = crate::model::Model::load(path).ok();
+    let ours = Model::load(path).ok();
     if let Some(why) = ours.as_ref().and_then(|m| super::safety::grows_too_big(m, super::safety::MAX_TENSOR_ELEMENTS)) {
         anyhow::bail!(why)
     }
@@ -221,6 +244,46 @@ mod tests {
         let a = consts(&parse_file(tract_onnx::onnx(), &link).unwrap());
         let b = consts(&tract_onnx::onnx().model_for_path(&fixture).unwrap());
         assert_eq!(a, b);
+    }
+
+    /// Every `.onnx` file under `fixtures/`.
+    fn fixture_files() -> Vec<PathBuf> {
+        fn walk(d: &Path, out: &mut Vec<PathBuf>) {
+            for e in std::fs::read_dir(d).unwrap().map(|e| e.unwrap().path()) {
+                if e.is_dir() {
+                    walk(&e, out);
+                } else if e.extension().is_some_and(|x| x == "onnx") {
+                    out.push(e);
+                }
+            }
+        }
+        let mut out = vec![];
+        walk(&Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures"), &mut out);
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn every_fixture_read_without_its_weights_shows_the_signature_of_the_whole_model() {
+        let (mut same, mut refused) = (0, 0);
+        for path in fixture_files() {
+            let Ok(ours) = Model::load(&path) else { continue };
+            let quick = signature_without_weights(&ours, &path);
+            match load(&path).and_then(|l| l.signature()) {
+                Ok(full) => {
+                    let quick = quick.unwrap_or_else(|| panic!("{}: no signature without weights", path.display()));
+                    assert_eq!(format!("{quick:?}"), format!("{full:?}"), "{}", path.display());
+                    same += 1;
+                }
+                // what the whole model's load refuses, the weightless read does not let through
+                // (the check then loads the model, for the same error)
+                Err(_) => {
+                    assert!(quick.is_none(), "{}: a signature without weights, an error with them", path.display());
+                    refused += 1;
+                }
+            }
+        }
+        assert!(same > 150, "{same} fixtures compared ({refused} refused)");
     }
 
     #[test]

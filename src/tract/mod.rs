@@ -12,7 +12,7 @@ pub(crate) mod plan;
 pub(crate) mod region;
 pub(crate) mod safety;
 
-pub(crate) use load::{load, DeclDim, Loaded, Signature};
+pub(crate) use load::{load, signature_without_weights, DeclDim, Loaded, Signature};
 pub(crate) use perturb::{perturb_in_place, Draws};
 pub(crate) use plan::{on_threads, prepare, run, InputFact, PlanKind, PlanSpec};
 pub(crate) use region::{shapes, RegionPlan};

@@ -57,8 +57,8 @@
 //!
 //! # Memory
 //!
-//! One model's weights are in memory at a time: the candidate is loaded for its signature and let
-//! go; the reference is loaded (each weight copied once, see [`crate::tract::load`]), run on
+//! One model's weights are in memory at a time: the candidate's signature is read without its
+//! weights (tract parses its graph with every large tensor a scalar); the reference is loaded (each weight copied once, see [`crate::tract::load`]), run on
 //! every sample, perturbed in place draw after draw (each draw undoes the one before: a move by
 //! one unit in the last place is exactly reversible, see [`crate::tract::perturb`]) and let go;
 //! then the candidate is loaded again and run. Free memory is returned to the system between
@@ -86,7 +86,8 @@ use crate::model::tensor::FloatType;
 use crate::model::transform::{eval_mode, freeze_initializers, has_half, training_mode, upcast_half};
 use crate::model::Model;
 use crate::tract::{
-    load, on_threads, perturb_in_place, prepare, run, Draws, InputFact, Loaded, PlanKind, PlanSpec, Signature,
+    load, on_threads, perturb_in_place, prepare, run, signature_without_weights, Draws, InputFact, Loaded, PlanKind,
+    PlanSpec, Signature,
 };
 use compare::{finish, Acc, Judge};
 use inputs::{read_npz_array, resolve_inputs, sample, write_npz};
@@ -410,6 +411,21 @@ impl Prepared {
         Ok(self.loaded.as_mut().expect("loaded above"))
     }
 
+    /// What the model shows the outside: read without its weights when tract takes that (see
+    /// [`signature_without_weights`]), else from the model loaded (and let go again).
+    fn signature(&mut self) -> Result<Signature, Error> {
+        if let Some(l) = &self.loaded {
+            return l.signature();
+        }
+        if let Some(mut s) = signature_without_weights(&self.model, &self.file) {
+            s.path = self.shown.clone();
+            return Ok(s);
+        }
+        let s = self.tract()?.signature();
+        self.let_go();
+        s
+    }
+
     /// Let go of tract's model (its weights) until it is needed again.
     fn let_go(&mut self) {
         self.loaded = None;
@@ -494,8 +510,8 @@ pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Resul
     let upcast = half(reference)? || half(candidate)?;
     let mut r = prepare_model(reference, opts, upcast, &mut notes)?;
     let mut c = prepare_model(candidate, opts, upcast, &mut notes)?;
-    // tract's candidate first, for its signature; then its weights are let go until its turn
-    let csig = match c.tract().and_then(|l| l.signature()) {
+    // the candidate's signature first (read without its weights); its weights wait for its turn
+    let csig = match c.signature() {
         Ok(s) => s,
         Err(e) => {
             // what is wrong with both models is told of the reference (the user's own file)
@@ -503,7 +519,6 @@ pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Resul
             return Err(e);
         }
     };
-    c.let_go();
     let rsig = r.tract()?.signature()?;
     check_signature(&rsig, &csig)?;
     let mut inputs = resolve_inputs(&rsig, &csig, opts, &mut notes)?;

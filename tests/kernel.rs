@@ -597,3 +597,33 @@ fn case_offset_in_refuses_taps_between_dilated_taps() {
     let x = rand_arr(&mut rng, &[1, 2, 6, 6]);
     assert_eq!(check_merge(&big, &[&two], &x, "shift by 2 under dilation 2"), vec![vec![0, 1]]);
 }
+
+#[test]
+fn a_large_kernel_gets_each_small_tap_added_once_at_its_offset() {
+    // large enough to be added a piece at a time on every core
+    let mut rng = StdRng::seed_from_u64(41);
+    let (o, c) = (96, 96);
+    let big = plain(&mut rng, o, c, &[3, 3], &[1, 1], &[1, 1]);
+    let ver = plain(&mut rng, o, c, &[3, 1], &[1, 0], &[1, 0]);
+    let hor = plain(&mut rng, o, c, &[1, 3], &[0, 1], &[0, 1]);
+    assert!(big.weight.len() >= 1 << 16);
+    let mut merged = big.clone();
+    for s in [&ver, &hor] {
+        let offs = s.offset_in(&big).unwrap();
+        merged.add_at(s, &offs);
+    }
+    let (b, v, h) = (big.weight.view().into_dimensionality::<Ix4>().unwrap(), &ver.weight, &hor.weight);
+    for ((oo, cc, i, j), &got) in merged.weight.view().into_dimensionality::<Ix4>().unwrap().indexed_iter() {
+        let mut want = b[[oo, cc, i, j]];
+        if j == 1 {
+            want += v[[oo, cc, i, 0]];
+        }
+        if i == 1 {
+            want += h[[oo, cc, 0, j]];
+        }
+        assert_eq!(got.to_bits(), want.to_bits(), "[{oo}, {cc}, {i}, {j}]");
+    }
+    for k in 0..o {
+        assert_eq!(merged.bias[k].to_bits(), (big.bias[k] + ver.bias[k] + hor.bias[k]).to_bits());
+    }
+}

@@ -256,10 +256,22 @@ impl AffineConv {
                 }
                 pos.push(at);
             }
-            for (d, s) in dst.chunks_exact_mut(bv).zip(src.chunks_exact(sv)) {
-                for (&p, &x) in pos.iter().zip(s) {
-                    d[p] += x;
+            let add = |(dst, src): (&mut [f64], &[f64])| {
+                for (d, s) in dst.chunks_exact_mut(bv).zip(src.chunks_exact(sv)) {
+                    for (&p, &x) in pos.iter().zip(s) {
+                        d[p] += x;
+                    }
                 }
+            };
+            // large kernels a piece of [o, c] blocks at a time on every core (each element gets
+            // the same one addition either way)
+            const PIECE: usize = 1 << 15;
+            if dst.len() >= 2 * PIECE {
+                use rayon::prelude::*;
+                let blocks = PIECE.div_ceil(bv.max(1));
+                dst.par_chunks_mut(bv * blocks).zip(src.par_chunks(sv * blocks)).for_each(add);
+            } else {
+                add((dst, src));
             }
             return;
         }

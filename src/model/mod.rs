@@ -200,7 +200,7 @@ impl Model {
 
     /// Let go of this process's memory pages of bytes read from the model's files (see
     /// [`sink::release`]); bytes held in memory are left alone.
-    pub(crate) fn release(&self, bytes: &[u8]) {
+    pub(crate) fn release(&self, bytes: &Bytes) {
         sink::release(&self.sources, bytes);
     }
 

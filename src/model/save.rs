@@ -1,5 +1,6 @@
-//! Saving: a model is written into a staging folder beside the target, flushed, read back, and
-//! only then renamed into place ([`Staged::commit`]). Tensors the rewrite left untouched are copied
+//! Saving: a model is written into a staging folder beside the target, read back, flushed to
+//! disk (in the background, while the caller may check the staged files: [`Staged::commit`]
+//! waits for it), and only then renamed into place. Tensors the rewrite left untouched are copied
 //! file to file ([`super::sink`]).
 
 use super::external::{is_external, kv};
@@ -34,14 +35,32 @@ pub struct Saved {
     pub data: Option<PathBuf>,
 }
 
-/// A save written into a staging folder beside the target, not yet moved into place.
-/// Dropping it without [`Staged::commit`] removes everything it wrote.
+/// A save written into a staging folder beside the target, not yet moved into place: its files
+/// can be read; they are being flushed to disk in the background. Dropping it without
+/// [`Staged::commit`] removes everything it wrote.
 pub struct Staged {
     dir: PathBuf,
     name: std::ffi::OsString,
     data_name: Option<String>,
     target_dir: PathBuf,
     committed: bool,
+    /// the flushes of the files written, each on its own thread
+    flushes: Vec<Flush>,
+}
+
+/// A written file being flushed to disk (`fsync`) on a thread of its own.
+struct Flush {
+    path: PathBuf,
+    done: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
+impl Flush {
+    fn wait(self) -> Result<()> {
+        match self.done.join() {
+            Ok(r) => r.map_err(|e| Error::io(&self.path, e)),
+            Err(_) => Err(Error::io(&self.path, "flushing the file to disk failed")),
+        }
+    }
 }
 
 impl Staged {
@@ -50,10 +69,14 @@ impl Staged {
         self.dir.join(&self.name)
     }
 
-    /// Move the staged files into place. With external data, the data file first, then the
-    /// model. Without, the model first, then a stale `<model>.data` left by an earlier run is
-    /// removed (in that order, an interruption never leaves a model whose data file is gone).
+    /// Move the staged files into place, once they are on disk. With external data, the data
+    /// file first, then the model. Without, the model first, then a stale `<model>.data` left by
+    /// an earlier run is removed (in that order, an interruption never leaves a model whose data
+    /// file is gone).
     pub fn commit(mut self) -> Result<Saved> {
+        for f in std::mem::take(&mut self.flushes) {
+            f.wait()?;
+        }
         let target = self.target_dir.join(&self.name);
         let mut stale = target.clone().into_os_string();
         stale.push(".data");
@@ -91,14 +114,20 @@ impl Drop for Staged {
     }
 }
 
-fn write_synced(path: &Path, f: impl FnOnce(&File) -> std::io::Result<()>) -> Result<()> {
+/// Write the file at `path` with `f`, then start flushing it to disk.
+fn write_flushed(path: &Path, f: impl FnOnce(&File) -> std::io::Result<()>) -> Result<Flush> {
     let file = File::create(path).map_err(|e| Error::io(path, e))?;
     f(&file).map_err(|e| Error::io(path, e))?;
-    file.sync_all().map_err(|e| Error::io(path, e))
+    let done = std::thread::Builder::new()
+        .name("acnet-onnx-flush".into())
+        .spawn(move || file.sync_all())
+        .map_err(|e| Error::io(path, format!("cannot start flushing the file: {e}")))?;
+    Ok(Flush { path: path.to_path_buf(), done })
 }
 
 /// Stage a save of `model` to `path` (see [`Staged`]): written into a staging folder beside the
-/// target, flushed to disk, and read back (decoded, external data checked) before it is handed out.
+/// target and read back (decoded, external data checked) before it is handed out; flushed to disk
+/// in the background meanwhile ([`Staged::commit`] waits for that).
 pub fn stage(model: &Model, path: &Path, mode: DataMode) -> Result<Staged> {
     let name = path.file_name().ok_or_else(|| Error::Usage(format!("{}: not a file name", path.display())))?.to_owned();
     let target_dir = match path.parent() {
@@ -118,7 +147,7 @@ pub fn stage(model: &Model, path: &Path, mode: DataMode) -> Result<Staged> {
     };
     let dir = target_dir.join(format!(".acnet-onnx-{}-{}", std::process::id(), unique()));
     std::fs::create_dir(&dir).map_err(|e| Error::io(path, format!("cannot write in {}: {e}", target_dir.display())))?;
-    let mut staged = Staged { dir, name, data_name: None, target_dir, committed: false };
+    let mut staged = Staged { dir, name, data_name: None, target_dir, committed: false, flushes: vec![] };
     let model_file = staged.model_path();
 
     if !external {
@@ -135,11 +164,11 @@ pub fn stage(model: &Model, path: &Path, mode: DataMode) -> Result<Staged> {
             )));
         }
         // streamed: the encoding is never held in memory, untouched tensors go file to file
-        write_synced(&model_file, |file| {
+        staged.flushes.push(write_flushed(&model_file, |file| {
             let mut sink = Sink::new(file, model.sources());
             proto.encode(&mut sink).map_err(std::io::Error::other)?;
             sink.finish()
-        })?;
+        })?);
     } else {
         let data_name = format!("{}.data", staged.name.to_string_lossy());
         let data_file = staged.dir.join(&data_name);
@@ -162,7 +191,7 @@ pub fn stage(model: &Model, path: &Path, mode: DataMode) -> Result<Staged> {
             chunks.push(raw);
             Ok(())
         })?;
-        write_synced(&data_file, |file| write_all(file, model.sources(), &chunks))?;
+        staged.flushes.push(write_flushed(&data_file, |file| write_all(file, model.sources(), &chunks))?);
         staged.data_name = Some(data_name);
         let buf = proto.encode_to_vec();
         if buf.len() > PROTOBUF_LIMIT {
@@ -172,7 +201,7 @@ pub fn stage(model: &Model, path: &Path, mode: DataMode) -> Result<Staged> {
                 buf.len()
             )));
         }
-        write_synced(&model_file, |mut file| file.write_all(&buf))?;
+        staged.flushes.push(write_flushed(&model_file, |mut file| file.write_all(&buf))?);
     }
     // read back what was written: a save that cannot be loaded is never moved into place
     Model::load(&model_file).map_err(|e| Error::io(path, format!("the staged model does not read back: {e}")))?;

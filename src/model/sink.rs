@@ -34,23 +34,41 @@ impl Source {
 /// Drop this process's mapping of the pages that lie wholly inside `s`, if `s` is a slice of
 /// one of `sources`: a weight that was decoded once need not stay resident (it stays in the
 /// page cache; reading it again faults it back in). Keeps the resident set of a fuse to the
-/// weights it writes, not the whole input.
-pub(crate) fn release(sources: &[Source], s: &[u8]) {
+/// weights it writes, not the whole input. Done on a thread of its own (the caller goes on at
+/// once), which holds `s` — and with it the mapping — until the pages are let go.
+pub(crate) fn release(sources: &[Source], s: &Bytes) {
     #[cfg(target_os = "linux")]
     if sources.iter().any(|src| src.offset_of(s).is_some()) {
-        // SAFETY: sysconf has no preconditions
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        let start = (s.as_ptr() as usize).div_ceil(page) * page;
-        let end = (s.as_ptr() as usize + s.len()) / page * page;
-        if end > start {
-            // SAFETY: the range is page-aligned and inside a live read-only shared file mapping
-            // (the source's map, kept alive by `sources`); MADV_DONTNEED on such a mapping only
-            // drops page-table entries, and later reads see the file's bytes again.
-            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+        static WORKER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<Bytes>>> = std::sync::OnceLock::new();
+        let worker = WORKER.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<Bytes>();
+            let spawned = std::thread::Builder::new()
+                .name("acnet-onnx-release".into())
+                .spawn(move || rx.into_iter().for_each(|b| drop_pages(&b)));
+            spawned.ok().map(|_| tx)
+        });
+        match worker {
+            Some(tx) if tx.send(s.clone()).is_ok() => {}
+            _ => drop_pages(s),
         }
     }
     #[cfg(not(target_os = "linux"))]
     let _ = (sources, s);
+}
+
+/// `MADV_DONTNEED` on the pages wholly inside `s`, a slice of a source's map (kept alive by `s`).
+#[cfg(target_os = "linux")]
+fn drop_pages(s: &Bytes) {
+    // SAFETY: sysconf has no preconditions
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    let start = (s.as_ptr() as usize).div_ceil(page) * page;
+    let end = (s.as_ptr() as usize + s.len()) / page * page;
+    if end > start {
+        // SAFETY: the range is page-aligned and inside a live read-only file mapping (the
+        // source's map, kept alive by `s`, a slice of it); MADV_DONTNEED on such a mapping only
+        // drops page-table entries, and later reads see the file's bytes again.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+    }
 }
 
 const BUF: usize = 1 << 20;

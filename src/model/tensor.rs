@@ -4,6 +4,7 @@
 use crate::proto::{tensor_proto::DataType, TensorProto};
 use bytes::Bytes;
 use ndarray::{ArrayD, IxDyn};
+use std::mem::MaybeUninit;
 
 /// Floating-point element types the kernel maths handles.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,38 +136,49 @@ const PARALLEL: usize = 1 << 16;
 /// Elements per piece.
 const PIECE: usize = 1 << 14;
 
+/// `n` elements written `per` at a time — chunk `c` (the last may be shorter) by `fill(c,
+/// chunk)`, which returns how many of its elements it wrote — on every core when there are at
+/// least [`PARALLEL`], into memory that is never zeroed first (fresh memory written once, not
+/// twice). A chunk not written whole is a bug: it panics before the vector exists.
+fn written<T: Copy + Send>(
+    n: usize,
+    per: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<T>]) -> usize + Sync,
+) -> Vec<T> {
+    let mut v = Vec::with_capacity(n);
+    if n == 0 {
+        return v;
+    }
+    let one = |(c, o): (usize, &mut [MaybeUninit<T>])| {
+        let len = o.len();
+        assert_eq!(fill(c, o), len, "chunk {c} of {n} elements written in part");
+    };
+    let spare = &mut v.spare_capacity_mut()[..n];
+    if n >= PARALLEL {
+        use rayon::prelude::*;
+        spare.par_chunks_mut(per.max(1)).enumerate().for_each(one);
+    } else {
+        spare.chunks_mut(per.max(1)).enumerate().for_each(one);
+    }
+    // SAFETY: the first `n` elements of the capacity were written, every chunk whole (checked)
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// Little-endian elements of `N` bytes to f64.
 fn decode<const N: usize>(raw: &[u8], f: impl Fn([u8; N]) -> f64 + Sync) -> Vec<f64> {
-    let mut out = vec![0f64; raw.len() / N];
-    let piece = |(o, r): (&mut [f64], &[u8])| {
+    written(raw.len() / N, PIECE, |c, o| {
+        let r = &raw[c * PIECE * N..];
         for (d, s) in o.iter_mut().zip(r.chunks_exact(N)) {
-            *d = f(s.try_into().expect("N bytes"));
+            d.write(f(s.try_into().expect("N bytes")));
         }
-    };
-    if out.len() >= PARALLEL {
-        use rayon::prelude::*;
-        out.par_chunks_mut(PIECE).zip(raw.par_chunks(PIECE * N)).for_each(piece);
-    } else {
-        piece((&mut out, raw));
-    }
-    out
+        o.len().min(r.len() / N)
+    })
 }
 
 /// f64 to little-endian elements of `N` bytes.
 fn encode<const N: usize>(a: &[f64], f: impl Fn(f64) -> [u8; N] + Sync) -> Vec<u8> {
-    let mut raw = vec![0u8; a.len() * N];
-    let piece = |(r, s): (&mut [u8], &[f64])| {
-        for (o, &x) in r.chunks_exact_mut(N).zip(s) {
-            o.copy_from_slice(&f(x));
-        }
-    };
-    if a.len() >= PARALLEL {
-        use rayon::prelude::*;
-        raw.par_chunks_mut(PIECE * N).zip(a.par_chunks(PIECE)).for_each(piece);
-    } else {
-        piece((&mut raw, a));
-    }
-    raw
+    written(a.len() * N, PIECE * N, |c, r| put(r, &a[c * PIECE..], &f))
 }
 
 /// Decode a float tensor to f64. `raw` is the tensor's bytes when stored as raw data (inline or
@@ -311,28 +323,31 @@ impl Scaled {
         self.dims[1..].iter().product()
     }
 
-    /// The values of slice `c` (axis 0) into `out` (`per` elements).
-    pub fn slice_into(&self, c: usize, out: &mut [f64]) {
+    /// The values of slice `c` (axis 0), in `buf` (its earlier contents replaced).
+    pub fn slice_to(&self, c: usize, buf: &mut Vec<f64>) {
+        let per = self.per();
+        buf.clear();
+        buf.reserve(per);
+        assert_eq!(self.slice_into(c, &mut buf.spare_capacity_mut()[..per]), per, "slice {c} written in part");
+        // SAFETY: the first `per` elements of the capacity were written (checked)
+        unsafe { buf.set_len(per) };
+    }
+
+    /// The values of slice `c` (axis 0) into `out` (at most `per` elements); how many it wrote.
+    fn slice_into(&self, c: usize, out: &mut [MaybeUninit<f64>]) -> usize {
         let (per, s) = (self.per(), self.scale[c]);
         with_decoder!(self.ft, |N, f| {
             let raw = &self.raw[c * per * N..(c + 1) * per * N];
             for (o, b) in out.iter_mut().zip(raw.chunks_exact(N)) {
-                *o = f(b.try_into().expect("N bytes")) * s;
+                o.write(f(b.try_into().expect("N bytes")) * s);
             }
-        })
+        });
+        out.len().min(per)
     }
 
     /// The values, in f64.
     pub fn to_f64(&self) -> ArrayD<f64> {
-        let per = self.per();
-        let mut out = vec![0f64; self.raw.len() / self.ft.size()];
-        let fill = |(c, o): (usize, &mut [f64])| self.slice_into(c, o);
-        if out.len() >= PARALLEL && per > 0 {
-            use rayon::prelude::*;
-            out.par_chunks_mut(per).enumerate().for_each(fill);
-        } else if per > 0 {
-            out.chunks_mut(per).enumerate().for_each(fill);
-        }
+        let out = written(self.raw.len() / self.ft.size(), self.per(), |c, o| self.slice_into(c, o));
         ArrayD::from_shape_vec(IxDyn(&self.dims), out).expect("the sizes were checked")
     }
 
@@ -341,34 +356,27 @@ impl Scaled {
     pub fn encode(&self, name: &str, ft: FloatType) -> TensorProto {
         let per = self.per();
         let n = self.raw.len() / self.ft.size();
-        let mut raw = vec![0u8; n * ft.size()];
-        let piece = |c: usize, r: &mut [u8], buf: &mut Vec<f64>| {
+        let piece = |c: usize, r: &mut [MaybeUninit<u8>]| -> usize {
             if (self.ft, ft) == (FloatType::F32, FloatType::F32) {
                 // (the same operations as below, in one loop)
                 let (k, from) = (self.scale[c], &self.raw[c * per * 4..(c + 1) * per * 4]);
                 for (o, b) in r.chunks_exact_mut(4).zip(from.chunks_exact(4)) {
                     let v = f32::from_le_bytes(b.try_into().expect("4 bytes")) as f64;
-                    o.copy_from_slice(&((v * k) as f32).to_le_bytes());
+                    for (d, x) in o.iter_mut().zip(((v * k) as f32).to_le_bytes()) {
+                        d.write(x);
+                    }
                 }
-                return;
+                return 4 * (r.len() / 4).min(per);
             }
-            buf.resize(per, 0.0);
-            self.slice_into(c, buf);
+            let values = written(per, per, |_, o| self.slice_into(c, o));
             match ft {
-                FloatType::F32 => put(r, buf, |x| (x as f32).to_le_bytes()),
-                FloatType::F64 => put(r, buf, |x| x.to_le_bytes()),
-                FloatType::F16 => put(r, buf, |x| half::f16::from_f64(x).to_bits().to_le_bytes()),
-                FloatType::BF16 => put(r, buf, |x| half::bf16::from_f64(x).to_bits().to_le_bytes()),
+                FloatType::F32 => put(r, &values, |x| (x as f32).to_le_bytes()),
+                FloatType::F64 => put(r, &values, |x| x.to_le_bytes()),
+                FloatType::F16 => put(r, &values, |x| half::f16::from_f64(x).to_bits().to_le_bytes()),
+                FloatType::BF16 => put(r, &values, |x| half::bf16::from_f64(x).to_bits().to_le_bytes()),
             }
         };
-        let size = per * ft.size();
-        if n >= PARALLEL && per > 0 {
-            use rayon::prelude::*;
-            raw.par_chunks_mut(size).enumerate().for_each_init(Vec::new, |buf, (c, r)| piece(c, r, buf));
-        } else if per > 0 {
-            let mut buf = Vec::new();
-            raw.chunks_mut(size).enumerate().for_each(|(c, r)| piece(c, r, &mut buf));
-        }
+        let raw = written(n * ft.size(), per * ft.size(), piece);
         TensorProto {
             dims: self.dims.iter().map(|&d| d as i64).collect(),
             data_type: Some(ft.onnx()),
@@ -379,11 +387,14 @@ impl Scaled {
     }
 }
 
-/// `values` encoded by `f` into `raw`.
-fn put<const N: usize>(raw: &mut [u8], values: &[f64], f: impl Fn(f64) -> [u8; N]) {
+/// `values` encoded by `f` into `raw`; how many bytes it wrote.
+fn put<const N: usize>(raw: &mut [MaybeUninit<u8>], values: &[f64], f: impl Fn(f64) -> [u8; N]) -> usize {
     for (o, &x) in raw.chunks_exact_mut(N).zip(values) {
-        o.copy_from_slice(&f(x));
+        for (d, b) in o.iter_mut().zip(f(x)) {
+            d.write(b);
+        }
     }
+    N * (raw.len() / N).min(values.len())
 }
 
 /// Encode i64 values as an INT64 tensor.

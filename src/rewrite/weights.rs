@@ -314,8 +314,7 @@ impl Scan {
             if let Some(p) = scaled_f32(s, c, per, lim) {
                 return p;
             }
-            buf.resize(per, 0.0);
-            s.slice_into(c, buf);
+            s.slice_to(c, buf);
             Part::of(buf, lim)
         };
         let channels: Vec<Part> = if s.scale.len() * per >= PARALLEL {

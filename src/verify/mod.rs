@@ -660,21 +660,29 @@ fn run_all(
 ) -> Result<(Vec<HashMap<String, Tensor>>, Vec<String>, Vec<String>, Vec<String>), Error> {
     let mut notes = vec![];
     let (plan, inputs, outputs) = prepare(m, facts, &mut notes, spec)?;
-    // the samples on as many threads as there are cores (a plan runs from several threads), the
-    // cores left over (fewer samples than cores) inside each run
+    // the samples in rounds of one per core (a plan runs from several threads); a last round of
+    // fewer samples than cores spreads each run over the cores left over (3 samples on 2 cores:
+    // two side by side, then the third on both)
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let threads = cores.min(data.len()).max(1);
-    let run_one =
-        |d: &HashMap<String, Tensor>| on_threads(cores / threads, || run(&m.path, &plan, &inputs, &outputs, d));
-    let chunk = data.len().div_ceil(threads);
-    let runs: Vec<Result<Vec<_>, Error>> = std::thread::scope(|scope| {
-        let handles: Vec<_> =
-            data.chunks(chunk).map(|part| scope.spawn(move || part.iter().map(run_one).collect())).collect();
-        handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
-    });
+    let whole = data.len() / cores * cores;
+    let (rounds, last) = data.split_at(whole);
     let mut all = Vec::with_capacity(data.len());
-    for r in runs {
-        all.extend(r?);
+    for (part, per_run) in [(rounds, 1), (last, cores / last.len().max(1))] {
+        if part.is_empty() {
+            continue;
+        }
+        let threads = cores.min(part.len());
+        let run_one = |d: &HashMap<String, Tensor>| on_threads(per_run, || run(&m.path, &plan, &inputs, &outputs, d));
+        let runs: Vec<Result<Vec<_>, Error>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = part
+                .chunks(part.len().div_ceil(threads))
+                .map(|chunk| scope.spawn(move || chunk.iter().map(run_one).collect()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))).collect()
+        });
+        for r in runs {
+            all.extend(r?);
+        }
     }
     Ok((all, outputs, inputs, notes))
 }

@@ -185,36 +185,74 @@ fn case_output_is_identical_to_the_single_threaded_result() {
 /// the branch Convs) is computed in this test from the export's own parameters (per branch
 /// W·γ/√(var+ε) and β − μ·γ/√(var+ε), the 3x1 and 1x3 kernels added onto the centre column and
 /// row, the biases summed) and must equal ours bit for bit.
-#[test]
-fn case_a_kernel_folded_then_merged_is_rounded_once() {
-    let src = dir("resnet20").join("ts_nofold_op11.onnx");
-    let original = Model::load(&src).unwrap();
+/// ResNet-20 ACNet's TorchScript export with BatchNormalization nodes (opset 11), and it fused.
+fn resnet20_bn_nodes_fused() -> (Model, Model) {
+    let original = Model::load(dir("resnet20").join("ts_nofold_op11.onnx")).unwrap();
     let mut m = original.clone();
     fuse(&mut m).unwrap();
+    (original, m)
+}
+
+/// The values of initializer `name` of `m`, in f64.
+fn tensor_value(m: &Model, name: &str) -> ArrayD<f64> {
+    let g = m.proto.graph.as_ref().unwrap();
+    let t = g.initializer.iter().find(|t| t.name() == name).unwrap_or_else(|| panic!("{name}"));
+    to_f64(t, m.raw_bytes(t).unwrap().as_deref()).unwrap()
+}
+
+/// The Conv (no bias) of `original` that reads `weight`, folded in f64 with the
+/// BatchNormalization after it, computed here from the export's parameters: (weight, bias).
+fn folded_in_f64(original: &Model, weight: &str) -> (ArrayD<f64>, ArrayD<f64>) {
     let og = original.proto.graph.as_ref().unwrap();
-    let value = |m: &Model, name: &str| {
-        let g = m.proto.graph.as_ref().unwrap();
-        let t = g.initializer.iter().find(|t| t.name() == name).unwrap_or_else(|| panic!("{name}"));
-        to_f64(t, m.raw_bytes(t).unwrap().as_deref()).unwrap()
-    };
-    // the branch whose Conv (no bias) reads `weight`, folded with the BatchNormalization after it
-    let folded = |weight: &str| -> (ArrayD<f64>, ArrayD<f64>) {
-        let conv = og.node.iter().find(|n| n.op_type() == "Conv" && n.input[1] == weight).unwrap();
-        let bn = og.node.iter().find(|n| n.input.first() == conv.output.first()).unwrap();
-        assert_eq!(bn.op_type(), "BatchNormalization");
-        let eps = bn.attribute.iter().find(|a| a.name() == "epsilon").map_or(1e-5, |a| a.f()) as f64;
-        assert_eq!(conv.input.len(), 2, "a Conv without bias");
-        let p: Vec<ArrayD<f64>> = (1..5).map(|k| value(&original, &bn.input[k])).collect();
-        let (gamma, beta, mean, var) = (&p[0], &p[1], &p[2], &p[3]);
-        let mut w = value(&original, weight);
-        let mut b = beta.clone();
-        for (o, mut row) in w.outer_iter_mut().enumerate() {
-            let a = gamma[o] / (var[o] + eps).sqrt();
-            row *= a;
-            b[o] -= mean[o] * a;
+    let conv = og.node.iter().find(|n| n.op_type() == "Conv" && n.input[1] == weight).unwrap();
+    let bn = og.node.iter().find(|n| n.input.first() == conv.output.first()).unwrap();
+    assert_eq!(bn.op_type(), "BatchNormalization");
+    let eps = bn.attribute.iter().find(|a| a.name() == "epsilon").map_or(1e-5, |a| a.f()) as f64;
+    assert_eq!(conv.input.len(), 2, "a Conv without bias");
+    let p: Vec<ArrayD<f64>> = (1..5).map(|k| tensor_value(original, &bn.input[k])).collect();
+    let (gamma, beta, mean, var) = (&p[0], &p[1], &p[2], &p[3]);
+    let mut w = tensor_value(original, weight);
+    let mut b = beta.clone();
+    for (o, mut row) in w.outer_iter_mut().enumerate() {
+        let a = gamma[o] / (var[o] + eps).sqrt();
+        row *= a;
+        b[o] -= mean[o] * a;
+    }
+    (w, b)
+}
+
+#[test]
+fn case_a_conv_only_folded_holds_its_weight_scaled_in_f64_and_rounded_once() {
+    // ResNet-20's shortcut convs: a BatchNormalization folded, nothing merged (their
+    // weights are computed from the stored bytes, ahead of the rewrite's end or at it)
+    let (original, m) = resnet20_bn_nodes_fused();
+    let g = m.proto.graph.as_ref().unwrap();
+    let og = original.proto.graph.as_ref().unwrap();
+    let mut convs = 0;
+    for conv in og.node.iter().filter(|n| n.op_type() == "Conv") {
+        let w = &conv.input[1];
+        if ["square_conv", "ver_conv", "hor_conv"].iter().any(|b| w.contains(b)) {
+            continue;
         }
-        (w, b)
-    };
+        let (want, want_b) = folded_in_f64(&original, w);
+        let fused = g.node.iter().find(|n| n.op_type() == "Conv" && n.input[1] == *w).unwrap_or_else(|| panic!("{w}"));
+        for (name, want) in [(w, &want), (&fused.input[2], &want_b)] {
+            let got = tensor_value(&m, name);
+            assert_eq!(got.shape(), want.shape(), "{name}");
+            let off = got.iter().zip(want.iter()).filter(|(g, w)| **g as f32 != **w as f32).count();
+            assert_eq!(off, 0, "{name}: {off} of {} values are not the float64 fold rounded once", got.len());
+        }
+        convs += 1;
+    }
+    assert_eq!(convs, 2, "the two shortcut convs");
+}
+
+#[test]
+fn case_a_kernel_folded_then_merged_is_rounded_once() {
+    let (original, m) = resnet20_bn_nodes_fused();
+    let og = original.proto.graph.as_ref().unwrap();
+    let value = |m: &Model, name: &str| tensor_value(m, name);
+    let folded = |weight: &str| folded_in_f64(&original, weight);
     let mut blocks = 0;
     for t in &og.initializer {
         let Some(prefix) = t.name().strip_suffix("square_conv.weight") else { continue };

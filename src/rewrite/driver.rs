@@ -4,7 +4,7 @@
 use super::patch::Holes;
 use super::{Refusal, Rewrite, Step, Try};
 use crate::graph::{default_opset, graph_names, Consts, Exact, GraphIndex, Names};
-use crate::model::tensor::{FloatType, Scaled};
+use crate::model::tensor::FloatType;
 use crate::model::Model;
 use crate::proto::{GraphProto, NodeProto, TensorProto};
 use std::cell::RefCell;
@@ -35,64 +35,6 @@ pub(crate) struct Cache {
     shapes: RefCell<Option<HashMap<String, Vec<usize>>>>,
     /// The shapes the graph declares (value infos, then graph inputs), by name; read once.
     declared: RefCell<Option<HashMap<String, Option<Vec<usize>>>>>,
-    /// Scaled stored tensors being encoded ahead of [`settle`].
-    early: Early,
-}
-
-/// Scaled stored tensors ([`Exact::Scaled`]) encoded ahead, on a thread of their own, once the
-/// scan has passed every node that could merge them ([`Cache::evict_before`]): the encoding
-/// overlaps the rest of the rewrite. [`settle`] takes an encoding only if its tensor is still
-/// the graph's (the same stored bytes, factors and type: the same [`Scaled::encode`] it would
-/// compute itself), and encodes the others.
-#[derive(Default)]
-struct Early {
-    /// per scaled tensor, the last node that could read it (from when it was first seen)
-    due: HashMap<String, usize>,
-    sent: HashSet<String>,
-    worker: Option<(std::sync::mpsc::Sender<Job>, std::thread::JoinHandle<Vec<Encoded>>)>,
-}
-
-type Job = (String, Scaled, FloatType);
-type Encoded = (Job, TensorProto);
-
-impl Early {
-    fn send(&mut self, job: Job) {
-        if self.worker.is_none() {
-            let (tx, rx) = std::sync::mpsc::channel::<Job>();
-            let spawned = std::thread::Builder::new().name("acnet-onnx-encode".into()).spawn(move || {
-                rx.into_iter()
-                    .map(|job| {
-                        let t = job.1.encode(&job.0, job.2);
-                        (job, t)
-                    })
-                    .collect()
-            });
-            // no thread: everything is encoded when the rewrite ends, as it would be anyway
-            let Ok(handle) = spawned else { return };
-            self.worker = Some((tx, handle));
-        }
-        self.sent.insert(job.0.clone());
-        if let Some((tx, _)) = &self.worker {
-            let _ = tx.send(job);
-        }
-    }
-
-    /// The encodings made, by name (none if the worker failed).
-    fn finish(&mut self) -> HashMap<String, Encoded> {
-        let Some((tx, handle)) = self.worker.take() else { return HashMap::new() };
-        drop(tx);
-        handle.join().unwrap_or_default().into_iter().map(|e| (e.0 .0.clone(), e)).collect()
-    }
-}
-
-/// Whether two scaled tensors are the same: the same stored bytes (the same slice), type, dims
-/// and factors (bit for bit).
-fn same(a: &Scaled, b: &Scaled) -> bool {
-    a.raw.as_ptr() == b.raw.as_ptr()
-        && a.raw.len() == b.raw.len()
-        && a.ft == b.ft
-        && a.dims == b.dims
-        && a.scale.iter().map(|v| v.to_bits()).eq(b.scale.iter().map(|v| v.to_bits()))
 }
 
 impl Cache {
@@ -103,7 +45,6 @@ impl Cache {
             holes: Holes::default(),
             shapes: RefCell::default(),
             declared: RefCell::default(),
-            early: Early::default(),
         }
     }
 
@@ -150,21 +91,6 @@ impl Cache {
             last
         };
         self.exact.retain(|name, e| matches!(e, Exact::Scaled(_)) || horizon(name) >= i);
-        // scaled tensors the scan is done with: encoded ahead (see `Early`)
-        let early = &mut self.early;
-        for (name, e) in &self.exact {
-            let Exact::Scaled(s) = e else { continue };
-            if early.sent.contains(name) || *early.due.entry(name.clone()).or_insert_with(|| horizon(name)) >= i {
-                continue;
-            }
-            let t = ix.initializer.get(name).map(|&k| &g.initializer[k]);
-            let ft = t
-                .filter(|t| t.raw_data.is_none() && t.external_data.is_empty())
-                .and_then(|t| FloatType::from_onnx(t.data_type.unwrap_or(0)));
-            if let Some(ft) = ft {
-                early.send((name.clone(), s.clone(), ft));
-            }
-        }
     }
 
     /// Whether some initializer of the graph has no data yet (see [`Exact::Scaled`]).
@@ -193,7 +119,6 @@ pub(crate) fn settle(model: &mut Model, cache: &mut Cache) {
     if !cache.unsettled() {
         return;
     }
-    let early = cache.early.finish();
     let (exact, m) = (&cache.exact, &*model);
     let done: Vec<(usize, TensorProto)> = m
         .graph()
@@ -201,15 +126,10 @@ pub(crate) fn settle(model: &mut Model, cache: &mut Cache) {
         .par_iter()
         .enumerate()
         .filter_map(|(k, t)| {
-            let Some(Exact::Scaled(from)) = exact.get(t.name()) else { return None };
-            let ahead = early
-                .get(t.name())
-                .filter(|((_, s, ft), _)| same(s, from) && Some(*ft) == FloatType::from_onnx(t.data_type.unwrap_or(0)));
-            let s = match ahead {
-                Some((_, encoded)) if t.raw_data.is_none() && t.external_data.is_empty() => encoded.clone(),
-                _ => settled(exact, t)?,
-            };
-            m.release(&from.raw);
+            let s = settled(exact, t)?;
+            if let Some(Exact::Scaled(from)) = exact.get(t.name()) {
+                m.release(&from.raw);
+            }
             Some((k, s))
         })
         .collect();
@@ -518,31 +438,6 @@ mod tests {
         assert!(cache.exact.contains_key("t1"));
         cache.evict_before(m.graph(), &ix, 4);
         assert!(cache.exact.is_empty());
-    }
-
-    /// An encoding made ahead is the tensor's own, and is taken only for the very tensor it was
-    /// made from: the same stored bytes, type, dims and factors.
-    #[test]
-    fn tensors_encoded_ahead_are_matched_to_the_same_scaled_tensor_only() {
-        let raw = bytes::Bytes::from((0..24u8).map(|i| i.wrapping_mul(37)).collect::<Vec<u8>>());
-        let s = Scaled::new(raw.clone(), FloatType::F32, vec![2, 3], vec![1.5, -0.25]).unwrap();
-        let mut early = Early::default();
-        early.send(("w".into(), s.clone(), FloatType::F32));
-        early.send(("h".into(), s.clone(), FloatType::F16));
-        let done = early.finish();
-        assert_eq!(done["w"].1, s.encode("w", FloatType::F32));
-        assert_eq!(done["h"].1, s.encode("h", FloatType::F16));
-        assert!(same(&done["w"].0 .1, &s));
-        let other_factors = Scaled::new(raw.clone(), FloatType::F32, vec![2, 3], vec![1.5, -0.5]).unwrap();
-        let other_bytes =
-            Scaled::new(bytes::Bytes::copy_from_slice(&raw), FloatType::F32, vec![2, 3], vec![1.5, -0.25]).unwrap();
-        let other_dims = Scaled::new(raw.clone(), FloatType::F32, vec![2, 3, 1], vec![1.5, -0.25]).unwrap();
-        let nan = Scaled::new(raw.clone(), FloatType::F32, vec![2, 3], vec![f64::NAN, -0.25]).unwrap();
-        for o in [&other_factors, &other_bytes, &other_dims] {
-            assert!(!same(&s, o), "{o:?}");
-        }
-        assert!(same(&nan, &nan.clone()), "factors compare by their bits");
-        assert!(Early::default().finish().is_empty());
     }
 
     /// Past three steps, the sums (and scales) a block's branches meet in keep a kernel's exact

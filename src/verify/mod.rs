@@ -62,7 +62,9 @@
 //! every sample, perturbed in place draw after draw (each draw undoes the one before: a move by
 //! one unit in the last place is exactly reversible, see [`crate::tract::perturb`]) and let go;
 //! then the candidate is loaded again and run. Free memory is returned to the system between
-//! these phases. A run of one sample spreads tract's matrix products over every core.
+//! these phases. Samples run in rounds of one per core; a last round of fewer samples than
+//! cores (and a noise draw's single sample) spreads each run's matrix products over the cores
+//! left over.
 //!
 //! # Shapes
 //!

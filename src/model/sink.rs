@@ -35,13 +35,15 @@ impl Source {
 /// one of `sources`: a weight that was decoded once need not stay resident (it stays in the
 /// page cache; reading it again faults it back in). Keeps the resident set of a fuse to the
 /// weights it writes, not the whole input. Done on a thread of its own (the caller goes on at
-/// once), which holds `s` — and with it the mapping — until the pages are let go.
+/// once), which holds `s` — and with it the mapping — until the pages are let go. At most
+/// [`RELEASE_QUEUE`] slices wait for it (the caller waits beyond that), so a model's map outlives
+/// the model by no more than that backlog.
 pub(crate) fn release(sources: &[Source], s: &Bytes) {
     #[cfg(target_os = "linux")]
     if sources.iter().any(|src| src.offset_of(s).is_some()) {
-        static WORKER: std::sync::OnceLock<Option<std::sync::mpsc::Sender<Bytes>>> = std::sync::OnceLock::new();
+        static WORKER: std::sync::OnceLock<Option<std::sync::mpsc::SyncSender<Bytes>>> = std::sync::OnceLock::new();
         let worker = WORKER.get_or_init(|| {
-            let (tx, rx) = std::sync::mpsc::channel::<Bytes>();
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Bytes>(RELEASE_QUEUE);
             let spawned = std::thread::Builder::new()
                 .name("acnet-onnx-release".into())
                 .spawn(move || rx.into_iter().for_each(|b| drop_pages(&b)));
@@ -55,6 +57,10 @@ pub(crate) fn release(sources: &[Source], s: &Bytes) {
     #[cfg(not(target_os = "linux"))]
     let _ = (sources, s);
 }
+
+/// How many slices may wait for the release worker.
+#[cfg(target_os = "linux")]
+const RELEASE_QUEUE: usize = 256;
 
 /// `MADV_DONTNEED` on the pages wholly inside `s`, a slice of a source's map (kept alive by `s`).
 #[cfg(target_os = "linux")]

@@ -368,13 +368,17 @@ impl Scaled {
                 }
                 return 4 * (r.len() / 4).min(per);
             }
-            let values = written(per, per, |_, o| self.slice_into(c, o));
-            match ft {
-                FloatType::F32 => put(r, &values, |x| (x as f32).to_le_bytes()),
-                FloatType::F64 => put(r, &values, |x| x.to_le_bytes()),
-                FloatType::F16 => put(r, &values, |x| half::f16::from_f64(x).to_bits().to_le_bytes()),
-                FloatType::BF16 => put(r, &values, |x| half::bf16::from_f64(x).to_bits().to_le_bytes()),
-            }
+            // the slice in f64, in a buffer each thread keeps from slice to slice
+            thread_local!(static VALUES: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) });
+            VALUES.with_borrow_mut(|values| {
+                self.slice_to(c, values);
+                match ft {
+                    FloatType::F32 => put(r, values, |x| (x as f32).to_le_bytes()),
+                    FloatType::F64 => put(r, values, |x| x.to_le_bytes()),
+                    FloatType::F16 => put(r, values, |x| half::f16::from_f64(x).to_bits().to_le_bytes()),
+                    FloatType::BF16 => put(r, values, |x| half::bf16::from_f64(x).to_bits().to_le_bytes()),
+                }
+            })
         };
         let raw = written(n * ft.size(), per * ft.size(), piece);
         TensorProto {
@@ -451,11 +455,11 @@ mod tests {
     }
 
     /// A scaled stored tensor reads as the stored values decoded and multiplied in place, and is
-    /// written as those values rounded once: small and large (several threads), every type in and
-    /// out, negative and zero factors.
+    /// written as those values rounded once: small and large (several threads; a thread's buffer
+    /// reused from a large tensor to a small one), every type in and out, negative and zero factors.
     #[test]
     fn scaled_tensors_read_and_write_as_the_decoded_values_scaled_in_place() {
-        for (channels, per) in [(3usize, 5usize), (37, 4099)] {
+        for (channels, per) in [(3usize, 5usize), (37, 4099), (2, 3)] {
             let n = channels * per;
             let values: Vec<f64> = (0..n).map(|i| ((i * 7919) % 10007) as f64 / 97.0 - 50.0).collect();
             let a = ArrayD::from_shape_vec(IxDyn(&[channels, per, 1]), values).unwrap();
@@ -469,7 +473,7 @@ mod tests {
                 }
                 let s = Scaled::new(raw.clone(), ft, vec![channels, per, 1], scale.clone()).unwrap();
                 assert_eq!(s.to_f64(), expect, "{ft:?} read, {channels} channels");
-                for out in [FloatType::F32, FloatType::F16] {
+                for out in [FloatType::F32, FloatType::F64, FloatType::F16, FloatType::BF16] {
                     assert_eq!(s.encode("w2", out), from_f64("w2", &expect, out), "{ft:?} -> {out:?}");
                 }
                 assert!(Scaled::new(raw.clone(), ft, vec![channels, per, 1], scale[1..].to_vec()).is_none());

@@ -72,7 +72,9 @@ impl Rule for AffineRegion {
         if !is_root(cx, at) || !(is_op(n, "Add") || is_op(n, "Sum")) {
             return None;
         }
-        let y = &cx.node(at).output[0];
+        let y: &str = &cx.node(at).output[0];
+        // which tensors are fixed once the input shapes are: the same for every walk from this root
+        let mut memo = HashMap::new();
         // a sum of branches (two operands at least that are not constants: a bias Add is not one)
         let (operands, _) = leaves(cx, at);
         if operands.iter().filter(|l| cx.consts.value(&l.name).is_err()).count() < 2 {
@@ -81,13 +83,13 @@ impl Rule for AffineRegion {
         // the region's input: an operand of the sum where the other branches start, else where
         // the walk back ends
         for t in operands.iter().map(|l| &l.name) {
-            if let Ok(Some(r)) = find_region(cx, y, Some(t)) {
+            if let Ok(Some(r)) = find_region(cx, y, Some(t), &mut memo) {
                 if &r.x == t {
                     return Some(Candidate { root: at, region: Ok(r) });
                 }
             }
         }
-        let region = find_region(cx, y, None).transpose()?;
+        let region = find_region(cx, y, None, &mut memo).transpose()?;
         Some(Candidate { root: at, region })
     }
 
@@ -216,7 +218,8 @@ const RANDOM: &[&str] =
 
 /// Whether a tensor's value is fixed once the input shapes are (constants, Shape of anything,
 /// and deterministic operators of those).
-fn is_static(g: &GraphProto, ix: &GraphIndex, t: &str, memo: &mut HashMap<String, bool>, depth: usize) -> bool {
+/// `memo` keeps what was found (keys borrowed from the graph, which no walk changes).
+fn is_static<'g>(g: &'g GraphProto, ix: &GraphIndex, t: &'g str, memo: &mut HashMap<&'g str, bool>, depth: usize) -> bool {
     if t.is_empty() || ix.constant(g, t).is_some() {
         return true;
     }
@@ -237,30 +240,35 @@ fn is_static(g: &GraphProto, ix: &GraphIndex, t: &str, memo: &mut HashMap<String
             }
         }
     };
-    memo.insert(t.to_string(), v);
+    memo.insert(t, v);
     v
 }
 
 /// Walk back from `y` (not past `stop`); `Ok(None)` when there is no single-input affine region
 /// worth taking.
-fn find_region(cx: &Cx, y: &str, stop: Option<&str>) -> Result<Option<Region>, RegionReason> {
+/// `y` is a node's output; `memo` is [`is_static`]'s, shared by the walks from one root.
+fn find_region<'g>(
+    cx: &Cx<'g>,
+    y: &'g str,
+    stop: Option<&str>,
+    memo: &mut HashMap<&'g str, bool>,
+) -> Result<Option<Region>, RegionReason> {
     let (g, ix) = (cx.g, cx.ix);
-    let mut memo = HashMap::new();
     let mut dep: HashSet<usize> = HashSet::new();
-    let mut frontier: HashSet<String> = HashSet::new();
-    let mut seen: HashSet<String> = HashSet::new();
-    let mut stack = vec![y.to_string()];
+    let mut frontier: HashSet<&str> = HashSet::new();
+    let mut seen: HashSet<&str> = HashSet::new();
+    let mut stack = vec![y];
     while let Some(t) = stack.pop() {
-        if !seen.insert(t.clone()) || is_static(g, ix, &t, &mut memo, 0) {
+        if !seen.insert(t) || is_static(g, ix, t, memo, 0) {
             continue;
         }
-        let Some(&(p, _)) = ix.producer.get(&t).filter(|_| stop != Some(t.as_str())) else {
+        let Some(&(p, _)) = ix.producer.get(t).filter(|_| stop != Some(t)) else {
             frontier.insert(t);
             continue;
         };
         let n = &g.node[p];
         let ok = affine_inputs(n).is_some_and(|ok| {
-            let dep_ins: Vec<usize> = (0..n.input.len()).filter(|&k| !is_static(g, ix, &n.input[k], &mut memo, 0)).collect();
+            let dep_ins: Vec<usize> = (0..n.input.len()).filter(|&k| !is_static(g, ix, &n.input[k], memo, 0)).collect();
             dep_ins.iter().all(|k| ok.contains(k))
                 && !(n.op_type() == "Mul" && dep_ins.len() > 1)
                 && n.output.len() == 1
@@ -271,12 +279,12 @@ fn find_region(cx: &Cx, y: &str, stop: Option<&str>) -> Result<Option<Region>, R
             continue;
         }
         dep.insert(p);
-        stack.extend(n.input.iter().filter(|i| !i.is_empty()).cloned());
+        stack.extend(n.input.iter().filter(|i| !i.is_empty()).map(|i| i.as_str()));
     }
     if frontier.len() != 1 || !dep.iter().any(|&p| g.node[p].output[0] == y) {
         return Ok(None);
     }
-    let x = frontier.into_iter().next().expect("one tensor");
+    let x = frontier.into_iter().next().expect("one tensor").to_string();
     // tract mis-evaluates (and can corrupt memory on) Pad with negative amounts: refuse them
     for &p in &dep {
         let n = &g.node[p];
@@ -298,23 +306,23 @@ fn find_region(cx: &Cx, y: &str, stop: Option<&str>) -> Result<Option<Region>, R
     // the static cone the region needs; Shape nodes may read x-dependent tensors that only feed
     // shapes (TorchScript's slice assignment does this): those nodes come along and go too
     let mut stat: HashSet<usize> = HashSet::new();
-    let mut stack: Vec<String> = dep.iter().flat_map(|&p| g.node[p].input.iter().cloned()).collect();
-    let mut seen: HashSet<String> = HashSet::new();
+    let mut stack: Vec<&str> = dep.iter().flat_map(|&p| g.node[p].input.iter().map(|i| i.as_str())).collect();
+    let mut seen: HashSet<&str> = HashSet::new();
     while let Some(t) = stack.pop() {
-        if t.is_empty() || !seen.insert(t.clone()) || t == x {
+        if t.is_empty() || !seen.insert(t) || t == x {
             continue;
         }
-        let Some(&(p, _)) = ix.producer.get(&t) else { continue };
+        let Some(&(p, _)) = ix.producer.get(t) else { continue };
         if dep.contains(&p) || stat.contains(&p) {
             continue;
         }
-        if !is_static(g, ix, &t, &mut memo, 0) {
+        if !is_static(g, ix, t, memo, 0) {
             // an x-dependent tensor outside the region: allowed only as a shape source
             dep.insert(p);
         } else {
             stat.insert(p);
         }
-        stack.extend(g.node[p].input.iter().cloned());
+        stack.extend(g.node[p].input.iter().map(|i| i.as_str()));
     }
     // nothing removed may be read from outside the region
     let inside: HashSet<usize> = dep.union(&stat).copied().collect();

@@ -24,6 +24,9 @@
 //!    the already loaded reference, every float constant moved one ulp, typed and run on the 3
 //!    samples, twice). Peak RSS of the default fuse and of `acnet-onnx verify` against the two
 //!    models' combined size. Targets: fuse <= 1.5x plain inferences, peak <= 1.25x combined.
+//!    Also, once per model (`--batch-tract`): the reference's samples run as the check runs them
+//!    (rounds of one per core) against one run of the samples stacked on axis 0, what batching
+//!    them would change.
 //! 3. **chain** — a chain of tiny ACNet blocks (4 channels, 8x8 input; per block a 3x3, a 3x1 and
 //!    a 1x3 conv with bias, `Add(Add(sq, ver), hor)`, `Relu`) at `ACNET_BENCH_CHAIN` blocks
 //!    (default 1000,4000,16000): `fuse --no-verify` wall time per block. Target: time per block
@@ -951,6 +954,54 @@ fn child_noise(args: &[String]) {
     }
 }
 
+/// `--batch-tract SHAPE SAMPLES MODEL`: the model's SAMPLES runs as the check makes them (rounds of
+/// one per core; a last round of fewer spreads each run's matrix products over the cores left
+/// over) and as one run of the samples stacked on axis 0 (its matrix products on every core);
+/// each with its plan typed (un-optimised) first; prints `rounds batched` seconds.
+fn child_batch(args: &[String]) {
+    use tract_linalg::multithread::{multithread_tract_scope, Executor};
+    let shape = parse_shape(&args[0]);
+    let samples: usize = args[1].parse().unwrap();
+    let m = tract_onnx::onnx().with_ignore_value_info(true).model_for_path(&args[2]).unwrap();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let plan_of = |n: usize| {
+        let mut m = m.clone();
+        let mut s = shape.clone();
+        s[0] *= n;
+        m.set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), s)).unwrap();
+        m.into_typed().unwrap().into_runnable().unwrap()
+    };
+    let on = |threads: usize, f: &(dyn Fn() + Sync)| {
+        if threads > 1 {
+            multithread_tract_scope(Executor::multithread(threads), f)
+        } else {
+            f()
+        }
+    };
+    let inputs = normal_inputs(&shape, samples, 0);
+    let t = Instant::now();
+    let plan = plan_of(1);
+    for round in inputs.chunks(cores) {
+        let per_run = cores / round.len();
+        std::thread::scope(|scope| {
+            for x in round {
+                let plan = &plan;
+                let on = &on;
+                scope.spawn(move || {
+                    on(per_run, &|| assert!(!plan.run(tvec![x.clone().into_tvalue()]).unwrap().is_empty()))
+                });
+            }
+        });
+    }
+    let rounds = t.elapsed().as_secs_f64();
+    drop(plan);
+    let t = Instant::now();
+    let plan = plan_of(samples);
+    let x = Tensor::stack_tensors(0, &inputs).unwrap();
+    on(cores, &|| assert!(!plan.run(tvec![x.clone().into_tvalue()]).unwrap().is_empty()));
+    println!("{rounds} {}", t.elapsed().as_secs_f64());
+}
+
 /// `--phases verify|no-verify IN OUT`: `acnet_onnx::fuse_file_with` (what the CLI runs), timed at
 /// its events; prints `key value` lines (see [`Phases`]).
 fn child_phases(args: &[String]) {
@@ -1136,6 +1187,8 @@ struct CheckRow {
     verify: Meas,
     verify_rss: u64,
     phases: Result<Phases, String>,
+    /// the reference's samples run as the check runs them, and as one batch: (rounds, batched) s
+    batch: Option<(f64, f64)>,
 }
 
 /// The fused output of `fuse --no-verify` of a variant, kept for sections 2 and 5.
@@ -1253,6 +1306,7 @@ fn section_check(cfg: &Config, v: &Variant) -> CheckRow {
         verify: Err("not run".into()),
         verify_rss: 0,
         phases: Err("not run".into()),
+        batch: None,
     };
     if !fused.is_file() {
         row.fuse = Err("no fused model".into());
@@ -1317,6 +1371,11 @@ fn section_check(cfg: &Config, v: &Variant) -> CheckRow {
     let s = run_bin(&["verify".as_ref(), v.path.as_os_str(), fused.as_os_str()], timeout);
     row.verify = s.time();
     row.verify_rss = s.max_rss;
+    // batching the samples (once): what it would save
+    settle();
+    let (s, out) = run_self(&["--batch-tract".as_ref(), shape.as_ref(), samples.as_ref(), v.path.as_os_str()], timeout);
+    let t: Vec<f64> = out.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+    row.batch = (s.time().is_ok() && t.len() == 2).then(|| (t[0], t[1]));
     if row.fuse.is_ok() {
         row.phases = phases(true, &v.path, &checked, timeout);
         if let Ok(p) = &row.phases {
@@ -1600,6 +1659,17 @@ fn print_check_table(rows: &[&CheckRow], nv: &[FuseRow], t_time: &mut Target, t_
         let n = r.noise_parts.as_ref().map_or("-".into(), f);
         println!("| {} | {} | {} | {a} | {b} | {n} |", r.v.arch.label(), r.v.style.label(), r.v.weights());
     }
+    println!();
+    println!("Batching the samples (measured, not what the check does): the reference's {CHECK_SAMPLES} runs as the check makes them (rounds of one per core) against one run of the {CHECK_SAMPLES} samples stacked on axis 0 (its matrix products on every core); plans typed un-optimised, each figure once:");
+    println!();
+    println!("| model | style | weights | rounds s | one batched run s | batched / rounds |");
+    println!("|---|---|---|---:|---:|---:|");
+    for r in rows {
+        let (a, b, q) = r.batch.map_or(("-".into(), "-".into(), "-".into()), |(a, b)| {
+            (format!("{a:.3}"), format!("{b:.3}"), format!("{:.2}", b / a))
+        });
+        println!("| {} | {} | {} | {a} | {b} | {q} |", r.v.arch.label(), r.v.style.label(), r.v.weights());
+    }
 }
 
 fn cpu_model() -> String {
@@ -1706,6 +1776,7 @@ fn main() {
         Some("--plain-tract") => return child_plain(&args[1..]),
         Some("--noise-tract") => return child_noise(&args[1..]),
         Some("--phases") => return child_phases(&args[1..]),
+        Some("--batch-tract") => return child_batch(&args[1..]),
         _ => {}
     }
     if !args.iter().any(|a| a == "--bench") {

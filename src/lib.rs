@@ -32,7 +32,6 @@ pub mod proto {
     include!(concat!(env!("OUT_DIR"), "/onnx.rs"));
 }
 
-mod alloc;
 pub mod bench;
 pub mod cli;
 mod error;
@@ -50,10 +49,6 @@ pub mod verify;
 #[path = "../tests/support/mod.rs"]
 pub(crate) mod support;
 
-pub use alloc::tune as tune_allocator;
-/// The check's allocator setting (src/alloc.rs), for its test.
-#[doc(hidden)]
-pub use alloc::{check_phase, CheckPhase};
 pub use error::{one_line, Error, Result};
 pub use graph::consts::ConstError;
 pub use kernel::read::{Form, ReadError};

@@ -507,9 +507,6 @@ fn depth_of(model: &Model, output: &str) -> usize {
 pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Result<VerifyReport, Error> {
     let progress = Progress { on: opts.progress, start: Instant::now(), last: std::cell::Cell::new(None) };
     opts.validate().map_err(Error::Input)?;
-    // large blocks mapped and returned on their own while the models run (when the command line
-    // set the allocator: see src/alloc.rs)
-    let _allocator = crate::alloc::check_phase();
     let mut notes = vec![];
     let half = |p: &Path| Model::load(p).map(|m| has_half(&m)).map_err(|e| load_error(p, e));
     let upcast = half(reference)? || half(candidate)?;

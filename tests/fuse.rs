@@ -178,13 +178,6 @@ fn case_output_is_identical_to_the_single_threaded_result() {
     assert_eq!(fused_with(1), fused_with(4));
 }
 
-/// A BatchNormalization folded into each branch and the branches then merged give weights and
-/// biases rounded to float32 once, from the float64 values: here each merged 3x3 Conv of
-/// ResNet-20's BN-node export (TorchScript, opset 11; in the second Conv of each residual block
-/// the branches' sum is read by the residual Add, so the merge happens at the fourth node from
-/// the branch Convs) is computed in this test from the export's own parameters (per branch
-/// W·γ/√(var+ε) and β − μ·γ/√(var+ε), the 3x1 and 1x3 kernels added onto the centre column and
-/// row, the biases summed) and must equal ours bit for bit.
 /// ResNet-20 ACNet's TorchScript export with BatchNormalization nodes (opset 11), and it fused.
 fn resnet20_bn_nodes_fused() -> (Model, Model) {
     let original = Model::load(dir("resnet20").join("ts_nofold_op11.onnx")).unwrap();
@@ -247,11 +240,17 @@ fn case_a_conv_only_folded_holds_its_weight_scaled_in_f64_and_rounded_once() {
     assert_eq!(convs, 2, "the two shortcut convs");
 }
 
+/// A BatchNormalization folded into each branch and the branches then merged give weights and
+/// biases rounded to float32 once, from the float64 values: here each merged 3x3 Conv of
+/// ResNet-20's BN-node export (TorchScript, opset 11; in the second Conv of each residual block
+/// the branches' sum is read by the residual Add, so the merge happens at the fourth node from
+/// the branch Convs) is computed in this test from the export's own parameters (per branch
+/// W·γ/√(var+ε) and β − μ·γ/√(var+ε), the 3x1 and 1x3 kernels added onto the centre column and
+/// row, the biases summed) and must equal ours bit for bit.
 #[test]
 fn case_a_kernel_folded_then_merged_is_rounded_once() {
     let (original, m) = resnet20_bn_nodes_fused();
     let og = original.proto.graph.as_ref().unwrap();
-    let value = |m: &Model, name: &str| tensor_value(m, name);
     let folded = |weight: &str| folded_in_f64(&original, weight);
     let mut blocks = 0;
     for t in &og.initializer {
@@ -270,12 +269,12 @@ fn case_a_kernel_folded_then_merged_is_rounded_once() {
                 }
             }
         }
-        let got = value(&m, t.name());
+        let got = tensor_value(&m, t.name());
         let off = got.iter().zip(want.iter()).filter(|(g, w)| **g as f32 != **w as f32).count();
         assert_eq!(off, 0, "{}: {off} of {} weights are not the float64 sum rounded once", t.name(), got.len());
         let g = m.proto.graph.as_ref().unwrap();
         let merged = g.node.iter().find(|n| n.op_type() == "Conv" && n.input[1] == t.name()).unwrap();
-        let (got, want) = (value(&m, &merged.input[2]), &(&sq_b + &ver_b) + &hor_b);
+        let (got, want) = (tensor_value(&m, &merged.input[2]), &(&sq_b + &ver_b) + &hor_b);
         let off = got.iter().zip(want.iter()).filter(|(g, w)| **g as f32 != **w as f32).count();
         assert_eq!(off, 0, "{}: {off} of {} biases are not the float64 sum rounded once", merged.input[2], got.len());
         blocks += 1;

@@ -69,6 +69,7 @@
 use acnet_onnx::proto::{
     tensor_proto::{DataLocation, DataType},
     AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, StringStringEntryProto, TensorProto,
+    ValueInfoProto,
 };
 use acnet_onnx::{fuse_file_with, save, DataMode, Event, FuseOptions, Model};
 
@@ -90,10 +91,10 @@ use support::{attr_float, attr_int, attr_ints, tensor_info};
 use tract_onnx::prelude::*;
 
 /// Bump when the generated ResNets change, so that cached models are regenerated.
-const GEN_VERSION: u32 = 1;
+const GEN_VERSION: u32 = 2;
 /// The same for the block chain and the 3x-width ResNet-152.
 const CHAIN_VERSION: u32 = 1;
-const BIG_VERSION: u32 = 1;
+const BIG_VERSION: u32 = 2;
 const SEED: u64 = 0xAC_4E7;
 const BIN: &str = env!("CARGO_BIN_EXE_acnet-onnx");
 /// What the check runs by default (see src/verify/mod.rs): 3 samples, 2 perturbed references.
@@ -348,6 +349,18 @@ impl Gen<'_> {
     }
 }
 
+/// `v` with its first dimension the symbol `batch`, as `torch.onnx.export(..., dynamic_axes=
+/// {"input": {0: "batch"}, ...})` declares it: the check may then run its samples as one batch.
+fn batch_axis(mut v: ValueInfoProto) -> ValueInfoProto {
+    use acnet_onnx::proto::{tensor_shape_proto::dimension::Value, type_proto};
+    if let Some(type_proto::Value::TensorType(t)) = v.r#type.as_mut().and_then(|t| t.value.as_mut()) {
+        if let Some(d) = t.shape.as_mut().and_then(|s| s.dim.first_mut()) {
+            d.value = Some(Value::DimParam("batch".into()));
+        }
+    }
+    v
+}
+
 fn model_proto(graph: GraphProto) -> ModelProto {
     ModelProto {
         ir_version: Some(8),
@@ -414,8 +427,8 @@ fn resnet(arch: Arch, style: Style, acb: bool, seed: u64, sink: Option<&mut ExtS
         name: Some(format!("{}_{}", arch.name(), if acb { "acnet" } else { "baseline" })),
         node: g.nodes,
         initializer: g.inits,
-        input: vec![tensor_info("input", DataType::Float, &[1, 3, side, side])],
-        output: vec![tensor_info("output", DataType::Float, &[1, 1000])],
+        input: vec![batch_axis(tensor_info("input", DataType::Float, &[1, 3, side, side]))],
+        output: vec![batch_axis(tensor_info("output", DataType::Float, &[1, 1000]))],
         ..Default::default()
     })
 }

@@ -2,6 +2,8 @@
 //! deploy models, real inputs from .npy/.npz files, broken models are caught, errors are
 //! classified, the JSON report has the documented shape.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -698,4 +700,124 @@ fn case_float16_inputs_from_npz() {
     assert!(r.passed, "{}", r.table());
     assert_eq!((r.inputs[0].dtype.as_str(), r.samples), ("float16", 1));
     assert!(r.inputs[0].source.starts_with("npz"), "{:?}", r.inputs[0]);
+}
+
+/// A model whose weights are far larger than what a run computes: `x [b, 64, 1, 1]` → 1x1 Conv
+/// to 256 → Relu → 1x1 Conv to 10 → Flatten (or, `bake_batch`, a Reshape to the constant
+/// `[1, 10]`, as an export that baked its batch) → `out`. With `symbolic`, the input declares
+/// its batch as the symbol `batch`; `nudge` adds to one weight of the first Conv.
+fn weight_heavy(symbolic: bool, bake_batch: bool, nudge: f64) -> support::Builder {
+    use acnet_onnx::proto::tensor_shape_proto::dimension::Value;
+    let mut b = support::Builder::new(64, 1, 1);
+    if symbolic {
+        let t = b.graph.input[0].r#type.as_mut().unwrap();
+        let Some(acnet_onnx::proto::type_proto::Value::TensorType(t)) = t.value.as_mut() else { unreachable!() };
+        t.shape.as_mut().unwrap().dim[0].value = Some(Value::DimParam("batch".into()));
+    }
+    let mut w1 = b.rand(&[256, 64, 1, 1]);
+    w1[[3, 5, 0, 0]] += nudge;
+    let b1 = b.rand(&[256]);
+    let y = b.conv("c1", "x", &w1, Some(&b1), support::ConvAttrs::default());
+    let y = b.node("Relu", "relu", &[&y], &[], vec![]);
+    let (y, _, _) = b.conv_rand("c2", &y, 10, 256, &[1, 1], true, support::ConvAttrs::default());
+    if bake_batch {
+        let shape = b.initializer_i64("shape", &[1, 10]);
+        b.node("Reshape", "reshape", &[&y, &shape], &["out"], vec![]);
+    } else {
+        b.node("Flatten", "flatten", &[&y], &["out"], vec![support::attr_int("axis", 1)]);
+    }
+    b.output("out");
+    b
+}
+
+fn write_builder(b: &support::Builder, p: &Path) {
+    std::fs::write(p, prost::Message::encode_to_vec(&b.model())).unwrap();
+}
+
+fn stacked(r: &VerifyReport) -> bool {
+    r.notes.iter().any(|n| n.contains("ran stacked"))
+}
+
+/// Both models declare a symbolic batch and their weights outweigh what a run computes: the
+/// samples run stacked, one run per model, and every sample's outputs are its own — a wrong
+/// candidate's error, worst sample and worst element are those of the same models run sample by
+/// sample (their batch fixed at 1); a right candidate passes.
+#[test]
+fn case_samples_run_stacked_when_the_weights_outweigh_the_activations() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    write_builder(&weight_heavy(true, false, 0.0), &p("r.onnx"));
+    write_builder(&weight_heavy(true, false, 0.5), &p("bad.onnx"));
+    write_builder(&weight_heavy(false, false, 0.0), &p("r1.onnx"));
+    write_builder(&weight_heavy(false, false, 0.5), &p("bad1.onnx"));
+    let opts = VerifyOptions { samples: 5, ..Default::default() };
+
+    let same = verify(&p("r.onnx"), &p("r.onnx"), &opts).unwrap();
+    assert!(same.passed && stacked(&same), "{}\n{:?}", same.table(), same.notes);
+    assert_eq!(same.outputs[0].shape, vec![1, 10]);
+
+    // a wrong candidate: the same error in the same sample and element as sample by sample
+    let mut worst = vec![];
+    for seed in 0..4 {
+        let opts = VerifyOptions { seed, ..opts.clone() };
+        let wrong = verify(&p("r.onnx"), &p("bad.onnx"), &opts).unwrap();
+        let one_by_one = verify(&p("r1.onnx"), &p("bad1.onnx"), &opts).unwrap();
+        assert!(stacked(&wrong) && !stacked(&one_by_one), "{:?}\n{:?}", wrong.notes, one_by_one.notes);
+        assert!(!wrong.passed && !one_by_one.passed);
+        let (a, b) = (&wrong.outputs[0], &one_by_one.outputs[0]);
+        assert!(a.error > 0.01, "{}", wrong.table());
+        assert_eq!((a.worst_sample, &a.worst_index), (b.worst_sample, &b.worst_index), "seed {seed}");
+        approx::assert_relative_eq!(a.error, b.error, max_relative = 1e-5);
+        approx::assert_relative_eq!(a.max_abs_reference, b.max_abs_reference, max_relative = 1e-6);
+        worst.push(a.worst_sample);
+    }
+    // the samples were told apart: the worst is not always the same one
+    assert!(worst.iter().any(|&s| s != worst[0]), "{worst:?}");
+    // the first sample's outputs are its own (--save-outputs: its inputs and the reference's outputs)
+    let saved = |r: &str, file: &str| {
+        let npz = p(file);
+        verify(&p(r), &p(r), &VerifyOptions { save_outputs: Some(npz.clone()), ..opts.clone() }).unwrap();
+        let mut z = NpzReader::new(std::fs::File::open(npz).unwrap()).unwrap();
+        let (x, y): (ArrayD<f32>, ArrayD<f32>) = (z.by_name("x").unwrap(), z.by_name("out").unwrap());
+        (x, y)
+    };
+    let (x, y) = saved("r.onnx", "stacked.npz");
+    let (x1, y1) = saved("r1.onnx", "one.npz");
+    assert_eq!(x, x1);
+    assert_eq!((y.shape(), y1.shape()), (&[1, 10][..], &[1, 10][..]));
+    let far = y.iter().zip(&y1).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(far <= 1e-5 * y1.iter().fold(1.0f32, |m, v| m.max(v.abs())), "{y} vs {y1}");
+}
+
+/// The samples run one by one where stacking them is not known to be safe or would not pay: a
+/// model with a fixed batch, one whose activations outweigh its weights (ResNet-20 at 32x32),
+/// one sample; and a candidate that declares a symbolic batch but baked its batch into a
+/// Reshape runs its samples one by one (said in the notes) and still passes.
+#[test]
+fn case_samples_run_one_by_one_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    write_builder(&weight_heavy(true, false, 0.0), &p("r.onnx"));
+    write_builder(&weight_heavy(false, false, 0.0), &p("fixed.onnx"));
+    write_builder(&weight_heavy(true, true, 0.0), &p("baked.onnx"));
+    let three = VerifyOptions::default();
+
+    let r = verify(&p("r.onnx"), &p("fixed.onnx"), &three).unwrap();
+    assert!(r.passed && !stacked(&r), "{:?}", r.notes);
+    let r = verify(&p("r.onnx"), &p("r.onnx"), &one_sample()).unwrap();
+    assert!(r.passed && !stacked(&r), "{:?}", r.notes);
+    let dynbatch = fixture("resnet20", "ts_dynbatch.onnx");
+    let r = verify(&dynbatch, &dynbatch, &three).unwrap();
+    assert!(r.passed && !stacked(&r), "{:?}", r.notes);
+
+    let r = verify(&p("r.onnx"), &p("baked.onnx"), &three).unwrap();
+    assert!(r.passed && stacked(&r), "{}\n{:?}", r.table(), r.notes);
+    assert!(
+        r.notes.iter().any(|n| n.starts_with("the candidate's samples ran one by one") && n.contains("does not type")),
+        "{:?}",
+        r.notes
+    );
+    let r = verify(&p("baked.onnx"), &p("r.onnx"), &three).unwrap();
+    assert!(r.passed && !stacked(&r), "{:?}", r.notes);
+    assert!(r.notes.iter().any(|n| n.starts_with("the samples ran one by one")), "{:?}", r.notes);
 }

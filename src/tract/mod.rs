@@ -14,7 +14,7 @@ pub(crate) mod safety;
 
 pub(crate) use load::{load, signature_without_weights, DeclDim, Loaded, Signature};
 pub(crate) use perturb::{perturb_in_place, Draws};
-pub(crate) use plan::{on_threads, prepare, run, InputFact, PlanKind, PlanSpec};
+pub(crate) use plan::{on_threads, output_shapes, prepare, run, weigh, InputFact, PlanKind, PlanSpec};
 pub(crate) use region::{shapes, RegionPlan};
 
 use tract_onnx::prelude::DatumType;

@@ -185,3 +185,33 @@ pub(crate) fn run(
     }
     Ok(out_names.iter().cloned().zip(outs.into_iter().map(|v| v.into_tensor())).collect())
 }
+
+/// What one run of a typed plan handles: the elements of its constants (the weights) and of
+/// every tensor its other nodes compute (inputs and activations), as typed.
+pub(crate) fn weigh(plan: &Plan) -> (u64, u64) {
+    use tract_onnx::tract_core::ops::konst::Const;
+    let (mut weights, mut activations) = (0u64, 0u64);
+    for node in plan.model().nodes() {
+        let size: u64 = node
+            .outputs
+            .iter()
+            .map(|o| o.fact.shape.as_concrete().map_or(0, |s| s.iter().product::<usize>() as u64))
+            .sum();
+        if node.op_is::<Const>() {
+            weights += size;
+        } else {
+            activations += size;
+        }
+    }
+    (weights, activations)
+}
+
+/// The shape of every output of a typed plan, in output order (`None` where it is not concrete).
+pub(crate) fn output_shapes(plan: &Plan) -> Vec<Option<Vec<usize>>> {
+    let model = plan.model();
+    model
+        .outputs
+        .iter()
+        .map(|o| model.outlet_fact(*o).ok().and_then(|f| f.shape.as_concrete().map(|s| s.to_vec())))
+        .collect()
+}

@@ -755,6 +755,17 @@ fn case_samples_run_stacked_when_the_weights_outweigh_the_activations() {
     let same = verify(&p("r.onnx"), &p("r.onnx"), &opts).unwrap();
     assert!(same.passed && stacked(&same), "{}\n{:?}", same.table(), same.notes);
     assert_eq!(same.outputs[0].shape, vec![1, 10]);
+    // a batch of 2 per sample (--input-shape): 5 samples stacked into one batch of 10, each
+    // sample's outputs its own (as with the fixed-batch models' batch 1 overridden to 2, which
+    // run one by one and measure their noise too: the override does not undo the draws)
+    let two = VerifyOptions { input_shapes: vec![("x".into(), vec![2, 64, 1, 1])], ..opts.clone() };
+    let (a, b) = (verify(&p("r.onnx"), &p("bad.onnx"), &two).unwrap(), verify(&p("r1.onnx"), &p("bad1.onnx"), &two));
+    let b = b.unwrap();
+    assert!(stacked(&a) && !stacked(&b) && !a.passed && !b.passed, "{:?}\n{:?}", a.notes, b.notes);
+    let (a, b) = (&a.outputs[0], &b.outputs[0]);
+    assert_eq!((&a.shape, a.worst_sample, &a.worst_index), (&b.shape, b.worst_sample, &b.worst_index));
+    approx::assert_relative_eq!(a.error, b.error, max_relative = 1e-5);
+    assert!(a.noise.unwrap() > 0.0 && b.noise.unwrap() > 0.0, "{a:?}\n{b:?}");
 
     // a wrong candidate: the same error in the same sample and element as sample by sample
     let mut worst = vec![];

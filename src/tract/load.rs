@@ -15,8 +15,6 @@ use tract_onnx::tract_hir::ops::unimpl::UnimplementedOp;
 pub(crate) struct Loaded {
     /// The model's name in messages (the user's file).
     pub(crate) path: PathBuf,
-    /// The file tract read (a temporary copy when the model was edited for the check).
-    pub(crate) file: PathBuf,
     pub(crate) model: InferenceModel,
     /// Input names, in model order.
     pub(crate) inputs: Vec<String>,
@@ -107,7 +105,7 @@ fn from_parsed(path: &Path, res: Result<TractResult<InferenceModel>, crate::erro
         .iter()
         .map(|o| model.outlet_label(*o).map(|s| s.to_string()).unwrap_or_else(|| model.node(o.node).name.clone()))
         .collect();
-    Ok(Loaded { path: path.to_path_buf(), file: path.to_path_buf(), model, inputs, outputs })
+    Ok(Loaded { path: path.to_path_buf(), model, inputs, outputs })
 }
 
 /// Weights smaller than this stay inline when tract is pointed at the model's file (see

@@ -63,7 +63,7 @@ pub(crate) fn prepare(
     let out_names = spec.outputs.map(|o| o.to_vec()).unwrap_or_else(|| m.outputs.clone());
     let run_err = |msg: String| Error::Run { path: path.clone(), msg };
     // A fixed input dim overridden by the user (e.g. batch 1 -> 2) contradicts the shapes the
-    // exporter wrote in `value_info`; reload without them (tract infers shapes by itself).
+    // exporter wrote in `value_info`: they are forgotten (tract infers shapes by itself).
     let mut overridden = false;
     for (ix, name) in in_names.iter().enumerate() {
         let ri = inputs.iter().find(|i| &i.name == name).expect("resolved input");
@@ -73,12 +73,7 @@ pub(crate) fn prepare(
         }
     }
     if overridden {
-        let res = catch(|| super::load::parse_file(tract_onnx::onnx().with_ignore_value_info(true), &m.file));
-        model = match res {
-            Ok(Ok(m)) => m,
-            Ok(Err(e)) => return Err(Error::Load { path: path.clone(), msg: chain_msg(&e) }),
-            Err(p) => return Err(Error::Load { path: path.clone(), msg: panic_msg(p) }),
-        };
+        forget_declared_facts(&mut model).map_err(|e| run_err(chain_msg(&e)))?;
         notes.push(format!("{}: value_info shapes ignored (a fixed input dim was overridden)", path.display()));
     }
     // substitute the symbols of the declared input dims by the chosen values everywhere
@@ -146,6 +141,24 @@ pub(crate) fn prepare(
         }
         Ok(Ok(plan)) => Ok((plan, in_names, out_names)),
     }
+}
+
+/// Every fact of `model` that its file declared (`value_info`, the outputs' types), forgotten:
+/// the model as tract's loader reads it `with_ignore_value_info`, without reading the file again
+/// — which would also undo the noise criterion's in-place moves of the weights (see
+/// [`super::perturb`]). The inputs' facts are pinned by the caller; the constants keep theirs.
+fn forget_declared_facts(model: &mut InferenceModel) -> TractResult<()> {
+    use tract_onnx::tract_core::ops::konst::Const;
+    let inputs: std::collections::HashSet<usize> = model.input_outlets()?.iter().map(|o| o.node).collect();
+    for id in 0..model.nodes().len() {
+        if inputs.contains(&id) || model.node(id).op_as::<Const>().is_some() {
+            continue;
+        }
+        for slot in 0..model.node(id).outputs.len() {
+            model.set_outlet_fact(OutletId::new(id, slot), InferenceFact::default())?;
+        }
+    }
+    Ok(())
 }
 
 /// Run `f` with tract's matrix products spread over `threads` threads (a pool kept per count);

@@ -24,9 +24,9 @@
 //!    the already loaded reference, every float constant moved one ulp, typed and run on the 3
 //!    samples, twice). Peak RSS of the default fuse and of `acnet-onnx verify` against the two
 //!    models' combined size. Targets: fuse <= 1.5x plain inferences, peak <= 1.25x combined.
-//!    Also, once per model (`--batch-tract`): the reference's samples run as the check runs them
-//!    (rounds of one per core) against one run of the samples stacked on axis 0, what batching
-//!    them would change.
+//!    Also, once per model (`--batch-tract`): the reference's samples in rounds of one per core
+//!    against one run of the samples stacked on axis 0 (the check stacks them when the weights
+//!    are at least 4x what a run computes: the at-scale model, not the ResNets at 224x224).
 //! 3. **chain** — a chain of tiny ACNet blocks (4 channels, 8x8 input; per block a 3x3, a 3x1 and
 //!    a 1x3 conv with bias, `Add(Add(sq, ver), hor)`, `Relu`) at `ACNET_BENCH_CHAIN` blocks
 //!    (default 1000,4000,16000): `fuse --no-verify` wall time per block. Target: time per block
@@ -34,7 +34,7 @@
 //!    `ACNET_BENCH_TIMEOUT` seconds are killed and reported as `timeout` (larger sizes are then
 //!    skipped).
 //! 4. **at scale** (opt-in: `ACNET_BENCH_MODELS=big` or `resnet152x3`) — a ResNet-152 ACNet at 3x
-//!    width, BN nodes, external data (~2.8 GB), input 1x3x64x64: sections 1 and 2 on it.
+//!    width, BN nodes, external data (~2.8 GB), input Bx3x64x64: sections 1 and 2 on it.
 //!    Generated streaming (weights written to the data file as they are drawn). Needs ~10 GB in
 //!    the models folder and ~8 GB of RAM for the check.
 //! 5. **latency** — tract latency (`into_optimized`, batch 1, 224x224) of the ACNet, fused and

@@ -734,8 +734,8 @@ enum Stacking {
 /// and packs every weight, so one run of N samples saves N − 1 passes over the weights, but
 /// spreads only its matrix products over the cores where rounds keep every core busy. Measured:
 /// a ResNet-152 ACNet at 3× width at 64×64 (weights 23× what a run computes) runs its 3 samples
-/// stacked in 0.59× the rounds' time; ResNet-50 and ResNet-152 ACNets at 224×224 (weights 0.56×
-/// and 0.63×) in 0.95–1.32×.
+/// stacked in 0.53–0.64× the rounds' time; ResNet-50 and ResNet-152 ACNets at 224×224 (weights
+/// 0.56× and 0.63×) in 0.95–1.32× (benches/perf.rs, three runs).
 pub(crate) const STACK_WHEN: u64 = 4;
 
 /// One model's outputs on every sample, as [`run_all`] made them.

@@ -539,7 +539,8 @@ fn case_transpose_perm_that_is_not_a_permutation() {
 /// Transpose perm repeating an axis made tract's Transpose grow a vector without end; a
 /// crop-path block turned by one byte into a region whose recovered kernel would have held
 /// ~39 TB was allocated before its taps were known to be visible; a DBB export whose constant
-/// Pad amounts became 8·10^15, which tract evaluates while typing the region: 2·10^18 bytes).
+/// Pad amounts became 8·10^15, which tract evaluates while typing the region: 2·10^18 bytes; a
+/// DBB export whose Pad grew the batch axis to 32,661, evaluated before its shape was checked).
 #[test]
 fn case_fuzz_findings_are_refused_without_a_large_allocation() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/regressions");
@@ -581,6 +582,19 @@ fn case_fuzz_findings_are_refused_without_a_large_allocation() {
                     "constant_pad_of_absurd_amounts.onnx",
                     &["too big to run"],
                     "verify absurd constant pad",
+                );
+            }
+            "region_output_of_a_padded_batch.onnx" => {
+                // a Pad of the batch axis makes the region's output 32,661 times the Conv's: refused
+                // from its typed shape, before the region is evaluated (which took ~1 s, 373 MB)
+                let r = outcome.unwrap();
+                assert!(
+                    r.refused.iter().any(|x| x.rule == "affine_region"
+                        && x.reason
+                            .to_string()
+                            .contains("the region's output [32661, 2, 6, 6] is not the Conv's output")),
+                    "{}",
+                    r.summary()
                 );
             }
             other => panic!("{other}: say what it must give"),

@@ -663,18 +663,20 @@ fn recover(cx: &Cx, r: &Region, y: &str, ft: FloatType) -> Result<(AffineConv, O
     let bound = numel.saturating_mul(geo.base.as_ref().map_or(4, |(_, b)| b.out_channels().div_ceil(c).max(1)));
     let plan = RegionPlan::new(&submodel(cx, r, y, &shape)?, &shape, bound).map_err(RegionReason::CannotEvaluate)?;
     let eval = |x: &ArrayD<f64>| plan.eval(x).map_err(RegionReason::Tract);
-    let y0 = eval(&ArrayD::zeros(IxDyn(&shape)))?;
-    let o = y0.shape().get(1).copied().unwrap_or(0);
+    // the output's shape is checked before anything is evaluated (a Pad of the batch axis can
+    // make it thousands of times the Conv's output: found by fuzzing, ~1 s a region)
+    let ys = plan.output_shape().to_vec();
+    let o = ys.get(1).copied().unwrap_or(0);
     let (k, s, d, pb) = (&geo.kernel, &geo.strides, &geo.dilations, &geo.pads_begin);
     // the end pads: the Conv's, or what gives the region's output size
     let pe: Vec<i64> = match &geo.pads_end {
         Some(pe) => pe.clone(),
         None => {
-            if y0.ndim() != rank + 2 {
+            if ys.len() != rank + 2 {
                 return Err(RegionReason::Geometry.into());
             }
             (0..rank)
-                .map(|a| (y0.shape()[a + 2] as i64 - 1) * s[a] as i64 + (d[a] * (k[a] - 1)) as i64 + 1 - len[a] - pb[a])
+                .map(|a| (ys[a + 2] as i64 - 1) * s[a] as i64 + (d[a] * (k[a] - 1)) as i64 + 1 - len[a] - pb[a])
                 .collect()
         }
     };
@@ -686,10 +688,11 @@ fn recover(cx: &Cx, r: &Region, y: &str, ft: FloatType) -> Result<(AffineConv, O
     let mut want = vec![1i64, o as i64];
     want.extend(&out);
     let o_base = geo.base.as_ref().map_or(o, |(_, b)| b.out_channels());
-    if y0.shape().iter().map(|&v| v as i64).ne(want.iter().copied()) || o != o_base || out.iter().any(|&v| v < 1) {
+    if ys.iter().map(|&v| v as i64).ne(want.iter().copied()) || o != o_base || out.iter().any(|&v| v < 1) {
         want[1] = o_base as i64;
-        return Err(RegionReason::OutputShape { got: y0.shape().to_vec(), want }.into());
+        return Err(RegionReason::OutputShape { got: ys, want }.into());
     }
+    let y0 = eval(&ArrayD::zeros(IxDyn(&shape)))?;
     // Evaluated in float64, the region differs from a convolution only by the rounding of its
     // own stored constants (DBB's pad value is stored rounded to the model's dtype, the BN it
     // stands for is computed): a few units of the dtype's precision, never a float32 evaluation's.

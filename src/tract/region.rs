@@ -23,6 +23,8 @@ const GROWTH_LIMIT: usize = 64;
 /// evaluation would put its rounding, ~1e-7 of the largest value, into every weight).
 pub(crate) struct RegionPlan {
     plan: Arc<TypedRunnableModel>,
+    /// the output's shape, as tract typed it
+    shape: Vec<usize>,
 }
 
 fn msg(e: TractError) -> String {
@@ -47,7 +49,14 @@ impl RegionPlan {
         let m = tract_onnx::onnx().model_for_read(&mut &bytes[..]).map_err(msg)?;
         let m = m.with_input_fact(0, f64::fact(shape).into()).map_err(msg)?.into_typed().map_err(msg)?;
         check_sizes(&m, shape.iter().fold(1usize, |a, &d| a.saturating_mul(d)).max(out))?;
-        Ok(RegionPlan { plan: m.into_optimized().map_err(msg)?.into_runnable().map_err(msg)? })
+        let shape = m.output_fact(0).map_err(msg)?.shape.as_concrete().map(|s| s.to_vec());
+        let shape = shape.ok_or("the size of the region's output is not known")?;
+        Ok(RegionPlan { plan: m.into_optimized().map_err(msg)?.into_runnable().map_err(msg)?, shape })
+    }
+
+    /// The shape of the region's output (known before it is evaluated).
+    pub fn output_shape(&self) -> &[usize] {
+        &self.shape
     }
 
     /// The region's output for input `x`.
@@ -55,6 +64,9 @@ impl RegionPlan {
         catch(|| {
             let out = self.plan.run(tvec!(Tensor::from(x.clone()).into())).map_err(msg)?;
             let t = out[0].clone().into_tensor();
+            if t.shape() != self.shape.as_slice() {
+                return Err(format!("the region's output is {:?}, typed {:?}", t.shape(), self.shape));
+            }
             let v = t.try_as_plain_ram().map_err(msg)?.as_slice::<f64>().map_err(msg)?.to_vec();
             ArrayD::from_shape_vec(IxDyn(t.shape()), v).map_err(|e| e.to_string())
         })

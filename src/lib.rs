@@ -62,3 +62,28 @@ pub use pipeline::{
 };
 pub use rewrite::{fuse, validate, FuseReport, Reason, Refusal, RegionReason, Rewrite, RuleId, Stats};
 pub use verify::{verify, VerifyOptions, VerifyReport};
+
+/// glibc's allocator as the command line's process runs it. glibc returns freed memory above
+/// 128 KiB (adaptively up to 32 MiB) to the system and trims the heap's top, so every
+/// kernel-sized array the rewrite allocates is page-faulted (and zeroed by the kernel) anew;
+/// keeping freed memory for reuse makes `fuse` ~15% faster on ImageNet-scale models without
+/// raising its peak (measured in benches/perf.rs). With `one_arena` (a process that is the
+/// command line's alone, before any other thread exists), every thread shares one arena: the
+/// check's threads (samples, tract's matrix products, rayon) would each keep freed memory in an
+/// arena of their own, which the check's phases (one model's weights at a time, free memory
+/// returned between them) could not hand back; ~10% lower peak on ResNet-50, no slower.
+/// A program using the library that never calls this keeps its allocator as it set it.
+#[doc(hidden)]
+pub fn tune_allocator(one_arena: bool) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters (under the allocator's own lock)
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+        if one_arena {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = one_arena;
+}

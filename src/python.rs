@@ -306,22 +306,12 @@ fn inspect(py: Python<'_>, model: PathBuf) -> PyResult<String> {
 #[pyfunction]
 fn main(py: Python<'_>, args: Vec<OsString>) -> i32 {
     py.detach(|| {
-        tune_allocator();
+        // what `src/main.rs` does (threads of the interpreter may exist: their arenas stay)
+        crate::tune_allocator(false);
         let code = crate::cli::main(args);
         let _ = std::io::Write::flush(&mut std::io::stdout());
         code
     })
-}
-
-/// What `src/main.rs` does before the command line runs (its comment says why); here only for the
-/// console script, whose process is the command line's alone.
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
-    }
 }
 
 #[pymodule]

@@ -4,7 +4,7 @@
 
 use super::fold::{Folder, Value};
 use super::GraphIndex;
-use crate::model::tensor::{FloatType, Scaled};
+use crate::model::tensor::{FloatType, Scaled, Summed};
 use crate::model::Model;
 use ndarray::ArrayD;
 use std::collections::HashMap;
@@ -39,12 +39,14 @@ impl fmt::Display for ConstError {
     }
 }
 
-/// The f64 values of a tensor the rewrite wrote: held, or a stored tensor scaled along axis 0
-/// (computed when read; the graph holds an initializer without data until the rewrite ends).
+/// The f64 values of a tensor the rewrite wrote: held, or a stored tensor scaled along axis 0,
+/// or a sum of such (both computed when read; the graph holds an initializer without data until
+/// the rewrite ends: they are *deferred*).
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Exact {
     Values(ArrayD<f64>),
     Scaled(Scaled),
+    Summed(Summed),
 }
 
 impl Exact {
@@ -52,6 +54,30 @@ impl Exact {
         match self {
             Exact::Values(a) => a.clone(),
             Exact::Scaled(s) => s.to_f64(),
+            Exact::Summed(s) => s.to_f64(),
+        }
+    }
+
+    /// Whether the values are computed when the tensor is written (not held).
+    pub fn deferred(&self) -> bool {
+        !matches!(self, Exact::Values(_))
+    }
+
+    /// The stored bytes a deferred tensor reads.
+    pub fn stored(&self) -> Vec<&bytes::Bytes> {
+        match self {
+            Exact::Values(_) => vec![],
+            Exact::Scaled(s) => vec![&s.raw],
+            Exact::Summed(s) => s.stored().collect(),
+        }
+    }
+
+    /// The tensor `name` of the values rounded once to `ft`, for a deferred one.
+    pub fn encode(&self, name: &str, ft: FloatType) -> Option<crate::proto::TensorProto> {
+        match self {
+            Exact::Values(_) => None,
+            Exact::Scaled(s) => Some(s.encode(name, ft)),
+            Exact::Summed(s) => Some(s.encode(name, ft)),
         }
     }
 }

@@ -117,6 +117,104 @@ impl BatchNorm {
     }
 }
 
+/// A convolution's shape and window, its values aside: what decides where a smaller kernel's
+/// taps land in a larger one.
+#[derive(Clone, Copy, Debug)]
+pub struct Geometry<'a> {
+    /// The weight's shape, `[O, C/groups, k_1, ..., k_n]`.
+    pub dims: &'a [usize],
+    pub groups: usize,
+    pub strides: &'a [usize],
+    pub dilations: &'a [usize],
+    pub pads_begin: &'a [i64],
+    pub pads_end: &'a [i64],
+    pub crop_begin: &'a [i64],
+    pub crop_end: &'a [i64],
+}
+
+impl Geometry<'_> {
+    fn rank(&self) -> usize {
+        self.dims.len() - 2
+    }
+    fn out_channels(&self) -> usize {
+        self.dims[0]
+    }
+    fn kernel(&self) -> &[usize] {
+        &self.dims[2..]
+    }
+
+    /// Where this (smaller) convolution's taps land inside `big`'s kernel, per axis, or why they
+    /// cannot. Both must read the same input; the merged convolution has `big`'s geometry, which
+    /// must have no crop.
+    pub fn offset_in(&self, big: &Geometry) -> Result<Vec<usize>, Misfit> {
+        if self.rank() != big.rank() {
+            return Err(Misfit::Rank(self.rank(), big.rank()));
+        }
+        if self.out_channels() != big.out_channels() {
+            return Err(Misfit::OutChannels(self.out_channels(), big.out_channels()));
+        }
+        if self.groups != big.groups {
+            return Err(Misfit::Groups(self.groups, big.groups));
+        }
+        if self.dims[1] != big.dims[1] {
+            return Err(Misfit::InChannelsPerGroup(self.dims[1], big.dims[1]));
+        }
+        let mut offs = Vec::with_capacity(self.rank());
+        for ax in 0..self.rank() {
+            let (k, kk) = (self.kernel()[ax] as i64, big.kernel()[ax] as i64);
+            if self.strides[ax] != big.strides[ax] {
+                return Err(Misfit::Stride { small: self.strides[ax], large: big.strides[ax], axis: ax });
+            }
+            let dd = big.dilations[ax] as i64;
+            // a one-tap kernel has no dilation to speak of
+            let d = if k == 1 { dd } else { self.dilations[ax] as i64 };
+            if d != dd && kk > 1 {
+                return Err(Misfit::Dilation { small: d, large: dd, axis: ax });
+            }
+            let (pb, pe, cb, ce) = (self.pads_begin[ax], self.pads_end[ax], self.crop_begin[ax], self.crop_end[ax]);
+            if (cb > 0 && pb > 0) || (ce > 0 && pe > 0) {
+                return Err(Misfit::CropAndPad { axis: ax });
+            }
+            if cb < 0 || ce < 0 {
+                return Err(Misfit::NegativeCrop { axis: ax });
+            }
+            // output length: floor((L - cb - ce + pb + pe - d(k-1) - 1)/s) + 1, equal for every L
+            let span_small = pb + pe - cb - ce - d * (k - 1);
+            let span_big = big.pads_begin[ax] + big.pads_end[ax] - dd * (kk - 1);
+            if span_small != span_big {
+                return Err(Misfit::OutputSize { axis: ax });
+            }
+            let num = big.pads_begin[ax] - pb + cb;
+            if num % dd != 0 {
+                return Err(Misfit::BetweenTaps { axis: ax, num, dilation: dd });
+            }
+            let o = num / dd;
+            if o < 0 || o + k > kk {
+                return Err(Misfit::DoesNotFit { k, offset: o, large: kk, axis: ax });
+            }
+            offs.push(o as usize);
+        }
+        Ok(offs)
+    }
+}
+
+/// For a kernel `k` placed at tap offsets `offs` inside kernel `big`: where each of its taps (in
+/// row-major order) lands in `big`'s, as an index into one `[o, c]` block of `big`.
+pub fn tap_positions(k: &[usize], big: &[usize], offs: &[usize]) -> Vec<usize> {
+    let sv: usize = k.iter().product();
+    let mut pos = Vec::with_capacity(sv);
+    for t in 0..sv {
+        let (mut rest, mut at, mut stride) = (t, 0, 1);
+        for a in (0..k.len()).rev() {
+            at += (offs[a] + rest % k[a]) * stride;
+            rest /= k[a];
+            stride *= big[a];
+        }
+        pos.push(at);
+    }
+    pos
+}
+
 impl AffineConv {
     pub fn out_channels(&self) -> usize {
         self.weight.shape()[0]
@@ -185,58 +283,24 @@ impl AffineConv {
         self.then_affine(&a, &c);
     }
 
-    /// Where this (smaller) convolution's taps land inside `big`'s kernel, per axis, or why they
-    /// cannot. Both must read the same input; the merged convolution has `big`'s geometry, which
-    /// must have no crop.
+    /// Its shape and window, the values aside.
+    pub fn geometry(&self) -> Geometry<'_> {
+        Geometry {
+            dims: self.weight.shape(),
+            groups: self.groups,
+            strides: &self.strides,
+            dilations: &self.dilations,
+            pads_begin: &self.pads_begin,
+            pads_end: &self.pads_end,
+            crop_begin: &self.crop_begin,
+            crop_end: &self.crop_end,
+        }
+    }
+
+    /// Where this (smaller) convolution's taps land inside `big`'s kernel: see
+    /// [`Geometry::offset_in`].
     pub fn offset_in(&self, big: &AffineConv) -> Result<Vec<usize>, Misfit> {
-        if self.rank() != big.rank() {
-            return Err(Misfit::Rank(self.rank(), big.rank()));
-        }
-        if self.out_channels() != big.out_channels() {
-            return Err(Misfit::OutChannels(self.out_channels(), big.out_channels()));
-        }
-        if self.groups != big.groups {
-            return Err(Misfit::Groups(self.groups, big.groups));
-        }
-        if self.weight.shape()[1] != big.weight.shape()[1] {
-            return Err(Misfit::InChannelsPerGroup(self.weight.shape()[1], big.weight.shape()[1]));
-        }
-        let mut offs = Vec::with_capacity(self.rank());
-        for ax in 0..self.rank() {
-            let (k, kk) = (self.kernel()[ax] as i64, big.kernel()[ax] as i64);
-            if self.strides[ax] != big.strides[ax] {
-                return Err(Misfit::Stride { small: self.strides[ax], large: big.strides[ax], axis: ax });
-            }
-            let dd = big.dilations[ax] as i64;
-            // a one-tap kernel has no dilation to speak of
-            let d = if k == 1 { dd } else { self.dilations[ax] as i64 };
-            if d != dd && kk > 1 {
-                return Err(Misfit::Dilation { small: d, large: dd, axis: ax });
-            }
-            let (pb, pe, cb, ce) = (self.pads_begin[ax], self.pads_end[ax], self.crop_begin[ax], self.crop_end[ax]);
-            if (cb > 0 && pb > 0) || (ce > 0 && pe > 0) {
-                return Err(Misfit::CropAndPad { axis: ax });
-            }
-            if cb < 0 || ce < 0 {
-                return Err(Misfit::NegativeCrop { axis: ax });
-            }
-            // output length: floor((L - cb - ce + pb + pe - d(k-1) - 1)/s) + 1, equal for every L
-            let span_small = pb + pe - cb - ce - d * (k - 1);
-            let span_big = big.pads_begin[ax] + big.pads_end[ax] - dd * (kk - 1);
-            if span_small != span_big {
-                return Err(Misfit::OutputSize { axis: ax });
-            }
-            let num = big.pads_begin[ax] - pb + cb;
-            if num % dd != 0 {
-                return Err(Misfit::BetweenTaps { axis: ax, num, dilation: dd });
-            }
-            let o = num / dd;
-            if o < 0 || o + k > kk {
-                return Err(Misfit::DoesNotFit { k, offset: o, large: kk, axis: ax });
-            }
-            offs.push(o as usize);
-        }
-        Ok(offs)
+        self.geometry().offset_in(&big.geometry())
     }
 
     /// Add `small` (weights and bias) into this convolution at tap offsets `offs`.
@@ -246,16 +310,7 @@ impl AffineConv {
         if let (Some(dst), Some(src)) = (self.weight.as_slice_mut(), small.weight.as_slice()) {
             // contiguous (the usual case): per [o, c] block, each small tap's place in the big block
             let (bv, sv): (usize, usize) = (big_k.iter().product(), k.iter().product());
-            let mut pos = Vec::with_capacity(sv);
-            for t in 0..sv {
-                let (mut rest, mut at, mut stride) = (t, 0, 1);
-                for a in (0..k.len()).rev() {
-                    at += (offs[a] + rest % k[a]) * stride;
-                    rest /= k[a];
-                    stride *= big_k[a];
-                }
-                pos.push(at);
-            }
+            let pos = tap_positions(&k, &big_k, offs);
             let add = |(dst, src): (&mut [f64], &[f64])| {
                 for (d, s) in dst.chunks_exact_mut(bv).zip(src.chunks_exact(sv)) {
                     for (&p, &x) in pos.iter().zip(s) {

@@ -368,26 +368,143 @@ impl Scaled {
                 }
                 return 4 * (r.len() / 4).min(per);
             }
-            // the slice in f64, in a buffer each thread keeps from slice to slice
-            thread_local!(static VALUES: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) });
-            VALUES.with_borrow_mut(|values| {
-                self.slice_to(c, values);
-                match ft {
-                    FloatType::F32 => put(r, values, |x| (x as f32).to_le_bytes()),
-                    FloatType::F64 => put(r, values, |x| x.to_le_bytes()),
-                    FloatType::F16 => put(r, values, |x| half::f16::from_f64(x).to_bits().to_le_bytes()),
-                    FloatType::BF16 => put(r, values, |x| half::bf16::from_f64(x).to_bits().to_le_bytes()),
-                }
-            })
+            slice_bytes(ft, r, |values| self.slice_to(c, values))
         };
-        let raw = written(n * ft.size(), per * ft.size(), piece);
-        TensorProto {
-            dims: self.dims.iter().map(|&d| d as i64).collect(),
-            data_type: Some(ft.onnx()),
-            name: Some(name.to_string()),
-            raw_data: Some(Bytes::from(raw)),
-            ..Default::default()
+        tensor_of(name, &self.dims, ft, written(n * ft.size(), per * ft.size(), piece))
+    }
+}
+
+/// The bytes of one slice in type `ft` into `r`, its values computed by `fill` in f64 (in a
+/// buffer each thread keeps from slice to slice); how many bytes it wrote.
+fn slice_bytes(ft: FloatType, r: &mut [MaybeUninit<u8>], fill: impl FnOnce(&mut Vec<f64>)) -> usize {
+    thread_local!(static VALUES: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) });
+    VALUES.with_borrow_mut(|values| {
+        fill(values);
+        match ft {
+            FloatType::F32 => put(r, values, |x| (x as f32).to_le_bytes()),
+            FloatType::F64 => put(r, values, |x| x.to_le_bytes()),
+            FloatType::F16 => put(r, values, |x| half::f16::from_f64(x).to_bits().to_le_bytes()),
+            FloatType::BF16 => put(r, values, |x| half::bf16::from_f64(x).to_bits().to_le_bytes()),
         }
+    })
+}
+
+/// The tensor `name` of `dims` and type `ft` holding `raw`.
+fn tensor_of(name: &str, dims: &[usize], ft: FloatType, raw: Vec<u8>) -> TensorProto {
+    TensorProto {
+        dims: dims.iter().map(|&d| d as i64).collect(),
+        data_type: Some(ft.onnx()),
+        name: Some(name.to_string()),
+        raw_data: Some(Bytes::from(raw)),
+        ..Default::default()
+    }
+}
+
+/// A scaled stored tensor added, element by element, into the slices of a [`Summed`] one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Term {
+    pub values: Scaled,
+    /// Factors applied after the scale, in order: one per slice along axis 0 each.
+    pub factors: Vec<Vec<f64>>,
+    /// Where each element of one block of the term lands in a block of the sum (a slice along
+    /// axis 0 is `dims[1]` blocks, in both).
+    pub at: Vec<usize>,
+}
+
+/// A sum of scaled stored tensors (branches merged into one kernel), not computed until read:
+/// slice `c` along axis 0 is `base`'s slice `c` times `factors[..][c]`, then each term's slice
+/// `c`, each element times the term's factors in order, added at its place (block `j` of the
+/// term into block `j` of the sum, element `t` of a block at `at[t]`). These are the f64
+/// operations, in their order, of the arrays computed in full, scaled in place and added one
+/// into the other, so the values are the same to the bit; the stored bytes are read once, when
+/// the sum is written, instead of into an f64 copy per branch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Summed {
+    base: Scaled,
+    factors: Vec<Vec<f64>>,
+    terms: Vec<Term>,
+}
+
+impl Summed {
+    /// `None` unless every factor has a value per slice, every term the sum's slices and blocks
+    /// (non-empty, its `at` within a block of the sum), and no axis is empty.
+    pub fn new(base: Scaled, factors: Vec<Vec<f64>>, terms: Vec<Term>) -> Option<Summed> {
+        let d = &base.dims;
+        if d.len() < 2 || d.contains(&0) || factors.iter().any(|f| f.len() != d[0]) {
+            return None;
+        }
+        let block = base.per() / d[1];
+        for t in &terms {
+            let td = &t.values.dims;
+            let fits = td.len() >= 2
+                && !td.contains(&0)
+                && td[..2] == d[..2]
+                && t.at.len() * d[1] == t.values.per()
+                && t.at.iter().all(|&p| p < block)
+                && t.factors.iter().all(|f| f.len() == d[0]);
+            if !fits {
+                return None;
+            }
+        }
+        Some(Summed { base, factors, terms })
+    }
+
+    pub fn dims(&self) -> &[usize] {
+        &self.base.dims
+    }
+
+    /// The stored bytes the sum reads.
+    pub fn stored(&self) -> impl Iterator<Item = &Bytes> {
+        std::iter::once(&self.base.raw).chain(self.terms.iter().map(|t| &t.values.raw))
+    }
+
+    /// The values of slice `c` (axis 0), in `buf` (its earlier contents replaced).
+    pub fn slice_to(&self, c: usize, buf: &mut Vec<f64>) {
+        self.base.slice_to(c, buf);
+        for f in &self.factors {
+            let a = f[c];
+            buf.iter_mut().for_each(|x| *x *= a);
+        }
+        let block = buf.len() / self.base.dims[1];
+        for t in &self.terms {
+            let (s, per, n) = (t.values.scale[c], t.values.per(), t.at.len());
+            with_decoder!(t.values.ft, |N, f| {
+                let raw = &t.values.raw[c * per * N..(c + 1) * per * N];
+                for (dst, src) in buf.chunks_exact_mut(block).zip(raw.chunks_exact(n * N)) {
+                    for (&p, b) in t.at.iter().zip(src.chunks_exact(N)) {
+                        let mut x = f(b.try_into().expect("N bytes")) * s;
+                        for fc in &t.factors {
+                            x *= fc[c];
+                        }
+                        dst[p] += x;
+                    }
+                }
+            });
+        }
+    }
+
+    /// The values, in f64.
+    pub fn to_f64(&self) -> ArrayD<f64> {
+        let per = self.base.per();
+        let n = self.base.dims[0] * per;
+        let out = written(n, per, |c, o| {
+            let mut buf = Vec::new();
+            self.slice_to(c, &mut buf);
+            for (d, &x) in o.iter_mut().zip(&buf) {
+                d.write(x);
+            }
+            o.len().min(buf.len())
+        });
+        ArrayD::from_shape_vec(IxDyn(&self.base.dims), out).expect("the sizes were checked")
+    }
+
+    /// The tensor `name` of the values rounded once to `ft`: the bytes [`from_f64`] writes for
+    /// [`Summed::to_f64`], one slice at a time.
+    pub fn encode(&self, name: &str, ft: FloatType) -> TensorProto {
+        let per = self.base.per();
+        let n = self.base.dims[0] * per;
+        let piece = |c: usize, r: &mut [MaybeUninit<u8>]| slice_bytes(ft, r, |values| self.slice_to(c, values));
+        tensor_of(name, &self.base.dims, ft, written(n * ft.size(), per * ft.size(), piece))
     }
 }
 
@@ -478,6 +595,73 @@ mod tests {
                 }
                 assert!(Scaled::new(raw.clone(), ft, vec![channels, per, 1], scale[1..].to_vec()).is_none());
                 assert!(Scaled::new(raw.slice(1..), ft, vec![channels, per, 1], scale.clone()).is_none());
+            }
+        }
+    }
+
+    /// A sum of scaled stored tensors reads as the arrays computed in full, scaled in place and
+    /// added one into the other at their taps, to the bit, and is written as those values rounded
+    /// once: every stored type, factors after the scale, blocks of several channels, one slice and
+    /// many (several threads).
+    #[test]
+    fn summed_tensors_read_and_write_as_the_arrays_added_in_place() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut rand = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0
+        };
+        for (o, c) in [(1usize, 1usize), (3, 2), (300, 64)] {
+            for ft in [FloatType::F32, FloatType::F64, FloatType::F16, FloatType::BF16] {
+                let mut stored = |dims: &[usize]| {
+                    let n: usize = dims.iter().product();
+                    let a = ArrayD::from_shape_vec(IxDyn(dims), (0..n).map(|_| rand()).collect()).unwrap();
+                    let raw = from_f64("w", &a, ft).raw_data.unwrap();
+                    let scale: Vec<f64> = (0..dims[0]).map(|_| rand()).collect();
+                    Scaled::new(raw, ft, dims.to_vec(), scale).unwrap()
+                };
+                // a 3x3 base, a 3x1 and a 1x3 on its centre column and row, a 1x1 at its centre
+                let base = stored(&[o, c, 3, 3]);
+                let smalls =
+                    [(stored(&[o, c, 3, 1]), [0, 1]), (stored(&[o, c, 1, 3]), [1, 0]), (stored(&[o, c, 1, 1]), [1, 1])];
+                let factors: Vec<Vec<f64>> = (0..2).map(|_| (0..o).map(|_| 0.5 + rand()).collect()).collect();
+                let mut expect = base.to_f64();
+                for f in &factors {
+                    for (k, mut w) in expect.outer_iter_mut().enumerate() {
+                        w *= f[k];
+                    }
+                }
+                let mut terms = Vec::new();
+                for (i, (s, offs)) in smalls.iter().enumerate() {
+                    let mut w = s.to_f64();
+                    let tf: Vec<Vec<f64>> = factors[..i % 3].to_vec();
+                    for f in &tf {
+                        for (k, mut v) in w.outer_iter_mut().enumerate() {
+                            v *= f[k];
+                        }
+                    }
+                    let (kh, kw) = (s.dims[2], s.dims[3]);
+                    for (idx, v) in w.indexed_iter() {
+                        expect[[idx[0], idx[1], offs[0] + idx[2], offs[1] + idx[3]].as_slice()] += *v;
+                    }
+                    let at = (0..kh * kw).map(|t| (offs[0] + t / kw) * 3 + offs[1] + t % kw).collect();
+                    terms.push(Term { values: s.clone(), factors: tf, at });
+                }
+                let sum = Summed::new(base.clone(), factors.clone(), terms.clone()).unwrap();
+                let bits = |a: &ArrayD<f64>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&sum.to_f64()), bits(&expect), "{ft:?} read, {o}x{c}");
+                for out in [FloatType::F32, FloatType::F64, FloatType::F16, FloatType::BF16] {
+                    assert_eq!(sum.encode("w2", out), from_f64("w2", &expect, out), "{ft:?} -> {out:?}");
+                }
+                // terms that do not fit the sum's slices and blocks are refused
+                let mut bad = terms.clone();
+                bad[0].at[0] = 9;
+                assert!(Summed::new(base.clone(), factors.clone(), bad).is_none());
+                let mut bad = terms.clone();
+                bad[1].at.pop();
+                assert!(Summed::new(base.clone(), factors.clone(), bad).is_none());
+                assert!(Summed::new(base.clone(), vec![vec![1.0; o + 1]], terms.clone()).is_none());
             }
         }
     }

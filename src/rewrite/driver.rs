@@ -4,9 +4,10 @@
 use super::patch::Holes;
 use super::{Refusal, Rewrite, Step, Try};
 use crate::graph::{default_opset, graph_names, Consts, Exact, GraphIndex, Names};
-use crate::model::tensor::FloatType;
+use crate::model::tensor::{checked_numel, FloatType};
 use crate::model::Model;
 use crate::proto::{GraphProto, NodeProto, TensorProto};
+use bytes::Bytes;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 
@@ -21,8 +22,9 @@ pub(crate) struct Cache {
     /// its dtype once. The graph holds the rounded values of held ones ([`Exact::Values`]) too,
     /// so such an entry can be dropped at any time: it is dropped once the scan has passed every
     /// node that could read it ([`Cache::evict_before`]), which keeps at most a block's worth
-    /// alive. A scaled stored tensor ([`Exact::Scaled`]: a BN folded into the Conv that stores
-    /// it) is small (a view of the stored bytes and a factor per channel) and stays until the
+    /// alive. A deferred one — a scaled stored tensor ([`Exact::Scaled`]: a BN folded into the
+    /// Conv that stores it) or a sum of them ([`Exact::Summed`]: branches merged) — is small
+    /// (views of the stored bytes, factors per channel, tap positions) and stays until the
     /// rewrite ends, when the graph gets its values ([`settle`]); until then the graph's
     /// initializer has no data, and whatever reads the graph's tensors reads [`Cache::settled`].
     pub exact: HashMap<String, Exact>,
@@ -90,12 +92,12 @@ impl Cache {
             }
             last
         };
-        self.exact.retain(|name, e| matches!(e, Exact::Scaled(_)) || horizon(name) >= i);
+        self.exact.retain(|name, e| e.deferred() || horizon(name) >= i);
     }
 
     /// Whether some initializer of the graph has no data yet (see [`Exact::Scaled`]).
     fn unsettled(&self) -> bool {
-        self.exact.values().any(|e| matches!(e, Exact::Scaled(_)))
+        self.exact.values().any(Exact::deferred)
     }
 
     /// `t` as the graph will hold it once the rewrite ends: its values computed if it is an
@@ -106,9 +108,12 @@ impl Cache {
 }
 
 fn settled(exact: &HashMap<String, Exact>, t: &TensorProto) -> Option<TensorProto> {
-    let Some(Exact::Scaled(s)) = exact.get(t.name()) else { return None };
+    let e = exact.get(t.name()).filter(|e| e.deferred())?;
     let ft = FloatType::from_onnx(t.data_type.unwrap_or(0))?;
-    (t.raw_data.is_none() && t.external_data.is_empty()).then(|| s.encode(t.name(), ft))
+    if t.raw_data.is_some() || !t.external_data.is_empty() {
+        return None;
+    }
+    e.encode(t.name(), ft)
 }
 
 /// Give the graph's initializers that have no data yet their values (in parallel: each is a pass
@@ -127,8 +132,8 @@ pub(crate) fn settle(model: &mut Model, cache: &mut Cache) {
         .enumerate()
         .filter_map(|(k, t)| {
             let s = settled(exact, t)?;
-            if let Some(Exact::Scaled(from)) = exact.get(t.name()) {
-                m.release(&from.raw);
+            for from in exact.get(t.name()).map(Exact::stored).unwrap_or_default() {
+                m.release(from);
             }
             Some((k, s))
         })
@@ -137,7 +142,7 @@ pub(crate) fn settle(model: &mut Model, cache: &mut Cache) {
     for (k, t) in done {
         g.initializer[k] = t;
     }
-    cache.exact.retain(|_, e| !matches!(e, Exact::Scaled(_)));
+    cache.exact.retain(|_, e| !e.deferred());
 }
 
 /// What a rule sees: the model, its graph's index, its constants, and cached analyses.
@@ -184,6 +189,21 @@ impl<'a> Cx<'a> {
     /// Initializer `t` with its values: see [`Cache::settled`].
     pub fn settled(&self, t: &TensorProto) -> Option<TensorProto> {
         self.cache.settled(t)
+    }
+
+    /// Initializer `name` as stored (its bytes, type and shape), when it is a float tensor of rank
+    /// 3 or more the rewrite has not written, whose bytes are all there; else `None` (its values
+    /// are read).
+    pub fn stored_weight(&self, name: &str) -> Option<(Bytes, FloatType, Vec<usize>)> {
+        if self.consts.exact.contains_key(name) || !self.ix.initializer.contains_key(name) {
+            return None;
+        }
+        let t = self.ix.constant(self.g, name)?;
+        let ft = FloatType::from_onnx(t.data_type.unwrap_or(0))?;
+        let n = checked_numel(&t.dims).ok()?;
+        let raw = self.model.raw_bytes(t).ok()??;
+        let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+        (n.checked_mul(ft.size()) == Some(raw.len()) && dims.len() >= 3).then_some((raw, ft, dims))
     }
 
     /// A generator of fresh names for one patch.

@@ -8,9 +8,7 @@
 use super::{Checked, Cx, Patch, Reason, Rule, RuleId};
 use crate::graph::{is_op, Exact};
 use crate::kernel::read::{read_bn, read_conv, read_conv_form};
-use crate::model::tensor::{checked_numel, FloatType, Scaled};
-use crate::proto::NodeProto;
-use bytes::Bytes;
+use crate::model::tensor::{FloatType, Scaled};
 use ndarray::{Array1, ArrayD};
 
 pub(crate) struct FoldBn;
@@ -42,7 +40,7 @@ impl Rule for FoldBn {
             return Checked::refuse(Reason::UsedOutside { conv: conv.name().to_string() });
         }
         let refuse_conv = |err| Checked::refuse(Reason::Conv { conv: conv.name().to_string(), err });
-        let stored = stored_weight(cx, conv);
+        let stored = conv.input.get(1).and_then(|w| cx.stored_weight(w));
         // the weight's values are read now only when they are not a stored tensor
         let (weight, bias, ft) = match &stored {
             Some((_, ft, dims)) => match read_conv_form(&cx.consts, conv, dims, *ft) {
@@ -89,21 +87,6 @@ impl Rule for FoldBn {
     fn node(&self, cx: &Cx, c: &Candidate) -> String {
         cx.node(c.bn).name().to_string()
     }
-}
-
-/// The Conv's weight as stored (its bytes, type and shape), when it is a float initializer the
-/// rewrite has not written, whose bytes are all there; else `None` (its values are read).
-fn stored_weight(cx: &Cx, conv: &NodeProto) -> Option<(Bytes, FloatType, Vec<usize>)> {
-    let name = conv.input.get(1)?;
-    if cx.consts.exact.contains_key(name) || !cx.ix.initializer.contains_key(name) {
-        return None;
-    }
-    let t = cx.ix.constant(cx.g, name)?;
-    let ft = FloatType::from_onnx(t.data_type.unwrap_or(0))?;
-    let n = checked_numel(&t.dims).ok()?;
-    let raw = cx.model.raw_bytes(t).ok()??;
-    let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
-    (n.checked_mul(ft.size()) == Some(raw.len()) && dims.len() >= 3).then_some((raw, ft, dims))
 }
 
 #[cfg(test)]

@@ -12,10 +12,10 @@
 
 use super::sum_tree::{is_root, leaves};
 use super::{kernel_str, rewired_conv, Checked, Cx, Patch, Reason, Rewrite, Rule, RuleId};
-use crate::graph::{is_op, Names};
-use crate::kernel::read::{read_bn, read_conv, read_pad, read_slice, ReadError};
-use crate::kernel::AffineConv;
-use crate::model::tensor::FloatType;
+use crate::graph::{is_op, Exact, Names};
+use crate::kernel::read::{read_bn, read_conv, read_conv_form, read_pad, read_slice, ReadError};
+use crate::kernel::{tap_positions, AffineConv, Geometry};
+use crate::model::tensor::{FloatType, Scaled, Summed, Term};
 use crate::proto::{attribute_proto::AttributeType, AttributeProto, NodeProto};
 use ndarray::{Array1, ArrayD};
 use std::collections::HashSet;
@@ -53,7 +53,13 @@ pub(crate) struct Candidate {
 /// A group of branches (indices into the candidate's) merged into one conv.
 struct Merged {
     members: Vec<usize>,
-    conv: AffineConv,
+    /// the merged weight: held, or summed from the branches' stored weights when it is written
+    weight: Exact,
+    /// its shape
+    dims: Vec<usize>,
+    bias: Array1<f64>,
+    /// the merged conv's padding (the base branch's, with what it reads through)
+    pads: (Vec<i64>, Vec<i64>),
     ft: FloatType,
     /// index (into `members`) of the branch whose geometry and node the merged conv takes
     base: usize,
@@ -154,7 +160,7 @@ impl Rule for MergeBranches {
             return Checked::Refused(refused);
         }
         let in_group: HashSet<usize> = merged.iter().flat_map(|d| d.members.iter().copied()).collect();
-        let (o, r) = (merged[0].conv.out_channels(), merged[0].conv.rank());
+        let (o, r) = (merged[0].dims[0], merged[0].dims.len() - 2);
         let mut rest = Vec::new();
         for k in (0..branches.len()).filter(|k| !in_group.contains(k) && !absorbed.contains(k)) {
             match rest_coef(&branches[k], o, r) {
@@ -198,14 +204,13 @@ impl Rule for MergeBranches {
             let output = if n_terms == 1 { out.clone() } else { cnode.output[0].clone() };
             let (wname, bname) = names.conv_params(cx.ix, cnode);
             let mut node = rewired_conv(cnode, &branches[base].source, &wname, &bname, &output);
-            let conv = m.conv;
-            if m.base_pads != (conv.pads_begin.clone(), conv.pads_end.clone()) || branches[base].nodes.len() > 1 {
-                set_pads(&mut node, &conv);
+            if m.base_pads != m.pads || branches[base].nodes.len() > 1 {
+                set_pads(&mut node, &m.pads);
             }
             insert.push(node);
-            let merged_kernel = kernel_str(conv.kernel());
-            inits.push((wname, conv.weight.into(), m.ft));
-            inits.push((bname, conv.bias.into_dyn().into(), m.ft));
+            let merged_kernel = kernel_str(&m.dims[2..]);
+            inits.push((wname, m.weight, m.ft));
+            inits.push((bname, m.bias.into_dyn().into(), m.ft));
             for &k in &m.members {
                 remove.extend(&branches[k].nodes);
             }
@@ -373,17 +378,7 @@ fn leaked_conv(cx: &Cx, branches: &[Branch], source: &str) -> Option<String> {
 fn load(cx: &Cx, conv: usize, through: Option<usize>) -> Result<(AffineConv, FloatType), ReadError> {
     let (mut k, ft) = read_conv(&cx.consts, cx.node(conv))?;
     if let Some(q) = through {
-        let pn = cx.node(q);
-        let rank = k.rank() + 2;
-        let (cb, ce, pb, pe) = if is_op(pn, "Slice") {
-            let (cb, ce) = read_slice(&cx.consts, pn, rank, cx.opset)?;
-            (cb, ce, vec![0; rank - 2], vec![0; rank - 2])
-        } else {
-            let (pb, pe) = read_pad(&cx.consts, pn, rank, cx.opset)?;
-            let neg = |v: &Vec<i64>| v.iter().map(|&x| (-x).max(0)).collect::<Vec<_>>();
-            let pos = |v: &Vec<i64>| v.iter().map(|&x| x.max(0)).collect::<Vec<_>>();
-            (neg(&pb), neg(&pe), pos(&pb), pos(&pe))
-        };
+        let [cb, ce, pb, pe] = read_through(cx, q, k.rank())?;
         for a in 0..k.rank() {
             k.crop_begin[a] += cb[a];
             k.crop_end[a] += ce[a];
@@ -394,9 +389,168 @@ fn load(cx: &Cx, conv: usize, through: Option<usize>) -> Result<(AffineConv, Flo
     Ok((k, ft))
 }
 
+/// The crop (begin, end) and padding (begin, end) per spatial axis of the Slice or Pad (node `q`)
+/// a Conv of spatial rank `r` reads through.
+fn read_through(cx: &Cx, q: usize, r: usize) -> Result<[Vec<i64>; 4], ReadError> {
+    let pn = cx.node(q);
+    if is_op(pn, "Slice") {
+        let (cb, ce) = read_slice(&cx.consts, pn, r + 2, cx.opset)?;
+        return Ok([cb, ce, vec![0; r], vec![0; r]]);
+    }
+    let (pb, pe) = read_pad(&cx.consts, pn, r + 2, cx.opset)?;
+    let neg = |v: &Vec<i64>| v.iter().map(|&x| (-x).max(0)).collect::<Vec<_>>();
+    let pos = |v: &Vec<i64>| v.iter().map(|&x| x.max(0)).collect::<Vec<_>>();
+    Ok([neg(&pb), neg(&pe), pos(&pb), pos(&pe)])
+}
+
 /// Merge one group of branches reading the same tensor into one conv with the geometry of its
 /// largest kernel. (`members` of the result is filled by the caller.)
 fn merge(cx: &Cx, group: &[&Branch]) -> Result<Merged, Reason> {
+    match merge_stored(cx, group) {
+        Some(m) => Ok(m),
+        None => merge_values(cx, group),
+    }
+}
+
+/// A Conv branch whose weight is stored, read but for the weight's values.
+struct Stored {
+    weight: Scaled,
+    ft: FloatType,
+    bias: Array1<f64>,
+    groups: usize,
+    strides: Vec<usize>,
+    dilations: Vec<usize>,
+    pads_begin: Vec<i64>,
+    pads_end: Vec<i64>,
+    crop_begin: Vec<i64>,
+    crop_end: Vec<i64>,
+}
+
+impl Stored {
+    /// Conv branch `b`, when its weight is stored: a float initializer's bytes, or such bytes a
+    /// BatchNormalization was folded into ([`Exact::Scaled`]); `None` otherwise or when it
+    /// cannot be read (the reason is [`load`]'s).
+    fn read(cx: &Cx, b: &Branch) -> Option<Stored> {
+        let Kind::Conv { conv, through } = b.kind else { return None };
+        let n = cx.node(conv);
+        let name = n.input.get(1)?;
+        let (weight, ft) = match cx.consts.exact.get(name) {
+            Some(Exact::Scaled(s)) if cx.ix.initializer.contains_key(name) => {
+                let t = cx.ix.constant(cx.g, name)?;
+                (s.clone(), FloatType::from_onnx(t.data_type.unwrap_or(0))?)
+            }
+            Some(_) => return None,
+            None => {
+                let (raw, ft, dims) = cx.stored_weight(name)?;
+                let ones = vec![1.0; dims[0]];
+                (Scaled::new(raw, ft, dims, ones)?, ft)
+            }
+        };
+        let f = read_conv_form(&cx.consts, n, &weight.dims, ft).ok()?;
+        let r = weight.dims.len() - 2;
+        let bias = f.bias.unwrap_or_else(|| Array1::zeros(weight.dims[0]));
+        let mut s = Stored {
+            weight,
+            ft,
+            bias,
+            groups: f.groups,
+            strides: f.strides,
+            dilations: f.dilations,
+            pads_begin: f.pads_begin,
+            pads_end: f.pads_end,
+            crop_begin: vec![0; r],
+            crop_end: vec![0; r],
+        };
+        if let Some(q) = through {
+            let [cb, ce, pb, pe] = read_through(cx, q, r).ok()?;
+            for a in 0..r {
+                s.crop_begin[a] += cb[a];
+                s.crop_end[a] += ce[a];
+                s.pads_begin[a] += pb[a];
+                s.pads_end[a] += pe[a];
+            }
+        }
+        Some(s)
+    }
+
+    fn geometry(&self) -> Geometry<'_> {
+        Geometry {
+            dims: &self.weight.dims,
+            groups: self.groups,
+            strides: &self.strides,
+            dilations: &self.dilations,
+            pads_begin: &self.pads_begin,
+            pads_end: &self.pads_end,
+            crop_begin: &self.crop_begin,
+            crop_end: &self.crop_end,
+        }
+    }
+
+    fn kernel(&self) -> &[usize] {
+        &self.weight.dims[2..]
+    }
+}
+
+/// [`merge_values`] without reading the weights' values, when every branch is a Conv whose
+/// weight is stored: the merged weight is their sum computed when it is written
+/// ([`Exact::Summed`]), and what is computed now — the bias, the factors, the tap positions — is
+/// what the full merge computes, with the same operations in the same order (so the values are
+/// the same to the bit). `None` when a branch is not such a Conv or when the full merge would
+/// refuse the group (it then says why).
+fn merge_stored(cx: &Cx, group: &[&Branch]) -> Option<Merged> {
+    let loaded: Vec<Stored> = group.iter().map(|b| Stored::read(cx, b)).collect::<Option<_>>()?;
+    // the largest kernel (the first of equal ones), as the full merge picks it
+    let volume = |s: &Stored| s.kernel().iter().product::<usize>();
+    let mut bi = 0;
+    for k in 1..loaded.len() {
+        if volume(&loaded[k]) > volume(&loaded[bi]) {
+            bi = k;
+        }
+    }
+    let big = &loaded[bi];
+    let (o, r, ft) = (big.weight.dims[0], big.weight.dims.len() - 2, big.ft);
+    if big.crop_begin.iter().chain(&big.crop_end).any(|&c| c != 0) || loaded.iter().any(|s| s.ft != ft) {
+        return None;
+    }
+    // a branch's factors, and its bias times them (`AffineConv::then_affine`'s operations)
+    let scaled = |k: usize| -> Option<(Vec<Vec<f64>>, Array1<f64>)> {
+        let (s, b) = (&loaded[k], group[k]);
+        let (so, sr) = (s.weight.dims[0], s.weight.dims.len() - 2);
+        let mut bias = s.bias.clone();
+        let mut factors = Vec::with_capacity(b.scales.len());
+        for sc in &b.scales {
+            let a = channel_vector(sc, so, sr)?;
+            bias = &bias * &a + &Array1::<f64>::zeros(a.len());
+            factors.push(a.to_vec());
+        }
+        Some((factors, bias))
+    };
+    let (base_factors, mut bias) = scaled(bi)?;
+    let mut terms = Vec::with_capacity(loaded.len() - 1);
+    for k in (0..loaded.len()).filter(|&k| k != bi) {
+        let s = &loaded[k];
+        let (factors, b) = scaled(k)?;
+        let offs = s.geometry().offset_in(&big.geometry()).ok()?;
+        bias += &b;
+        terms.push(Term { values: s.weight.clone(), factors, at: tap_positions(s.kernel(), big.kernel(), &offs) });
+    }
+    let summed = Summed::new(big.weight.clone(), base_factors, terms)?;
+    debug_assert_eq!((summed.dims()[0], summed.dims().len() - 2), (o, r));
+    Some(Merged {
+        members: vec![],
+        weight: Exact::Summed(summed),
+        dims: big.weight.dims.clone(),
+        bias,
+        pads: (big.pads_begin.clone(), big.pads_end.clone()),
+        ft,
+        base: bi,
+        kernels: loaded.iter().map(|s| Some(s.kernel().to_vec())).collect(),
+        base_pads: (big.pads_begin.clone(), big.pads_end.clone()),
+    })
+}
+
+/// [`merge`], reading every branch's weight in f64.
+fn merge_values(cx: &Cx, group: &[&Branch]) -> Result<Merged, Reason> {
     let mut loaded: Vec<Option<(AffineConv, FloatType)>> = Vec::with_capacity(group.len());
     for b in group {
         loaded.push(match b.kind {
@@ -445,7 +599,18 @@ fn merge(cx: &Cx, group: &[&Branch]) -> Result<Merged, Reason> {
         let offs = k.offset_in(&acc).map_err(|misfit| Reason::Misfit { branch: b.leaf.clone(), misfit })?;
         acc.add_at(&k, &offs);
     }
-    Ok(Merged { members: vec![], conv: acc, ft, base: bi, kernels, base_pads })
+    let pads = (acc.pads_begin.clone(), acc.pads_end.clone());
+    Ok(Merged {
+        members: vec![],
+        dims: acc.weight.shape().to_vec(),
+        weight: Exact::Values(acc.weight),
+        bias: acc.bias,
+        pads,
+        ft,
+        base: bi,
+        kernels,
+        base_pads,
+    })
 }
 
 /// An identity branch (through its BatchNormalization, if any) as a one-tap kernel in `acc`'s
@@ -482,7 +647,7 @@ fn scale(k: &mut AffineConv, b: &Branch) -> Result<(), Reason> {
 /// Constant operands of the sum that add a per-channel (or scalar) bias, folded into `into`'s
 /// bias: which branches they were.
 fn absorb_constants(cx: &Cx, branches: &[Branch], into: &mut Merged) -> HashSet<usize> {
-    let (o, r) = (into.conv.out_channels(), into.conv.rank());
+    let (o, r) = (into.dims[0], into.dims.len() - 2);
     let mut absorbed = HashSet::new();
     for (k, b) in branches.iter().enumerate() {
         if !matches!(b.kind, Kind::Identity { bn: None }) {
@@ -501,7 +666,7 @@ fn absorb_constants(cx: &Cx, branches: &[Branch], into: &mut Merged) -> HashSet<
             }
         }
         if per_channel {
-            into.conv.bias += &v;
+            into.bias += &v;
             absorbed.insert(k);
         }
     }
@@ -605,10 +770,10 @@ fn rest_coef(b: &Branch, o: usize, r: usize) -> Option<Coef> {
     Some(Coef::Scale(v.into_shape_with_order(ndarray::IxDyn(&shape)).ok()?))
 }
 
-fn set_pads(n: &mut NodeProto, k: &AffineConv) {
+fn set_pads(n: &mut NodeProto, (begin, end): &(Vec<i64>, Vec<i64>)) {
     n.attribute.retain(|a| a.name() != "auto_pad" && a.name() != "pads");
-    let mut pads = k.pads_begin.clone();
-    pads.extend(&k.pads_end);
+    let mut pads = begin.clone();
+    pads.extend(end);
     n.attribute.push(AttributeProto {
         name: Some("pads".into()),
         ints: pads,
@@ -647,6 +812,61 @@ mod tests {
         let y = b.add("add_1", &s, &hor);
         b.output(&y);
         b
+    }
+
+    /// The merge of stored weights (a sum computed when it is written) has the bits of the merge
+    /// that reads every branch in f64: stored weights as they are, weights a BatchNormalization was
+    /// folded into (factors of both signs), a branch scaled by a per-channel constant.
+    #[test]
+    fn stored_branches_merge_to_the_bits_of_branches_read_in_f64() {
+        use crate::graph::GraphIndex;
+        use crate::model::tensor::from_f64;
+        use crate::rewrite::driver::Cache;
+        // the ACNet block with its 1x3 branch times a per-channel constant
+        let mut scaled = Builder::new(2, 6, 6);
+        let (sq, _, _) = scaled.conv_rand("sq", "x", 3, 2, &[3, 3], true, ConvAttrs::pads(&[1, 1, 1, 1]));
+        let (ver, _, _) = scaled.conv_rand("ver", "x", 3, 2, &[3, 1], true, ConvAttrs::pads(&[1, 0, 1, 0]));
+        let (hor, _, _) = scaled.conv_rand("hor", "x", 3, 2, &[1, 3], true, ConvAttrs::pads(&[0, 1, 0, 1]));
+        let g = scaled.rand(&[3, 1, 1]);
+        let g = scaled.initializer("g", &g);
+        let hor = scaled.node("Mul", "mul", &[&hor, &g], &[], vec![]);
+        let s = scaled.add("add", &sq, &ver);
+        let y = scaled.add("add_1", &s, &hor);
+        scaled.output(&y);
+        for b in [acb(ConvAttrs::pads(&[0, 1, 0, 1])), scaled] {
+            let root = "add_1";
+            let m = b.build();
+            for folded in [false, true] {
+                let ix = GraphIndex::new(m.graph());
+                let mut cache = Cache::new(m.graph());
+                if folded {
+                    for (k, conv) in ["sq", "ver", "hor"].into_iter().enumerate() {
+                        let n = m.graph().node.iter().find(|n| n.name() == conv).unwrap();
+                        let t = ix.constant(m.graph(), &n.input[1]).unwrap();
+                        let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+                        let factors = (0..dims[0]).map(|o| [0.7, -1.3, 2.1][(o + k) % 3]).collect();
+                        let raw = m.raw_bytes(t).unwrap().unwrap();
+                        let s = Scaled::new(raw, FloatType::F32, dims, factors).unwrap();
+                        cache.exact.insert(n.input[1].clone(), Exact::Scaled(s));
+                    }
+                }
+                let cx = Cx::new(&m, &ix, &cache);
+                let at = m.graph().node.iter().position(|n| n.name() == root).unwrap();
+                let c = MergeBranches.find(&cx, at).expect("a sum");
+                let group: Vec<&Branch> = c.branches.iter().filter(|b| matches!(b.kind, Kind::Conv { .. })).collect();
+                assert_eq!(group.len(), 3);
+                let stored = merge_stored(&cx, &group).expect("every branch's weight is stored");
+                let full = merge_values(&cx, &group).expect("the block merges");
+                assert!(matches!(stored.weight, Exact::Summed(_)));
+                let bits = |a: ArrayD<f64>| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(stored.weight.to_f64()), bits(full.weight.to_f64()), "{root}, folded: {folded}");
+                assert_eq!(bits(stored.bias.clone().into_dyn()), bits(full.bias.clone().into_dyn()));
+                assert_eq!((&stored.dims, &stored.pads, stored.base), (&full.dims, &full.pads, full.base));
+                assert_eq!((&stored.kernels, &stored.base_pads, stored.ft), (&full.kernels, &full.base_pads, full.ft));
+                let want = from_f64("w", &full.weight.to_f64(), FloatType::F32);
+                assert_eq!(stored.weight.encode("w", FloatType::F32), Some(want));
+            }
+        }
     }
 
     #[test]

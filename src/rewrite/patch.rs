@@ -129,11 +129,18 @@ impl Patch {
         // (the stored bytes of scaled tensors no longer read)
         let mut released_bytes: Vec<bytes::Bytes> = Vec::new();
         let g = model.graph_mut();
+        // (the stored bytes the written sums read stay: they are read when the rewrite ends)
+        let kept: HashSet<(usize, usize)> = initializers
+            .iter()
+            .flat_map(|(_, e, _)| if let Exact::Summed(s) = e { s.stored().collect() } else { vec![] })
+            .map(|b| (b.as_ptr() as usize, b.len()))
+            .collect();
         for (name, arr, ft) in initializers {
             let t = match &arr {
                 Exact::Values(a) => from_f64(&name, a, ft),
                 // computed when the rewrite ends (see `driver::settle`)
                 Exact::Scaled(s) => unsettled(&name, &s.dims, ft),
+                Exact::Summed(s) => unsettled(&name, s.dims(), ft),
             };
             match ix.initializer.get(&name) {
                 Some(&k) => {
@@ -147,8 +154,8 @@ impl Patch {
                     g.initializer.push(t);
                 }
             }
-            if let Some(Exact::Scaled(old)) = exact.insert(name, arr) {
-                released_bytes.push(old.raw);
+            if let Some(old) = exact.insert(name, arr) {
+                released_bytes.extend(old.stored().into_iter().cloned());
             }
         }
         // Reads after the patch = reads before (ix) + `delta`. Removing a node un-reads its inputs;
@@ -223,8 +230,8 @@ impl Patch {
                 released.push(std::mem::take(&mut g.initializer[k]));
                 holes.inits.insert(k);
             }
-            if let Some(Exact::Scaled(old)) = exact.remove(&d) {
-                released_bytes.push(old.raw);
+            if let Some(old) = exact.remove(&d) {
+                released_bytes.extend(old.stored().into_iter().cloned());
             }
         }
         if !fits {
@@ -233,7 +240,7 @@ impl Patch {
         }
         let stored = released.iter().filter_map(|t| model.raw_bytes(t).ok().flatten());
         for b in stored.chain(released_bytes) {
-            if b.len() >= RELEASE_BYTES {
+            if b.len() >= RELEASE_BYTES && !kept.contains(&(b.as_ptr() as usize, b.len())) {
                 model.release(&b);
             }
         }

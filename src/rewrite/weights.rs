@@ -301,27 +301,38 @@ impl Scan {
         Scan { channels, all }
     }
 
-    /// [`Scan::of`] the values a rewrite writes, computing a scaled stored tensor's one output
+    /// [`Scan::of`] the values a rewrite writes, computing a deferred tensor's one output
     /// channel at a time (no copy of the whole).
     pub fn of_exact(e: &Exact, ft: FloatType) -> Scan {
-        use rayon::prelude::*;
-        let s = match e {
-            Exact::Values(a) => return Scan::of(a, ft),
-            Exact::Scaled(s) => s,
-        };
-        let (lim, per) = (limits(ft), s.dims[1..].iter().product::<usize>());
-        let part = |buf: &mut Vec<f64>, c: usize| {
-            if let Some(p) = scaled_f32(s, c, per, lim) {
-                return p;
+        let lim = limits(ft);
+        match e {
+            Exact::Values(a) => Scan::of(a, ft),
+            Exact::Scaled(s) => {
+                let per = s.dims[1..].iter().product::<usize>();
+                Scan::by_channel(s.scale.len(), per, |buf, c| {
+                    if let Some(p) = scaled_f32(s, c, per, lim) {
+                        return p;
+                    }
+                    s.slice_to(c, buf);
+                    Part::of(buf, lim)
+                })
             }
-            s.slice_to(c, buf);
-            Part::of(buf, lim)
-        };
-        let channels: Vec<Part> = if s.scale.len() * per >= PARALLEL {
-            (0..s.scale.len()).into_par_iter().map_init(Vec::new, part).collect()
+            Exact::Summed(s) => Scan::by_channel(s.dims()[0], s.dims()[1..].iter().product(), |buf, c| {
+                s.slice_to(c, buf);
+                Part::of(buf, lim)
+            }),
+        }
+    }
+
+    /// The scan of `channels` output channels of `per` values each, channel `c`'s part found by
+    /// `part(buf, c)` (`buf`: a buffer its thread keeps); on every core for large tensors.
+    fn by_channel(channels: usize, per: usize, part: impl Fn(&mut Vec<f64>, usize) -> Part + Sync) -> Scan {
+        use rayon::prelude::*;
+        let channels: Vec<Part> = if channels * per >= PARALLEL {
+            (0..channels).into_par_iter().map_init(Vec::new, |buf, c| part(buf, c)).collect()
         } else {
             let mut buf = Vec::new();
-            (0..s.scale.len()).map(|c| part(&mut buf, c)).collect()
+            (0..channels).map(|c| part(&mut buf, c)).collect()
         };
         let all = channels.iter().fold(Part::EMPTY, |a, &c| a.and(c));
         Scan { channels, all }

@@ -145,24 +145,35 @@ fn written<T: Copy + Send>(
     per: usize,
     fill: impl Fn(usize, &mut [MaybeUninit<T>]) -> usize + Sync,
 ) -> Vec<T> {
+    written_with(n, per, |c, o| (fill(c, o), ())).0
+}
+
+/// [`written`], where `fill` also finds something of each chunk (returned in chunk order).
+fn written_with<T: Copy + Send, P: Send>(
+    n: usize,
+    per: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<T>]) -> (usize, P) + Sync,
+) -> (Vec<T>, Vec<P>) {
     let mut v = Vec::with_capacity(n);
     if n == 0 {
-        return v;
+        return (v, Vec::new());
     }
     let one = |(c, o): (usize, &mut [MaybeUninit<T>])| {
         let len = o.len();
-        assert_eq!(fill(c, o), len, "chunk {c} of {n} elements written in part");
+        let (wrote, found) = fill(c, o);
+        assert_eq!(wrote, len, "chunk {c} of {n} elements written in part");
+        found
     };
     let spare = &mut v.spare_capacity_mut()[..n];
-    if n >= PARALLEL {
+    let found = if n >= PARALLEL {
         use rayon::prelude::*;
-        spare.par_chunks_mut(per.max(1)).enumerate().for_each(one);
+        spare.par_chunks_mut(per.max(1)).enumerate().map(one).collect()
     } else {
-        spare.chunks_mut(per.max(1)).enumerate().for_each(one);
-    }
+        spare.chunks_mut(per.max(1)).enumerate().map(one).collect()
+    };
     // SAFETY: the first `n` elements of the capacity were written, every chunk whole (checked)
     unsafe { v.set_len(n) };
-    v
+    (v, found)
 }
 
 /// Little-endian elements of `N` bytes to f64.
@@ -377,25 +388,36 @@ impl Scaled {
 /// The bytes of one slice in type `ft` into `r`, its values computed by `fill` in f64 (in a
 /// buffer each thread keeps from slice to slice); how many bytes it wrote.
 fn slice_bytes(ft: FloatType, r: &mut [MaybeUninit<u8>], fill: impl FnOnce(&mut Vec<f64>)) -> usize {
+    slice_bytes_with(ft, r, fill, |_| ()).0
+}
+
+/// [`slice_bytes`], and what `find` finds of the slice's values.
+fn slice_bytes_with<P>(
+    ft: FloatType,
+    r: &mut [MaybeUninit<u8>],
+    fill: impl FnOnce(&mut Vec<f64>),
+    find: impl FnOnce(&[f64]) -> P,
+) -> (usize, P) {
     thread_local!(static VALUES: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) });
     VALUES.with_borrow_mut(|values| {
         fill(values);
-        match ft {
+        let wrote = match ft {
             FloatType::F32 => put(r, values, |x| (x as f32).to_le_bytes()),
             FloatType::F64 => put(r, values, |x| x.to_le_bytes()),
             FloatType::F16 => put(r, values, |x| half::f16::from_f64(x).to_bits().to_le_bytes()),
             FloatType::BF16 => put(r, values, |x| half::bf16::from_f64(x).to_bits().to_le_bytes()),
-        }
+        };
+        (wrote, find(values))
     })
 }
 
 /// The tensor `name` of `dims` and type `ft` holding `raw`.
-fn tensor_of(name: &str, dims: &[usize], ft: FloatType, raw: Vec<u8>) -> TensorProto {
+fn tensor_of(name: &str, dims: &[usize], ft: FloatType, raw: impl Into<Bytes>) -> TensorProto {
     TensorProto {
         dims: dims.iter().map(|&d| d as i64).collect(),
         data_type: Some(ft.onnx()),
         name: Some(name.to_string()),
-        raw_data: Some(Bytes::from(raw)),
+        raw_data: Some(raw.into()),
         ..Default::default()
     }
 }
@@ -423,6 +445,8 @@ pub struct Summed {
     base: Scaled,
     factors: Vec<Vec<f64>>,
     terms: Vec<Term>,
+    /// The values rounded to a type, once computed ([`Summed::write`]).
+    written: Option<(FloatType, Bytes)>,
 }
 
 impl Summed {
@@ -446,11 +470,16 @@ impl Summed {
                 return None;
             }
         }
-        Some(Summed { base, factors, terms })
+        Some(Summed { base, factors, terms, written: None })
     }
 
     pub fn dims(&self) -> &[usize] {
         &self.base.dims
+    }
+
+    /// Whether its values rounded to a type are computed ([`Summed::write`]).
+    pub fn is_written(&self) -> bool {
+        self.written.is_some()
     }
 
     /// The stored bytes the sum reads.
@@ -499,12 +528,29 @@ impl Summed {
     }
 
     /// The tensor `name` of the values rounded once to `ft`: the bytes [`from_f64`] writes for
-    /// [`Summed::to_f64`], one slice at a time.
+    /// [`Summed::to_f64`] (computed one slice at a time, unless [`Summed::write`] computed them).
     pub fn encode(&self, name: &str, ft: FloatType) -> TensorProto {
+        if let Some((_, raw)) = self.written.as_ref().filter(|w| w.0 == ft) {
+            return tensor_of(name, &self.base.dims, ft, raw.clone());
+        }
+        tensor_of(name, &self.base.dims, ft, self.write_with(ft, |_| ()).0)
+    }
+
+    /// Compute the values rounded once to `ft` (kept for [`Summed::encode`]) and what `find`
+    /// finds of each slice's f64 values, in one pass: each slice is summed once for both.
+    pub fn write<P: Send>(&mut self, ft: FloatType, find: impl Fn(&[f64]) -> P + Sync) -> Vec<P> {
+        let (raw, found) = self.write_with(ft, find);
+        self.written = Some((ft, Bytes::from(raw)));
+        found
+    }
+
+    fn write_with<P: Send>(&self, ft: FloatType, find: impl Fn(&[f64]) -> P + Sync) -> (Vec<u8>, Vec<P>) {
         let per = self.base.per();
         let n = self.base.dims[0] * per;
-        let piece = |c: usize, r: &mut [MaybeUninit<u8>]| slice_bytes(ft, r, |values| self.slice_to(c, values));
-        tensor_of(name, &self.base.dims, ft, written(n * ft.size(), per * ft.size(), piece))
+        let piece = |c: usize, r: &mut [MaybeUninit<u8>]| {
+            slice_bytes_with(ft, r, |values| self.slice_to(c, values), |v| find(v))
+        };
+        written_with(n * ft.size(), per * ft.size(), piece)
     }
 }
 
@@ -654,6 +700,14 @@ mod tests {
                 for out in [FloatType::F32, FloatType::F64, FloatType::F16, FloatType::BF16] {
                     assert_eq!(sum.encode("w2", out), from_f64("w2", &expect, out), "{ft:?} -> {out:?}");
                 }
+                // written in one pass with what is found of each slice: the same bytes, and
+                // each slice's values as they are read
+                let mut w = sum.clone();
+                let found = w.write(FloatType::F16, |v| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+                assert_eq!(found.concat(), bits(&expect), "{ft:?} slices found");
+                assert!(w.is_written() && !sum.is_written());
+                assert_eq!(w.encode("w3", FloatType::F16), from_f64("w3", &expect, FloatType::F16));
+                assert_eq!(w.encode("w3", FloatType::F32), from_f64("w3", &expect, FloatType::F32));
                 // terms that do not fit the sum's slices and blocks are refused
                 let mut bad = terms.clone();
                 bad[0].at[0] = 9;

@@ -151,8 +151,8 @@ impl<R: Rule> Try for R {
         // every value written must fit its type; the merged weights' ranges go to the report
         // (one pass over each tensor finds both)
         let mut scans = Vec::with_capacity(patch.initializers.len());
-        for (name, a, ft) in &patch.initializers {
-            let scan = weights::Scan::of_exact(a, *ft);
+        for (name, a, ft) in &mut patch.initializers {
+            let scan = weights::Scan::of_written(a, *ft);
             let (overflow, underflow) = scan.unrepresentable();
             if overflow + underflow > 0 {
                 let reason = Reason::NotRepresentable { tensor: name.clone(), dtype: *ft, overflow, underflow };

@@ -129,10 +129,13 @@ impl Patch {
         // (the stored bytes of scaled tensors no longer read)
         let mut released_bytes: Vec<bytes::Bytes> = Vec::new();
         let g = model.graph_mut();
-        // (the stored bytes the written sums read stay: they are read when the rewrite ends)
+        // (the stored bytes of sums not yet computed stay: they are read when the rewrite ends)
         let kept: HashSet<(usize, usize)> = initializers
             .iter()
-            .flat_map(|(_, e, _)| if let Exact::Summed(s) = e { s.stored().collect() } else { vec![] })
+            .flat_map(|(_, e, _)| match e {
+                Exact::Summed(s) if !s.is_written() => s.stored().collect(),
+                _ => vec![],
+            })
             .map(|b| (b.as_ptr() as usize, b.len()))
             .collect();
         for (name, arr, ft) in initializers {

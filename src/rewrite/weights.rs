@@ -324,6 +324,16 @@ impl Scan {
         }
     }
 
+    /// [`Scan::of_exact`], and a sum's values rounded to `ft` computed in the same pass (kept
+    /// with it: each of its slices is summed once, for both).
+    pub fn of_written(e: &mut Exact, ft: FloatType) -> Scan {
+        let Exact::Summed(s) = e else { return Scan::of_exact(e, ft) };
+        let lim = limits(ft);
+        let channels = s.write(ft, |v| Part::of(v, lim));
+        let all = channels.iter().fold(Part::EMPTY, |a, &c| a.and(c));
+        Scan { channels, all }
+    }
+
     /// The scan of `channels` output channels of `per` values each, channel `c`'s part found by
     /// `part(buf, c)` (`buf`: a buffer its thread keeps); on every core for large tensors.
     fn by_channel(channels: usize, per: usize, part: impl Fn(&mut Vec<f64>, usize) -> Part + Sync) -> Scan {

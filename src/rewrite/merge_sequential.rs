@@ -36,21 +36,26 @@ impl Rule for MergeSequential {
         }
         let y = n.input.first()?;
         let first = cx.producer(y)?;
-        let ok = is_op(cx.node(first), "Conv") && cx.uses(y) == 1 && !cx.ix.outputs.contains(y);
+        if !is_op(cx.node(first), "Conv") || cx.uses(y) != 1 || cx.ix.outputs.contains(y) {
+            return None;
+        }
         // two window convs, the second padding the first's output (a 3x3 after a 3x3): never one
         // Conv, so not a candidate (checked on the attributes, before any weight is read)
         let kernel = |n: &NodeProto| -> Option<Vec<i64>> {
             let w = cx.ix.constant(cx.g, n.input.get(1)?)?;
             (w.dims.len() > 2).then(|| w.dims[2..].to_vec())
         };
-        // per axis: the second pads it (explicitly, or SAME with a kernel longer than 1)
+        // per axis: the second pads it (explicitly, or SAME with a kernel longer than 1); an axis
+        // the second does not have is not padded (convs of two ranks: the check refuses them)
         let padded = |a: usize| {
-            let r = kernel(n).map_or(0, |k| k.len());
-            attr_ints(n, "pads").is_some_and(|p| p.len() == 2 * r && (p[a] != 0 || p[r + a] != 0))
-                || attr_string(n, "auto_pad").is_some_and(|s| s.starts_with("SAME")) && kernel(n).is_some_and(|k| k[a] > 1)
+            let k = kernel(n).unwrap_or_default();
+            let r = k.len();
+            a < r
+                && (attr_ints(n, "pads").is_some_and(|p| p.len() == 2 * r && (p[a] != 0 || p[r + a] != 0))
+                    || attr_string(n, "auto_pad").is_some_and(|s| s.starts_with("SAME")) && k[a] > 1)
         };
         let windows = kernel(cx.node(first)).is_some_and(|k| (0..k.len()).any(|a| k[a] > 1 && padded(a)));
-        (ok && !windows).then_some(Candidate { first, second: at })
+        (!windows).then_some(Candidate { first, second: at })
     }
 
     fn check(&self, cx: &Cx, c: &Candidate) -> Checked<Self::Plan> {

@@ -267,7 +267,10 @@ pub(crate) fn read_slice(k: &Consts, n: &NodeProto, rank: usize, opset: i64) -> 
         (starts, get(2)?.ok_or(Form::SliceWithout("ends"))?, get(3)?, get(4)?)
     };
     let axes = axes.unwrap_or_else(|| (0..starts.len() as i64).collect());
-    if axes.len() != starts.len() || ends.len() != starts.len() {
+    if axes.len() != starts.len()
+        || ends.len() != starts.len()
+        || steps.as_ref().is_some_and(|s| s.len() != starts.len())
+    {
         return Err(Form::SliceLengths.into());
     }
     let r = rank - 2;
@@ -314,7 +317,8 @@ pub(crate) fn read_pad(k: &Consts, n: &NodeProto, rank: usize, opset: i64) -> Re
         let pads = attr_ints(n, "pads").or_else(|| attr_ints(n, "paddings")).ok_or(Form::PadWithout)?;
         (pads, attr_float(n, "value", 0.0) as f64)
     } else {
-        let pads = k.i64(&n.input[1]).map_err(ReadError::PadAmounts)?;
+        let amounts = n.input.get(1).filter(|s| !s.is_empty()).ok_or(Form::PadWithout)?;
+        let pads = k.i64(amounts).map_err(ReadError::PadAmounts)?;
         let value = match n.input.get(2).filter(|s| !s.is_empty()) {
             Some(v) => k.f64(v).map_err(ReadError::PadValue)?.0.iter().next().copied().unwrap_or(0.0),
             None => 0.0,

@@ -786,6 +786,7 @@ fn set_pads(n: &mut NodeProto, (begin, end): &(Vec<i64>, Vec<i64>)) {
 mod tests {
     use super::*;
     use crate::graph::ConstError;
+    use crate::kernel::read::Form;
     use crate::kernel::Misfit;
     use crate::rewrite::driver::at_node;
     use crate::support::{Builder, ConvAttrs};
@@ -866,6 +867,36 @@ mod tests {
                 let want = from_f64("w", &full.weight.to_f64(), FloatType::F32);
                 assert_eq!(stored.weight.encode("w", FloatType::F32), Some(want));
             }
+        }
+    }
+
+    /// A branch through a Slice whose steps have fewer values than its starts, or through a Pad
+    /// without amounts (both invalid ONNX, both found by fuzzing as panics), is refused with
+    /// what is wrong.
+    #[test]
+    fn a_crop_or_pad_of_malformed_parameters_is_refused_with_the_form() {
+        for op in ["Slice", "Pad"] {
+            let mut b = Builder::new(2, 6, 6);
+            let crop = if op == "Slice" {
+                let one = b.initializer_i64("one", &[1]);
+                let end = b.initializer_i64("end", &[i64::MAX]);
+                let axis = b.initializer_i64("axis", &[2]);
+                let no_steps = b.initializer_i64("no_steps", &[]);
+                b.node("Slice", "crop", &["x", &one, &end, &axis, &no_steps], &[], vec![])
+            } else {
+                b.node("Pad", "crop", &["x"], &[], vec![])
+            };
+            let (sq, _, _) = b.conv_rand("sq", "x", 3, 2, &[3, 3], true, ConvAttrs::pads(&[1, 1, 1, 1]));
+            let (ver, _, _) = b.conv_rand("ver", &crop, 3, 2, &[3, 1], true, ConvAttrs::pads(&[0, 0, 1, 0]));
+            let y = b.add("add", &sq, &ver);
+            b.output(&y);
+            let (groups, refused) = check_at(&b, "add");
+            assert!(groups.is_empty(), "{op}");
+            let want = if op == "Slice" { Form::SliceLengths } else { Form::PadWithout };
+            assert!(
+                matches!(&refused[..], [Reason::Conv { err: ReadError::Form(f), .. }] if *f == want),
+                "{op}: {refused:?}"
+            );
         }
     }
 

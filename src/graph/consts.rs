@@ -58,9 +58,14 @@ impl Exact {
         }
     }
 
-    /// Whether the values are computed when the tensor is written (not held).
+    /// Whether the values are computed when the rewrite ends (the graph's initializer has no
+    /// data until then); else they are held, and the graph holds them rounded.
     pub fn deferred(&self) -> bool {
-        !matches!(self, Exact::Values(_))
+        match self {
+            Exact::Values(_) => false,
+            Exact::Scaled(_) => true,
+            Exact::Summed(s) => !s.is_written(),
+        }
     }
 
     /// The stored bytes a deferred tensor reads.
@@ -72,7 +77,7 @@ impl Exact {
         }
     }
 
-    /// The tensor `name` of the values rounded once to `ft`, for a deferred one.
+    /// The tensor `name` of the values rounded once to `ft`, unless they are held in f64.
     pub fn encode(&self, name: &str, ft: FloatType) -> Option<crate::proto::TensorProto> {
         match self {
             Exact::Values(_) => None,

@@ -28,6 +28,8 @@ pub(crate) struct Cache {
     /// rewrite ends, when the graph gets its values ([`settle`]); until then the graph's
     /// initializer has no data, and whatever reads the graph's tensors reads [`Cache::settled`].
     pub exact: HashMap<String, Exact>,
+    /// The names of the held entries of `exact` (not deferred): the ones eviction looks at.
+    held: HashSet<String>,
     /// Every name the graph has used since the rewrite began (names of removed tensors stay
     /// taken), so that fresh names are found without reading the graph.
     names: HashSet<String>,
@@ -43,6 +45,7 @@ impl Cache {
     pub fn new(g: &GraphProto) -> Cache {
         Cache {
             exact: HashMap::new(),
+            held: HashSet::new(),
             names: graph_names(g),
             holes: Holes::default(),
             shapes: RefCell::default(),
@@ -64,7 +67,7 @@ impl Cache {
     /// norms that follow (up to [`SUM_DEPTH`] more). Dropped earlier, a merge would read the
     /// value rounded to its dtype, and round it twice.
     fn evict_before(&mut self, g: &GraphProto, ix: &GraphIndex, i: usize) {
-        if self.exact.is_empty() {
+        if self.held.is_empty() {
             return;
         }
         // (the operators of sums and of the scales and norms between them: FastViT's layer scale)
@@ -92,7 +95,19 @@ impl Cache {
             }
             last
         };
-        self.exact.retain(|name, e| e.deferred() || horizon(name) >= i);
+        // (only the held ones: the deferred ones stay until the rewrite ends, and looking at
+        // them at every node would make the rewrite quadratic in their number)
+        let (held, exact) = (&mut self.held, &mut self.exact);
+        held.retain(|name| {
+            if !exact.get(name).is_some_and(|e| !e.deferred()) {
+                return false;
+            }
+            let keep = horizon(name) >= i;
+            if !keep {
+                exact.remove(name);
+            }
+            keep
+        });
     }
 
     /// Whether some initializer of the graph has no data yet (see [`Exact::Scaled`]).
@@ -318,9 +333,12 @@ pub(crate) fn run(model: &mut Model, rules: &[&dyn Try]) -> (Vec<Rewrite>, Vec<R
             cache.names.extend(p.initializers.iter().map(|t| t.0.clone()));
             log.push(p.log.clone());
             debug_assert!(log.len() < budget, "rules keep rewriting: {:?}", log.last());
+            let held: Vec<String> =
+                p.initializers.iter().filter(|(_, e, _)| !e.deferred()).map(|(n, _, _)| n.clone()).collect();
             if p.apply(model, &mut ix, &mut cache.exact, &mut cache.holes) {
                 cache.forget_declared();
             }
+            cache.held.extend(held);
             if cfg!(debug_assertions) {
                 let fresh = GraphIndex::new(model.graph());
                 assert_eq!(ix, fresh, "rewrite {:?}: the index kept across patches is not the graph's", log.last());
@@ -453,6 +471,7 @@ mod tests {
         let ix = GraphIndex::new(m.graph());
         let mut cache = Cache::new(m.graph());
         cache.exact.insert("t1".into(), ndarray::ArrayD::zeros(ndarray::IxDyn(&[1])).into());
+        cache.held.insert("t1".into());
         // t1 is read by b (1), whose output is read by c (2), then d (3): kept until node 3 is passed
         cache.evict_before(m.graph(), &ix, 3);
         assert!(cache.exact.contains_key("t1"));
@@ -487,6 +506,7 @@ mod tests {
         let ix = GraphIndex::new(m.graph());
         let mut cache = Cache::new(m.graph());
         cache.exact.insert("t1".into(), ndarray::ArrayD::zeros(ndarray::IxDyn(&[1])).into());
+        cache.held.insert("t1".into());
         // t1 is read by b (1); then s1 (2), s2 (3) and on through the sums to s4 (5); the Relu
         // (6) ends them, and the Add after it (7) is not looked at
         cache.evict_before(m.graph(), &ix, 5);

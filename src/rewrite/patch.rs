@@ -143,6 +143,8 @@ impl Patch {
                 Exact::Values(a) => from_f64(&name, a, ft),
                 // computed when the rewrite ends (see `driver::settle`)
                 Exact::Scaled(s) => unsettled(&name, &s.dims, ft),
+                // (the bytes the check of written weights computed)
+                Exact::Summed(s) if s.is_written() => s.encode(&name, ft),
                 Exact::Summed(s) => unsettled(&name, s.dims(), ft),
             };
             match ix.initializer.get(&name) {

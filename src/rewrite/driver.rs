@@ -99,7 +99,7 @@ impl Cache {
         // them at every node would make the rewrite quadratic in their number)
         let (held, exact) = (&mut self.held, &mut self.exact);
         held.retain(|name| {
-            if !exact.get(name).is_some_and(|e| !e.deferred()) {
+            if exact.get(name).is_none_or(|e| e.deferred()) {
                 return false;
             }
             let keep = horizon(name) >= i;

@@ -479,6 +479,43 @@ mod tests {
         assert!(cache.exact.is_empty());
     }
 
+    /// A sum whose bytes are written is held and dropped past its readers like an f64 array;
+    /// deferred entries — a scaled stored weight, a sum not yet computed — stay until the
+    /// rewrite ends (the graph has no bytes for them before), and eviction leaves them alone.
+    #[test]
+    fn written_sums_are_evicted_and_deferred_values_stay() {
+        use crate::model::tensor::{Scaled, Summed};
+        let m = model(
+            vec![
+                node("Relu", "a", "x", "t1"),
+                node("Relu", "b", "t1", "t2"),
+                node("Relu", "c", "t2", "t3"),
+                node("Relu", "d", "t3", "t4"),
+                node("Relu", "e", "t4", "y"),
+            ],
+            "y",
+        );
+        let ix = GraphIndex::new(m.graph());
+        let mut cache = Cache::new(m.graph());
+        let scaled = Scaled::new(bytes::Bytes::from(vec![0u8; 8]), FloatType::F32, vec![1, 2, 1], vec![2.0]).unwrap();
+        let unwritten = Summed::new(scaled.clone(), vec![], vec![]).unwrap();
+        let mut written = unwritten.clone();
+        written.write(FloatType::F32, |_| ());
+        let entries = [("t1", Exact::Summed(written)), ("t2", Exact::Summed(unwritten)), ("t3", Exact::Scaled(scaled))];
+        for (name, e) in entries {
+            if !e.deferred() {
+                cache.held.insert(name.into());
+            }
+            cache.exact.insert(name.into(), e);
+        }
+        assert_eq!(cache.held, HashSet::from(["t1".to_string()]));
+        cache.evict_before(m.graph(), &ix, 4);
+        let mut left: Vec<&String> = cache.exact.keys().collect();
+        left.sort();
+        assert_eq!(left, ["t2", "t3"]);
+        assert!(cache.held.is_empty());
+    }
+
     /// Past three steps, the sums (and scales) a block's branches meet in keep a kernel's exact
     /// values: the root of a long sum may still merge it; anything else ends the look-ahead.
     #[test]

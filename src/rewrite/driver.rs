@@ -19,14 +19,15 @@ const SUM_DEPTH: usize = 64;
 pub(crate) struct Cache {
     /// The exact f64 values of the tensors the rewrite wrote, so that a kernel folded and then
     /// merged (a BN folded into each branch, then the branches merged; nested sums) is rounded to
-    /// its dtype once. The graph holds the rounded values of held ones ([`Exact::Values`]) too,
-    /// so such an entry can be dropped at any time: it is dropped once the scan has passed every
-    /// node that could read it ([`Cache::evict_before`]), which keeps at most a block's worth
-    /// alive. A deferred one — a scaled stored tensor ([`Exact::Scaled`]: a BN folded into the
-    /// Conv that stores it) or a sum of them ([`Exact::Summed`]: branches merged) — is small
-    /// (views of the stored bytes, factors per channel, tap positions) and stays until the
-    /// rewrite ends, when the graph gets its values ([`settle`]); until then the graph's
-    /// initializer has no data, and whatever reads the graph's tensors reads [`Cache::settled`].
+    /// its dtype once. The graph holds the rounded values of held ones ([`Exact::Values`], an
+    /// [`Exact::Summed`] whose bytes are written: branches merged) too, so such an entry can be
+    /// dropped at any time: it is dropped once the scan has passed every node that could read
+    /// it ([`Cache::evict_before`]), which keeps at most a block's worth alive. A deferred one —
+    /// a scaled stored tensor ([`Exact::Scaled`]: a BN folded into the Conv that stores it), or
+    /// a sum of them not yet computed — is small (views of the stored bytes, factors per
+    /// channel, tap positions) and stays until the rewrite ends, when the graph gets its values
+    /// ([`settle`]); until then the graph's initializer has no data, and whatever reads the
+    /// graph's tensors reads [`Cache::settled`].
     pub exact: HashMap<String, Exact>,
     /// The names of the held entries of `exact` (not deferred): the ones eviction looks at.
     held: HashSet<String>,

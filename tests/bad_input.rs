@@ -600,21 +600,11 @@ fn case_fuzz_findings_are_refused_without_a_large_allocation() {
                     r.summary()
                 );
             }
-            "slice_starts_of_eight_axes_before_a_conv.onnx" => {
-                // the sequential rule looked at a Slice (not a Conv) before a Conv as a Conv, and
-                // indexed its 6 "kernel" axes in the second Conv's 2: a panic; now not a candidate
-                let r = outcome.unwrap();
-                assert!(r.rewrites.is_empty(), "{}", r.summary());
-                assert!(
-                    r.refused.iter().any(|x| x.rule == "merge_branches"
-                        && x.reason.to_string().contains("Slice parameters of different lengths")),
-                    "{}",
-                    r.summary()
-                );
-            }
-            "slice_steps_of_no_values.onnx" => {
-                // steps of 0 values for starts of 1: the Slice's step was read at index 0 (a
-                // panic); now the lengths disagree, and the block is left as it is
+            "slice_starts_of_eight_axes_before_a_conv.onnx" | "slice_steps_of_no_values.onnx" => {
+                // starts that became an empty tensor of 8 axes: the sequential rule looked at the
+                // Slice (not a Conv) before a Conv as a Conv and indexed its 6 "kernel" axes in the
+                // second Conv's 2; steps of 0 values for starts of 1: the step was read at index 0.
+                // Both panicked; now the block is left as it is, with what is wrong
                 let r = outcome.unwrap();
                 assert!(r.rewrites.is_empty(), "{}", r.summary());
                 assert!(

@@ -457,9 +457,9 @@ mod tests {
         assert_eq!(m.proto, before);
     }
 
-    #[test]
-    fn exact_values_are_evicted_once_the_scan_passed_their_readers() {
-        let m = model(
+    /// x → t1 → t2 → t3 → t4 → y through five Relus (a, b, c, d, e).
+    fn relu_chain() -> Model {
+        model(
             vec![
                 node("Relu", "a", "x", "t1"),
                 node("Relu", "b", "t1", "t2"),
@@ -468,7 +468,12 @@ mod tests {
                 node("Relu", "e", "t4", "y"),
             ],
             "y",
-        );
+        )
+    }
+
+    #[test]
+    fn exact_values_are_evicted_once_the_scan_passed_their_readers() {
+        let m = relu_chain();
         let ix = GraphIndex::new(m.graph());
         let mut cache = Cache::new(m.graph());
         cache.exact.insert("t1".into(), ndarray::ArrayD::zeros(ndarray::IxDyn(&[1])).into());
@@ -486,16 +491,7 @@ mod tests {
     #[test]
     fn written_sums_are_evicted_and_deferred_values_stay() {
         use crate::model::tensor::{Scaled, Summed};
-        let m = model(
-            vec![
-                node("Relu", "a", "x", "t1"),
-                node("Relu", "b", "t1", "t2"),
-                node("Relu", "c", "t2", "t3"),
-                node("Relu", "d", "t3", "t4"),
-                node("Relu", "e", "t4", "y"),
-            ],
-            "y",
-        );
+        let m = relu_chain();
         let ix = GraphIndex::new(m.graph());
         let mut cache = Cache::new(m.graph());
         let scaled = Scaled::new(bytes::Bytes::from(vec![0u8; 8]), FloatType::F32, vec![1, 2, 1], vec![2.0]).unwrap();

@@ -30,3 +30,19 @@ pub(crate) fn declared_dims(v: &ValueInfoProto) -> Option<Vec<Option<i64>>> {
             .collect(),
     )
 }
+
+/// The declared dims of a value info: `Ok(value)`, or `Err(name)` for a symbolic dim (its
+/// `dim_param`, empty when it has none). `None` when it declares no shape.
+pub(crate) fn declared_dim_names(v: &ValueInfoProto) -> Option<Vec<std::result::Result<usize, String>>> {
+    let Some(type_proto::Value::TensorType(t)) = v.r#type.as_ref()?.value.as_ref() else { return None };
+    let dims = &t.shape.as_ref()?.dim;
+    Some(
+        dims.iter()
+            .map(|d| match &d.value {
+                Some(Value::DimValue(x)) if *x >= 0 => Ok(*x as usize),
+                Some(Value::DimParam(p)) => Err(p.clone()),
+                _ => Err(String::new()),
+            })
+            .collect(),
+    )
+}

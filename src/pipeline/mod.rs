@@ -9,7 +9,7 @@ use crate::error::{catch, Error, Result};
 use crate::model::save::{stage, DataMode, Saved};
 use crate::model::transform::{eval_mode, freeze_initializers, training_mode};
 use crate::model::Model;
-use crate::rewrite::{fuse, validate, FuseReport};
+use crate::rewrite::{fuse, fuse_at, validate, FuseReport};
 use crate::verify::inputs::check_declared_sizes;
 use crate::verify::{verify, VerifyOptions, VerifyReport};
 use paths::{check_report_path, check_writable, data_path, same_file, write_json};
@@ -174,7 +174,7 @@ fn fuse_and_write(
     opts: &FuseOptions,
     on: &mut dyn FnMut(Event),
 ) -> Result<FuseFileReport> {
-    let fused = fuse(&mut model)?;
+    let fused = fuse_at(&mut model, &opts.check.input_shapes)?;
     on(Event::Fused(&fused));
     let staged = stage(&model, output, opts.data)?;
     // what --bench needs of the fused model (it has the input's graph inputs); then its merged

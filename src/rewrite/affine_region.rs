@@ -644,7 +644,9 @@ fn indices(shape: &[usize]) -> impl Iterator<Item = Vec<usize>> + '_ {
 
 /// The convolution the region computes, with the node whose name and attributes it takes.
 fn recover(cx: &Cx, r: &Region, y: &str, ft: FloatType) -> Result<(AffineConv, Option<usize>), Reason> {
-    let xshape = cx.shape_of(&r.x).ok_or_else(|| RegionReason::SizeUnknown { tensor: r.x.clone() })?;
+    let xshape = cx
+        .shape_of(&r.x)
+        .ok_or_else(|| RegionReason::SizeUnknown { tensor: r.x.clone(), why: cx.facts().incomplete.clone() })?;
     if xshape.len() < 3 {
         return Err(RegionReason::InputShape(xshape).into());
     }
@@ -654,8 +656,9 @@ fn recover(cx: &Cx, r: &Region, y: &str, ft: FloatType) -> Result<(AffineConv, O
     if geo.base.as_ref().is_some_and(|(_, b)| b.in_channels() != c) {
         return Err(RegionReason::InputShape(xshape).into());
     }
-    let mut shape = xshape.clone();
-    shape[0] = 1;
+    // (evaluated at the model's own batch: an export's Reshape constants may fix it)
+    let shape = xshape.clone();
+    let batch = shape[0];
     let len: Vec<i64> = shape[2..].iter().map(|&d| d as i64).collect();
     let numel: usize = shape.iter().product();
     // how big the region's tensors may grow (never from the analysed shapes, which an absurd Pad
@@ -685,7 +688,7 @@ fn recover(cx: &Cx, r: &Region, y: &str, ft: FloatType) -> Result<(AffineConv, O
     }
     let out: Vec<i64> =
         (0..rank).map(|a| (len[a] + pb[a] + pe[a] - (d[a] * (k[a] - 1)) as i64 - 1).div_euclid(s[a] as i64) + 1).collect();
-    let mut want = vec![1i64, o as i64];
+    let mut want = vec![batch as i64, o as i64];
     want.extend(&out);
     let o_base = geo.base.as_ref().map_or(o, |(_, b)| b.out_channels());
     if ys.iter().map(|&v| v as i64).ne(want.iter().copied()) || o != o_base || out.iter().any(|&v| v < 1) {
@@ -754,6 +757,10 @@ fn recover(cx: &Cx, r: &Region, y: &str, ft: FloatType) -> Result<(AffineConv, O
             x[IxDyn(&at)] = 1.0;
             let resp = eval(&x)? - &y0;
             let tol = eps * resp.iter().fold(scale0, |m, v| m.max(v.abs()));
+            // the impulse is in sample 0: no other sample may see it
+            if resp.axis_iter(Axis(0)).skip(1).any(|r| r.iter().any(|v| v.abs() > tol)) {
+                return Err(RegionReason::MixesSamples.into());
+            }
             for pos in indices(&out_u) {
                 // the tap of position `pos` that reads q, if it is one
                 let tap: Option<Vec<usize>> = (0..rank)

@@ -3,7 +3,8 @@
 
 use super::patch::Holes;
 use super::{Refusal, Rewrite, Step, Try};
-use crate::graph::{default_opset, graph_names, Consts, Exact, GraphIndex, Names};
+use crate::graph::{default_opset, graph_names, is_op, Consts, Exact, GraphIndex, Names};
+use crate::tract::ShapeFacts;
 use crate::model::tensor::{checked_numel, FloatType};
 use crate::model::Model;
 use crate::proto::{GraphProto, NodeProto, TensorProto};
@@ -36,21 +37,37 @@ pub(crate) struct Cache {
     names: HashSet<String>,
     /// The slots patches emptied, not yet compacted away.
     holes: Holes,
-    /// Concrete tensor shapes from tract's analysis of the model, computed when first needed.
-    shapes: RefCell<Option<HashMap<String, Vec<usize>>>>,
+    /// tract's analysis of the model at the shapes it runs at, computed when first needed.
+    facts: RefCell<Option<ShapeFacts>>,
     /// The shapes the graph declares (value infos, then graph inputs), by name; read once.
-    declared: RefCell<Option<HashMap<String, Option<Vec<usize>>>>>,
+    declared: RefCell<Option<HashMap<String, Option<Vec<Dim>>>>>,
+    /// Input shapes given by the user (`--input-shape`), overriding the declared ones.
+    given: Vec<(String, Vec<usize>)>,
+}
+
+/// A declared dim: a value, or a symbol by its name (`None`: no name).
+#[derive(Clone, Debug)]
+enum Dim {
+    Value(usize),
+    Symbol(Option<String>),
 }
 
 impl Cache {
+    #[cfg(test)]
     pub fn new(g: &GraphProto) -> Cache {
+        Cache::with_inputs(g, vec![])
+    }
+
+    /// A cache for a model run at `given` input shapes (by input name) where they are given.
+    pub fn with_inputs(g: &GraphProto, given: Vec<(String, Vec<usize>)>) -> Cache {
         Cache {
             exact: HashMap::new(),
             held: HashSet::new(),
             names: graph_names(g),
             holes: Holes::default(),
-            shapes: RefCell::default(),
+            facts: RefCell::default(),
             declared: RefCell::default(),
+            given,
         }
     }
 
@@ -227,38 +244,86 @@ impl<'a> Cx<'a> {
         Names::new(&self.cache.names)
     }
 
-    /// Concrete shape of a tensor: from the graph's declared shapes, else from tract's analysis
-    /// of the whole model (done once). A symbolic batch dim counts as 1.
+    /// Concrete shape of a tensor at the shapes the model runs at: its declared shape (a hint:
+    /// symbolic dims take the values the graph fixes, see [`crate::tract::shapes`]), else
+    /// tract's analysis of the whole model (done once).
     pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
         let (g, holes) = (self.g, &self.cache.holes);
-        let mut declared = self.cache.declared.borrow_mut();
-        let declared = declared.get_or_insert_with(|| {
-            let mut m = HashMap::new();
-            for v in g.value_info.iter().chain(&g.input) {
-                let dims = crate::graph::declared_dims(v).and_then(|d| {
-                    d.iter()
-                        .enumerate()
-                        .map(|(i, d)| match d {
-                            Some(v) if *v >= 0 => Some(*v as usize),
-                            _ if i == 0 => Some(1),
-                            _ => None,
-                        })
-                        .collect::<Option<Vec<usize>>>()
-                });
-                m.entry(v.name().to_string()).or_insert(dims);
+        let declared = {
+            let mut declared = self.cache.declared.borrow_mut();
+            let declared = declared.get_or_insert_with(|| declared_shapes(g, &self.cache.given));
+            // (a dropped value info is no longer the tensor's; the graph inputs' never drop)
+            declared.get(name).filter(|_| !holes.value_info(name)).cloned().flatten()
+        };
+        if let Some(d) = declared {
+            let symbols = self.symbols_if_cheap();
+            let resolved: Option<Vec<usize>> = d
+                .iter()
+                .map(|d| match d {
+                    Dim::Value(v) => Some(*v),
+                    Dim::Symbol(s) => match &symbols {
+                        Some(m) => s.as_ref().and_then(|s| m.get(s).copied()),
+                        None => None,
+                    },
+                })
+                .collect();
+            if resolved.is_some() {
+                return resolved;
             }
-            m
-        });
-        // (a dropped value info is no longer the tensor's; the graph inputs' never drop)
-        if let Some(Some(d)) = declared.get(name).filter(|_| !holes.value_info(name)) {
-            return Some(d.clone());
-        }
-        let mut cache = self.cache.shapes.borrow_mut();
-        cache
-            .get_or_insert_with(|| {
-                if holes.is_empty() && !self.cache.unsettled() {
-                    return crate::tract::shapes(self.model);
+            if d.iter().any(|d| matches!(d, Dim::Symbol(Some(_)))) {
+                let facts = self.facts();
+                let by_name: Option<Vec<usize>> = d
+                    .iter()
+                    .map(|d| match d {
+                        Dim::Value(v) => Some(*v),
+                        Dim::Symbol(s) => s.as_ref().and_then(|s| facts.symbols.get(s)).map(|v| v.value),
+                    })
+                    .collect();
+                if let Some(v) = by_name {
+                    return Some(v);
                 }
+            }
+        }
+        self.facts().shapes.get(name).cloned()
+    }
+
+    /// The values of the graph inputs' symbolic dims, by name, when they are known without
+    /// analysing the model: from the analysis if it was done, else when no Reshape to a constant
+    /// shape could fix one (then each is 1); `None` otherwise.
+    fn symbols_if_cheap(&self) -> Option<HashMap<String, usize>> {
+        if let Some(f) = self.cache.facts.borrow().as_ref() {
+            return Some(f.symbols.iter().map(|(k, v)| (k.clone(), v.value)).collect());
+        }
+        let fixing = self.g.node.iter().any(|n| {
+            is_op(n, "Reshape")
+                && n.input.get(1).is_some_and(|t| self.consts.i64(t).is_ok_and(|v| v.iter().all(|&d| d >= 0)))
+        });
+        if fixing {
+            return None;
+        }
+        let g = self.g;
+        let inits: HashSet<&str> = g.initializer.iter().map(|t| t.name()).collect();
+        let mut m = HashMap::new();
+        for v in g.input.iter().filter(|v| !inits.contains(v.name())) {
+            if self.cache.given.iter().any(|(n, _)| n == v.name()) {
+                continue;
+            }
+            for d in crate::graph::declared_dim_names(v).into_iter().flatten() {
+                if let Err(name) = d {
+                    m.insert(name, 1);
+                }
+            }
+        }
+        Some(m)
+    }
+
+    /// tract's analysis of the model as it is now (done once).
+    pub fn facts(&self) -> std::cell::Ref<'_, ShapeFacts> {
+        if self.cache.facts.borrow().is_none() {
+            let holes = &self.cache.holes;
+            let f = if holes.is_empty() && !self.cache.unsettled() {
+                crate::tract::shapes::analyse(self.model, &self.cache.given)
+            } else {
                 let mut m = self.model.clone();
                 Holes::compacted(holes, m.graph_mut());
                 for t in &mut m.graph_mut().initializer {
@@ -266,16 +331,37 @@ impl<'a> Cx<'a> {
                         *t = s;
                     }
                 }
-                crate::tract::shapes(&m)
-            })
-            .get(name)
-            .cloned()
+                crate::tract::shapes::analyse(&m, &self.cache.given)
+            };
+            *self.cache.facts.borrow_mut() = Some(f);
+        }
+        std::cell::Ref::map(self.cache.facts.borrow(), |f| f.as_ref().expect("computed"))
     }
 }
 
+/// The shapes the graph declares (value infos, then graph inputs; given input shapes first).
+fn declared_shapes(g: &GraphProto, given: &[(String, Vec<usize>)]) -> HashMap<String, Option<Vec<Dim>>> {
+    let mut m = HashMap::new();
+    for (name, s) in given {
+        m.insert(name.clone(), Some(s.iter().map(|&v| Dim::Value(v)).collect()));
+    }
+    for v in g.value_info.iter().chain(&g.input) {
+        let dims = crate::graph::declared_dim_names(v).map(|d| {
+            d.into_iter()
+                .map(|d| match d {
+                    Ok(v) => Dim::Value(v),
+                    Err(name) => Dim::Symbol(Some(name).filter(|n| !n.is_empty())),
+                })
+                .collect()
+        });
+        m.entry(v.name().to_string()).or_insert(dims);
+    }
+    m
+}
+
 /// Run `rules` to a fixed point. Returns what fired and the refusals still standing.
-pub(crate) fn run(model: &mut Model, rules: &[&dyn Try]) -> (Vec<Rewrite>, Vec<Refusal>) {
-    let mut cache = Cache::new(model.graph());
+pub(crate) fn run(model: &mut Model, rules: &[&dyn Try], given: &[(String, Vec<usize>)]) -> (Vec<Rewrite>, Vec<Refusal>) {
+    let mut cache = Cache::with_inputs(model.graph(), given.to_vec());
     let mut log = Vec::new();
     // Scan the nodes in order; after a patch, go on from the node it inserted. Repeat whole
     // scans until one makes no change. A patch updates the index for the nodes it touched and
@@ -437,7 +523,7 @@ mod tests {
     fn a_toy_rule_plugs_into_the_driver() {
         let mut m =
             model(vec![node("Relu", "r", "x", "a"), node("Identity", "id", "a", "b"), node("Neg", "n", "b", "y")], "y");
-        let (log, refused) = run(&mut m, &[&DropIdentity]);
+        let (log, refused) = run(&mut m, &[&DropIdentity], &[]);
         assert_eq!(log.len(), 1);
         assert_eq!(log[0].rule, "drop_identity");
         assert!(refused.is_empty());
@@ -450,7 +536,7 @@ mod tests {
     fn a_refused_candidate_stays_and_is_reported_once() {
         let mut m = model(vec![node("Relu", "r", "x", "a"), node("Identity", "id", "a", "y")], "y");
         let before = m.proto.clone();
-        let (log, refused) = run(&mut m, &[&DropIdentity]);
+        let (log, refused) = run(&mut m, &[&DropIdentity], &[]);
         assert!(log.is_empty());
         assert_eq!(refused.len(), 1);
         assert_eq!((refused[0].rule, refused[0].node.as_str()), (RuleId("drop_identity"), "id"));
@@ -588,7 +674,7 @@ mod tests {
     #[cfg(not(debug_assertions))]
     fn a_rule_that_keeps_rewriting_is_stopped() {
         let mut m = model(vec![node("Identity", "id", "x", "y")], "y");
-        let (log, _) = run(&mut m, &[&Again]);
+        let (log, _) = run(&mut m, &[&Again], &[]);
         assert_eq!(log.len(), 64 + 8);
         assert_eq!(m.graph().node.len(), 1);
     }

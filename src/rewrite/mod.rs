@@ -307,6 +307,12 @@ pub fn validate(model: &Model) -> Result<()> {
 
 /// Fuse every re-parameterisable block of `model`, in place: every rule runs to a fixed point.
 pub fn fuse(model: &mut Model) -> Result<FuseReport> {
+    fuse_at(model, &[])
+}
+
+/// [`fuse`] for the model run at `input_shapes` (by graph input name; `--input-shape`), where
+/// they are given: the shapes the rules and the general path see are those it runs at.
+pub fn fuse_at(model: &mut Model, input_shapes: &[(String, Vec<usize>)]) -> Result<FuseReport> {
     validate(model)?;
     let mut notes: Vec<String> = crate::model::transform::training_mode(model).into_iter().collect();
     let frozen_inputs = crate::model::transform::initializer_inputs(model);
@@ -316,7 +322,7 @@ pub fn fuse(model: &mut Model) -> Result<FuseReport> {
         ));
     }
     let before = Stats::of(model);
-    let (rewrites, refused) = driver::run(model, RULES);
+    let (rewrites, refused) = driver::run(model, RULES, input_shapes);
     let after = Stats::of(model);
     Ok(FuseReport {
         notes,

@@ -123,6 +123,8 @@ pub enum RegionReason {
     /// The size of the region's input is not known.
     SizeUnknown {
         tensor: String,
+        /// why tract's analysis of the model stopped short, if it did
+        why: Option<String>,
     },
     /// No convolution window fits the region's output size.
     Geometry,
@@ -148,6 +150,8 @@ pub enum RegionReason {
         weights: u128,
     },
     ReadsOutsideWindow,
+    /// An input sample changes another sample's output.
+    MixesSamples,
     /// The recovered convolution does not reproduce the region.
     NotRecovered {
         max_diff: f64,
@@ -217,7 +221,10 @@ impl fmt::Display for RegionReason {
         match self {
             RegionReason::NegativePad { pad } => write!(f, "Pad '{pad}' has negative amounts"),
             RegionReason::UsedOutside { tensor } => write!(f, "'{tensor}' inside the region is also used outside it"),
-            RegionReason::SizeUnknown { tensor } => write!(f, "the size of '{tensor}' is unknown"),
+            RegionReason::SizeUnknown { tensor, why: None } => write!(f, "the size of '{tensor}' is unknown"),
+            RegionReason::SizeUnknown { tensor, why: Some(why) } => {
+                write!(f, "the size of '{tensor}' is unknown (tract's shape analysis: {why})")
+            }
             RegionReason::Geometry => {
                 f.write_str("the region's operators give no convolution window that matches its output size")
             }
@@ -239,6 +246,7 @@ impl fmt::Display for RegionReason {
                 "the kernel to recover would hold {weights} weights, more than the general path evaluates (2^26)"
             ),
             RegionReason::ReadsOutsideWindow => f.write_str("the region reads outside the Conv's window"),
+            RegionReason::MixesSamples => f.write_str("the region mixes the samples of a batch"),
             RegionReason::NotRecovered { max_diff } => {
                 write!(f, "the region is not the recovered convolution (max diff {max_diff:.3e} on random inputs)")
             }

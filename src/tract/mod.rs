@@ -2,7 +2,7 @@
 //! concrete input shapes ([`plan`]: the un-optimised reference plan the check runs, or tract's
 //! optimised plan for latency), the noise criterion's perturbed weights ([`perturb`]), what
 //! tract must not be handed or asked to run ([`safety`]), a region of a
-//! model evaluated on its own and the shape analysis of a model ([`region`]), and tract's errors
+//! model evaluated on its own ([`region`]), the shapes a model's tensors really have ([`shapes`]), and tract's errors
 //! as one line ([`errors`]).
 
 pub(crate) mod errors;
@@ -11,11 +11,13 @@ pub(crate) mod perturb;
 pub(crate) mod plan;
 pub(crate) mod region;
 pub(crate) mod safety;
+pub(crate) mod shapes;
 
 pub(crate) use load::{load, signature_without_weights, DeclDim, Loaded, Signature};
 pub(crate) use perturb::{perturb_in_place, Draws};
 pub(crate) use plan::{on_threads, output_shapes, prepare, run, weigh, InputFact, PlanKind, PlanSpec};
-pub(crate) use region::{shapes, RegionPlan};
+pub(crate) use region::RegionPlan;
+pub(crate) use shapes::ShapeFacts;
 
 use tract_onnx::prelude::DatumType;
 

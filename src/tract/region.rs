@@ -1,14 +1,11 @@
-//! Evaluating a small region of a model in tract (the general rewrite path), and tract's shape
-//! analysis of a whole model.
+//! Evaluating a small region of a model in tract (the general rewrite path).
 
-use super::errors::summarize;
 use super::safety::{grows_too_big, unrunnable, MAX_TENSOR_ELEMENTS};
 use crate::error::catch;
 use crate::model::Model;
 use crate::proto::ModelProto;
 use ndarray::{ArrayD, IxDyn};
 use prost::Message;
-use std::collections::HashMap;
 use std::sync::Arc;
 use tract_onnx::prelude::*;
 
@@ -91,45 +88,10 @@ fn check_sizes(m: &TypedModel, size: usize) -> Result<(), String> {
     }
 }
 
-/// Concrete shapes of the tensors of `model`, by name, from tract's analysis at the declared
-/// input shapes (symbolic dims as 1). Empty when tract cannot analyse the model.
-pub(crate) fn shapes(model: &Model) -> HashMap<String, Vec<usize>> {
-    catch(|| analyse(model)).ok().and_then(|r| r.ok()).unwrap_or_default()
-}
-
-fn analyse(m: &Model) -> Result<HashMap<String, Vec<usize>>, String> {
-    if let Some(why) = crashes_analysis(m) {
-        return Err(why);
-    }
-    let bytes = m.to_inline().map_err(|e| e.to_string())?.encode_to_vec();
-    let mut model = tract_onnx::onnx().model_for_read(&mut &bytes[..]).map_err(|e| summarize(&e.to_string()))?;
-    let g = m.graph();
-    let inputs = g.input.iter().filter(|v| !g.initializer.iter().any(|t| t.name() == v.name()));
-    let n = model.input_outlets().map_err(|e| e.to_string())?.len();
-    for (k, v) in inputs.enumerate().take(n) {
-        let Some(dims) = crate::graph::declared_dims(v) else { continue };
-        let dims: Vec<usize> = dims.iter().map(|d| d.filter(|&x| x > 0).unwrap_or(1) as usize).collect();
-        model = model.with_input_fact(k, f32::fact(&dims).into()).map_err(|e| e.to_string())?;
-    }
-    let _ = model.analyse(false);
-    let mut out = HashMap::new();
-    for node in model.nodes() {
-        for slot in 0..node.outputs.len() {
-            let outlet = OutletId::new(node.id, slot);
-            if let (Some(label), Ok(fact)) = (model.outlet_label(outlet), model.outlet_fact(outlet)) {
-                if let Ok(Some(d)) = fact.shape.as_concrete_finite() {
-                    out.insert(label.to_string(), d.to_vec());
-                }
-            }
-        }
-    }
-    Ok(out)
-}
-
 /// What tract 0.23's analysis is known to crash on (not a panic: a wild read), so that it is
 /// never asked: a BatchNormalization whose input has fewer than 2 axes (its inference rules
 /// index the channel axis unchecked). Found by the structural fuzz test.
-fn crashes_analysis(m: &Model) -> Option<String> {
+pub(crate) fn crashes_analysis(m: &Model) -> Option<String> {
     if let Some(why) = grows_too_big(m, MAX_TENSOR_ELEMENTS) {
         return Some(why);
     }
@@ -172,7 +134,7 @@ mod tests {
         let (z, _) = b.bn("bn", &v, 2, None);
         b.output(&y);
         b.output(&z);
-        assert!(super::shapes(&b.build()).is_empty());
+        assert!(crate::tract::shapes::analyse(&b.build(), &[]).shapes.is_empty());
         assert!(super::crashes_analysis(&b.build()).is_some());
     }
 }

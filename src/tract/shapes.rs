@@ -1,0 +1,345 @@
+//! The shapes a model's tensors really have: tract's analysis of the whole model at the shapes
+//! it runs at. Its input dims are the declared ones, or given (`--input-shape`); a symbolic dim
+//! takes the value the graph itself fixes — a Reshape to a constant shape whose element count
+//! holds the symbol once (an export traced at batch 2 bakes `[2, 16, 2, 36]` into its Reshapes)
+//! — and only when nothing fixes it, 1. Half-precision models are analysed as their exact
+//! float32 upcasts (tract types few operators in float16 and none in bfloat16, and the shapes are
+//! the same).
+
+use super::region::crashes_analysis;
+use crate::error::catch;
+use crate::model::Model;
+use prost::Message;
+use std::collections::{BTreeMap, HashMap};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::{Factoid, InferenceModelExt};
+
+/// Where the value of a symbolic input dim comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Fixed {
+    /// The graph fixes it: a Reshape to a constant shape (node name, the shape it reshapes to).
+    ByReshape { node: String, to: Vec<i64> },
+    /// Nothing fixes it: 1.
+    Default,
+}
+
+/// A symbolic input dim's value.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct SymbolValue {
+    pub value: usize,
+    pub fixed: Fixed,
+}
+
+/// What the analysis found.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ShapeFacts {
+    /// Concrete shapes by tensor name (those tract could work out).
+    pub shapes: HashMap<String, Vec<usize>>,
+    /// The values of the symbolic dims of the graph inputs, by their names in the model (a dim
+    /// without a name is `input:axis`).
+    pub symbols: BTreeMap<String, SymbolValue>,
+    /// Why the analysis stopped short of the whole graph, if it did.
+    pub incomplete: Option<String>,
+}
+
+/// A declared input dim.
+#[derive(Clone, Debug, PartialEq)]
+enum Dim {
+    Value(usize),
+    /// a symbolic dim, by its name in the model (or `input:axis` when it has none)
+    Symbol(String),
+}
+
+/// The model's tensors' shapes at its declared input shapes, with `given` shapes of inputs by
+/// name overriding them. Empty (with `incomplete` saying why) when tract cannot analyse it.
+pub(crate) fn analyse(model: &Model, given: &[(String, Vec<usize>)]) -> ShapeFacts {
+    let upcast;
+    let m = if crate::model::transform::has_half(model) {
+        match crate::model::transform::upcast_half(model) {
+            Ok(u) => {
+                upcast = u;
+                &upcast
+            }
+            Err(e) => return ShapeFacts { incomplete: Some(e.to_string()), ..Default::default() },
+        }
+    } else {
+        model
+    };
+    if let Some(why) = crashes_analysis(m) {
+        return ShapeFacts { incomplete: Some(why), ..Default::default() };
+    }
+    let bytes = match m.to_inline() {
+        Ok(p) => p.encode_to_vec(),
+        Err(e) => return ShapeFacts { incomplete: Some(e.to_string()), ..Default::default() },
+    };
+    let inputs = declared_inputs(m, given);
+    match catch(|| facts(&bytes, &inputs)) {
+        Ok(f) => f,
+        Err(p) => ShapeFacts { incomplete: Some(format!("tract panicked: {}", p.text.unwrap_or_default())), ..Default::default() },
+    }
+}
+
+/// The graph inputs (initializers aside) with their dims: given, else declared (a dim without a
+/// value is a symbol). `None` for an input with no declared shape.
+fn declared_inputs(m: &Model, given: &[(String, Vec<usize>)]) -> Vec<(String, Option<Vec<Dim>>)> {
+    use crate::proto::{tensor_shape_proto::dimension::Value, type_proto};
+    let g = m.graph();
+    let inits: std::collections::HashSet<&str> = g.initializer.iter().map(|t| t.name()).collect();
+    g.input
+        .iter()
+        .filter(|v| !inits.contains(v.name()))
+        .map(|v| {
+            if let Some((_, s)) = given.iter().find(|(n, _)| n == v.name()) {
+                return (v.name().to_string(), Some(s.iter().map(|&d| Dim::Value(d)).collect()));
+            }
+            let dims = match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+                Some(type_proto::Value::TensorType(t)) => t.shape.as_ref().map(|s| {
+                    s.dim
+                        .iter()
+                        .enumerate()
+                        .map(|(k, d)| match &d.value {
+                            Some(Value::DimValue(x)) if *x >= 0 => Dim::Value(*x as usize),
+                            Some(Value::DimParam(p)) if !p.is_empty() => Dim::Symbol(p.clone()),
+                            _ => Dim::Symbol(format!("{}:{k}", v.name())),
+                        })
+                        .collect()
+                }),
+                _ => None,
+            };
+            (v.name().to_string(), dims)
+        })
+        .collect()
+}
+
+fn msg(e: TractError) -> String {
+    format!("{e:#}").replace('\n', " ")
+}
+
+/// Analyse the model (`bytes`, inline) with the symbols as tract symbols; solve what the graph
+/// fixes; analyse again at the values found (1 for the others).
+fn facts(bytes: &[u8], inputs: &[(String, Option<Vec<Dim>>)]) -> ShapeFacts {
+    let mut symbols: BTreeMap<String, SymbolValue> = BTreeMap::new();
+    let names: Vec<String> = {
+        let mut v: Vec<String> = inputs
+            .iter()
+            .flat_map(|(_, d)| d.iter().flatten())
+            .filter_map(|d| match d {
+                Dim::Symbol(s) => Some(s.clone()),
+                Dim::Value(_) => None,
+            })
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    // each round fixes at least one more symbol, or ends
+    for _ in 0..=names.len() {
+        let open: Vec<&String> = names.iter().filter(|n| !symbols.contains_key(*n)).collect();
+        if open.is_empty() {
+            break;
+        }
+        let Ok(model) = load(bytes, inputs, &symbols) else { break };
+        let (mut model, tsyms) = model;
+        let _ = model.analyse(true);
+        let found = solve(&model, &tsyms);
+        if found.is_empty() {
+            break;
+        }
+        for (name, v) in found {
+            symbols.entry(name).or_insert(v);
+        }
+    }
+    for n in &names {
+        symbols.entry(n.clone()).or_insert(SymbolValue { value: 1, fixed: Fixed::Default });
+    }
+    let (mut model, _) = match load(bytes, inputs, &symbols) {
+        Ok(m) => m,
+        Err(e) => return ShapeFacts { symbols, incomplete: Some(e), ..Default::default() },
+    };
+    let incomplete = model.analyse(true).err().map(msg);
+    let mut shapes = HashMap::new();
+    for node in model.nodes() {
+        for slot in 0..node.outputs.len() {
+            let outlet = OutletId::new(node.id, slot);
+            if let (Some(label), Ok(fact)) = (model.outlet_label(outlet), model.outlet_fact(outlet)) {
+                if let Ok(Some(d)) = fact.shape.as_concrete_finite() {
+                    shapes.insert(label.to_string(), d.to_vec());
+                }
+            }
+        }
+    }
+    ShapeFacts { shapes, symbols, incomplete }
+}
+
+/// The model with its input facts: given and declared values, the values found so far, and a
+/// tract symbol for every other symbolic dim (returned by name).
+fn load(
+    bytes: &[u8],
+    inputs: &[(String, Option<Vec<Dim>>)],
+    known: &BTreeMap<String, SymbolValue>,
+) -> Result<(InferenceModel, HashMap<String, Symbol>), String> {
+    let mut model = tract_onnx::onnx().model_for_read(&mut &bytes[..]).map_err(msg)?;
+    let n = model.input_outlets().map_err(msg)?.len();
+    let mut tsyms: HashMap<String, Symbol> = HashMap::new();
+    for (k, (_, dims)) in inputs.iter().enumerate().take(n) {
+        let Some(dims) = dims else { continue };
+        let shape: TVec<TDim> = dims
+            .iter()
+            .map(|d| match d {
+                Dim::Value(v) => TDim::from(*v as i64),
+                Dim::Symbol(s) => match known.get(s) {
+                    Some(v) => TDim::from(v.value as i64),
+                    None => {
+                        let next = tsyms.len();
+                        let sym = tsyms.entry(s.clone()).or_insert_with(|| model.symbols.sym(&format!("acnet_s{next}")));
+                        TDim::Sym(sym.clone())
+                    }
+                },
+            })
+            .collect();
+        let outlet = model.input_outlets().map_err(msg)?[k];
+        let mut fact = model.outlet_fact(outlet).map_err(msg)?.clone();
+        fact.shape = shape.into_iter().collect();
+        model = model.with_input_fact(k, fact).map_err(msg)?;
+    }
+    Ok((model, tsyms))
+}
+
+/// The symbols the analysed model's Reshapes fix: a Reshape to a constant shape (no -1) whose
+/// input's element count is `a·s` for one open symbol s fixes `s = count / a`.
+fn solve(model: &InferenceModel, tsyms: &HashMap<String, Symbol>) -> Vec<(String, SymbolValue)> {
+    let by_sym: HashMap<&Symbol, &String> = tsyms.iter().map(|(n, s)| (s, n)).collect();
+    let mut found: Vec<(String, SymbolValue)> = vec![];
+    for node in model.nodes() {
+        if node.op.name() != "Reshape" || node.inputs.len() != 2 {
+            continue;
+        }
+        let (Ok(x), Ok(s)) = (model.outlet_fact(node.inputs[0]), model.outlet_fact(node.inputs[1])) else { continue };
+        let Some(target) = s.value.concretize() else { continue };
+        let Ok(target) = target.cast_to::<i64>() else { continue };
+        let Ok(target) = target.try_as_plain_ram().and_then(|t| t.as_slice::<i64>().map(|s| s.to_vec())) else {
+            continue;
+        };
+        let Some(dims) = x.shape.concretize() else { continue };
+        // (a 0 copies the input's dim; a -1 leaves the count free)
+        if target.iter().any(|&d| d < 0) {
+            continue;
+        }
+        let mut count: i64 = 1;
+        let mut vol = TDim::from(1);
+        for (i, &d) in target.iter().enumerate() {
+            if d == 0 {
+                match dims.get(i) {
+                    Some(di) => vol = vol * di.clone(),
+                    None => continue,
+                }
+            } else {
+                count = count.saturating_mul(d);
+            }
+        }
+        let input: TDim = dims.iter().cloned().product::<TDim>();
+        // input = vol · count  ⇔  input / vol = count, with one open symbol in `input / vol`
+        let syms = input.symbols();
+        let open: Vec<&Symbol> = syms.iter().filter(|s| by_sym.contains_key(s)).collect();
+        if open.len() != 1 || syms.len() != 1 || !vol.symbols().is_empty() {
+            continue;
+        }
+        let s = open[0];
+        let at = |v: i64| input.eval(&SymbolValues::default().with(s, v)).to_i64().ok();
+        let (Some(a1), Some(a2), Ok(v0)) = (at(1), at(2), vol.to_i64()) else { continue };
+        // linear in s: input = a·s
+        if a1 <= 0 || a2 != 2 * a1 || v0 <= 0 {
+            continue;
+        }
+        let want = count.saturating_mul(v0);
+        if want % a1 != 0 || want / a1 < 1 {
+            continue;
+        }
+        let name = by_sym[s].clone();
+        if found.iter().any(|(n, _)| *n == name) {
+            continue;
+        }
+        found.push((
+            name,
+            SymbolValue { value: (want / a1) as usize, fixed: Fixed::ByReshape { node: node.name.clone(), to: target } },
+        ));
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{tensor_proto::DataType, tensor_shape_proto, type_proto, ValueInfoProto};
+    use crate::support::{Builder, ConvAttrs};
+
+    /// `x` declared `[batch, 2, 4, 4]` (symbolic batch); a Conv, then a Reshape of its output to
+    /// `to` (a constant).
+    fn reshaped(to: &[i64]) -> Builder {
+        let mut b = Builder::new(2, 4, 4);
+        let dim = |d: tensor_shape_proto::dimension::Value| tensor_shape_proto::Dimension { value: Some(d), ..Default::default() };
+        use tensor_shape_proto::dimension::Value as V;
+        let dims = vec![dim(V::DimParam("batch".into())), dim(V::DimValue(2)), dim(V::DimValue(4)), dim(V::DimValue(4))];
+        b.graph.input[0] = ValueInfoProto {
+            name: Some("x".into()),
+            r#type: Some(crate::proto::TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                    elem_type: Some(DataType::Float as i32),
+                    shape: Some(crate::proto::TensorShapeProto { dim: dims }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let (c, _, _) = b.conv_rand("conv", "x", 3, 2, &[3, 3], true, ConvAttrs::pads(&[1, 1, 1, 1]));
+        let s = b.initializer_i64("target", to);
+        let r = b.node("Reshape", "reshape", &[&c, &s], &["r"], vec![]);
+        b.output(&r);
+        b
+    }
+
+    #[test]
+    fn a_symbolic_batch_takes_the_value_a_constant_reshape_fixes() {
+        // 3 channels x 16 positions x batch = 2 x 48: the batch is 2
+        let f = analyse(&reshaped(&[2, 48]).build(), &[]);
+        let v = &f.symbols["batch"];
+        assert_eq!(v.value, 2);
+        assert!(matches!(&v.fixed, Fixed::ByReshape { node, to } if node == "reshape" && to == &[2, 48]), "{v:?}");
+        assert_eq!(f.shapes["conv.y"], [2, 3, 4, 4]);
+        assert_eq!(f.shapes["r"], [2, 48]);
+        assert!(f.incomplete.is_none(), "{:?}", f.incomplete);
+    }
+
+    #[test]
+    fn a_symbolic_batch_nothing_fixes_is_one() {
+        // a -1 leaves the count free
+        let f = analyse(&reshaped(&[-1, 48]).build(), &[]);
+        assert_eq!(f.symbols["batch"], SymbolValue { value: 1, fixed: Fixed::Default });
+        assert_eq!(f.shapes["conv.y"], [1, 3, 4, 4]);
+    }
+
+    #[test]
+    fn given_input_shapes_override_the_declared_ones() {
+        let f = analyse(&reshaped(&[-1, 48]).build(), &[("x".into(), vec![3, 2, 4, 4])]);
+        assert!(f.symbols.is_empty());
+        assert_eq!(f.shapes["r"], [3, 48]);
+    }
+
+    #[test]
+    fn a_half_precision_model_is_analysed_as_its_float32_upcast() {
+        let mut b = reshaped(&[2, 48]);
+        for t in &mut b.graph.initializer {
+            if t.data_type == Some(DataType::Float as i32) {
+                let a = crate::model::tensor::to_f64(t, t.raw_data.as_deref()).unwrap();
+                *t = crate::model::tensor::from_f64(t.name(), &a, crate::model::tensor::FloatType::F16);
+            }
+        }
+        for v in b.graph.input.iter_mut().chain(b.graph.output.iter_mut()) {
+            if let Some(type_proto::Value::TensorType(t)) = v.r#type.as_mut().and_then(|t| t.value.as_mut()) {
+                t.elem_type = Some(DataType::Float16 as i32);
+            }
+        }
+        let f = analyse(&b.build(), &[]);
+        assert_eq!(f.shapes["conv.y"], [2, 3, 4, 4], "{:?}", f.incomplete);
+    }
+}

@@ -16,16 +16,14 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 use serde::Serialize;
 use tract_onnx::prelude::*;
 
 use crate::error::{catch, Error};
 use crate::tract::errors::{chain_msg, describe_failure, panic_msg};
 use crate::tract::{load, prepare, PlanKind, PlanSpec};
-use crate::verify::inputs::{resolve_inputs, sample};
-use crate::verify::{check_signature, InputSpec, VerifyOptions};
+use crate::verify::inputs::{first_sample, FirstSample};
+use crate::verify::{InputSpec, VerifyOptions};
 
 /// What tract plan the latency is of (the `plan` field of [`BenchReport`]).
 pub const PLAN: &str = "tract optimised";
@@ -170,12 +168,9 @@ pub fn bench_latency(
     let a = load(before)?;
     let b = load(after)?;
     let (sa, sb) = (a.signature()?, b.signature()?);
-    check_signature(&sa, &sb)?;
     let mut notes = vec![];
-    let resolved = resolve_inputs(&sa, &sb, inputs, &mut notes)?;
     // the equivalence check's first sample
-    let data = sample(&resolved, &mut StdRng::seed_from_u64(inputs.seed))?;
-    let facts: Vec<_> = resolved.iter().map(|i| i.fact()).collect();
+    let FirstSample { facts, specs, data } = first_sample(&sa, &sb, inputs, &mut notes)?;
     let mut runners = vec![];
     for (path, m) in [(before, a), (after, b)] {
         let (plan, in_names, out_names) = prepare(&m, &facts, &mut notes, PlanSpec::of(PlanKind::Optimised))?;
@@ -227,7 +222,7 @@ pub fn bench_latency(
         runs_after: tb.len(),
         warmup_runs: warmup,
         plan: PLAN.into(),
-        inputs: resolved.iter().map(|i| i.spec()).collect(),
+        inputs: specs,
         notes,
     })
 }

@@ -67,7 +67,7 @@ pub use verify::{verify, VerifyOptions, VerifyReport};
 /// 128 KiB (adaptively up to 32 MiB) to the system and trims the heap's top, so every
 /// kernel-sized array the rewrite allocates is page-faulted (and zeroed by the kernel) anew;
 /// keeping freed memory for reuse makes `fuse` ~15% faster on ImageNet-scale models without
-/// raising its peak (measured in benches/perf.rs). With `one_arena` (a process that is the
+/// raising its peak (measured in benches/perf/). With `one_arena` (a process that is the
 /// command line's alone, before any other thread exists), every thread shares one arena: the
 /// check's threads (samples, tract's matrix products, rayon) would each keep freed memory in an
 /// arena of their own, which the check's phases (one model's weights at a time, free memory

@@ -9,7 +9,8 @@
 //! Floats are evaluated in f64 (the exact value of the operator on the stored parameters), integers
 //! in i64. Only small tensors are evaluated ([`MAX_ELEMS`]), at most [`MAX_NODES`] nodes per call.
 
-use super::attrs::{attr, attr_int, attr_ints, is_default_domain};
+use super::attrs::{attr, attr_float, attr_int, attr_ints, attr_string, is_default_domain};
+use super::linalg;
 use super::consts::{ConstError, Consts};
 use crate::model::tensor::{to_f64, to_i64, FloatType};
 use crate::proto::{tensor_proto::DataType, NodeProto, TensorProto};
@@ -181,6 +182,16 @@ const EVALUATED: &[&str] = &[
     "Pow",
     "Shape",
     "Size",
+    "MatMul",
+    "Gemm",
+    "Einsum",
+    "Conv",
+    "Pad",
+    "Expand",
+    "Tile",
+    "Sum",
+    "Max",
+    "Min",
 ];
 
 fn axis_of(a: i64, rank: usize) -> Option<usize> {
@@ -496,6 +507,132 @@ fn eval(n: &NodeProto, mut ins: Vec<Option<Value>>, opset: i64) -> Option<Value>
                 }
                 _ => None,
             }
+        }
+        "MatMul" | "Gemm" | "Einsum" | "Conv" => {
+            // linear algebra: in f64, the type of the first float operand
+            let vals: Vec<Option<(ArrayD<f64>, FloatType)>> = ins
+                .into_iter()
+                .map(|v| match v {
+                    Some(Value::Float(a, ft)) => Some((a, ft)),
+                    _ => None,
+                })
+                .collect();
+            let ft = vals.iter().flatten().next()?.1;
+            let arr = |k: usize| vals.get(k).and_then(|v| v.as_ref()).map(|v| &v.0);
+            let y = match op {
+                "MatMul" => linalg::matmul(arr(0)?, arr(1)?)?,
+                "Gemm" => linalg::gemm(
+                    arr(0)?,
+                    arr(1)?,
+                    arr(2),
+                    attr_float(n, "alpha", 1.0) as f64,
+                    attr_float(n, "beta", 1.0) as f64,
+                    attr_int(n, "transA", 0) != 0,
+                    attr_int(n, "transB", 0) != 0,
+                )?,
+                "Einsum" => {
+                    let ops: Vec<ArrayD<f64>> = (0..vals.len()).map(|k| arr(k).cloned()).collect::<Option<_>>()?;
+                    linalg::einsum(&attr_string(n, "equation")?, &ops)?
+                }
+                _ => {
+                    let (x, w) = (arr(0)?, arr(1)?);
+                    let r = w.ndim().checked_sub(2)?;
+                    if attr_string(n, "auto_pad").is_some_and(|a| a != "NOTSET" && a != "VALID") {
+                        return None;
+                    }
+                    let get = |name: &str| attr_ints(n, name).unwrap_or_else(|| vec![1; r]);
+                    let to_u = |v: Vec<i64>| v.into_iter().map(|d| usize::try_from(d).ok()).collect::<Option<Vec<usize>>>();
+                    let pads = attr_ints(n, "pads").unwrap_or_else(|| vec![0; 2 * r]);
+                    if pads.len() != 2 * r {
+                        return None;
+                    }
+                    let attrs = linalg::ConvAttrs {
+                        groups: usize::try_from(attr_int(n, "group", 1)).ok()?,
+                        strides: to_u(get("strides"))?,
+                        dilations: to_u(get("dilations"))?,
+                        pads_begin: to_u(pads[..r].to_vec())?,
+                        pads_end: to_u(pads[r..].to_vec())?,
+                    };
+                    linalg::conv(x, w, arr(2), &attrs)?
+                }
+            };
+            Some(Value::Float(y, ft))
+        }
+        "Pad" => {
+            let x = x?;
+            let r = x.shape().len();
+            if attr_string(n, "mode").is_some_and(|m| m != "constant") {
+                return None;
+            }
+            let amounts = if opset < 11 { attr_ints(n, "pads")? } else { ins.get(1)?.as_ref()?.ints()? };
+            let axes: Vec<usize> = match ints_input(&ins, 3)? {
+                Some(a) => a.iter().map(|&v| axis_of(v, r)).collect::<Option<_>>()?,
+                None => (0..r).collect(),
+            };
+            if amounts.len() != 2 * axes.len() {
+                return None;
+            }
+            let (mut b, mut e) = (vec![0; r], vec![0; r]);
+            for (k, &a) in axes.iter().enumerate() {
+                b[a] = amounts[k];
+                e[a] = amounts[k + axes.len()];
+            }
+            let value = if opset < 11 { None } else { ins.get(2).cloned().flatten() };
+            match x {
+                Value::Float(a, ft) => {
+                    let v = match value {
+                        Some(Value::Float(v, _)) => *v.iter().next()?,
+                        None => attr_float(n, "value", 0.0) as f64,
+                        _ => return None,
+                    };
+                    Some(Value::Float(linalg::pad(&a, &b, &e, v)?, ft))
+                }
+                Value::Int(a) => {
+                    let v = match value {
+                        Some(Value::Int(v)) => *v.iter().next()?,
+                        None => 0,
+                        _ => return None,
+                    };
+                    Some(Value::Int(linalg::pad(&a, &b, &e, v)?))
+                }
+            }
+        }
+        "Expand" | "Tile" => {
+            let k = ins.get(1)?.as_ref()?.ints()?;
+            let f = |a: ArrayD<f64>| if op == "Expand" { linalg::expand(&a, &k) } else { linalg::tile(&a, &k) };
+            let g = |a: ArrayD<i64>| if op == "Expand" { linalg::expand(&a, &k) } else { linalg::tile(&a, &k) };
+            x?.map_shape(f, g)
+        }
+        "Sum" | "Max" | "Min" => {
+            let vals: Vec<Value> = ins.into_iter().collect::<Option<_>>()?;
+            let mut it = vals.into_iter();
+            let mut acc = it.next()?;
+            for v in it {
+                acc = match (acc, v) {
+                    (Value::Float(a, ft), Value::Float(b, fb)) if ft == fb => {
+                        let f: fn(f64, f64) -> f64 = match op {
+                            "Sum" => |p, q| p + q,
+                            "Max" => f64::max,
+                            _ => f64::min,
+                        };
+                        Value::Float(zip(&a, &b, f)?, ft)
+                    }
+                    (Value::Int(a), Value::Int(b)) => {
+                        let f: fn(i64, i64) -> Option<i64> = match op {
+                            "Sum" => i64::checked_add,
+                            "Max" => |p, q| Some(p.max(q)),
+                            _ => |p, q| Some(p.min(q)),
+                        };
+                        let out = zip(&a, &b, f)?;
+                        if out.iter().any(|v| v.is_none()) {
+                            return None;
+                        }
+                        Value::Int(out.mapv(|v| v.expect("checked")))
+                    }
+                    _ => return None,
+                };
+            }
+            Some(acc)
         }
         _ => None,
     }

@@ -4,6 +4,7 @@
 pub(crate) mod attrs;
 pub(crate) mod consts;
 pub(crate) mod fold;
+mod linalg;
 mod index;
 pub(crate) mod names;
 

@@ -7,7 +7,7 @@ use crate::error::Error;
 use crate::tract::errors::{chain_msg, summarize};
 use crate::tract::{dt_name, is_float, is_int, DeclDim, InputFact, Signature};
 use rand::rngs::StdRng;
-use rand::Rng;
+use rand::{Rng, SeedableRng};
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::Path;
@@ -296,6 +296,36 @@ pub(crate) fn sample(inputs: &[ResolvedInput], rng: &mut StdRng) -> Result<HashM
         data.insert(i.name.clone(), t);
     }
     Ok(data)
+}
+
+/// What the latency bench runs two models on: the inputs the check resolves and the first sample
+/// it draws from them (the same seed, `--input-shape` and input files; symbolic dims as 1).
+pub(crate) struct FirstSample {
+    /// The type and shape to pin each input to, in the models' input order.
+    pub(crate) facts: Vec<InputFact>,
+    /// What the report says about each input.
+    pub(crate) specs: Vec<InputSpec>,
+    /// Every input's values, by name.
+    pub(crate) data: HashMap<String, Tensor>,
+}
+
+/// The inputs the check of `c` against `r` resolves (after checking that their inputs and
+/// outputs have the same names), and its first sample as drawn for models it does not upcast
+/// (random values are not rounded to a half-precision input's own type).
+pub(crate) fn first_sample(
+    r: &Signature,
+    c: &Signature,
+    opts: &VerifyOptions,
+    notes: &mut Vec<String>,
+) -> Result<FirstSample, Error> {
+    super::check_signature(r, c)?;
+    let resolved = resolve_inputs(r, c, opts, notes)?;
+    let data = sample(&resolved, &mut StdRng::seed_from_u64(opts.seed))?;
+    Ok(FirstSample {
+        facts: resolved.iter().map(|i| i.fact()).collect(),
+        specs: resolved.iter().map(|i| i.spec()).collect(),
+        data,
+    })
 }
 
 pub(crate) fn resolve_inputs(

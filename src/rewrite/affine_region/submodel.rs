@@ -1,0 +1,95 @@
+//! The region cut out as a model of its own, in float64, for tract to evaluate.
+
+use super::region::Region;
+use super::{Cx, RegionReason};
+use crate::graph::is_op;
+use crate::model::tensor::{from_f64, to_f64, FloatType};
+use crate::proto::{
+    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto, AttributeProto, GraphProto,
+    ModelProto, TensorShapeProto, TypeProto, ValueInfoProto,
+};
+use ndarray::{ArrayD, IxDyn};
+use std::collections::HashSet;
+
+/// The region as a model of its own computing in float64: input x (concrete shape), output y.
+/// Float initializers, Constant nodes and casts to float types become float64.
+pub(super) fn submodel(cx: &Cx, r: &Region, y: &str, shape: &[usize]) -> Result<ModelProto, RegionReason> {
+    let g = cx.g;
+    let mut nodes: Vec<usize> = r.dep.iter().chain(&r.stat).copied().collect();
+    nodes.sort_unstable();
+    let needed: HashSet<&str> = nodes.iter().flat_map(|&p| g.node[p].input.iter().map(|s| s.as_str())).collect();
+    let mut inits = Vec::new();
+    for t in &g.initializer {
+        if needed.contains(t.name()) {
+            let mut t = cx.settled(t).unwrap_or_else(|| t.clone());
+            cx.model.inline_tensor(&mut t).map_err(|e| RegionReason::Tract(e.to_string()))?;
+            inits.push(to_double(t)?);
+        }
+    }
+    let mut region_nodes = Vec::with_capacity(nodes.len());
+    for &p in &nodes {
+        let mut n = g.node[p].clone();
+        for a in &mut n.attribute {
+            if let Some(t) = a.t.take() {
+                a.t = Some(to_double(t)?);
+            }
+            let floats = [DataType::Float, DataType::Float16, DataType::Bfloat16].map(|d| d as i64);
+            if a.name() == "to" && a.i.is_some_and(|v| floats.contains(&v)) && is_op(&g.node[p], "Cast") {
+                a.i = Some(DataType::Double as i64);
+            }
+        }
+        if is_op(&n, "Constant") {
+            // value_float(s) make float32 tensors: write them as float64 tensors
+            if let Some(k) = n.attribute.iter().position(|a| a.name() == "value_float" || a.name() == "value_floats") {
+                let a = n.attribute.remove(k);
+                let v: Vec<f64> = a.f.map(|f| vec![f as f64]).unwrap_or_else(|| a.floats.iter().map(|&f| f as f64).collect());
+                let dims: Vec<usize> = if a.name() == "value_float" { vec![] } else { vec![v.len()] };
+                let arr = ArrayD::from_shape_vec(IxDyn(&dims), v).map_err(|e| RegionReason::Tract(e.to_string()))?;
+                n.attribute.push(AttributeProto {
+                    name: Some("value".into()),
+                    t: Some(from_f64("", &arr, FloatType::F64)),
+                    r#type: Some(AttributeType::Tensor as i32),
+                    ..Default::default()
+                });
+            }
+        }
+        region_nodes.push(n);
+    }
+    let tensor_type = |dims: Option<&[usize]>| TypeProto {
+        value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+            elem_type: Some(DataType::Double as i32),
+            shape: dims.map(|d| TensorShapeProto {
+                dim: d
+                    .iter()
+                    .map(|&v| tensor_shape_proto::Dimension {
+                        value: Some(tensor_shape_proto::dimension::Value::DimValue(v as i64)),
+                        ..Default::default()
+                    })
+                    .collect(),
+            }),
+        })),
+        ..Default::default()
+    };
+    Ok(ModelProto {
+        ir_version: cx.model.proto.ir_version,
+        opset_import: cx.model.proto.opset_import.clone(),
+        graph: Some(GraphProto {
+            name: Some("region".into()),
+            node: region_nodes,
+            initializer: inits,
+            input: vec![ValueInfoProto { name: Some(r.x.clone()), r#type: Some(tensor_type(Some(shape))), ..Default::default() }],
+            output: vec![ValueInfoProto { name: Some(y.to_string()), r#type: Some(tensor_type(None)), ..Default::default() }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+/// A float tensor as float64 (others as they are).
+fn to_double(t: crate::proto::TensorProto) -> Result<crate::proto::TensorProto, RegionReason> {
+    if FloatType::from_onnx(t.data_type.unwrap_or(0)).is_none_or(|ft| ft == FloatType::F64) {
+        return Ok(t);
+    }
+    let a = to_f64(&t, t.raw_data.as_deref()).map_err(RegionReason::Tract)?;
+    Ok(from_f64(t.name(), &a, FloatType::F64))
+}

@@ -87,7 +87,8 @@ impl Counts {
             .collect();
         let floats = [DataType::Float, DataType::Double, DataType::Float16, DataType::Bfloat16].map(|d| d as i32);
         let numel = |d: &[i64]| d.iter().product::<i64>() as usize;
-        let mut p: usize = g.initializer.iter().filter(|t| floats.contains(&t.data_type())).map(|t| numel(&t.dims)).sum();
+        let mut p: usize =
+            g.initializer.iter().filter(|t| floats.contains(&t.data_type())).map(|t| numel(&t.dims)).sum();
         for n in g.node.iter().filter(|n| n.op_type() == "Constant") {
             for a in n.attribute.iter().filter(|a| a.name() == "value") {
                 if let Some(t) = a.t.as_ref().filter(|t| floats.contains(&t.data_type())) {
@@ -95,7 +96,8 @@ impl Counts {
                 }
             }
         }
-        let gb = g.node.iter().filter(|n| n.op_type() == "Gemm" && n.input.get(2).is_some_and(|c| !c.is_empty())).count();
+        let gb =
+            g.node.iter().filter(|n| n.op_type() == "Gemm" && n.input.get(2).is_some_and(|c| !c.is_empty())).count();
         Counts(c, p, gb)
     }
 
@@ -190,7 +192,11 @@ impl Npy {
 
     fn as_f64(&self) -> Result<Vec<f64>, String> {
         let t = self.tensor()?.cast_to::<f64>().map_err(|e| format!("{e:#}"))?.into_owned();
-        Ok(t.try_as_plain_ram().map_err(|e| format!("{e:#}"))?.as_slice::<f64>().map_err(|e| format!("{e:#}"))?.to_vec())
+        Ok(t.try_as_plain_ram()
+            .map_err(|e| format!("{e:#}"))?
+            .as_slice::<f64>()
+            .map_err(|e| format!("{e:#}"))?
+            .to_vec())
     }
 
     fn bytes(&self) -> Vec<u8> {
@@ -239,7 +245,8 @@ fn read_npz(path: &Path) -> Result<HashMap<String, Npy>, String> {
         }
         let s = field("shape")?;
         let s = &s[1..s.find(')').ok_or("shape")?];
-        let shape: Vec<usize> = s.split(',').map(str::trim).filter(|v| !v.is_empty()).map(|v| v.parse().unwrap()).collect();
+        let shape: Vec<usize> =
+            s.split(',').map(str::trim).filter(|v| !v.is_empty()).map(|v| v.parse().unwrap()).collect();
         out.insert(name, Npy { descr, shape, data: b[start + hlen..].to_vec() });
     }
     Ok(out)

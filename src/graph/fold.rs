@@ -10,8 +10,8 @@
 //! in i64. Only small tensors are evaluated ([`MAX_ELEMS`]), at most [`MAX_NODES`] nodes per call.
 
 use super::attrs::{attr, attr_float, attr_int, attr_ints, attr_string, is_default_domain};
-use super::linalg;
 use super::consts::{ConstError, Consts};
+use super::linalg;
 use crate::model::tensor::{to_f64, to_i64, FloatType};
 use crate::proto::{tensor_proto::DataType, NodeProto, TensorProto};
 use ndarray::{ArrayD, Axis, IxDyn};
@@ -541,7 +541,8 @@ fn eval(n: &NodeProto, mut ins: Vec<Option<Value>>, opset: i64) -> Option<Value>
                         return None;
                     }
                     let get = |name: &str| attr_ints(n, name).unwrap_or_else(|| vec![1; r]);
-                    let to_u = |v: Vec<i64>| v.into_iter().map(|d| usize::try_from(d).ok()).collect::<Option<Vec<usize>>>();
+                    let to_u =
+                        |v: Vec<i64>| v.into_iter().map(|d| usize::try_from(d).ok()).collect::<Option<Vec<usize>>>();
                     let pads = attr_ints(n, "pads").unwrap_or_else(|| vec![0; 2 * r]);
                     if pads.len() != 2 * r {
                         return None;

@@ -189,7 +189,11 @@ pub(crate) struct ConvAttrs {
 /// `Conv` of a constant `x [N, C, ...]` with `w [O, C/groups, k...]` and an optional bias.
 pub(crate) fn conv(x: &ArrayD<f64>, w: &ArrayD<f64>, b: Option<&ArrayD<f64>>, a: &ConvAttrs) -> Option<ArrayD<f64>> {
     let r = w.ndim().checked_sub(2)?;
-    if x.ndim() != r + 2 || a.strides.len() != r || a.dilations.len() != r || a.pads_begin.len() != r || a.pads_end.len() != r
+    if x.ndim() != r + 2
+        || a.strides.len() != r
+        || a.dilations.len() != r
+        || a.pads_begin.len() != r
+        || a.pads_end.len() != r
     {
         return None;
     }
@@ -202,7 +206,8 @@ pub(crate) fn conv(x: &ArrayD<f64>, w: &ArrayD<f64>, b: Option<&ArrayD<f64>>, a:
     let len: Vec<usize> = x.shape()[2..].to_vec();
     let mut out = vec![n, o];
     for ax in 0..r {
-        let span = (len[ax] + a.pads_begin[ax] + a.pads_end[ax]).checked_sub(a.dilations[ax] * (k[ax].max(1) - 1) + 1)?;
+        let span =
+            (len[ax] + a.pads_begin[ax] + a.pads_end[ax]).checked_sub(a.dilations[ax] * (k[ax].max(1) - 1) + 1)?;
         out.push(span / a.strides[ax] + 1);
     }
     let work = numel(&out)? as u128 * (cg as u128) * numel(&k)? as u128;
@@ -286,7 +291,8 @@ pub(crate) fn tile<T: Clone>(x: &ArrayD<T>, repeats: &[i64]) -> Option<ArrayD<T>
     if repeats.len() != x.ndim() || repeats.iter().any(|&r| r < 0) {
         return None;
     }
-    let shape: Vec<usize> = x.shape().iter().zip(repeats).map(|(&d, &r)| d.checked_mul(r as usize)).collect::<Option<_>>()?;
+    let shape: Vec<usize> =
+        x.shape().iter().zip(repeats).map(|(&d, &r)| d.checked_mul(r as usize)).collect::<Option<_>>()?;
     if numel(&shape)? as u128 > WORK {
         return None;
     }
@@ -342,14 +348,26 @@ mod tests {
         // a 1x1 conv applied to a kernel (OREPA's conv of a weight by another): channel mixing
         let x = ArrayD::from_shape_fn(IxDyn(&[2, 3, 3, 3]), |i| (i[0] * 27 + i[1] * 9 + i[2] * 3 + i[3]) as f64);
         let w = ArrayD::from_shape_fn(IxDyn(&[4, 3, 1, 1]), |i| (i[0] as f64) - (i[1] as f64) * 0.5);
-        let attrs = ConvAttrs { groups: 1, strides: vec![1, 1], dilations: vec![1, 1], pads_begin: vec![0, 0], pads_end: vec![0, 0] };
+        let attrs = ConvAttrs {
+            groups: 1,
+            strides: vec![1, 1],
+            dilations: vec![1, 1],
+            pads_begin: vec![0, 0],
+            pads_end: vec![0, 0],
+        };
         let y = conv(&x, &w, None, &attrs).unwrap();
         assert_eq!(y.shape(), [2, 4, 3, 3]);
         let want: f64 = (0..3).map(|c| w[[3, c, 0, 0]] * x[[1, c, 2, 1]]).sum();
         assert_eq!(y[[1, 3, 2, 1]], want);
         // padded, strided, grouped
         let w = ArrayD::from_elem(IxDyn(&[2, 1, 3, 3]), 1.0);
-        let attrs = ConvAttrs { groups: 2, strides: vec![2, 2], dilations: vec![1, 1], pads_begin: vec![1, 1], pads_end: vec![1, 1] };
+        let attrs = ConvAttrs {
+            groups: 2,
+            strides: vec![2, 2],
+            dilations: vec![1, 1],
+            pads_begin: vec![1, 1],
+            pads_end: vec![1, 1],
+        };
         let x = ArrayD::from_elem(IxDyn(&[1, 2, 3, 3]), 1.0);
         let y = conv(&x, &w, None, &attrs).unwrap();
         assert_eq!(y.shape(), [1, 2, 2, 2]);

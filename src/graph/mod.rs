@@ -4,8 +4,8 @@
 pub(crate) mod attrs;
 pub(crate) mod consts;
 pub(crate) mod fold;
-mod linalg;
 mod index;
+mod linalg;
 pub(crate) mod names;
 
 pub(crate) use attrs::{

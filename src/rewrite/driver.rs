@@ -4,10 +4,10 @@
 use super::patch::Holes;
 use super::{Refusal, Rewrite, Step, Try};
 use crate::graph::{default_opset, graph_names, is_op, Consts, Exact, GraphIndex, Names};
-use crate::tract::ShapeFacts;
 use crate::model::tensor::{checked_numel, FloatType};
 use crate::model::Model;
 use crate::proto::{GraphProto, NodeProto, TensorProto};
+use crate::tract::ShapeFacts;
 use bytes::Bytes;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -360,7 +360,11 @@ fn declared_shapes(g: &GraphProto, given: &[(String, Vec<usize>)]) -> HashMap<St
 }
 
 /// Run `rules` to a fixed point. Returns what fired and the refusals still standing.
-pub(crate) fn run(model: &mut Model, rules: &[&dyn Try], given: &[(String, Vec<usize>)]) -> (Vec<Rewrite>, Vec<Refusal>) {
+pub(crate) fn run(
+    model: &mut Model,
+    rules: &[&dyn Try],
+    given: &[(String, Vec<usize>)],
+) -> (Vec<Rewrite>, Vec<Refusal>) {
     let mut cache = Cache::with_inputs(model.graph(), given.to_vec());
     let mut log = Vec::new();
     // Scan the nodes in order; after a patch, go on from the node it inserted. Repeat whole

@@ -75,7 +75,10 @@ pub(crate) fn analyse(model: &Model, given: &[(String, Vec<usize>)]) -> ShapeFac
     let inputs = declared_inputs(m, given);
     match catch(|| facts(&bytes, &inputs)) {
         Ok(f) => f,
-        Err(p) => ShapeFacts { incomplete: Some(format!("tract panicked: {}", p.text.unwrap_or_default())), ..Default::default() },
+        Err(p) => ShapeFacts {
+            incomplete: Some(format!("tract panicked: {}", p.text.unwrap_or_default())),
+            ..Default::default()
+        },
     }
 }
 
@@ -191,7 +194,8 @@ fn load(
                     Some(v) => TDim::from(v.value as i64),
                     None => {
                         let next = tsyms.len();
-                        let sym = tsyms.entry(s.clone()).or_insert_with(|| model.symbols.sym(&format!("acnet_s{next}")));
+                        let sym =
+                            tsyms.entry(s.clone()).or_insert_with(|| model.symbols.sym(&format!("acnet_s{next}")));
                         TDim::Sym(sym.clone())
                     }
                 },
@@ -261,7 +265,10 @@ fn solve(model: &InferenceModel, tsyms: &HashMap<String, Symbol>) -> Vec<(String
         }
         found.push((
             name,
-            SymbolValue { value: (want / a1) as usize, fixed: Fixed::ByReshape { node: node.name.clone(), to: target } },
+            SymbolValue {
+                value: (want / a1) as usize,
+                fixed: Fixed::ByReshape { node: node.name.clone(), to: target },
+            },
         ));
     }
     found
@@ -277,9 +284,13 @@ mod tests {
     /// `to` (a constant).
     fn reshaped(to: &[i64]) -> Builder {
         let mut b = Builder::new(2, 4, 4);
-        let dim = |d: tensor_shape_proto::dimension::Value| tensor_shape_proto::Dimension { value: Some(d), ..Default::default() };
+        let dim = |d: tensor_shape_proto::dimension::Value| tensor_shape_proto::Dimension {
+            value: Some(d),
+            ..Default::default()
+        };
         use tensor_shape_proto::dimension::Value as V;
-        let dims = vec![dim(V::DimParam("batch".into())), dim(V::DimValue(2)), dim(V::DimValue(4)), dim(V::DimValue(4))];
+        let dims =
+            vec![dim(V::DimParam("batch".into())), dim(V::DimValue(2)), dim(V::DimValue(4)), dim(V::DimValue(4))];
         b.graph.input[0] = ValueInfoProto {
             name: Some("x".into()),
             r#type: Some(crate::proto::TypeProto {

@@ -288,15 +288,15 @@ impl<'a> Cx<'a> {
     }
 
     /// The values of the graph inputs' symbolic dims, by name, when they are known without
-    /// analysing the model: from the analysis if it was done, else when no Reshape to a constant
-    /// shape could fix one (then each is 1); `None` otherwise.
+    /// analysing the model: from the analysis if it was done, else when no Reshape could fix one
+    /// (then each is 1); `None` otherwise.
     fn symbols_if_cheap(&self) -> Option<HashMap<String, usize>> {
         if let Some(f) = self.cache.facts.borrow().as_ref() {
             return Some(f.symbols.iter().map(|(k, v)| (k.clone(), v.value)).collect());
         }
+        // (a Reshape to a constant shape with a -1 fixes nothing; one to a computed shape may)
         let fixing = self.g.node.iter().any(|n| {
-            is_op(n, "Reshape")
-                && n.input.get(1).is_some_and(|t| self.consts.i64(t).is_ok_and(|v| v.iter().all(|&d| d >= 0)))
+            is_op(n, "Reshape") && n.input.get(1).is_some_and(|t| self.consts.i64(t).map_or(true, |v| !v.contains(&-1)))
         });
         if fixing {
             return None;

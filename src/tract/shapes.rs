@@ -42,6 +42,9 @@ pub(crate) struct ShapeFacts {
     pub incomplete: Option<String>,
 }
 
+/// The values a symbol is tried at when its equation is not linear.
+const SCAN: i64 = 256;
+
 /// A declared input dim.
 #[derive(Clone, Debug, PartialEq)]
 enum Dim {
@@ -209,8 +212,10 @@ fn load(
     Ok((model, tsyms))
 }
 
-/// The symbols the analysed model's Reshapes fix: a Reshape to a constant shape (no -1) whose
-/// input's element count is `a·s` for one open symbol s fixes `s = count / a`.
+/// The symbols the analysed model's Reshapes fix: a Reshape whose input and target shape are
+/// both known (the target may be computed, and hold symbols too: TorchScript computes it from
+/// `Shape` of the input while constants baked at the traced batch shape the data) and whose
+/// element counts are equal only for one value of one open symbol, linearly (`a·s + b = 0`).
 fn solve(model: &InferenceModel, tsyms: &HashMap<String, Symbol>) -> Vec<(String, SymbolValue)> {
     let by_sym: HashMap<&Symbol, &String> = tsyms.iter().map(|(n, s)| (s, n)).collect();
     let mut found: Vec<(String, SymbolValue)> = vec![];
@@ -220,55 +225,60 @@ fn solve(model: &InferenceModel, tsyms: &HashMap<String, Symbol>) -> Vec<(String
         }
         let (Ok(x), Ok(s)) = (model.outlet_fact(node.inputs[0]), model.outlet_fact(node.inputs[1])) else { continue };
         let Some(target) = s.value.concretize() else { continue };
-        let Ok(target) = target.cast_to::<i64>() else { continue };
-        let Ok(target) = target.try_as_plain_ram().and_then(|t| t.as_slice::<i64>().map(|s| s.to_vec())) else {
+        let Ok(target) = target.cast_to::<TDim>() else { continue };
+        let Ok(target) = target.try_as_plain_ram().and_then(|t| t.as_slice::<TDim>().map(|s| s.to_vec())) else {
             continue;
         };
         let Some(dims) = x.shape.concretize() else { continue };
         // (a 0 copies the input's dim; a -1 leaves the count free)
-        if target.iter().any(|&d| d < 0) {
+        if target.iter().any(|d| d.to_i64().is_ok_and(|v| v < 0)) {
             continue;
         }
-        let mut count: i64 = 1;
-        let mut vol = TDim::from(1);
-        for (i, &d) in target.iter().enumerate() {
-            if d == 0 {
+        let mut out = TDim::from(1);
+        for (i, d) in target.iter().enumerate() {
+            if d.to_i64().is_ok_and(|v| v == 0) {
                 match dims.get(i) {
-                    Some(di) => vol = vol * di.clone(),
+                    Some(di) => out = out * di.clone(),
                     None => continue,
                 }
             } else {
-                count = count.saturating_mul(d);
+                out = out * d.clone();
             }
         }
         let input: TDim = dims.iter().cloned().product::<TDim>();
-        // input = vol · count  ⇔  input / vol = count, with one open symbol in `input / vol`
-        let syms = input.symbols();
+        let syms: std::collections::HashSet<Symbol> = input.symbols().union(&out.symbols()).cloned().collect();
         let open: Vec<&Symbol> = syms.iter().filter(|s| by_sym.contains_key(s)).collect();
-        if open.len() != 1 || syms.len() != 1 || !vol.symbols().is_empty() {
+        if open.len() != 1 || syms.len() != 1 {
             continue;
         }
         let s = open[0];
-        let at = |v: i64| input.eval(&SymbolValues::default().with(s, v)).to_i64().ok();
-        let (Some(a1), Some(a2), Ok(v0)) = (at(1), at(2), vol.to_i64()) else { continue };
-        // linear in s: input = a·s
-        if a1 <= 0 || a2 != 2 * a1 || v0 <= 0 {
-            continue;
-        }
-        let want = count.saturating_mul(v0);
-        if want % a1 != 0 || want / a1 < 1 {
-            continue;
-        }
+        // g(v) = count in - count out at s = v: zero at one whole v >= 1 — where it is linear
+        // (`a·s + b`), or else the one root in 1..=SCAN (a dim of the input may be a broadcast
+        // of the symbol with the traced batch: Expand of an index tensor baked at batch 2)
+        let g = |v: i64| -> Option<i64> {
+            let vals = SymbolValues::default().with(s, v);
+            Some(input.eval(&vals).to_i64().ok()? - out.eval(&vals).to_i64().ok()?)
+        };
+        let linear = match (g(1), g(2), g(3)) {
+            (Some(g1), Some(g2), Some(g3)) if g2 != g1 && g3 - g2 == g2 - g1 => {
+                let (a, b) = (g2 - g1, g1 - (g2 - g1));
+                (b % a == 0 && -b / a >= 1).then_some(-b / a)
+            }
+            _ => None,
+        };
+        let root = linear.or_else(|| {
+            let roots: Vec<i64> = (1..=SCAN).filter(|&v| g(v) == Some(0)).collect();
+            (roots.len() == 1).then(|| roots[0])
+        });
+        let Some(root) = root else { continue };
         let name = by_sym[s].clone();
         if found.iter().any(|(n, _)| *n == name) {
             continue;
         }
+        let to = target.iter().map(|d| d.eval(&SymbolValues::default().with(s, root)).to_i64().unwrap_or(-1)).collect();
         found.push((
             name,
-            SymbolValue {
-                value: (want / a1) as usize,
-                fixed: Fixed::ByReshape { node: node.name.clone(), to: target },
-            },
+            SymbolValue { value: root as usize, fixed: Fixed::ByReshape { node: node.name.clone(), to } },
         ));
     }
     found

@@ -5,10 +5,11 @@ use super::report::InputSpec;
 use super::VerifyOptions;
 use crate::error::Error;
 use crate::tract::errors::{chain_msg, summarize};
+use crate::tract::shapes::{Fixed, SymbolValue};
 use crate::tract::{dt_name, is_float, is_int, DeclDim, InputFact, Signature};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Read;
 use std::path::Path;
 use tract_onnx::prelude::*;
@@ -319,7 +320,7 @@ pub(crate) fn first_sample(
     notes: &mut Vec<String>,
 ) -> Result<FirstSample, Error> {
     super::check_signature(r, c)?;
-    let resolved = resolve_inputs(r, c, opts, notes)?;
+    let resolved = resolve_inputs(r, c, opts, &BTreeMap::new(), notes)?;
     let data = sample(&resolved, &mut StdRng::seed_from_u64(opts.seed))?;
     Ok(FirstSample {
         facts: resolved.iter().map(|i| i.fact()).collect(),
@@ -328,10 +329,14 @@ pub(crate) fn first_sample(
     })
 }
 
+/// The inputs both models run at: given shapes and files, declared dims, and for a symbolic dim
+/// left open the value the reference's graph fixes (`fixed`, by the dim's name, or
+/// `input:axis` when it has none; see [`crate::tract::shapes`]), else 1.
 pub(crate) fn resolve_inputs(
     r: &Signature,
     c: &Signature,
     opts: &VerifyOptions,
+    fixed: &BTreeMap<String, SymbolValue>,
     notes: &mut Vec<String>,
 ) -> Result<Vec<ResolvedInput>, Error> {
     let input_err = |s: String| Error::Input(summarize(&s));
@@ -539,15 +544,26 @@ pub(crate) fn resolve_inputs(
                         *x
                     }
                     (a, b) => {
-                        let sym = match (a, b) {
-                            (DeclDim::Symbol(s), _) | (_, DeclDim::Symbol(s)) => format!(" (`{s}`)"),
-                            _ => String::new(),
+                        let (sym, key) = match (a, b) {
+                            (DeclDim::Symbol(s), _) | (_, DeclDim::Symbol(s)) => (format!(" (`{s}`)"), s.clone()),
+                            _ => (String::new(), format!("{name}:{ix}")),
                         };
-                        notes.push(format!(
-                            "input `{name}` dim {ix}{sym} is symbolic; defaulting to 1 \
-                             (set it with --input-shape {name}:...)"
-                        ));
-                        1
+                        match fixed.get(&key) {
+                            Some(SymbolValue { value, fixed: Fixed::ByReshape { node, to } }) => {
+                                notes.push(format!(
+                                    "input `{name}` dim {ix}{sym} is symbolic; using {value}, which the graph fixes \
+                                     (Reshape '{node}' to {to:?}; set it with --input-shape {name}:...)"
+                                ));
+                                *value
+                            }
+                            _ => {
+                                notes.push(format!(
+                                    "input `{name}` dim {ix}{sym} is symbolic; defaulting to 1 \
+                                     (set it with --input-shape {name}:...)"
+                                ));
+                                1
+                            }
+                        }
                     }
                 }
             };

@@ -99,6 +99,7 @@ use crate::model::save::TempModel;
 use crate::model::tensor::FloatType;
 use crate::model::transform::{eval_mode, freeze_initializers, has_half, training_mode, upcast_half};
 use crate::model::Model;
+use crate::tract::shapes::SymbolValue;
 use crate::tract::{
     load, on_threads, output_shapes, perturb_in_place, prepare, run, signature_without_weights, weigh, DeclDim, Draws,
     InputFact, Loaded, PlanKind, PlanSpec, Signature,
@@ -107,7 +108,7 @@ use compare::{finish, Acc, Judge};
 use inputs::{read_npz_array, resolve_inputs, sample, write_npz};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tract_onnx::prelude::Tensor;
@@ -410,6 +411,22 @@ fn prepare_model(path: &Path, opts: &VerifyOptions, upcast: bool, notes: &mut Ve
     Ok(Prepared { model, loaded: None, file, shown: path.to_path_buf(), weights, half_inputs, _temp: temp })
 }
 
+/// The values the reference's graph fixes for its inputs' symbolic dims (see
+/// [`crate::tract::shapes`]), when some input has a symbolic dim that no `--input-shape` or input
+/// file sets; else nothing (no analysis).
+fn fixed_symbols(model: &Model, sig: &Signature, opts: &VerifyOptions) -> BTreeMap<String, SymbolValue> {
+    let open = sig.inputs.iter().any(|name| {
+        let set = opts.input_shapes.iter().any(|(n, _)| n == name)
+            || opts.input_files.iter().any(|(n, _)| n == name)
+            || opts.inputs_npz.is_some();
+        !set && sig.input_decl(name).1.is_some_and(|d| d.iter().any(|d| !matches!(d, DeclDim::Fixed(_))))
+    });
+    if !open {
+        return BTreeMap::new();
+    }
+    crate::tract::shapes::analyse(model, &opts.input_shapes).symbols
+}
+
 impl Prepared {
     /// tract's model, loaded again if it was let go.
     fn tract(&mut self) -> Result<&mut Loaded, Error> {
@@ -546,7 +563,8 @@ pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Resul
     };
     let rsig = r.tract()?.signature()?;
     check_signature(&rsig, &csig)?;
-    let mut inputs = resolve_inputs(&rsig, &csig, opts, &mut notes)?;
+    let fixed = fixed_symbols(&r.model, &rsig, opts);
+    let mut inputs = resolve_inputs(&rsig, &csig, opts, &fixed, &mut notes)?;
     for i in &mut inputs {
         i.stored = r.half_inputs.get(&i.name).copied();
     }

@@ -119,13 +119,17 @@ pub(crate) fn einsum(equation: &str, ops: &[ArrayD<f64>]) -> Option<ArrayD<f64>>
     if terms.len() != ops.len() || terms.iter().flatten().any(|c| !c.is_ascii_alphabetic()) {
         return None;
     }
+    // a letter's size: the same in every operand, or 1 in some (broadcast, as onnxruntime does)
     let mut size: std::collections::BTreeMap<char, usize> = std::collections::BTreeMap::new();
     for (t, a) in terms.iter().zip(ops) {
         if t.len() != a.ndim() {
             return None;
         }
         for (c, &d) in t.iter().zip(a.shape()) {
-            if *size.entry(*c).or_insert(d) != d {
+            let e = size.entry(*c).or_insert(d);
+            if *e == 1 {
+                *e = d;
+            } else if d != 1 && *e != d {
                 return None;
             }
         }
@@ -157,7 +161,7 @@ pub(crate) fn einsum(equation: &str, ops: &[ArrayD<f64>]) -> Option<ArrayD<f64>>
         let mut v = 1.0;
         for (k, a) in ops.iter().enumerate() {
             for (j, &p) in term_pos[k].iter().enumerate() {
-                ti[k][j] = idx[p];
+                ti[k][j] = if a.shape()[j] == 1 { 0 } else { idx[p] };
             }
             v *= a[IxDyn(&ti[k])];
         }
@@ -341,6 +345,12 @@ mod tests {
         assert_eq!(einsum("ii->i", &[sq.clone()]).unwrap(), array![1.0, 4.0].into_dyn());
         assert_eq!(einsum("ii->", &[sq]).unwrap()[IxDyn(&[])], 5.0);
         assert!(einsum("ij,jk->ik", &[c.clone(), c]).is_none(), "mismatched sizes");
+        // a size-1 axis broadcasts (yolov7's RepConv_OREPA: 'oihw,hw->oihw' of [16,3,1,1] and [3,3])
+        let w = ArrayD::from_shape_fn(IxDyn(&[2, 1, 1, 1]), |i| i[0] as f64 + 2.0);
+        let avg = ArrayD::from_shape_fn(IxDyn(&[3, 3]), |i| (i[0] * 3 + i[1]) as f64);
+        let y = einsum("oihw,hw->oihw", &[w, avg.clone()]).unwrap();
+        assert_eq!(y.shape(), [2, 1, 3, 3]);
+        assert_eq!(y[[1, 0, 2, 1]], 3.0 * avg[[2, 1]]);
     }
 
     #[test]

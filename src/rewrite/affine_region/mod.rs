@@ -65,7 +65,7 @@ impl Rule for AffineRegion {
         // which tensors are fixed once the input shapes are: the same for every walk from this root
         let mut memo = HashMap::new();
         // a sum of branches (two operands at least that are not constants: a bias Add is not one)
-        let (operands, _) = leaves(cx, at);
+        let (operands, internal) = leaves(cx, at);
         if operands.iter().filter(|l| cx.consts.value(&l.name).is_err()).count() < 2 {
             return None;
         }
@@ -78,7 +78,19 @@ impl Rule for AffineRegion {
                 }
             }
         }
-        let region = find_region(cx, y, None, &mut memo).transpose()?;
+        let whole = find_region(cx, y, None, &mut memo);
+        if let Ok(Some(r)) = whole {
+            return Some(Candidate { root: at, region: Ok(r) });
+        }
+        // a sum whose operands read more than one tensor (ECBSR's last block, then `+ x` of the
+        // network's input): the largest sum inside it that is a region of one tensor; what the
+        // outer sum adds stays outside
+        for &i in internal.iter().skip(1) {
+            if let Ok(Some(r)) = find_region(cx, &cx.node(i).output[0], None, &mut memo) {
+                return Some(Candidate { root: i, region: Ok(r) });
+            }
+        }
+        let region = whole.transpose()?;
         Some(Candidate { root: at, region })
     }
 

@@ -27,8 +27,19 @@ pub(super) fn submodel(cx: &Cx, r: &Region, y: &str, shape: &[usize]) -> Result<
         }
     }
     let mut region_nodes = Vec::with_capacity(nodes.len());
+    let written: HashSet<&str> = nodes.iter().flat_map(|&p| g.node[p].output.iter().map(|s| s.as_str())).collect();
     for &p in &nodes {
         let mut n = g.node[p].clone();
+        // the Shape (or Size) of a tensor from outside the region (dynamo's dynamic exports take
+        // the batch from the graph input once, for every block): a constant at the shapes the
+        // model runs at
+        if (is_op(&n, "Shape") || is_op(&n, "Size")) && n.input.first().is_some_and(|i| i != &r.x && !written.contains(i.as_str())) {
+            if cx.ix.constant(g, &n.input[0]).is_none() {
+                n = shape_constant(cx, &n)?;
+                region_nodes.push(n);
+                continue;
+            }
+        }
         for a in &mut n.attribute {
             if let Some(t) = a.t.take() {
                 a.t = Some(to_double(t)?);
@@ -92,4 +103,32 @@ fn to_double(t: crate::proto::TensorProto) -> Result<crate::proto::TensorProto, 
     }
     let a = to_f64(&t, t.raw_data.as_deref()).map_err(RegionReason::Tract)?;
     Ok(from_f64(t.name(), &a, FloatType::F64))
+}
+
+/// A Shape or Size node of a tensor whose shape the model's facts know, as a Constant node.
+fn shape_constant(cx: &Cx, n: &crate::proto::NodeProto) -> Result<crate::proto::NodeProto, RegionReason> {
+    let t = &n.input[0];
+    let shape = cx.shape_of(t).ok_or_else(|| RegionReason::SizeUnknown { tensor: t.clone(), why: cx.facts().incomplete.clone() })?;
+    let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+    let value = if is_op(n, "Size") {
+        crate::model::tensor::from_i64("", &[], &[dims.iter().product()])
+    } else {
+        let r = dims.len() as i64;
+        let clamp = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
+        let (a, b) = (clamp(crate::graph::attr_int(n, "start", 0)), clamp(crate::graph::attr_int(n, "end", r)));
+        let v: Vec<i64> = if a < b { dims[a..b].to_vec() } else { vec![] };
+        crate::model::tensor::from_i64("", &[v.len() as i64], &v)
+    };
+    Ok(crate::proto::NodeProto {
+        op_type: Some("Constant".into()),
+        name: n.name.clone(),
+        output: n.output.clone(),
+        attribute: vec![AttributeProto {
+            name: Some("value".into()),
+            t: Some(value),
+            r#type: Some(AttributeType::Tensor as i32),
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
 }

@@ -5,6 +5,7 @@
 //! model evaluated on its own ([`region`]), the shapes a model's tensors really have ([`shapes`]), and tract's errors
 //! as one line ([`errors`]).
 
+pub(crate) mod compat;
 pub(crate) mod errors;
 pub(crate) mod load;
 pub(crate) mod perturb;

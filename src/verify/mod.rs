@@ -383,6 +383,15 @@ fn prepare_model(path: &Path, opts: &VerifyOptions, upcast: bool, notes: &mut Ve
     if opts.freeze_initializers {
         edited |= freeze_initializers(&mut model) > 0;
     }
+    let expanded = crate::tract::compat::expand_einsum_broadcasts(&mut model);
+    if !expanded.is_empty() {
+        edited = true;
+        notes.push(format!(
+            "{}: Einsum {} run with their size-1 axes expanded (tract does not broadcast them)",
+            path.display(),
+            expanded.iter().map(|n| format!("'{n}'")).collect::<Vec<_>>().join(", ")
+        ));
+    }
     let weights = noise::weights(&model);
     let mut half_inputs = HashMap::new();
     if upcast {

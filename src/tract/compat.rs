@@ -25,7 +25,9 @@ pub(crate) fn expand_einsum_broadcasts(model: &mut Model) -> Vec<String> {
             k += 1;
         }
     };
-    let plans: Vec<(usize, Vec<(usize, Vec<i64>)>)> = {
+    // per Einsum node: its operands to expand, each with the shape to expand it to
+    type Plan = (usize, Vec<(usize, Vec<i64>)>);
+    let plans: Vec<Plan> = {
         let g = model.graph();
         let ix = GraphIndex::new(g);
         let exact = std::collections::HashMap::new();

@@ -238,11 +238,11 @@ fn solve(model: &InferenceModel, tsyms: &HashMap<String, Symbol>) -> Vec<(String
         for (i, d) in target.iter().enumerate() {
             if d.to_i64().is_ok_and(|v| v == 0) {
                 match dims.get(i) {
-                    Some(di) => out = out * di.clone(),
+                    Some(di) => out *= di.clone(),
                     None => continue,
                 }
             } else {
-                out = out * d.clone();
+                out *= d.clone();
             }
         }
         let input: TDim = dims.iter().cloned().product::<TDim>();

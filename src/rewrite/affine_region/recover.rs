@@ -3,7 +3,7 @@
 
 use super::region::Region;
 use super::submodel::submodel;
-use super::window::geometry;
+use super::window::{base_conv, gcd, geometry, Win};
 use super::{Cx, Reason, RegionReason};
 use crate::kernel::AffineConv;
 use crate::model::tensor::FloatType;
@@ -27,6 +27,65 @@ fn indices(shape: &[usize]) -> impl Iterator<Item = Vec<usize>> + '_ {
     })
 }
 
+/// The region evaluated on an input.
+type Eval<'a> = dyn Fn(&ArrayD<f64>) -> Result<ArrayD<f64>, RegionReason> + 'a;
+
+/// The window the region reads its input through, as its responses show it at the given strides:
+/// an impulse on every input channel at one position near the centre, once per stride phase;
+/// output position j responding to position q is a tap at q − j·s. `None` when nothing
+/// responds. (Only a first guess: the kernel recovered from it is checked in full.)
+fn probe_window(
+    eval: &Eval,
+    y0: &ArrayD<f64>,
+    shape: &[usize],
+    ys: &[usize],
+    strides: &[i64],
+    eps: f64,
+) -> Option<Vec<Win>> {
+    let rank = shape.len() - 2;
+    if ys.len() != rank + 2 || strides.len() != rank || strides.iter().any(|&s| s < 1) {
+        return None;
+    }
+    let phases: Vec<usize> = strides.iter().zip(&shape[2..]).map(|(&s, &l)| (s as usize).min(l)).collect();
+    let mut taps: Vec<std::collections::BTreeSet<i64>> = vec![Default::default(); rank];
+    for phase in indices(&phases) {
+        let q: Vec<usize> = (0..rank).map(|a| ((shape[2 + a] / 2) + phase[a]).min(shape[2 + a] - 1)).collect();
+        let mut x = ArrayD::zeros(IxDyn(shape));
+        for ci in 0..shape[1] {
+            let mut at = vec![0, ci];
+            at.extend(&q);
+            x[IxDyn(&at)] = 1.0;
+        }
+        let resp = eval(&x).ok()? - y0;
+        let tol = eps * resp.iter().fold(y0.iter().fold(1f64, |m, v| m.max(v.abs())), |m, v| m.max(v.abs()));
+        for pos in indices(&ys[2..]) {
+            let mut at = vec![0, 0];
+            at.extend(&pos);
+            let hit = (0..ys[1]).any(|oc| {
+                at[1] = oc;
+                resp[IxDyn(&at)].abs() > tol
+            });
+            if hit {
+                for a in 0..rank {
+                    taps[a].insert(q[a] as i64 - pos[a] as i64 * strides[a]);
+                }
+            }
+        }
+    }
+    if taps.iter().any(|t| t.is_empty()) {
+        return None;
+    }
+    Some(
+        (0..rank)
+            .map(|a| {
+                let (lo, hi) = (*taps[a].first().expect("a tap"), *taps[a].last().expect("a tap"));
+                let step = taps[a].iter().fold(0, |g, &t| gcd(g, t - lo));
+                Win { stride: strides[a], lo, hi, step }
+            })
+            .collect(),
+    )
+}
+
 /// The convolution the region computes, with the node whose name and attributes it takes.
 pub(super) fn recover(cx: &Cx, r: &Region, y: &str, ft: FloatType) -> Result<(AffineConv, Option<usize>), Reason> {
     let xshape = cx
@@ -36,9 +95,9 @@ pub(super) fn recover(cx: &Cx, r: &Region, y: &str, ft: FloatType) -> Result<(Af
         return Err(RegionReason::InputShape(xshape).into());
     }
     let rank = xshape.len() - 2;
-    let geo = geometry(cx, r, y, rank).ok_or(RegionReason::NoConv)?;
     let c = xshape[1];
-    if geo.base.as_ref().is_some_and(|(_, b)| b.in_channels() != c) {
+    let base = base_conv(cx, r, rank);
+    if base.as_ref().is_some_and(|(_, b)| b.in_channels() != c) {
         return Err(RegionReason::InputShape(xshape).into());
     }
     // (evaluated at the model's own batch: an export's Reshape constants may fix it)
@@ -48,13 +107,33 @@ pub(super) fn recover(cx: &Cx, r: &Region, y: &str, ft: FloatType) -> Result<(Af
     let numel: usize = shape.iter().product();
     // how big the region's tensors may grow (never from the analysed shapes, which an absurd Pad
     // inflates too): the input times the channel ratio of the Conv reading it
-    let bound = numel.saturating_mul(geo.base.as_ref().map_or(4, |(_, b)| b.out_channels().div_ceil(c).max(1)));
+    let bound = numel.saturating_mul(base.as_ref().map_or(4, |(_, b)| b.out_channels().div_ceil(c).max(1)));
     let plan = RegionPlan::new(&submodel(cx, r, y, &shape)?, &shape, bound).map_err(RegionReason::CannotEvaluate)?;
     let eval = |x: &ArrayD<f64>| plan.eval(x).map_err(RegionReason::Tract);
     // the output's shape is checked before anything is evaluated (a Pad of the batch axis can
     // make it thousands of times the Conv's output: found by fuzzing, ~1 s a region)
     let ys = plan.output_shape().to_vec();
     let o = ys.get(1).copied().unwrap_or(0);
+    // Evaluated in float64, the region differs from a convolution only by the rounding of its
+    // own stored constants (DBB's pad value is stored rounded to the model's dtype, the BN it
+    // stands for is computed): a few units of the dtype's precision, never a float32 evaluation's.
+    let eps = 16.0 * ft_eps(ft);
+    let y0 = std::cell::OnceCell::new();
+    let zero = || -> Result<&ArrayD<f64>, Reason> {
+        if y0.get().is_none() {
+            let _ = y0.set(eval(&ArrayD::zeros(IxDyn(&shape)))?);
+        }
+        Ok(y0.get().expect("set above"))
+    };
+    let has_base = base.is_some();
+    let probe = |strides: &[i64]| -> Option<Vec<Win>> {
+        // at stride 1 without a Conv to tell it, only when the output has the input's size
+        if !has_base && (ys.len() != rank + 2 || ys[2..].iter().zip(&len).any(|(&a, &b)| a as i64 != b)) {
+            return None;
+        }
+        probe_window(&eval, zero().ok()?, &shape, &ys, strides, eps)
+    };
+    let geo = geometry(cx, r, y, rank, base, &probe).ok_or(RegionReason::NoConv)?;
     let (k, s, d, pb) = (&geo.kernel, &geo.strides, &geo.dilations, &geo.pads_begin);
     // the end pads: the Conv's, or what gives the region's output size
     let pe: Vec<i64> = match &geo.pads_end {
@@ -75,16 +154,11 @@ pub(super) fn recover(cx: &Cx, r: &Region, y: &str, ft: FloatType) -> Result<(Af
         (0..rank).map(|a| (len[a] + pb[a] + pe[a] - (d[a] * (k[a] - 1)) as i64 - 1).div_euclid(s[a] as i64) + 1).collect();
     let mut want = vec![batch as i64, o as i64];
     want.extend(&out);
-    let o_base = geo.base.as_ref().map_or(o, |(_, b)| b.out_channels());
-    if ys.iter().map(|&v| v as i64).ne(want.iter().copied()) || o != o_base || out.iter().any(|&v| v < 1) {
-        want[1] = o_base as i64;
+    // (the region's output channels, whatever Convs lie inside: ECBSR's widening 1x1 first)
+    if ys.iter().map(|&v| v as i64).ne(want.iter().copied()) || out.iter().any(|&v| v < 1) {
         return Err(RegionReason::OutputShape { got: ys, want }.into());
     }
-    let y0 = eval(&ArrayD::zeros(IxDyn(&shape)))?;
-    // Evaluated in float64, the region differs from a convolution only by the rounding of its
-    // own stored constants (DBB's pad value is stored rounded to the model's dtype, the BN it
-    // stands for is computed): a few units of the dtype's precision, never a float32 evaluation's.
-    let eps = 16.0 * ft_eps(ft);
+    let y0 = zero()?;
     let scale0 = y0.iter().fold(1f64, |m, v| m.max(v.abs()));
     let centre: Vec<i64> = out.iter().map(|&v| v / 2).collect();
     let mut bias = Array1::zeros(o);
@@ -140,7 +214,7 @@ pub(super) fn recover(cx: &Cx, r: &Region, y: &str, ft: FloatType) -> Result<(Af
             let mut at = vec![0, ci];
             at.extend(q.iter().map(|&v| v as usize));
             x[IxDyn(&at)] = 1.0;
-            let resp = eval(&x)? - &y0;
+            let resp = eval(&x)? - y0;
             let tol = eps * resp.iter().fold(scale0, |m, v| m.max(v.abs()));
             // the impulse is in sample 0: no other sample may see it
             if resp.axis_iter(Axis(0)).skip(1).any(|r| r.iter().any(|v| v.abs() > tol)) {
@@ -178,7 +252,7 @@ pub(super) fn recover(cx: &Cx, r: &Region, y: &str, ft: FloatType) -> Result<(Af
     if seen.iter().any(|&v| !v) {
         return Err(RegionReason::InputTooSmall.into());
     }
-    let groups = groups_of(&weight, geo.base.as_ref().map(|(_, b)| b.groups));
+    let groups = groups_of(&weight, geo.base.as_ref().filter(|(_, b)| b.out_channels() == o).map(|(_, b)| b.groups));
     let weight = if groups > 1 {
         let (og, cg) = (o / groups, c / groups);
         let mut gshape = wshape.clone();

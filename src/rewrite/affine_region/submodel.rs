@@ -33,12 +33,13 @@ pub(super) fn submodel(cx: &Cx, r: &Region, y: &str, shape: &[usize]) -> Result<
         // the Shape (or Size) of a tensor from outside the region (dynamo's dynamic exports take
         // the batch from the graph input once, for every block): a constant at the shapes the
         // model runs at
-        if (is_op(&n, "Shape") || is_op(&n, "Size")) && n.input.first().is_some_and(|i| i != &r.x && !written.contains(i.as_str())) {
-            if cx.ix.constant(g, &n.input[0]).is_none() {
-                n = shape_constant(cx, &n)?;
-                region_nodes.push(n);
-                continue;
-            }
+        if (is_op(&n, "Shape") || is_op(&n, "Size"))
+            && n.input.first().is_some_and(|i| i != &r.x && !written.contains(i.as_str()))
+            && cx.ix.constant(g, &n.input[0]).is_none()
+        {
+            n = shape_constant(cx, &n)?;
+            region_nodes.push(n);
+            continue;
         }
         for a in &mut n.attribute {
             if let Some(t) = a.t.take() {

@@ -11,15 +11,15 @@ use std::collections::HashMap;
 /// Where the region's output reads its input, per spatial axis: y[j] reads x[j·stride + lo ..=
 /// j·stride + hi] (the union over the region's paths).
 #[derive(Clone, Copy, Debug, PartialEq)]
-struct Win {
-    stride: i64,
-    lo: i64,
-    hi: i64,
+pub(super) struct Win {
+    pub stride: i64,
+    pub lo: i64,
+    pub hi: i64,
     /// the gcd of the distances between the positions read (0: one position)
-    step: i64,
+    pub step: i64,
 }
 
-fn gcd(a: i64, b: i64) -> i64 {
+pub(super) fn gcd(a: i64, b: i64) -> i64 {
     if b == 0 {
         a.abs()
     } else {
@@ -134,8 +134,8 @@ pub(super) struct Geometry {
     pub(super) base: Option<(usize, AffineConv)>,
 }
 
-/// The geometry: the largest Conv reading x, or else the window the region's operators give.
-pub(super) fn geometry(cx: &Cx, r: &Region, y: &str, rank: usize) -> Option<Geometry> {
+/// The largest Conv reading x (by kernel volume), whose node the recovered Conv takes.
+pub(super) fn base_conv(cx: &Cx, r: &Region, rank: usize) -> Option<(usize, AffineConv)> {
     let mut base: Option<(usize, AffineConv)> = None;
     for &p in &r.dep {
         let n = cx.node(p);
@@ -148,6 +148,21 @@ pub(super) fn geometry(cx: &Cx, r: &Region, y: &str, rank: usize) -> Option<Geom
             }
         }
     }
+    base
+}
+
+/// The geometry: the base Conv's (see [`base_conv`]), or else the window the region's operators
+/// give. Where an operator on the way gives no window (Transpose, Reshape, ScatterND), `probe`
+/// is asked for the window the region's responses show at the given strides (the base Conv's,
+/// or 1 when there is none; `None` when it cannot tell).
+pub(super) fn geometry(
+    cx: &Cx,
+    r: &Region,
+    y: &str,
+    rank: usize,
+    base: Option<(usize, AffineConv)>,
+    probe: &dyn Fn(&[i64]) -> Option<Vec<Win>>,
+) -> Option<Geometry> {
     let w = window(cx, r, y, rank, &mut HashMap::new(), 0);
     if let Some((p, b)) = base {
         // the Conv's own geometry, unless the region's operators read past its window (then
@@ -159,6 +174,7 @@ pub(super) fn geometry(cx: &Cx, r: &Region, y: &str, rank: usize) -> Option<Geom
                 Win { stride: b.strides[a] as i64, lo, hi: lo + d * (k - 1), step: if k > 1 { d } else { 0 } }
             })
             .collect();
+        let w = w.or_else(|| probe(&own.iter().map(|w| w.stride).collect::<Vec<_>>()));
         // inside the Conv's window, on its taps
         let inside = |w: &[Win]| {
             (0..rank).all(|a| {
@@ -184,7 +200,7 @@ pub(super) fn geometry(cx: &Cx, r: &Region, y: &str, rank: usize) -> Option<Geom
             }
         }
     }
-    Some(of_window(&w?))
+    Some(of_window(&w.or_else(|| probe(&vec![1; rank]))?))
 }
 
 /// Two windows' union (the same stride).

@@ -330,8 +330,11 @@ fn check_run(
                     return Err(format!("output '{name}': shape {:?} vs {:?}", g.shape(), w.shape));
                 }
                 let (g, w) = (values(g)?, w.as_f64()?);
+                if g.iter().zip(&w).any(|(a, b)| a.is_finite() != b.is_finite()) {
+                    return Err(format!("output '{name}': not finite where the framework's is, or the reverse"));
+                }
                 let diff = g.iter().zip(&w).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
-                if !(diff <= tol) {
+                if diff > tol {
                     return Err(format!("output '{name}': max abs diff {diff:.3e} from the framework > {tol:.3e}"));
                 }
             }

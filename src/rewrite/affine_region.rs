@@ -20,7 +20,7 @@
 
 use super::sum_tree::{is_root, leaves};
 use super::{kernel_str, rewired_conv, Checked, Cx, Patch, Reason, RegionReason, Rewrite, Rule, RuleId};
-use crate::graph::{attr_int, attr_ints, is_default_domain, is_op, GraphIndex};
+use crate::graph::{attr_int, attr_ints, is_default_domain, is_op, GraphIndex, Label};
 use crate::kernel::read::{read_conv, read_pad, read_slice};
 use crate::kernel::AffineConv;
 use crate::model::tensor::{from_f64, to_f64, FloatType};
@@ -161,7 +161,7 @@ impl Rule for AffineRegion {
             r#type: Some(AttributeType::Int as i32),
             ..Default::default()
         });
-        let name = node.name().to_string();
+        let name = node.label().to_string();
         let detail = format!(
             "{} nodes between '{}' and '{}' into Conv '{}' {}",
             region.dep.len(),
@@ -181,7 +181,7 @@ impl Rule for AffineRegion {
     }
 
     fn node(&self, cx: &Cx, c: &Candidate) -> String {
-        cx.node(c.root).name().to_string()
+        cx.node(c.root).label().to_string()
     }
 }
 
@@ -295,7 +295,7 @@ fn find_region<'g>(
             };
             // computed amounts (TorchScript's shape arithmetic) are caught once typed, in tract
             if pads.is_some_and(|v| v.iter().any(|&a| a < 0)) {
-                return Err(RegionReason::NegativePad { pad: n.name().to_string() });
+                return Err(RegionReason::NegativePad { pad: n.label().to_string() });
             }
         }
     }

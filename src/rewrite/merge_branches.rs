@@ -12,7 +12,7 @@
 
 use super::sum_tree::{is_root, leaves};
 use super::{kernel_str, rewired_conv, Checked, Cx, Patch, Reason, Rewrite, Rule, RuleId};
-use crate::graph::{is_op, Exact, Names};
+use crate::graph::{is_op, Exact, Label, Names};
 use crate::kernel::read::{read_bn, read_conv, read_conv_form, read_pad, read_slice, ReadError};
 use crate::kernel::{tap_positions, AffineConv, Geometry};
 use crate::model::tensor::{FloatType, Scaled, Summed, Term};
@@ -237,7 +237,7 @@ impl Rule for MergeBranches {
                 "{} branches ({}) into Conv '{}' {}",
                 m.members.len(),
                 kernels.join(", "),
-                cnode.name(),
+                cnode.label(),
                 merged_kernel
             ));
         }
@@ -271,12 +271,12 @@ impl Rule for MergeBranches {
         }
         remove.sort_unstable();
         remove.dedup();
-        let node = insert[0].name().to_string();
+        let node = insert[0].label().to_string();
         Patch { at: i, remove, insert, replace: vec![], initializers: inits, log: Rewrite { rule: Self::ID, node, detail: details.join("; "), weights: vec![] } }
     }
 
     fn node(&self, cx: &Cx, c: &Candidate) -> String {
-        cx.node(c.root).name().to_string()
+        cx.node(c.root).label().to_string()
     }
 }
 
@@ -369,7 +369,7 @@ fn leaked_conv(cx: &Cx, branches: &[Branch], source: &str) -> Option<String> {
             .and_then(|q| q.input.first())
             .unwrap_or(x);
         (matches!(b.kind, Kind::Identity { .. }) && reads.as_str() == source && cx.uses(&b.leaf) > 1)
-            .then(|| n.name().to_string())
+            .then(|| n.label().to_string())
     })
 }
 
@@ -555,7 +555,7 @@ fn merge_values(cx: &Cx, group: &[&Branch]) -> Result<Merged, Reason> {
     for b in group {
         loaded.push(match b.kind {
             Kind::Conv { conv, through } => Some(
-                load(cx, conv, through).map_err(|err| Reason::Conv { conv: cx.node(conv).name().to_string(), err })?,
+                load(cx, conv, through).map_err(|err| Reason::Conv { conv: cx.node(conv).label().to_string(), err })?,
             ),
             Kind::Identity { .. } => None,
         });
@@ -626,7 +626,7 @@ fn identity(cx: &Cx, acc: &AffineConv, b: &Branch, bn: Option<usize>, ft: FloatT
     let mut id = AffineConv::identity(acc.out_channels(), acc.groups, acc.rank());
     let Some(bn) = bn else { return Ok((id, ft)) };
     let n = cx.node(bn);
-    let (p, bft) = read_bn(&cx.consts, n).map_err(|err| Reason::IdentityBn { bn: n.name().to_string(), err })?;
+    let (p, bft) = read_bn(&cx.consts, n).map_err(|err| Reason::IdentityBn { bn: n.label().to_string(), err })?;
     if p.scale.len() != acc.out_channels() {
         return Err(Reason::IdentityBnChannels(p.scale.len()));
     }

@@ -33,7 +33,7 @@ pub(crate) use driver::Cx;
 pub(crate) use patch::Patch;
 
 use crate::error::{Error, Result};
-use crate::graph::GraphIndex;
+use crate::graph::{GraphIndex, Label};
 use crate::model::tensor::{checked_numel, FloatType};
 use crate::model::Model;
 use serde::Serialize;
@@ -164,7 +164,7 @@ impl<R: Rule> Try for R {
         let written = patch.insert.iter().chain(patch.replace.iter().map(|r| &r.1));
         for n in written.filter(|n| n.op_type() == "Conv" && n.input.len() > 1) {
             if let Some(k) = patch.initializers.iter().position(|(name, _, _)| *name == n.input[1]) {
-                patch.log.weights.push(scans[k].stats(n.name()));
+                patch.log.weights.push(scans[k].stats(n.label()));
             }
         }
         Step::Fired(patch, refused)
@@ -366,8 +366,8 @@ pub(crate) fn folded_bn_patch(
         initializers: vec![(wname, weight, ft), (bname, bias.into(), ft)],
         log: Rewrite {
             rule,
-            node: l.name().to_string(),
-            detail: format!("BatchNormalization '{}' folded", b.name()),
+            node: l.label().to_string(),
+            detail: format!("BatchNormalization '{}' folded", b.label()),
             weights: vec![],
         },
     }

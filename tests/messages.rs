@@ -1,5 +1,7 @@
-//! What messages name: a node without a name is named by its first output tensor in every
-//! message (refusals, warnings, load errors, the check's first divergence).
+//! What messages name, and how many lines they take: a node without a name is named by its first
+//! output tensor in every message (refusals, warnings, load errors, the check's first
+//! divergence); warnings of one kind about many merged Convs are one line in the summary, while
+//! the report keeps each one.
 
 mod support;
 
@@ -114,4 +116,56 @@ fn the_first_divergence_at_an_unnamed_node_names_its_output() {
     let div = r.divergence.as_ref().unwrap_or_else(|| panic!("no divergence:\n{}", r.table()));
     assert_eq!((div.tensor.as_str(), div.node.as_str(), div.op.as_str()), ("c1.y", "c1.y", "Conv"), "{div:?}");
     assert!(r.table().contains("written by Conv 'c1.y'"), "{}", r.table());
+}
+
+/// Five blocks whose merged weights int8 would crush, two of them also with a weight float16
+/// flushes to zero: the summary has one line per kind (the count and the first three Convs),
+/// the report every Conv's line.
+#[test]
+fn warnings_of_one_kind_are_one_line_and_the_report_keeps_each() {
+    let mut b = Builder::new(4, 6, 6);
+    let mut x = "x".to_string();
+    for k in 0..5 {
+        x = crushed_block(&mut b, &format!("b{k}."), &x, k % 2 == 1);
+    }
+    b.output(&x);
+    let mut m = b.build();
+    let r = fuse(&mut m).unwrap();
+    assert_eq!(r.blocks_merged, 5, "{}", r.summary());
+    let s = r.summary();
+    let warnings: Vec<&str> = s.lines().filter(|l| l.starts_with("warning: ")).collect();
+    assert_eq!(
+        warnings,
+        [
+            "warning: 2 merged Convs have non-zero merged weights that flush to zero in float16: 'b1.sq' (1), 'b3.sq' (1)",
+            "warning: 5 merged Convs would have most of their output channels crushed by per-tensor int8 (their largest weight is under 1/16 of the tensor's: fewer than 8 of 127 levels); quantise per channel: 'b0.sq' (3 of 4), 'b1.sq' (3 of 4), 'b2.sq' (3 of 4) and 2 more (the JSON report lists each)",
+        ],
+        "{s}"
+    );
+    // the report: every Conv's own line, and every merged weight's numbers
+    assert_eq!(r.warnings.len(), 7, "{:?}", r.warnings);
+    for k in 0..5 {
+        let line = format!("Conv 'b{k}.sq': per-tensor int8 would crush 3 of 4 output channels (their largest weight is under 1/16 of the tensor's: fewer than 8 of 127 levels); quantise per channel");
+        assert!(r.warnings.contains(&line), "{line}\n{:?}", r.warnings);
+    }
+    let json = serde_json::to_value(&r).unwrap();
+    assert_eq!(json["warnings"].as_array().unwrap().len(), 7);
+    let crushed: Vec<&str> = json["rewrites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|w| w["weights"].as_array().unwrap())
+        .filter(|w| w["int8_crushed_channels"] == 3)
+        .map(|w| w["conv"].as_str().unwrap())
+        .collect();
+    assert_eq!(crushed, ["b0.sq", "b1.sq", "b2.sq", "b3.sq", "b4.sq"]);
+
+    // one Conv of a kind keeps its own line
+    let mut b = Builder::new(4, 6, 6);
+    let y = crushed_block(&mut b, "", "x", true);
+    b.output(&y);
+    let r = fuse(&mut b.build()).unwrap();
+    let s = r.summary();
+    assert!(s.contains("warning: Conv 'sq': 1 non-zero merged weight(s) flush to zero in float16\n"), "{s}");
+    assert!(s.contains("warning: Conv 'sq': per-tensor int8 would crush 3 of 4 output channels"), "{s}");
 }

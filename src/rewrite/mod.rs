@@ -257,6 +257,9 @@ pub struct FuseReport {
     pub after: Stats,
     /// What the user should know about the model as a whole (one line each).
     pub notes: Vec<String>,
+    /// Every warning about the merged weights, one line per Conv and problem (the summary puts
+    /// those of one kind on one line).
+    pub warnings: Vec<String>,
 }
 
 impl FuseReport {
@@ -286,7 +289,7 @@ impl FuseReport {
                 s.push_str(&format!("  {} at '{}': {}\n", r.rule, r.node, r.reason));
             }
         }
-        for w in self.rewrites.iter().flat_map(|r| &r.weights).flat_map(|w| w.warnings()) {
+        for w in weights::summarise(self.rewrites.iter().flat_map(|r| &r.weights)) {
             s.push_str(&format!("warning: {w}\n"));
         }
         for n in &self.notes {
@@ -320,6 +323,7 @@ pub fn fuse(model: &mut Model) -> Result<FuseReport> {
     let after = Stats::of(model);
     Ok(FuseReport {
         notes,
+        warnings: rewrites.iter().flat_map(|r| &r.weights).flat_map(|w| w.warnings()).collect(),
         blocks_merged: rewrites.iter().filter(|r| r.rule.merges_block()).count(),
         bns_folded: rewrites.iter().filter(|r| r.rule.folds_bn()).count(),
         rewrites,

@@ -255,7 +255,8 @@ pub struct FuseReport {
     pub refused: Vec<Refusal>,
     pub before: Stats,
     pub after: Stats,
-    /// What the user should know about the model as a whole (one line each).
+    /// What the user should know about the model as a whole, or about the run (staging folders
+    /// of killed runs removed), one line each.
     pub notes: Vec<String>,
     /// Every warning about the merged weights, one line per Conv and problem (the summary puts
     /// those of one kind on one line).

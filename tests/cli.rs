@@ -590,9 +590,12 @@ fn case_fuse_bench_reports_latency() {
         (r, v)
     };
 
+    // nothing on stderr but the check's progress lines (a check taking over a second, as on a
+    // loaded machine, says how far it is)
+    let quiet = |stderr: &str| stderr.lines().all(|l| l.starts_with("verify: "));
     let (r, v) = fuse(&["--bench"]);
     ok(&r, "--bench");
-    assert!(r.stderr.is_empty(), "{}", r.stderr);
+    assert!(quiet(&r.stderr), "{}", r.stderr);
     let line = latency_line(&r);
     // after the check's verdict, before `wrote`
     let pos = |s: &str| r.stdout.find(s).unwrap_or_else(|| panic!("no {s:?}:\n{}", r.stdout));
@@ -605,7 +608,7 @@ fn case_fuse_bench_reports_latency() {
     // independent of the check; --bench-runs bounds the runs
     let (r, v) = fuse(&["--bench", "--no-verify", "--bench-time", "0.05", "--bench-runs", "4"]);
     ok(&r, "--bench --no-verify");
-    assert!(r.stderr.is_empty(), "{}", r.stderr);
+    assert!(quiet(&r.stderr), "{}", r.stderr);
     latency_line(&r);
     assert!(!r.stdout.contains("EQUIVALENT"), "{}", r.stdout);
     assert!(v["passed"].is_null() && v["verified"] == false, "{v}");

@@ -6,7 +6,7 @@ mod paths;
 
 use crate::bench::{bench_latency, BenchOptions, BenchReport};
 use crate::error::{catch, Error, Result};
-use crate::model::save::{stage, DataMode, Saved};
+use crate::model::save::{remove_stale_staging, stage, DataMode, Saved};
 use crate::model::transform::{eval_mode, freeze_initializers, training_mode};
 use crate::model::Model;
 use crate::rewrite::{fuse, validate, FuseReport};
@@ -123,6 +123,7 @@ pub fn fuse_file_with(
     opts: &FuseOptions,
     on: &mut dyn FnMut(Event),
 ) -> Result<FuseFileReport> {
+    let started = std::time::SystemTime::now();
     if same_file(input, output) && !opts.in_place {
         return Err(Error::Usage(format!(
             "{}: -o names the input itself; pass --in-place to overwrite it",
@@ -164,7 +165,19 @@ pub fn fuse_file_with(
         named.push((&out_data, "the output's data file"));
         check_report_path(r, &named)?;
     }
-    guarded(input, "fusing (nothing was written)", || fuse_and_write(input, output, model, opts, on))
+    guarded(input, "fusing (nothing was written)", || fuse_and_write(input, output, model, opts, started, on))
+}
+
+/// The note saying which staging folders of killed runs were removed (the first few).
+fn removed_note(removed: &[String]) -> Option<String> {
+    const SHOWN: usize = 3;
+    let names: Vec<&str> = removed.iter().take(SHOWN).map(String::as_str).collect();
+    let more = match removed.len().saturating_sub(SHOWN) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    (!removed.is_empty())
+        .then(|| format!("removed {} staging folder(s) left by killed runs: {}{more}", removed.len(), names.join(", ")))
 }
 
 fn fuse_and_write(
@@ -172,9 +185,13 @@ fn fuse_and_write(
     output: &Path,
     mut model: Model,
     opts: &FuseOptions,
+    started: std::time::SystemTime,
     on: &mut dyn FnMut(Event),
 ) -> Result<FuseFileReport> {
-    let fused = fuse(&mut model)?;
+    let mut fused = fuse(&mut model)?;
+    // before staging: what runs killed outright left beside the output (each as large as the
+    // model), said in a note of the summary and the report
+    fused.notes.extend(removed_note(&remove_stale_staging(output, started)));
     on(Event::Fused(&fused));
     let staged = stage(&model, output, opts.data)?;
     // what --bench needs of the fused model (it has the input's graph inputs); then its merged

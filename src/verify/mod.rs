@@ -95,6 +95,7 @@ pub use inputs::MAX_INPUT_ELEMENTS;
 pub use report::{Divergence, InputSpec, OutputReport, VerifyReport};
 
 use crate::error::Error;
+use crate::graph::Label;
 use crate::model::save::TempModel;
 use crate::model::tensor::FloatType;
 use crate::model::transform::{eval_mode, freeze_initializers, has_half, training_mode, upcast_half};
@@ -908,7 +909,7 @@ fn localise(
                 && !names.contains(o)
             {
                 names.push(o.clone());
-                writer.insert(o.clone(), (n.name().to_string(), n.op_type().to_string()));
+                writer.insert(o.clone(), (n.label().to_string(), n.op_type().to_string()));
             }
         }
     }

@@ -257,6 +257,35 @@ fn case_changed_weight_fails() {
     assert!(rep.table().contains("NaN"));
 }
 
+/// A rewrite may give a tensor of the block it replaced another value: in a residual ACNet
+/// block the merged Conv writes the name of the square branch it grew from, and the block's sum
+/// is an Add of it and the shortcut. Such a name is not where a failure is localised (it
+/// differs by design): one weight wrong after those blocks is named where it is.
+#[test]
+fn case_localisation_is_not_fooled_by_a_name_the_rewrite_gave_another_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let export = fixture("resnet20", "ts_fold.onnx");
+    let mut m = acnet_onnx::Model::load(&export).unwrap();
+    acnet_onnx::fuse(&mut m).unwrap();
+    let bad = dir.path().join("bad.onnx");
+    acnet_onnx::save(&m, &bad, acnet_onnx::DataMode::Inline).unwrap();
+    let mut proto = read_proto(&bad);
+    let g = proto.graph.as_mut().unwrap();
+    // the residual blocks before it: a merged Conv writing its square branch's name
+    let renamed = "/layers/layers.0/conv2/square_conv/Conv_output_0";
+    assert!(g.node.iter().any(|n| n.op_type == "Conv" && n.output[0] == renamed));
+    let conv = "/layers/layers.4/conv1/square_conv/Conv";
+    let w = g.node.iter().find(|n| n.name == conv).unwrap().input[1].clone();
+    let t = g.initializer.iter_mut().find(|t| t.name == w).unwrap();
+    let old = f32::from_le_bytes(t.raw_data[0..4].try_into().unwrap());
+    t.raw_data[0..4].copy_from_slice(&(old + 0.5).to_le_bytes());
+    write_proto(&proto, &bad);
+    let rep = verify(&export, &bad, &one_sample()).unwrap();
+    assert!(!rep.passed, "{}", rep.table());
+    let d = rep.divergence.as_ref().unwrap_or_else(|| panic!("{}", rep.table()));
+    assert_eq!((d.node.as_str(), d.tensor.as_str()), (conv, "/layers/layers.4/conv1/Add_1_output_0"), "{d:?}");
+}
+
 /// Same seed: same inputs, same numbers; another seed: other inputs.
 #[test]
 fn case_seeded_inputs_are_deterministic() {

@@ -340,11 +340,24 @@ fn localise(
     let inputs: HashSet<&str> = r.model.graph().input.iter().map(|v| v.name()).collect();
     let in_reference: HashSet<&str> =
         r.model.graph().node.iter().flat_map(|n| n.output.iter().map(|s| s.as_str())).collect();
+    // a name both models compute means the same value only where they read it alike: a graph
+    // output, or an input of a node the same in both (name, operator, tensors). A rewrite may
+    // give a tensor of the block it replaced another value: a merged Conv that writes the name
+    // of the branch it grew from, the block's sum now an Add of it and a residual.
+    fn sig(n: &crate::proto::NodeProto) -> (&str, &str, &str, &[String], &[String]) {
+        (n.name(), n.op_type(), n.domain(), &n.input, &n.output)
+    }
+    let alike: HashSet<_> = r.model.graph().node.iter().map(sig).collect();
+    let mut read_alike: HashSet<String> = c.model.graph().output.iter().map(|o| o.name().to_string()).collect();
+    for n in c.model.graph().node.iter().filter(|n| alike.contains(&sig(n))) {
+        read_alike.extend(crate::graph::node_reads(n));
+    }
     let mut names: Vec<String> = Vec::new();
     let mut writer: HashMap<String, (String, String)> = HashMap::new();
     for n in &c.model.graph().node {
         for o in n.output.iter().filter(|o| !o.is_empty()) {
             if in_reference.contains(o.as_str())
+                && read_alike.contains(o)
                 && !inputs.contains(o.as_str())
                 && rt.has_tensor(o)
                 && ct.has_tensor(o)

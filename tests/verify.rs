@@ -378,9 +378,11 @@ fn case_signature_and_load_errors() {
     assert_one_line(&e);
 }
 
-/// An ONNX operator tract has no implementation of: Unsupported, naming the op type.
+/// An ONNX operator tract has no implementation of is cut, not an error: where the candidate
+/// has it in place of the reference's node, the check fails naming both; a model holding it is
+/// equivalent to itself (the rest of it is run).
 #[test]
-fn case_unsupported_operator_is_named() {
+fn case_unsupported_operator_is_cut_and_compared() {
     let dir = tempfile::tempdir().unwrap();
     let deploy = fixture("qarepvgg", "deploy.onnx");
     let mut m = read_proto(&deploy);
@@ -389,16 +391,22 @@ fn case_unsupported_operator_is_named() {
     relu.op_type = "Bernoulli".into();
     let p = dir.path().join("bernoulli.onnx");
     write_proto(&m, &p);
-    let e = verify(&deploy, &p, &one_sample()).unwrap_err();
-    match &e {
-        Error::Unsupported { path, op } => {
-            assert_eq!(path, &p);
-            assert_eq!(op, "Bernoulli");
-        }
-        other => panic!("expected Unsupported, got {other:?}"),
-    }
-    assert!(e.to_string().contains("Bernoulli") && e.to_string().contains("bernoulli.onnx"), "{e}");
-    assert_one_line(&e);
+    let rep = verify(&deploy, &p, &one_sample()).unwrap();
+    assert!(!rep.passed && rep.exit_code() == 1, "{}", rep.table());
+    let cuts = rep.cuts.as_ref().unwrap();
+    assert_eq!(cuts.len(), 1);
+    assert_eq!(cuts[0].op, "Relu");
+    assert!(cuts[0].why.contains("Bernoulli") && cuts[0].why.contains("no implementation"), "{:?}", cuts[0]);
+    let problem = cuts[0].problem.as_deref().unwrap();
+    assert!(problem.contains("Bernoulli") && problem.contains("not Relu"), "{problem}");
+    // the Conv before it is compared and passes
+    assert!(rep.outputs.iter().all(|o| o.passed), "{}", rep.table());
+    assert!(rep.table().contains("NOT EQUIVALENT"), "{}", rep.table());
+
+    let rep = verify(&p, &p, &one_sample()).unwrap();
+    assert!(rep.passed && rep.exit_code() == 0, "{}", rep.table());
+    assert_eq!(rep.cuts.as_ref().unwrap()[0].op, "Bernoulli");
+    assert!(rep.cuts.as_ref().unwrap()[0].problem.is_none());
 }
 
 /// Bad input specifications are Input errors, never panics.
@@ -477,6 +485,8 @@ fn case_json_report() {
     assert!(v["reference"].as_str().unwrap().ends_with("dynamo_ext.onnx"));
     assert!(v["candidate"].as_str().unwrap().ends_with("deploy.onnx"));
     assert!(v["notes"].is_array());
+    // run whole: nothing cut, everything checked
+    assert!(v["cuts"].is_null() && v["parts"].is_null() && v["checked"] == true, "{v}");
     let inputs = v["inputs"].as_array().unwrap();
     assert_eq!(inputs.len(), 1);
     assert_eq!(inputs[0]["name"], "input");
@@ -494,6 +504,7 @@ fn case_json_report() {
     }
     assert!(o["worst_index"].as_array().unwrap().iter().all(|x| x.is_u64()));
     assert_eq!(o["min_rtol"], 0.0, "passing by atol alone");
+    assert!(o["part"].is_null());
     // table: header, rule, one row, verdict
     let t = rep.table();
     assert!(t.lines().any(|l| l.starts_with("output") && l.contains("PASS")), "{t}");

@@ -2,20 +2,16 @@
 //! candidate, every output judged; where they diverge.
 
 use super::compare::{finish, Acc, Judge};
-use super::inputs::{read_npz_array, resolve_inputs, sample, write_npz};
-use super::prepared::{give_back, load_error, prepare_model, Prepared};
-use super::report::{Divergence, OutputReport, VerifyReport};
+use super::inputs::read_npz_array;
+use super::prepared::{give_back, Prepared};
+use super::report::{Divergence, OutputReport};
 use super::run::{run_all, Runs, Stacking};
 use super::{Criterion, Stat, VerifyOptions};
 use crate::error::Error;
 use crate::model::tensor::FloatType;
-use crate::model::transform::has_half;
 use crate::model::Model;
 use crate::tract::{perturb_in_place, prepare, run, DeclDim, Draws, InputFact, PlanKind, PlanSpec, Signature};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
 use std::time::Instant;
 use tract_onnx::prelude::Tensor;
 
@@ -54,13 +50,17 @@ pub(crate) fn check_signature(r: &Signature, c: &Signature) -> Result<(), Error>
 
 /// `verify: ...` lines on stderr, once the check has run for more than 1 s, at most about one
 /// per second (`force` lines, e.g. the last sample, always print past that first second).
-struct Progress {
+pub(crate) struct Progress {
     on: bool,
     start: Instant,
     last: std::cell::Cell<Option<Instant>>,
 }
 impl Progress {
-    fn say(&self, force: bool, msg: impl FnOnce() -> String) {
+    pub(crate) fn new(on: bool) -> Progress {
+        Progress { on, start: Instant::now(), last: std::cell::Cell::new(None) }
+    }
+
+    pub(crate) fn say(&self, force: bool, msg: impl FnOnce() -> String) {
         if !self.on || self.start.elapsed().as_secs_f64() <= 1.0 {
             return;
         }
@@ -90,7 +90,7 @@ fn draw_seed(seed: u64, s: usize, k: usize) -> u64 {
 
 /// Whether every input of a model declares the same symbolic dimension first: a batch axis the
 /// model takes at any size, along which the samples can run stacked.
-fn batch_axis(sig: &Signature) -> bool {
+pub(crate) fn batch_axis(sig: &Signature) -> bool {
     let mut symbol = None;
     sig.inputs.iter().all(|name| match sig.input_decl(name).1.as_deref() {
         Some([DeclDim::Symbol(s), ..]) => symbol.get_or_insert_with(|| s.clone()) == s,
@@ -126,50 +126,40 @@ fn depth_of(model: &Model, output: &str) -> usize {
     depth.get(output).copied().unwrap_or(1)
 }
 
-/// Checks that `candidate` computes the same function as `reference` (see the module docs).
-///
-/// `Ok(report)` whenever both models ran; `report.passed` tells whether they agree.
-/// `Err(_)` when the check could not be made.
-pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Result<VerifyReport, Error> {
-    let progress = Progress { on: opts.progress, start: Instant::now(), last: std::cell::Cell::new(None) };
-    opts.validate().map_err(Error::Input)?;
-    let mut notes = vec![];
-    let half = |p: &Path| Model::load(p).map(|m| has_half(&m)).map_err(|e| load_error(p, e));
-    let upcast = half(reference)? || half(candidate)?;
-    let mut r = prepare_model(reference, opts, upcast, &mut notes)?;
-    let mut c = prepare_model(candidate, opts, upcast, &mut notes)?;
-    // the candidate's signature first (read without its weights); its weights wait for its turn
-    let csig = match c.signature() {
-        Ok(s) => s,
-        Err(e) => {
-            // what is wrong with both models is told of the reference (the user's own file)
-            r.tract()?.signature()?;
-            return Err(e);
-        }
-    };
-    let rsig = r.tract()?.signature()?;
-    check_signature(&rsig, &csig)?;
-    let mut inputs = resolve_inputs(&rsig, &csig, opts, &mut notes)?;
-    for i in &mut inputs {
-        i.stored = r.half_inputs.get(&i.name).copied();
-    }
-    progress.say(true, || "models loaded".into());
-    let facts: Vec<InputFact> = inputs.iter().map(|i| i.fact()).collect();
-    let all_files = inputs.iter().all(|i| i.data.is_some());
-    let samples = if all_files { 1 } else { opts.samples };
-    if all_files && opts.samples != 1 {
-        notes.push("every input comes from a file: one sample".into());
-    }
-    let mut rng = StdRng::seed_from_u64(opts.seed);
-    let data: Vec<HashMap<String, Tensor>> =
-        (0..samples).map(|_| sample(&inputs, &mut rng)).collect::<Result<_, _>>()?;
+/// What [`check`] found.
+pub(crate) struct Checked {
+    /// Every output of the models, judged.
+    pub outputs: Vec<OutputReport>,
+    /// Where the candidate goes wrong, when an output fails and a tensor was found.
+    pub divergence: Option<Divergence>,
+    /// The reference's outputs on the first sample.
+    pub first: HashMap<String, Tensor>,
+}
+
+/// The check of `r` against `c` on `data` (every input by name, per sample; `facts` pins the
+/// inputs' types and shapes): the reference on every sample (stacked into one batch when
+/// `stack`, both models declaring one symbolic batch axis, and the weights outweigh what a run
+/// computes), its noise, the candidate; every output judged, and where they diverge when one
+/// fails. `all_files`: every input came from a file (golden outputs need it).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check(
+    r: &mut Prepared,
+    c: &mut Prepared,
+    facts: &[InputFact],
+    data: &[HashMap<String, Tensor>],
+    stack: bool,
+    all_files: bool,
+    opts: &VerifyOptions,
+    notes: &mut Vec<String>,
+    progress: &Progress,
+) -> Result<Checked, Error> {
+    let samples = data.len();
     // the reference on every sample (stacked into one batch when both models declare one
     // symbolic batch axis and the weights outweigh what a run computes)
     let reference_plan = PlanSpec::of(PlanKind::Reference);
-    let stacking =
-        if samples > 1 && batch_axis(&rsig) && batch_axis(&csig) { Stacking::Weigh } else { Stacking::Rounds };
+    let stacking = if samples > 1 && stack { Stacking::Weigh } else { Stacking::Rounds };
     let Runs { outs: ro, outputs: rout, inputs: rin, notes: rnotes, stacked, weighed, unstacked } =
-        run_all(r.tract()?, &facts, reference_plan, &data, &stacking)?;
+        run_all(r.tract()?, facts, reference_plan, data, &stacking)?;
     notes.extend(rnotes);
     if let (true, Some((weights, activations))) = (stacked, weighed) {
         notes.push(format!(
@@ -223,14 +213,14 @@ pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Resul
                 (fewest, NOISE_OBSERVATIONS.div_ceil(fewest).clamp(1, MAX_DRAWS))
             };
             let parts: Vec<(usize, &[HashMap<String, Tensor>])> =
-                if stacked { vec![(0, &data[..])] } else { (0..data.len()).map(|s| (s, &data[s..s + 1])).collect() };
+                if stacked { vec![(0, data)] } else { (0..data.len()).map(|s| (s, &data[s..s + 1])).collect() };
             let mut state = Draws::default();
             for (first, part) in parts {
                 for k in 0..draws {
                     let loaded = r.loaded.as_mut().expect("the reference is held");
                     perturb_in_place(loaded, &r.weights, draw_seed(opts.seed, first, k), &mut state)?;
                     give_back();
-                    let po = run_all(loaded, &facts, reference_plan, part, &stacking)?;
+                    let po = run_all(loaded, facts, reference_plan, part, &stacking)?;
                     notes.extend(po.notes);
                     if let Some(why) = po.unstacked {
                         notes.push(format!("the noise draws ran one sample at a time: {why}"));
@@ -257,8 +247,7 @@ pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Resul
     }
     r.let_go();
     // the candidate on every sample
-    let Runs { outs: co, notes: cnotes, unstacked, .. } =
-        run_all(c.tract()?, &facts, reference_plan, &data, &stacking)?;
+    let Runs { outs: co, notes: cnotes, unstacked, .. } = run_all(c.tract()?, facts, reference_plan, data, &stacking)?;
     c.let_go();
     notes.extend(cnotes);
     if let Some(why) = unstacked {
@@ -275,11 +264,7 @@ pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Resul
         }
     }
     drop(co);
-    if let Some(p) = &opts.save_outputs {
-        let mut arrays: Vec<(String, Tensor)> = rin.iter().map(|n| (n.clone(), data[0][n].clone())).collect();
-        arrays.extend(rout.iter().map(|n| (n.clone(), ro[0][n].clone())));
-        write_npz(p, &arrays).map_err(|e| Error::Usage(format!("{}: {e}", p.display())))?;
-    }
+    let _ = rin;
     let judge = |name: &str| Judge {
         criterion: opts.criterion,
         factor: opts.noise_factor,
@@ -290,33 +275,15 @@ pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Resul
         unit: unit_of(&r.model, name) * (depth_of(&r.model, name) as f64).sqrt(),
     };
     let outputs: Vec<OutputReport> = rout.iter().zip(accs).map(|(n, acc)| finish(n, acc, &judge(n))).collect();
-    let passed = outputs.iter().all(|o| o.passed);
-    let divergence = if passed {
-        None
-    } else {
-        let worst = outputs.iter().filter(|o| !o.passed).map(|o| o.worst_sample).next().unwrap_or(0);
-        localise(&mut r, &mut c, &facts, &data[worst.min(data.len() - 1)], worst, opts, &mut notes).unwrap_or(None)
+    let divergence = match outputs.iter().find(|o| !o.passed) {
+        None => None,
+        Some(o) => {
+            let worst = o.worst_sample;
+            localise(r, c, facts, &data[worst.min(data.len() - 1)], worst, opts, notes).unwrap_or(None)
+        }
     };
-    let mut seen = HashSet::new();
-    notes.retain(|n| seen.insert(n.clone()));
-    Ok(VerifyReport {
-        passed,
-        criterion: opts.criterion.to_string(),
-        noise_factor: opts.noise_factor,
-        stat: opts.stat.to_string(),
-        atol: opts.atol,
-        rtol: opts.rtol,
-        evaluation: if upcast { "float32 upcast".into() } else { "native".into() },
-        golden: opts.load_outputs.as_ref().map(|p| p.display().to_string()),
-        divergence,
-        samples,
-        seed: opts.seed,
-        inputs: inputs.iter().map(|i| i.spec()).collect(),
-        outputs,
-        notes,
-        reference: reference.display().to_string(),
-        candidate: candidate.display().to_string(),
-    })
+    let first = ro.into_iter().next().unwrap_or_default();
+    Ok(Checked { outputs, divergence, first })
 }
 
 /// The first tensor, in the candidate's node order, that both models compute under the same name

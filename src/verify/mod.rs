@@ -85,18 +85,177 @@
 //! way is reported in `notes`); a dimension left symbolic (or unknown) in both models defaults to 1
 //! and `notes` says so. Symbols are also substituted in the models' other declared facts
 //! (`value_info`).
+//!
+//! # Cuts
+//!
+//! A node tract cannot run — of a domain tract does not implement (whatever its name: tract
+//! looks operators up by name alone), of an operator it has no implementation of, one whose
+//! builder refuses it, or one it refuses to type for the inputs it gets ([`Error::Refused`]) —
+//! does not stop the check: both models are cut at it ([`cut`]). Its inputs become compared
+//! outputs, its outputs inputs of the parts after it, and every part between the cuts is checked
+//! as a model of its own ([`parts`]), with the criterion above. The cut nodes pair by the
+//! tensor they write first (the rewrite keeps tensor names), and each must be the same in both
+//! models — operator, domain, attributes, the tensors it reads and writes, its constant
+//! inputs' values — or the check fails saying how it differs: the check cannot run it.
+//!
+//! A part reads the graph inputs (the values the whole check would draw) and its *cut tensors*:
+//! the outputs of cut nodes and the tensors earlier parts compute for it, random values drawn
+//! as graph inputs are (seeded with the seed and the part's number, sample after sample, in
+//! the part's input order), the same for both models. Their type and shape: a tensor an earlier
+//! part computed, as it computed it; a cut node's output, as a model declares it (`value_info`,
+//! the reference's first), a symbolic dim named like a symbolic dim of a graph input taking the
+//! value chosen for that, and what tract's analysis of the part fixes from the operators that
+//! read it (a Conv its channels). A part whose cut tensor's size is still not known cannot run:
+//! when the models' parts are the same nodes with the same weights, nothing is lost; otherwise
+//! the report's `checked` is false, and `passed` too unless [`VerifyOptions::allow_unchecked`].
+//! Constants stay constants in every part that reads them.
 
 pub(crate) mod check;
 pub(crate) mod compare;
+mod cut;
 pub(crate) mod inputs;
 mod noise;
 mod options;
+mod parts;
 mod prepared;
 pub(crate) mod report;
 mod run;
 
 pub(crate) use check::check_signature;
-pub use check::{verify, MAX_DRAWS, NOISE_OBSERVATIONS};
+pub use check::{MAX_DRAWS, NOISE_OBSERVATIONS};
 pub use inputs::MAX_INPUT_ELEMENTS;
 pub use options::{Criterion, Stat, VerifyOptions, NOISE_FACTOR};
-pub use report::{Divergence, InputSpec, OutputReport, VerifyReport};
+pub use report::{CutNode, Divergence, InputSpec, OutputReport, PartReport, VerifyReport};
+
+use crate::error::Error;
+use crate::model::transform::has_half;
+use crate::model::Model;
+use crate::tract::{unknown_nodes, unrunnable_nodes, InputFact};
+use check::{batch_axis, check, Checked, Progress};
+use inputs::{resolve_inputs, sample, write_npz};
+use parts::{verify_cut, Unrunnable};
+use prepared::{load_error, prepare_model, Prepared};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use tract_onnx::prelude::Tensor;
+
+/// The most nodes the check cuts at because tract refuses them for their inputs (each is found
+/// by typing the models again): past that, the check is not made.
+const MAX_REFUSED: usize = 64;
+
+/// Checks that `candidate` computes the same function as `reference` (see the module docs).
+///
+/// `Ok(report)` whenever both models ran (whole, or in parts around the nodes tract cannot
+/// run); `report.passed` tells whether they agree, [`VerifyReport::exit_code`] what a command
+/// line says. `Err(_)` when the check could not be made.
+pub fn verify(reference: &Path, candidate: &Path, opts: &VerifyOptions) -> Result<VerifyReport, Error> {
+    let progress = Progress::new(opts.progress);
+    opts.validate().map_err(Error::Input)?;
+    let mut notes = vec![];
+    let half = |p: &Path| Model::load(p).map(|m| has_half(&m)).map_err(|e| load_error(p, e));
+    let upcast = half(reference)? || half(candidate)?;
+    let mut r = prepare_model(reference, opts, upcast, &mut notes)?;
+    let mut c = prepare_model(candidate, opts, upcast, &mut notes)?;
+    let mut cut = Unrunnable { r: unknown_nodes(&r.model), c: unknown_nodes(&c.model) };
+    if cut.is_empty() {
+        // tract runs both models whole, unless its builder of an operator refuses a node (found
+        // by parsing the models) or it refuses a node for the inputs it gets
+        match whole(&mut r, &mut c, reference, candidate, upcast, opts, notes.clone(), &progress) {
+            Err(Error::Refused { node, msg, .. }) if cut.add_refused(&r.model, &c.model, &node, &msg) => {}
+            Err(e @ Error::Unsupported { .. }) => {
+                cut = Unrunnable { r: unrunnable_nodes(&r.model), c: unrunnable_nodes(&c.model) };
+                if cut.is_empty() {
+                    return Err(e);
+                }
+            }
+            done => return done,
+        }
+        r.let_go();
+        c.let_go();
+    } else {
+        cut = Unrunnable { r: unrunnable_nodes(&r.model), c: unrunnable_nodes(&c.model) };
+    }
+    for _ in 0..MAX_REFUSED {
+        match verify_cut(&r, &c, &cut, reference, candidate, upcast, opts, notes.clone(), &progress) {
+            Err(Error::Refused { node, msg, .. }) if cut.add_refused(&r.model, &c.model, &node, &msg) => {}
+            done => return done,
+        }
+    }
+    Err(Error::Run {
+        path: reference.to_path_buf(),
+        msg: format!("tract refuses more than {MAX_REFUSED} of its nodes for their inputs: not checked"),
+    })
+}
+
+/// The check of two models tract runs whole.
+#[allow(clippy::too_many_arguments)]
+fn whole(
+    r: &mut Prepared,
+    c: &mut Prepared,
+    reference: &Path,
+    candidate: &Path,
+    upcast: bool,
+    opts: &VerifyOptions,
+    mut notes: Vec<String>,
+    progress: &Progress,
+) -> Result<VerifyReport, Error> {
+    // the candidate's signature first (read without its weights); its weights wait for its turn
+    let csig = match c.signature() {
+        Ok(s) => s,
+        Err(e) => {
+            // what is wrong with both models is told of the reference (the user's own file)
+            r.tract()?.signature()?;
+            return Err(e);
+        }
+    };
+    let rsig = r.tract()?.signature()?;
+    check_signature(&rsig, &csig)?;
+    let mut inputs = resolve_inputs(&rsig, &csig, opts, &mut notes)?;
+    for i in &mut inputs {
+        i.stored = r.half.get(&i.name).copied();
+    }
+    progress.say(true, || "models loaded".into());
+    let facts: Vec<InputFact> = inputs.iter().map(|i| i.fact()).collect();
+    let all_files = inputs.iter().all(|i| i.data.is_some());
+    let samples = if all_files { 1 } else { opts.samples };
+    if all_files && opts.samples != 1 {
+        notes.push("every input comes from a file: one sample".into());
+    }
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    let data: Vec<HashMap<String, Tensor>> =
+        (0..samples).map(|_| sample(&inputs, &mut rng)).collect::<Result<_, _>>()?;
+    let stack = batch_axis(&rsig) && batch_axis(&csig);
+    let Checked { outputs, divergence, first } =
+        check(r, c, &facts, &data, stack, all_files, opts, &mut notes, progress)?;
+    if let Some(p) = &opts.save_outputs {
+        let mut arrays: Vec<(String, Tensor)> = rsig.inputs.iter().map(|n| (n.clone(), data[0][n].clone())).collect();
+        arrays.extend(rsig.outputs.iter().map(|n| (n.clone(), first[n].clone())));
+        write_npz(p, &arrays).map_err(|e| Error::Usage(format!("{}: {e}", p.display())))?;
+    }
+    let passed = outputs.iter().all(|o| o.passed);
+    let mut seen = HashSet::new();
+    notes.retain(|n| seen.insert(n.clone()));
+    Ok(VerifyReport {
+        passed,
+        criterion: opts.criterion.to_string(),
+        noise_factor: opts.noise_factor,
+        stat: opts.stat.to_string(),
+        atol: opts.atol,
+        rtol: opts.rtol,
+        evaluation: if upcast { "float32 upcast".into() } else { "native".into() },
+        golden: opts.load_outputs.as_ref().map(|p| p.display().to_string()),
+        divergence,
+        samples,
+        seed: opts.seed,
+        inputs: inputs.iter().map(|i| i.spec()).collect(),
+        outputs,
+        notes,
+        reference: reference.display().to_string(),
+        candidate: candidate.display().to_string(),
+        checked: true,
+        cuts: None,
+        parts: None,
+    })
+}

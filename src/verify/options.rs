@@ -119,6 +119,10 @@ pub struct VerifyOptions {
     pub freeze_initializers: bool,
     /// Print `verify: ...` progress lines on stderr once the check has run for more than 1 s.
     pub progress: bool,
+    /// Accept a check that could not run a part of the models in which they differ (see
+    /// [`VerifyReport::checked`](super::VerifyReport::checked)): `passed` then says whether what
+    /// was checked agrees.
+    pub allow_unchecked: bool,
 }
 
 impl VerifyOptions {
@@ -176,6 +180,7 @@ impl Default for VerifyOptions {
             eval_bn: false,
             freeze_initializers: false,
             progress: false,
+            allow_unchecked: false,
         }
     }
 }

@@ -8,7 +8,7 @@ use crate::model::tensor::FloatType;
 use crate::model::transform::{eval_mode, freeze_initializers, training_mode, upcast_half};
 use crate::model::Model;
 use crate::tract::{load, signature_without_weights, Loaded, Signature};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 /// A model as the check runs it: read with this crate's loader, edited as the options ask
@@ -23,8 +23,9 @@ pub(crate) struct Prepared {
     pub(crate) shown: PathBuf,
     /// the weights and the type each is stored in (before any upcast)
     pub(crate) weights: HashMap<String, FloatType>,
-    /// the inputs of a half-precision type, when the model runs upcast
-    pub(crate) half_inputs: HashMap<String, FloatType>,
+    /// the tensors declared (graph inputs and outputs, value_info) in a half-precision type,
+    /// when the model runs upcast
+    pub(crate) half: HashMap<String, FloatType>,
     _temp: Option<TempModel>,
 }
 
@@ -57,14 +58,15 @@ pub(crate) fn prepare_model(
         edited |= freeze_initializers(&mut model) > 0;
     }
     let weights = super::noise::weights(&model);
-    let mut half_inputs = HashMap::new();
+    let mut half = HashMap::new();
     if upcast {
-        for v in &model.graph().input {
+        let g = model.graph();
+        for v in g.input.iter().chain(&g.output).chain(&g.value_info) {
             if let Some(crate::proto::type_proto::Value::TensorType(t)) =
                 v.r#type.as_ref().and_then(|t| t.value.as_ref())
             {
                 if let Some(ft @ (FloatType::F16 | FloatType::BF16)) = t.elem_type.and_then(FloatType::from_onnx) {
-                    half_inputs.insert(v.name().to_string(), ft);
+                    half.insert(v.name().to_string(), ft);
                 }
             }
         }
@@ -81,10 +83,35 @@ pub(crate) fn prepare_model(
         None
     };
     let file = temp.as_ref().map_or(path.to_path_buf(), |t| t.path.clone());
-    Ok(Prepared { model, loaded: None, file, shown: path.to_path_buf(), weights, half_inputs, _temp: temp })
+    Ok(Prepared { model, loaded: None, file, shown: path.to_path_buf(), weights, half, _temp: temp })
 }
 
 impl Prepared {
+    /// `model`, a part of the prepared model `whole` (see [`super::cut`]), as the check runs it:
+    /// from a temporary file, named like `whole` in messages, with the weights of `whole` it
+    /// holds.
+    pub(crate) fn part(model: Model, whole: &Prepared) -> Result<Prepared, Error> {
+        let g = model.graph();
+        let mut held: HashSet<&str> = g.initializer.iter().map(|t| t.name()).collect();
+        for n in g.node.iter().filter(|n| n.op_type() == "Constant") {
+            held.insert(n.name());
+            held.extend(n.output.first().map(|o| o.as_str()));
+        }
+        let weights = whole.weights.iter().filter(|(k, _)| held.contains(k.as_str())).map(|(k, v)| (k.clone(), *v));
+        let weights = weights.collect();
+        let name = whole.shown.file_name().unwrap_or(std::ffi::OsStr::new("model.onnx"));
+        let temp = TempModel::write(&model, name)?;
+        Ok(Prepared {
+            model,
+            loaded: None,
+            file: temp.path.clone(),
+            shown: whole.shown.clone(),
+            weights,
+            half: whole.half.clone(),
+            _temp: Some(temp),
+        })
+    }
+
     /// tract's model, loaded again if it was let go.
     pub(crate) fn tract(&mut self) -> Result<&mut Loaded, Error> {
         if self.loaded.is_none() {
@@ -139,6 +166,7 @@ fn shown_as(e: Error, temp: &Path, path: &Path) -> Error {
         Error::Load { msg, .. } => Error::Load { path: path.to_path_buf(), msg: fix(msg) },
         Error::Unsupported { op, .. } => Error::Unsupported { path: path.to_path_buf(), op },
         Error::Run { msg, .. } => Error::Run { path: path.to_path_buf(), msg: fix(msg) },
+        Error::Refused { node, msg, .. } => Error::Refused { path: path.to_path_buf(), node, msg: fix(msg) },
         e => e,
     }
 }

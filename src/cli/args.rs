@@ -79,6 +79,10 @@ pub(crate) struct CheckArgs {
     /// keep_initializers_as_inputs=True); `fuse` removes them from the graph inputs.
     #[arg(long)]
     pub(crate) freeze_initializers: bool,
+    /// Accept a check that could not run a part of the models (cut off by nodes tract cannot
+    /// run) in which they differ: exit 0 with a warning instead of 2 (`fuse` writes the output).
+    #[arg(long)]
+    pub(crate) allow_unchecked: bool,
 }
 
 /// `X` or `name:X` (the last `:` separates them).
@@ -203,6 +207,7 @@ impl CheckArgs {
             load_outputs: self.load_outputs.clone(),
             eval_bn: self.eval_bn,
             freeze_initializers: self.freeze_initializers,
+            allow_unchecked: self.allow_unchecked,
             progress: true,
             ..Default::default()
         };

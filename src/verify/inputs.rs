@@ -234,6 +234,7 @@ fn random_tensor(dt: DatumType, shape: &[usize], rng: &mut StdRng) -> Result<Ten
 }
 
 /// One input of the check: its name, type and shape, and where its values come from.
+#[derive(Clone)]
 pub(crate) struct ResolvedInput {
     pub(crate) name: String,
     pub(crate) dt: DatumType,

@@ -39,6 +39,12 @@ pub enum Error {
     /// tract failed to type or run the model, or the model holds what tract would crash on.
     #[error("{}", one_line(&format!("running {} failed: {msg}", path.display())))]
     Run { path: PathBuf, msg: String },
+    /// tract refused to type or plan one node of the model (an operator it cannot run for these
+    /// inputs); `node` is the ONNX node's name (its first output when it has none). The check
+    /// cuts both models at such a node when it can (see [`crate::verify`]); the message is
+    /// [`Error::Run`]'s.
+    #[error("{}", one_line(&format!("running {} failed: {msg}", path.display())))]
+    Refused { path: PathBuf, node: String, msg: String },
     /// The equivalence check of `fuse` could not be made (the inner error says why).
     #[error("{0} (pass --no-verify to skip the check)")]
     Check(Box<Error>),

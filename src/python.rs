@@ -80,6 +80,7 @@ const CHECK_OPTIONS: &[(&str, Setter<CheckKwargs>)] = &[
     ("load_outputs", set!(o, v => o.opts.load_outputs = Some(v.extract()?))),
     ("eval_bn", set!(o, v => o.opts.eval_bn = v.extract()?)),
     ("freeze_initializers", set!(o, v => o.opts.freeze_initializers = v.extract()?)),
+    ("allow_unchecked", set!(o, v => o.opts.allow_unchecked = v.extract()?)),
     // not a flag: the CLI always shows progress; the Python API only when asked
     ("progress", set!(o, v => o.opts.progress = v.extract()?)),
 ];

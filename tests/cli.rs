@@ -590,9 +590,12 @@ fn case_fuse_bench_reports_latency() {
         (r, v)
     };
 
+    // nothing on stderr but the check's progress lines (a check taking over a second, as on a
+    // loaded machine, says how far it is)
+    let quiet = |stderr: &str| stderr.lines().all(|l| l.starts_with("verify: "));
     let (r, v) = fuse(&["--bench"]);
     ok(&r, "--bench");
-    assert!(r.stderr.is_empty(), "{}", r.stderr);
+    assert!(quiet(&r.stderr), "{}", r.stderr);
     let line = latency_line(&r);
     // after the check's verdict, before `wrote`
     let pos = |s: &str| r.stdout.find(s).unwrap_or_else(|| panic!("no {s:?}:\n{}", r.stdout));
@@ -605,7 +608,7 @@ fn case_fuse_bench_reports_latency() {
     // independent of the check; --bench-runs bounds the runs
     let (r, v) = fuse(&["--bench", "--no-verify", "--bench-time", "0.05", "--bench-runs", "4"]);
     ok(&r, "--bench --no-verify");
-    assert!(r.stderr.is_empty(), "{}", r.stderr);
+    assert!(quiet(&r.stderr), "{}", r.stderr);
     latency_line(&r);
     assert!(!r.stdout.contains("EQUIVALENT"), "{}", r.stdout);
     assert!(v["passed"].is_null() && v["verified"] == false, "{v}");
@@ -642,7 +645,7 @@ fn case_fuse_bench_reports_latency() {
 }
 
 /// A model tract cannot run: `--bench` warns in one line and leaves `bench` null; the fuse is
-/// written as without it (exit 0).
+/// written as without it (exit 0), checked around the operator tract cannot run.
 #[test]
 fn case_fuse_bench_unsupported_operator_warns() {
     let d = tempdir();
@@ -679,10 +682,17 @@ fn case_fuse_bench_unsupported_operator_warns() {
                 && warning.contains("bernoulli.onnx"),
             "{what}: {warning}"
         );
-        // with the check: its warning too; without: only this one
-        assert_eq!(r.stderr.lines().count(), if extra.len() == 1 { 2 } else { 1 }, "{what}: {}", r.stderr);
+        assert_eq!(r.stderr.lines().count(), 1, "{what}: {}", r.stderr);
         let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
         assert!(v["bench"].is_null() && v["fuse"]["blocks_merged"].as_u64().unwrap() > 0, "{what}: {v}");
+        // with the check: made around Bernoulli (the blocks before it, which the rewrite changed,
+        // are compared; the head after it is the same in both models)
+        if extra.len() == 1 {
+            assert_eq!(
+                (&v["passed"], &v["checked"], &v["cuts"][0]["op"]),
+                (&true.into(), &true.into(), &"Bernoulli".into())
+            );
+        }
         assert!(Model::load(&out).unwrap().proto.graph.unwrap().node.iter().any(|n| n.op_type() == "Bernoulli"));
         std::fs::remove_file(&out).unwrap();
     }

@@ -43,8 +43,12 @@ fn case_every_fixture_reencodes_to_identical_bytes() {
 #[test]
 fn case_every_fixture_saves_inline_byte_identical() {
     let dir = tempfile::tempdir().unwrap();
-    for p in all_onnx().into_iter().filter(|p| !p.ends_with("dynamo_ext.onnx")) {
+    for p in all_onnx() {
         let m = Model::load(&p).unwrap();
+        // (a model with external data, as dynamo_ext.onnx, is saved with a data file)
+        if m.has_external_data() {
+            continue;
+        }
         let out = dir.path().join("m.onnx");
         let saved = save(&m, &out, DataMode::Auto).unwrap();
         assert!(saved.data.is_none());

@@ -257,6 +257,35 @@ fn case_changed_weight_fails() {
     assert!(rep.table().contains("NaN"));
 }
 
+/// A rewrite may give a tensor of the block it replaced another value: in a residual ACNet
+/// block the merged Conv writes the name of the square branch it grew from, and the block's sum
+/// is an Add of it and the shortcut. Such a name is not where a failure is localised (it
+/// differs by design): one weight wrong after those blocks is named where it is.
+#[test]
+fn case_localisation_is_not_fooled_by_a_name_the_rewrite_gave_another_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let export = fixture("resnet20", "ts_fold.onnx");
+    let mut m = acnet_onnx::Model::load(&export).unwrap();
+    acnet_onnx::fuse(&mut m).unwrap();
+    let bad = dir.path().join("bad.onnx");
+    acnet_onnx::save(&m, &bad, acnet_onnx::DataMode::Inline).unwrap();
+    let mut proto = read_proto(&bad);
+    let g = proto.graph.as_mut().unwrap();
+    // the residual blocks before it: a merged Conv writing its square branch's name
+    let renamed = "/layers/layers.0/conv2/square_conv/Conv_output_0";
+    assert!(g.node.iter().any(|n| n.op_type == "Conv" && n.output[0] == renamed));
+    let conv = "/layers/layers.4/conv1/square_conv/Conv";
+    let w = g.node.iter().find(|n| n.name == conv).unwrap().input[1].clone();
+    let t = g.initializer.iter_mut().find(|t| t.name == w).unwrap();
+    let old = f32::from_le_bytes(t.raw_data[0..4].try_into().unwrap());
+    t.raw_data[0..4].copy_from_slice(&(old + 0.5).to_le_bytes());
+    write_proto(&proto, &bad);
+    let rep = verify(&export, &bad, &one_sample()).unwrap();
+    assert!(!rep.passed, "{}", rep.table());
+    let d = rep.divergence.as_ref().unwrap_or_else(|| panic!("{}", rep.table()));
+    assert_eq!((d.node.as_str(), d.tensor.as_str()), (conv, "/layers/layers.4/conv1/Add_1_output_0"), "{d:?}");
+}
+
 /// Same seed: same inputs, same numbers; another seed: other inputs.
 #[test]
 fn case_seeded_inputs_are_deterministic() {
@@ -349,9 +378,11 @@ fn case_signature_and_load_errors() {
     assert_one_line(&e);
 }
 
-/// An ONNX operator tract has no implementation of: Unsupported, naming the op type.
+/// An ONNX operator tract has no implementation of is cut, not an error: where the candidate
+/// has it in place of the reference's node, the check fails naming both; a model holding it is
+/// equivalent to itself (the rest of it is run).
 #[test]
-fn case_unsupported_operator_is_named() {
+fn case_unsupported_operator_is_cut_and_compared() {
     let dir = tempfile::tempdir().unwrap();
     let deploy = fixture("qarepvgg", "deploy.onnx");
     let mut m = read_proto(&deploy);
@@ -360,16 +391,22 @@ fn case_unsupported_operator_is_named() {
     relu.op_type = "Bernoulli".into();
     let p = dir.path().join("bernoulli.onnx");
     write_proto(&m, &p);
-    let e = verify(&deploy, &p, &one_sample()).unwrap_err();
-    match &e {
-        Error::Unsupported { path, op } => {
-            assert_eq!(path, &p);
-            assert_eq!(op, "Bernoulli");
-        }
-        other => panic!("expected Unsupported, got {other:?}"),
-    }
-    assert!(e.to_string().contains("Bernoulli") && e.to_string().contains("bernoulli.onnx"), "{e}");
-    assert_one_line(&e);
+    let rep = verify(&deploy, &p, &one_sample()).unwrap();
+    assert!(!rep.passed && rep.exit_code() == 1, "{}", rep.table());
+    let cuts = rep.cuts.as_ref().unwrap();
+    assert_eq!(cuts.len(), 1);
+    assert_eq!(cuts[0].op, "Relu");
+    assert!(cuts[0].why.contains("Bernoulli") && cuts[0].why.contains("no implementation"), "{:?}", cuts[0]);
+    let problem = cuts[0].problem.as_deref().unwrap();
+    assert!(problem.contains("Bernoulli") && problem.contains("not Relu"), "{problem}");
+    // the Conv before it is compared and passes
+    assert!(rep.outputs.iter().all(|o| o.passed), "{}", rep.table());
+    assert!(rep.table().contains("NOT EQUIVALENT"), "{}", rep.table());
+
+    let rep = verify(&p, &p, &one_sample()).unwrap();
+    assert!(rep.passed && rep.exit_code() == 0, "{}", rep.table());
+    assert_eq!(rep.cuts.as_ref().unwrap()[0].op, "Bernoulli");
+    assert!(rep.cuts.as_ref().unwrap()[0].problem.is_none());
 }
 
 /// Bad input specifications are Input errors, never panics.
@@ -448,6 +485,8 @@ fn case_json_report() {
     assert!(v["reference"].as_str().unwrap().ends_with("dynamo_ext.onnx"));
     assert!(v["candidate"].as_str().unwrap().ends_with("deploy.onnx"));
     assert!(v["notes"].is_array());
+    // run whole: nothing cut, everything checked
+    assert!(v["cuts"].is_null() && v["parts"].is_null() && v["checked"] == true, "{v}");
     let inputs = v["inputs"].as_array().unwrap();
     assert_eq!(inputs.len(), 1);
     assert_eq!(inputs[0]["name"], "input");
@@ -465,6 +504,7 @@ fn case_json_report() {
     }
     assert!(o["worst_index"].as_array().unwrap().iter().all(|x| x.is_u64()));
     assert_eq!(o["min_rtol"], 0.0, "passing by atol alone");
+    assert!(o["part"].is_null());
     // table: header, rule, one row, verdict
     let t = rep.table();
     assert!(t.lines().any(|l| l.starts_with("output") && l.contains("PASS")), "{t}");

@@ -37,9 +37,10 @@ __version__: str = _native.__version__
 
 
 class FuseWarning(UserWarning):
-    """What ``fuse`` warns about: a model written unverified (tract cannot run an operator), written
-    although not equivalent (``force=True``), not written because it is not equivalent, or no
-    latency measured (``bench=True``)."""
+    """What ``fuse`` warns about: a model written although not equivalent (``force=True``) or
+    although a part the rewrite changed could not be checked (``allow_unchecked=True``), not
+    written because it is not equivalent or could not be checked, or no latency measured
+    (``bench=True``)."""
 
 
 class Report(dict):
@@ -48,7 +49,9 @@ class Report(dict):
 
     Attributes:
         exit_code: the command line's exit code for this result: 0 written / equivalent, 1 not
-            equivalent (and, for ``fuse``, nothing written).
+            equivalent (and, for ``fuse``, nothing written), 2 a part of the models in which they
+            differ could not be checked (cut off by nodes tract cannot run; ``fuse`` wrote
+            nothing).
         written: the files ``fuse`` wrote (the model, then its external data file if any); empty
             when nothing was written.
         warnings: the warnings of ``fuse``, one line each (also issued as :class:`FuseWarning`).
@@ -166,6 +169,9 @@ def fuse(input, output, *, verify=True, **options) -> Report:
 
     Nothing is written when the check fails (unless ``force=True``): the report then has
     ``passed`` False, ``exit_code`` 1 and ``written`` empty, and a :class:`FuseWarning` says so.
+    A model holding nodes tract cannot run is checked in parts around them (``parts``, ``cuts``);
+    when a part the rewrite changed cannot run, nothing is written either (``exit_code`` 2)
+    unless ``allow_unchecked=True``.
     The input is never modified (unless ``in_place=True`` and ``output`` names it).
 
     Args:
@@ -184,8 +190,8 @@ def fuse(input, output, *, verify=True, **options) -> Report:
         bench_time (float): with ``bench``: seconds of timed runs per model (default 1).
         bench_runs (int): with ``bench``: most timed runs per model (default 50).
         seed, samples, criterion, noise_factor, atol, rtol, stat, input_shape, input_files,
-            inputs, save_outputs, load_outputs, eval_bn, freeze_initializers, progress: the
-            check's options, as in :func:`verify`.
+            inputs, save_outputs, load_outputs, eval_bn, freeze_initializers, allow_unchecked,
+            progress: the check's options, as in :func:`verify`.
 
     Returns:
         the report of ``--report``: the check (``passed``, ``outputs``, ...), ``verified``,
@@ -206,10 +212,21 @@ def fuse(input, output, *, verify=True, **options) -> Report:
         files.report(report, options.get("report"))
         if not report.written:
             name = input if isinstance(input, (str, os.PathLike)) else files.labels[path]
-            report.warnings.append(
-                f"{os.fsdecode(name)}: the fused model is not equivalent to the input; nothing written "
-                "(force=True writes anyway)"
-            )
+            if report.exit_code == 2:
+                unchecked = "; ".join(
+                    f"part {p['index']}: {p['problem']}"
+                    for p in report.get("parts") or []
+                    if not p["checked"] and p["identical"] is not True
+                )
+                report.warnings.append(
+                    f"{os.fsdecode(name)}: the rewrite could not be checked where it changed the model "
+                    f"({unchecked}); nothing written (allow_unchecked=True writes it anyway)"
+                )
+            else:
+                report.warnings.append(
+                    f"{os.fsdecode(name)}: the fused model is not equivalent to the input; nothing written "
+                    "(force=True writes anyway)"
+                )
     for w in report.warnings:
         _warnings.warn(w, FuseWarning, stacklevel=2)
     return report
@@ -245,14 +262,21 @@ def verify(reference, candidate, **options) -> Report:
             elsewhere from the inputs given with ``inputs``/``input_files``).
         eval_bn (bool): run training-mode BatchNormalization and Dropout in their inference forms.
         freeze_initializers (bool): treat initializers that are also graph inputs as constants.
+        allow_unchecked (bool): accept a check that could not run a part of the models (cut off
+            by nodes tract cannot run) in which they differ: ``exit_code`` 0 instead of 2, and
+            ``fuse`` writes the output with a warning.
         report (path): also write the JSON report to this file.
         progress (bool): print progress on stderr when the check takes over a second (the
             command line always does).
 
+    A model holding nodes tract cannot run (an operator it has no implementation of, a custom
+    domain) is cut at them: each part between the cuts is checked as a model of its own
+    (``parts``), the cut nodes must be the same in both models (``cuts``).
+
     Returns:
         the report of ``--report``: ``passed``, the tolerances, the inputs, and per output the
         max abs / rel diff, the worst element and whether it passed; ``exit_code`` 0 when
-        equivalent, 1 when not.
+        equivalent, 1 when not, 2 when a part in which the models differ could not run.
 
     Raises:
         Error: a model cannot be read or run, the signatures differ, a bad input file (exit code 2).

@@ -17,13 +17,13 @@ class Error(Exception):
     """The command line's exit code for this error (2)."""
 
 class FuseWarning(UserWarning):
-    """A model written unverified, written although not equivalent, not written, or not benched."""
+    """A model written although not equivalent or not checked, not written, or not benched."""
 
 class Report(dict[str, Any]):
     """The JSON report of ``--report`` (``inspect --json``) as a dict."""
 
     exit_code: int
-    """0 written / equivalent; 1 not equivalent (``fuse``: nothing written)."""
+    """0 written / equivalent; 1 not equivalent, 2 not checked (``fuse``: nothing written)."""
     written: list[str]
     """The files ``fuse`` wrote (the model, then its data file); empty when nothing was written."""
     warnings: list[str]
@@ -63,14 +63,16 @@ def fuse(
     load_outputs: StrPath | None = None,
     eval_bn: bool | None = None,
     freeze_initializers: bool | None = None,
+    allow_unchecked: bool | None = None,
     progress: bool | None = None,
 ) -> Report:
     """Fuse every re-parameterisable block into one Conv, check the result in tract, write it.
 
     Nothing is written when the check fails (``passed`` False, ``exit_code`` 1) unless
-    ``force=True``. ``verify=False`` skips the check; ``external_data``/``inline`` choose how
-    weights are stored; ``bench`` measures tract's latency before and after; the check's
-    options are those of ``verify``.
+    ``force=True``, nor when a part the rewrite changed cannot run in tract (``exit_code`` 2)
+    unless ``allow_unchecked=True``. ``verify=False`` skips the check; ``external_data``/``inline``
+    choose how weights are stored; ``bench`` measures tract's latency before and after; the
+    check's options are those of ``verify``.
     Raises Error (exit code 2) when the model cannot be read or fused, or the check cannot run.
     """
 
@@ -93,6 +95,7 @@ def verify(
     load_outputs: StrPath | None = None,
     eval_bn: bool | None = None,
     freeze_initializers: bool | None = None,
+    allow_unchecked: bool | None = None,
     progress: bool | None = None,
 ) -> Report:
     """Run both models in tract on the same inputs and compare every output element-wise.
@@ -102,8 +105,10 @@ def verify(
     ``stat``; a number, or {output: number}). ``seed``/``samples`` (0, 3) make the random inputs,
     ``input_shape`` ({name: dims}) sets symbolic dims, ``input_files`` ({name: .npy path or
     array}) or ``inputs`` (.npz) give real data; ``save_outputs``/``load_outputs`` (.npz) keep or
-    compare with golden outputs; ``eval_bn``, ``freeze_initializers`` as the flags. ``exit_code``
-    is 0 when equivalent, 1 when not. Raises Error (exit code 2) when a model cannot be read or
+    compare with golden outputs; ``eval_bn``, ``freeze_initializers``, ``allow_unchecked`` as the
+    flags. Around nodes tract cannot run the models are checked in parts (``parts``, ``cuts``).
+    ``exit_code`` is 0 when equivalent, 1 when not, 2 when a part in which they differ could not
+    run. Raises Error (exit code 2) when a model cannot be read or
     run, or the signatures differ.
     """
 

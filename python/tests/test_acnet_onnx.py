@@ -33,6 +33,8 @@ DEPLOY = CONV2 / "deploy.onnx"  # the same network, fused by PyTorch
 DYNBATCH = CONV2 / "ts_dynbatch.onnx"  # a symbolic batch dim
 DYNAMO_EXT = CONV2 / "dynamo_ext.onnx"  # external data in dynamo_ext.onnx.data
 IO_NPZ = CONV2 / "io.npz"  # real inputs: input.npy [1,3,32,32], input_b2.npy, ...
+# QARepVGG exports with a custom-domain node (com.example.vendor::Decode) between blocks b2 and b3
+CUT = ROOT / "fixtures" / "cut_qarepvgg"
 
 try:
     import numpy
@@ -176,6 +178,27 @@ class Fuse(Case):
         self.assertEqual(len(warned), 1)
         self.assertIn("NOT equivalent", warned[0])
 
+    def test_a_rewrite_that_cannot_be_checked_is_not_written_unless_accepted(self):
+        # Decode's output is not declared: the part after it (which the rewrite changed) cannot run
+        model, out = CUT / "undeclared_ts_fold.onnx", self.tmp / "deploy.onnx"
+        r, warned = self.fuse_quietly(model, out)
+        self.assertEqual((r.exit_code, r.written, r["passed"], r["checked"]), (2, [], False, False))
+        self.assertEqual([(p["checked"], p["identical"]) for p in r["parts"]], [(True, None), (False, False)])
+        self.assertFalse(out.exists())
+        self.assertEqual(len(warned), 1)
+        self.assertIn("could not be checked", warned[0])
+        self.assertIn("allow_unchecked=True", warned[0])
+        p = cli("fuse", model, "-o", out)
+        self.assertEqual(p.returncode, 2, p.stderr)
+        self.assertFalse(out.exists())
+
+        r, warned = self.fuse_quietly(model, out, allow_unchecked=True)
+        self.assertEqual((r.exit_code, r.written, r["passed"], r["checked"]), (0, [str(out)], True, False))
+        self.assertEqual(len(warned), 1)
+        self.assertIn("--allow-unchecked", warned[0])
+        r = acnet_onnx.verify(model, out)
+        self.assertEqual((r.exit_code, r["passed"]), (2, False))
+
     def test_no_verify_and_data_modes(self):
         out = self.tmp / "deploy.onnx"
         r, _ = self.fuse_quietly(DYNAMO_EXT, out, verify=False)
@@ -284,6 +307,16 @@ class VerifyInspect(Case):
         self.assertEqual(r.exit_code, 1)
         self.assertEqual(r["candidate"], "<candidate: bytes>")
         self.assertEqual(r, json.loads((self.tmp / "r.json").read_text()))
+
+    def test_a_model_tract_cannot_run_whole_is_checked_in_parts(self):
+        r = acnet_onnx.verify(CUT / "mid_ts_fold.onnx", CUT / "mid_deploy.onnx", samples=1)
+        self.assertEqual((r.exit_code, r["passed"], r["checked"]), (0, True, True))
+        self.assertEqual([(c["op"], c["domain"], c["problem"]) for c in r["cuts"]], [("Decode", "com.example.vendor", None)])
+        self.assertEqual([(p["index"], p["checked"], p["passed"]) for p in r["parts"]], [(0, True, True), (1, True, True)])
+        self.assertEqual([o["part"] for o in r["outputs"]], [0, 1])
+        p = cli("verify", CUT / "mid_ts_fold.onnx", CUT / "mid_deploy.onnx", "--samples", "1", "--report", self.tmp / "cli.json")
+        self.assertEqual(p.returncode, 0, p.stderr)
+        self.assertEqual(r, json.loads((self.tmp / "cli.json").read_text()))
 
     def test_real_inputs_from_an_npz(self):
         r = acnet_onnx.verify(TS_FOLD, DEPLOY, inputs=IO_NPZ)

@@ -61,8 +61,8 @@ pub(crate) struct CheckArgs {
     /// Real input data, `name=file.npy` (repeatable).
     #[arg(long = "input", value_name = "NAME=FILE")]
     pub(crate) input: Vec<String>,
-    /// Real input data: an .npz whose arrays are named like the graph inputs.
-    #[arg(long)]
+    /// Real input data: an .npz whose arrays are named like the graph inputs (one sample).
+    #[arg(long, value_name = "FILE.npz")]
     pub(crate) inputs: Option<PathBuf>,
     /// Write the inputs and the reference's outputs (first sample) to an .npz.
     #[arg(long, value_name = "FILE.npz")]
@@ -79,6 +79,10 @@ pub(crate) struct CheckArgs {
     /// keep_initializers_as_inputs=True); `fuse` removes them from the graph inputs.
     #[arg(long)]
     pub(crate) freeze_initializers: bool,
+    /// Accept a check that could not run a part of the models (cut off by nodes tract cannot
+    /// run) in which they differ: exit 0 with a warning instead of 2 (`fuse` writes the output).
+    #[arg(long)]
+    pub(crate) allow_unchecked: bool,
 }
 
 /// `X` or `name:X` (the last `:` separates them).
@@ -113,17 +117,17 @@ pub(crate) struct FuseArgs {
     /// Allow -o to name the input itself.
     #[arg(long)]
     pub(crate) in_place: bool,
-    /// Write a JSON report (fuse summary + equivalence check).
-    #[arg(long)]
+    /// Write the JSON report (fuse summary + equivalence check), also when the check fails.
+    #[arg(long, value_name = "FILE")]
     pub(crate) report: Option<PathBuf>,
     /// Measure tract's latency (optimised plan) of the model before and after fusion, on the
     /// check's inputs.
     #[arg(long)]
     pub(crate) bench: bool,
-    /// --bench: seconds of timed runs per model (at least 3 runs).
+    /// --bench: seconds of timed runs per model (default 1; at least 3 runs).
     #[arg(long, value_name = "SECONDS", requires = "bench")]
     pub(crate) bench_time: Option<f64>,
-    /// --bench: most timed runs per model.
+    /// --bench: most timed runs per model (default 50).
     #[arg(long, value_name = "N", requires = "bench")]
     pub(crate) bench_runs: Option<usize>,
     #[command(flatten)]
@@ -176,8 +180,8 @@ pub(crate) struct VerifyArgs {
     pub(crate) reference: PathBuf,
     /// The model that should compute the same function.
     pub(crate) candidate: PathBuf,
-    /// Write a JSON report.
-    #[arg(long)]
+    /// Write the JSON report.
+    #[arg(long, value_name = "FILE")]
     pub(crate) report: Option<PathBuf>,
     #[command(flatten)]
     pub(crate) check: CheckArgs,
@@ -185,6 +189,7 @@ pub(crate) struct VerifyArgs {
 
 #[derive(Args, Debug)]
 pub(crate) struct InspectArgs {
+    /// The model to inspect.
     pub(crate) model: PathBuf,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -202,6 +207,7 @@ impl CheckArgs {
             load_outputs: self.load_outputs.clone(),
             eval_bn: self.eval_bn,
             freeze_initializers: self.freeze_initializers,
+            allow_unchecked: self.allow_unchecked,
             progress: true,
             ..Default::default()
         };

@@ -95,14 +95,8 @@ fn run_fuse(a: &FuseArgs) -> Result<i32, Error> {
             None => println!("wrote {}", saved.model.display()),
         },
     })?;
-    if report.written.is_none() {
-        eprintln!(
-            "acnet-onnx: {}",
-            one_line(&format!(
-                "{}: the fused model is not equivalent to the input; nothing written (--force writes anyway)",
-                a.model.display()
-            ))
-        );
+    if let Some(why) = report.not_written(&a.model) {
+        eprintln!("acnet-onnx: {}", one_line(&why));
     }
     Ok(report.exit_code())
 }
@@ -111,6 +105,16 @@ fn run_verify(a: &VerifyArgs) -> Result<i32, Error> {
     let opts = VerifyFileOptions { check: a.check.options()?, report: a.report.clone() };
     let r = verify_files(&a.reference, &a.candidate, &opts)?;
     print!("{}", r.table());
+    if r.exit_code() == 2 {
+        eprintln!(
+            "acnet-onnx: {}",
+            one_line(&format!(
+                "{}: not checked where the models differ ({}) (--allow-unchecked accepts it)",
+                a.candidate.display(),
+                r.unchecked().join("; ")
+            ))
+        );
+    }
     Ok(r.exit_code())
 }
 

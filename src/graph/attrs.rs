@@ -1,6 +1,7 @@
 //! Operators as the rules read them: attributes with their defaults, the default domain and
 //! opset, and the inputs each operator's schema requires at an opset.
 
+use super::Label;
 use crate::error::{Error, Result};
 use crate::proto::{AttributeProto, GraphProto, ModelProto, NodeProto};
 
@@ -30,7 +31,7 @@ fn arity(op: &str, opset: i64) -> Option<(usize, usize)> {
 pub fn check_arity(g: &GraphProto, opset: i64) -> Result<()> {
     let gname = g.name.as_deref().filter(|n| !n.is_empty()).unwrap_or("graph");
     for n in g.node.iter().filter(|n| is_default_domain(n)) {
-        let bad = |msg: String| Err(Error::Invalid(format!("{gname}: node '{}' ({}) {msg}", n.name(), n.op_type())));
+        let bad = |msg: String| Err(Error::Invalid(format!("{gname}: node '{}' ({}) {msg}", n.label(), n.op_type())));
         // (tract's Transpose loops for ever, allocating, on a perm that is not a permutation)
         if n.op_type() == "Transpose" {
             if let Some(perm) = attr_ints(n, "perm") {

@@ -2,6 +2,7 @@
 //! initializers, graph inputs and outputs; and the graph's well-formedness check.
 
 use super::attrs::is_default_domain;
+use super::Label;
 use crate::error::{Error, Result};
 use crate::proto::{GraphProto, NodeProto, TensorProto};
 use std::collections::{HashMap, HashSet};
@@ -180,7 +181,7 @@ impl GraphIndex {
             let mut outs: HashSet<&str> = HashSet::new();
             for o in n.output.iter().filter(|o| !o.is_empty()) {
                 if !outs.insert(o) {
-                    return err(format!("node '{}' ({}) lists output '{o}' twice", n.name(), n.op_type()));
+                    return err(format!("node '{}' ({}) lists output '{o}' twice", n.label(), n.op_type()));
                 }
                 if defined.contains(o.as_str()) {
                     let what = if inputs.contains(o.as_str()) {
@@ -192,7 +193,7 @@ impl GraphIndex {
                     };
                     return err(format!(
                         "duplicate tensor name '{o}': output of node '{}' ({}) and {what}",
-                        n.name(),
+                        n.label(),
                         n.op_type()
                     ));
                 }
@@ -205,14 +206,14 @@ impl GraphIndex {
             for r in node_reads(n) {
                 if !avail.contains(r.as_str()) {
                     let msg = if !defined.contains(r.as_str()) {
-                        format!("node '{}' ({}) reads '{r}', which nothing produces", n.name(), n.op_type())
+                        format!("node '{}' ({}) reads '{r}', which nothing produces", n.label(), n.op_type())
                     } else if let Some(c) = self.cycle_node(g) {
                         let c = &g.node[c];
-                        format!("a cycle: node '{}' ({}) depends on its own output", c.name(), c.op_type())
+                        format!("a cycle: node '{}' ({}) depends on its own output", c.label(), c.op_type())
                     } else {
                         format!(
                             "nodes are not in topological order: node '{}' ({}) reads '{r}' before it is produced",
-                            n.name(),
+                            n.label(),
                             n.op_type()
                         )
                     };

@@ -15,7 +15,22 @@ pub(crate) use consts::{ConstError, Consts, Exact};
 pub(crate) use index::{node_reads, GraphIndex};
 pub(crate) use names::{graph_names, Names};
 
-use crate::proto::{tensor_shape_proto::dimension::Value, type_proto, ValueInfoProto};
+use crate::proto::{tensor_shape_proto::dimension::Value, type_proto, NodeProto, ValueInfoProto};
+
+/// How every message names a node: by its name, or — a node without one — by its first output
+/// tensor, which users can find in their model (tract names unnamed nodes the same way).
+pub(crate) trait Label {
+    fn label(&self) -> &str;
+}
+
+impl Label for NodeProto {
+    fn label(&self) -> &str {
+        match self.name() {
+            "" => self.output.iter().find(|o| !o.is_empty()).map_or("", String::as_str),
+            name => name,
+        }
+    }
+}
 
 /// The dims a value declares, each `Some(size)` or `None` (symbolic or unknown); `None` when it
 /// declares no tensor shape at all.

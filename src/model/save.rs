@@ -14,6 +14,8 @@ use prost::Message;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::SystemTime;
 
 /// Tensors of at least this many bytes go to the external data file when saving externally.
 pub const EXTERNAL_THRESHOLD: usize = 1024;
@@ -145,7 +147,7 @@ pub fn stage(model: &Model, path: &Path, mode: DataMode) -> Result<Staged> {
         DataMode::External => true,
         DataMode::Auto => model.has_external_data() || model.proto.encoded_len() > PROTOBUF_LIMIT,
     };
-    let dir = target_dir.join(format!(".acnet-onnx-{}-{}", std::process::id(), unique()));
+    let dir = target_dir.join(format!("{STAGING_PREFIX}{}-{}", owner(), unique()));
     std::fs::create_dir(&dir).map_err(|e| Error::io(path, format!("cannot write in {}: {e}", target_dir.display())))?;
     let mut staged = Staged { dir, name, data_name: None, target_dir, committed: false, flushes: vec![] };
     let model_file = staged.model_path();
@@ -218,6 +220,114 @@ fn unique() -> u64 {
     (t << 16) ^ N.fetch_add(1, Ordering::Relaxed)
 }
 
+/// What the name of every staging folder starts with; then `<host>-<pid>-<start>-<n>` (see
+/// [`owner`]).
+const STAGING_PREFIX: &str = ".acnet-onnx-";
+/// What the name of every temporary folder of a check starts with; then as a staging folder.
+const CHECK_PREFIX: &str = ".acnet-onnx-check-";
+
+/// This process as the names of its folders say it, `<host>-<pid>-<start>`: the host name, the
+/// process id and the process's start time in clock ticks since boot (0 where there is no
+/// `/proc`), so that a later run can tell whether the process that made a folder still runs.
+fn owner() -> &'static str {
+    static OWNER: OnceLock<String> = OnceLock::new();
+    OWNER.get_or_init(|| {
+        let pid = std::process::id();
+        format!("{}-{pid}-{}", host(), start_ticks(pid).unwrap_or(0))
+    })
+}
+
+/// The host's name (`/proc/sys/kernel/hostname`), as it can stand in a file name.
+fn host() -> String {
+    let h = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let h: String = h
+        .trim()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') { c } else { '_' })
+        .collect();
+    if h.is_empty() {
+        "localhost".into()
+    } else {
+        h
+    }
+}
+
+/// When process `pid` started, in clock ticks since boot (field 22 of `/proc/<pid>/stat`);
+/// `None` when there is no such process (or no `/proc`).
+fn start_ticks(pid: u32) -> Option<u64> {
+    proc_stat(pid).map(|(_, start)| start)
+}
+
+/// Process `pid`'s state (`R`, `S`, ..., `Z` for a zombie) and start time in clock ticks since
+/// boot, from `/proc/<pid>/stat` (fields 3 and 22).
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // field 2, the command, is in parentheses and may hold anything: count from the last ')'
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    Some((state, fields.nth(18)?.parse().ok()?))
+}
+
+/// The maker of a folder named `<prefix><host>-<pid>-<start>-<n>`: (host, pid, start).
+fn folder_owner<'a>(name: &'a str, prefix: &str) -> Option<(&'a str, u32, u64)> {
+    let mut parts = name.strip_prefix(prefix)?.rsplitn(4, '-');
+    parts.next()?.parse::<u64>().ok()?;
+    let start = parts.next()?.parse().ok()?;
+    let pid = parts.next()?.parse().ok()?;
+    Some((parts.next()?, pid, start))
+}
+
+/// Whether the process that made a folder (`pid`, started at `start`) is gone: no process with
+/// that pid, one that started at another time (the pid was reused), or one that has ended and
+/// not been waited for (a zombie). `false` when it cannot be told (no `/proc`, or a start time
+/// that was not known).
+fn gone(pid: u32, start: u64) -> bool {
+    if start == 0 || start_ticks(std::process::id()).is_none() {
+        return false;
+    }
+    match proc_stat(pid) {
+        Some((state, s)) => s != start || matches!(state, 'Z' | 'X'),
+        None => !Path::new("/proc").join(pid.to_string()).exists(),
+    }
+}
+
+/// Remove the folders named `<prefix><host>-<pid>-<start>-<n>` in `dir` that runs killed
+/// outright left behind: made on this host, by a process that is gone, and last changed before
+/// `since`. A folder of a live process, of another host, or whose name does not say all of this
+/// is never touched. Returns the names of the folders removed.
+fn remove_stale(dir: &Path, prefix: &str, since: SystemTime) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return vec![] };
+    let this_host = host();
+    let mut removed = Vec::new();
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some((h, pid, start)) = folder_owner(name, prefix) else { continue };
+        if h != this_host || !gone(pid, start) {
+            continue;
+        }
+        let path = e.path();
+        let old = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir() && m.modified().is_ok_and(|t| t < since));
+        if old && std::fs::remove_dir_all(&path).is_ok() {
+            removed.push(name.to_string());
+        }
+    }
+    removed.sort();
+    removed
+}
+
+/// Remove the staging folders beside `path` (a model about to be saved) that runs killed
+/// outright (SIGKILL: a CI job's timeout) left behind, each as large as the model: made on this
+/// host by a process that no longer runs, and older than `since` (when this run started).
+/// Returns their names.
+pub fn remove_stale_staging(path: &Path, since: SystemTime) -> Vec<String> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    remove_stale(dir, STAGING_PREFIX, since)
+}
+
 /// Save `model` to `path` atomically (staged, then renamed).
 pub fn save(model: &Model, path: &Path, mode: DataMode) -> Result<Saved> {
     stage(model, path, mode)?.commit()
@@ -233,7 +343,10 @@ pub(crate) struct TempModel {
 impl TempModel {
     /// Write `model` as `<temp folder>/<name>` (with external data when it came with some).
     pub fn write(model: &Model, name: &std::ffi::OsStr) -> Result<TempModel> {
-        let dir = std::env::temp_dir().join(format!(".acnet-onnx-check-{}-{}", std::process::id(), unique()));
+        let temp = std::env::temp_dir();
+        // the folders of checks that were killed are removed first (each holds a model)
+        remove_stale(&temp, CHECK_PREFIX, SystemTime::now());
+        let dir = temp.join(format!("{CHECK_PREFIX}{}-{}", owner(), unique()));
         std::fs::create_dir(&dir).map_err(|e| Error::io(&dir, e))?;
         let tmp = TempModel { path: dir.join(name), dir };
         save(model, &tmp.path, DataMode::Auto)?;
@@ -244,5 +357,43 @@ impl TempModel {
 impl Drop for TempModel {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_folder_name_says_host_pid_and_start() {
+        let p = STAGING_PREFIX;
+        assert_eq!(folder_owner(".acnet-onnx-ci-runner-7-4711-123456-99", p), Some(("ci-runner-7", 4711, 123456)));
+        assert_eq!(folder_owner(".acnet-onnx-check-vm-1-2-3", CHECK_PREFIX), Some(("vm", 1, 2)));
+        // an older version's names, and what is not ours
+        for name in [".acnet-onnx-4711-99", ".acnet-onnx-check-4711-99", ".acnet-onnx-vm-x-2-3", "acnet-onnx-vm-1-2-3"]
+        {
+            assert_eq!(folder_owner(name, p), None, "{name}");
+        }
+        // this process's own folders name it, and it is not gone
+        let mine = format!("{p}{}-0", owner());
+        let (host, pid, start) = folder_owner(&mine, p).unwrap();
+        assert_eq!((host, pid), (super::host().as_str(), std::process::id()));
+        assert!(start > 0 && !gone(pid, start));
+        assert!(gone(pid, start + 1), "a pid that another process started with is gone");
+    }
+
+    /// A folder of a process that is gone is removed only when it is older than the run.
+    #[test]
+    fn a_folder_newer_than_the_run_is_left() {
+        let d = tempfile::tempdir().unwrap();
+        let mine = start_ticks(std::process::id()).unwrap();
+        let name = format!("{STAGING_PREFIX}{}-{}-{}-0", host(), std::process::id(), mine + 1);
+        std::fs::create_dir(d.path().join(&name)).unwrap();
+        let made = std::fs::metadata(d.path().join(&name)).unwrap().modified().unwrap();
+        assert!(remove_stale(d.path(), STAGING_PREFIX, made - Duration::from_secs(1)).is_empty());
+        assert!(d.path().join(&name).is_dir());
+        assert_eq!(remove_stale(d.path(), STAGING_PREFIX, made + Duration::from_secs(1)), vec![name.clone()]);
+        assert!(!d.path().join(&name).exists());
     }
 }

@@ -6,7 +6,7 @@
 use super::walk::for_each_tensor_mut;
 use super::Model;
 use crate::error::Result;
-use crate::graph::{attr_int, is_op};
+use crate::graph::{attr_int, is_op, Label};
 use crate::model::tensor::{from_f64, to_f64, FloatType};
 use crate::proto::{tensor_proto::DataType, type_proto, GraphProto, NodeProto, TypeProto};
 use std::collections::HashSet;
@@ -49,12 +49,12 @@ pub fn training_mode(model: &Model) -> Option<String> {
     Some(if is_op(n, "Dropout") {
         format!(
             "Dropout '{}' is in training mode: the model was exported without model.eval(); pass --eval-bn to use its inference form (the identity)",
-            n.name()
+            n.label()
         )
     } else {
         format!(
             "BatchNormalization '{}' is in training mode: the model was exported without model.eval(); pass --eval-bn to use its running statistics",
-            n.name()
+            n.label()
         )
     })
 }
@@ -80,7 +80,7 @@ pub fn eval_mode(model: &mut Model) -> std::result::Result<usize, String> {
             return Err(format!(
                 "{} '{}' in training mode: its output '{o}' is read, so it cannot be turned into its inference form",
                 n.op_type(),
-                n.name()
+                n.label()
             ));
         }
         todo.push(i);

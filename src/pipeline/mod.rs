@@ -6,7 +6,7 @@ mod paths;
 
 use crate::bench::{bench_latency, BenchOptions, BenchReport};
 use crate::error::{catch, Error, Result};
-use crate::model::save::{stage, DataMode, Saved};
+use crate::model::save::{remove_stale_staging, stage, DataMode, Saved};
 use crate::model::transform::{eval_mode, freeze_initializers, training_mode};
 use crate::model::Model;
 use crate::rewrite::{fuse, fuse_at, validate, FuseReport};
@@ -39,25 +39,45 @@ pub struct FuseOptions {
 #[derive(Debug, Clone)]
 pub struct FuseFileReport {
     pub fuse: FuseReport,
-    /// The equivalence check (`candidate` names the output); `None` when it was not run, or could
-    /// not be because tract cannot run an operator of the model (a warning says so).
+    /// The equivalence check (`candidate` names the output); `None` when it was not run.
     pub check: Option<VerifyReport>,
     /// The latency before and after; `None` unless asked for and measured.
     pub bench: Option<BenchReport>,
-    /// The files written; `None` when the check failed (and `force` was not set).
+    /// The files written; `None` when the check failed (and `force` was not set), or could not
+    /// check a part of the models in which they differ (and `allow_unchecked` was not set).
     pub written: Option<Saved>,
     /// What the user should know (one line each).
     pub warnings: Vec<String>,
 }
 
 impl FuseFileReport {
-    /// 0: written; 1: not equivalent, nothing written.
+    /// 0: written; 1: not equivalent, nothing written; 2: a part of the models in which they
+    /// differ could not be checked, nothing written.
     pub fn exit_code(&self) -> i32 {
-        if self.written.is_some() {
-            0
-        } else {
-            1
+        match (&self.written, &self.check) {
+            (Some(_), _) => 0,
+            (None, Some(c)) if c.exit_code() == 2 => 2,
+            (None, _) => 1,
         }
+    }
+
+    /// Why nothing was written, one line (`None` when the output was written).
+    pub fn not_written(&self, input: &Path) -> Option<String> {
+        if self.written.is_some() {
+            return None;
+        }
+        Some(match &self.check {
+            Some(c) if c.exit_code() == 2 => format!(
+                "{}: the rewrite could not be checked where it changed the model ({}); nothing written \
+                 (--allow-unchecked writes it anyway)",
+                input.display(),
+                c.unchecked().join("; ")
+            ),
+            _ => format!(
+                "{}: the fused model is not equivalent to the input; nothing written (--force writes anyway)",
+                input.display()
+            ),
+        })
     }
 
     /// The JSON report: the check's report (`passed` null when it did not run) plus `verified`,
@@ -123,6 +143,7 @@ pub fn fuse_file_with(
     opts: &FuseOptions,
     on: &mut dyn FnMut(Event),
 ) -> Result<FuseFileReport> {
+    let started = std::time::SystemTime::now();
     if same_file(input, output) && !opts.in_place {
         return Err(Error::Usage(format!(
             "{}: -o names the input itself; pass --in-place to overwrite it",
@@ -164,7 +185,19 @@ pub fn fuse_file_with(
         named.push((&out_data, "the output's data file"));
         check_report_path(r, &named)?;
     }
-    guarded(input, "fusing (nothing was written)", || fuse_and_write(input, output, model, opts, on))
+    guarded(input, "fusing (nothing was written)", || fuse_and_write(input, output, model, opts, started, on))
+}
+
+/// The note saying which staging folders of killed runs were removed (the first few).
+fn removed_note(removed: &[String]) -> Option<String> {
+    const SHOWN: usize = 3;
+    let names: Vec<&str> = removed.iter().take(SHOWN).map(String::as_str).collect();
+    let more = match removed.len().saturating_sub(SHOWN) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    (!removed.is_empty())
+        .then(|| format!("removed {} staging folder(s) left by killed runs: {}{more}", removed.len(), names.join(", ")))
 }
 
 fn fuse_and_write(
@@ -172,9 +205,13 @@ fn fuse_and_write(
     output: &Path,
     mut model: Model,
     opts: &FuseOptions,
+    started: std::time::SystemTime,
     on: &mut dyn FnMut(Event),
 ) -> Result<FuseFileReport> {
-    let fused = fuse_at(&mut model, &opts.check.input_shapes)?;
+    let mut fused = fuse_at(&mut model, &opts.check.input_shapes)?;
+    // before staging: what runs killed outright left beside the output (each as large as the
+    // model), said in a note of the summary and the report
+    fused.notes.extend(removed_note(&remove_stale_staging(output, started)));
     on(Event::Fused(&fused));
     let staged = stage(&model, output, opts.data)?;
     // what --bench needs of the fused model (it has the input's graph inputs); then its merged
@@ -192,27 +229,36 @@ fn fuse_and_write(
             Ok(mut r) => {
                 r.candidate = output.display().to_string();
                 on(Event::Checked(&r));
-                let passed = r.passed;
+                let code = r.exit_code();
+                let unchecked = r.unchecked();
                 report.check = Some(r);
-                if !passed {
-                    if !opts.force {
-                        if let Some(p) = &opts.report {
-                            write_json(p, &report.to_json())?;
-                        }
-                        return Ok(report);
+                // a part the check could not run, where the rewrite changed the model, is never
+                // written silently: nothing (exit code 2), or with --allow-unchecked a warning
+                if code == 2 || (code == 1 && !opts.force) {
+                    if let Some(p) = &opts.report {
+                        write_json(p, &report.to_json())?;
                     }
+                    return Ok(report);
+                }
+                if code == 1 {
                     warn(
                         &mut report,
                         "the fused model is NOT equivalent within the tolerances; written anyway (--force)".into(),
                         on,
                     );
                 }
+                if !unchecked.is_empty() {
+                    warn(
+                        &mut report,
+                        format!(
+                            "the rewrite is not checked where tract cannot run the model ({}); written anyway \
+                             (--allow-unchecked)",
+                            unchecked.join("; ")
+                        ),
+                        on,
+                    );
+                }
             }
-            Err(e @ Error::Unsupported { .. }) => warn(
-                &mut report,
-                format!("not verified: {e}; the rewrite is written unverified (pass --no-verify to skip the check)"),
-                on,
-            ),
             Err(e) => return Err(Error::Check(Box::new(e))),
         }
     }

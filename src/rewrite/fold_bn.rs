@@ -6,7 +6,7 @@
 //! for a Conv only folded, written from the stored bytes in one pass when the rewrite ends.
 
 use super::{Checked, Cx, Patch, Reason, Rule, RuleId};
-use crate::graph::{is_op, Exact};
+use crate::graph::{is_op, Exact, Label};
 use crate::kernel::read::{read_bn, read_conv, read_conv_form};
 use crate::model::tensor::{FloatType, Scaled};
 use ndarray::{Array1, ArrayD};
@@ -37,9 +37,9 @@ impl Rule for FoldBn {
     fn check(&self, cx: &Cx, c: &Candidate) -> Checked<Self::Plan> {
         let (bn, conv) = (cx.node(c.bn), cx.node(c.conv));
         if cx.uses(&bn.input[0]) != 1 {
-            return Checked::refuse(Reason::UsedOutside { conv: conv.name().to_string() });
+            return Checked::refuse(Reason::UsedOutside { conv: conv.label().to_string() });
         }
-        let refuse_conv = |err| Checked::refuse(Reason::Conv { conv: conv.name().to_string(), err });
+        let refuse_conv = |err| Checked::refuse(Reason::Conv { conv: conv.label().to_string(), err });
         let stored = conv.input.get(1).and_then(|w| cx.stored_weight(w));
         // the weight's values are read now only when they are not a stored tensor
         let (weight, bias, ft) = match &stored {
@@ -85,7 +85,7 @@ impl Rule for FoldBn {
     }
 
     fn node(&self, cx: &Cx, c: &Candidate) -> String {
-        cx.node(c.bn).name().to_string()
+        cx.node(c.bn).label().to_string()
     }
 }
 

@@ -16,7 +16,7 @@
 //!   new weights (and bias) in place; the operators between are untouched.
 
 use super::{Checked, Cx, Patch, Reason, Rewrite, Rule, RuleId};
-use crate::graph::{attr_float, attr_int, attr_ints, attr_string, is_op, Names};
+use crate::graph::{attr_float, attr_int, attr_ints, attr_string, is_op, Label, Names};
 use crate::kernel::read::read_bn;
 use crate::model::tensor::FloatType;
 use crate::proto::{attribute_proto::AttributeType, AttributeProto, NodeProto};
@@ -86,7 +86,7 @@ impl Rule for FoldBnForward {
 
     fn check(&self, cx: &Cx, c: &Candidate) -> Checked<Plan> {
         let bn = cx.node(c.bn);
-        let name = bn.name().to_string();
+        let name = bn.label().to_string();
         if let Some((node, op)) = &c.blocked {
             return Checked::refuse(Reason::BnForwardBlocked { bn: name, node: node.clone(), op: op.clone() });
         }
@@ -128,7 +128,7 @@ impl Rule for FoldBnForward {
                 let i = match *e {
                     End::Conv(i) | End::Gemm(i) | End::MatMul(i, _) | End::Bn(i) => i,
                 };
-                format!("{} '{}'", cx.node(i).op_type(), cx.node(i).name())
+                format!("{} '{}'", cx.node(i).op_type(), cx.node(i).label())
             })
             .collect();
         Patch {
@@ -139,7 +139,7 @@ impl Rule for FoldBnForward {
             initializers: plan.inits.into_iter().map(|(n, a, ft)| (n, a.into(), ft)).collect(),
             log: Rewrite {
                 rule: Self::ID,
-                node: bn.name().to_string(),
+                node: bn.label().to_string(),
                 detail: format!("BatchNormalization folded forward into {}", into.join(", ")),
                 weights: vec![],
             },
@@ -147,7 +147,7 @@ impl Rule for FoldBnForward {
     }
 
     fn node(&self, cx: &Cx, c: &Candidate) -> String {
-        cx.node(c.bn).name().to_string()
+        cx.node(c.bn).label().to_string()
     }
 }
 
@@ -159,7 +159,7 @@ struct Walk {
 
 impl Walk {
     fn block(&mut self, n: &NodeProto) {
-        self.blocked.get_or_insert_with(|| (n.name().to_string(), n.op_type().to_string()));
+        self.blocked.get_or_insert_with(|| (n.label().to_string(), n.op_type().to_string()));
     }
 
     /// Follow every reader of `t`, whose channels are `at`.
@@ -355,7 +355,7 @@ fn into_conv(
     plan: &mut Plan,
 ) -> Result<(), Reason> {
     let n = cx.node(i);
-    let conv_err = |err| Reason::Conv { conv: n.name().to_string(), err };
+    let conv_err = |err| Reason::Conv { conv: n.label().to_string(), err };
     let (k, ft) = crate::kernel::read::read_conv(&cx.consts, n).map_err(conv_err)?;
     let c = k.in_channels();
     if c != t.len() {
@@ -363,7 +363,7 @@ fn into_conv(
     }
     let padded = k.pads_begin.iter().chain(&k.pads_end).any(|&p| p != 0);
     if padded && s.iter().any(|&v| v != 0.0) {
-        return Err(Reason::BnShiftPadded { bn: bn.to_string(), conv: n.name().to_string() });
+        return Err(Reason::BnShiftPadded { bn: bn.to_string(), conv: n.label().to_string() });
     }
     // per group: input channel ci of output o is global channel (o / og)·cg + ci
     let (o, cg) = (k.out_channels(), k.weight.shape()[1]);
@@ -456,7 +456,7 @@ fn into_matmul(
         return Ok(());
     }
     let Some((a, k)) = add else {
-        return Err(Reason::BnShiftNoBias { bn: bn.to_string(), node: n.name().to_string() });
+        return Err(Reason::BnShiftNoBias { bn: bn.to_string(), node: n.label().to_string() });
     };
     let an = cx.node(a);
     let (b, bft) = cx.consts.f64(&an.input[k]).map_err(Reason::Const)?;
@@ -480,7 +480,7 @@ fn into_matmul(
 fn into_bn(cx: &Cx, i: usize, t: &Array1<f64>, s: &Array1<f64>, bn: &str, names: &mut Names, plan: &mut Plan) -> Result<(), Reason> {
     // BN2(t·x + s) = γ2·(t·x + s − μ2)/σ2 + β2: γ2' = γ2·t, μ2' = (μ2 − s)/t
     let n = cx.node(i);
-    let (p, ft) = read_bn(&cx.consts, n).map_err(|err| Reason::IdentityBn { bn: n.name().to_string(), err })?;
+    let (p, ft) = read_bn(&cx.consts, n).map_err(|err| Reason::IdentityBn { bn: n.label().to_string(), err })?;
     if p.scale.len() != t.len() {
         return Err(Reason::BnChannels { bn: t.len(), conv: p.scale.len() });
     }

@@ -12,7 +12,7 @@
 //!   `Linear` is exported (MatMul + Add).
 
 use super::{Checked, Cx, Patch, Reason, Rewrite, Rule, RuleId};
-use crate::graph::{attr_float, attr_int, attr_ints, is_default_domain, is_op, Names};
+use crate::graph::{attr_float, attr_int, attr_ints, is_default_domain, is_op, Label, Names};
 use crate::kernel::read::read_bn;
 use crate::model::tensor::FloatType;
 use crate::proto::{attribute_proto::AttributeType, AttributeProto, NodeProto};
@@ -159,15 +159,15 @@ impl Rule for FoldBnLinear {
             initializers: plan.inits.into_iter().map(|(n, a, ft)| (n, a.into(), ft)).collect(),
             log: Rewrite {
                 rule: Self::ID,
-                node: layer.name().to_string(),
-                detail: format!("BatchNormalization '{}' folded into {} '{}'", bn.name(), layer.op_type(), layer.name()),
+                node: layer.label().to_string(),
+                detail: format!("BatchNormalization '{}' folded into {} '{}'", bn.label(), layer.op_type(), layer.label()),
                 weights: vec![],
             },
         }
     }
 
     fn node(&self, cx: &Cx, c: &Candidate) -> String {
-        cx.node(c.bn).name().to_string()
+        cx.node(c.bn).label().to_string()
     }
 }
 

@@ -4,7 +4,7 @@
 //! columns, and the bias becomes `b·t + s`.
 
 use super::{Checked, Cx, Patch, Reason, Rule, RuleId};
-use crate::graph::{attr_int, is_op};
+use crate::graph::{attr_int, is_op, Label};
 use crate::kernel::read::{read_bn, Form, ReadError};
 use crate::model::tensor::FloatType;
 use ndarray::{Array1, ArrayD, Axis};
@@ -38,7 +38,7 @@ impl Rule for FoldBnTransposed {
 
     fn check(&self, cx: &Cx, c: &Candidate) -> Checked<Plan> {
         let (bn, d) = (cx.node(c.bn), cx.node(c.deconv));
-        let conv = d.name().to_string();
+        let conv = d.label().to_string();
         if cx.uses(&bn.input[0]) != 1 || cx.ix.outputs.contains(&bn.input[0]) {
             return Checked::refuse(Reason::UsedOutside { conv });
         }
@@ -89,7 +89,7 @@ impl Rule for FoldBnTransposed {
     }
 
     fn node(&self, cx: &Cx, c: &Candidate) -> String {
-        cx.node(c.bn).name().to_string()
+        cx.node(c.bn).label().to_string()
     }
 }
 

@@ -9,7 +9,7 @@
 //! - rewrite: the Conv with explicit pads, reading the Pad's input.
 
 use super::{Checked, Cx, Patch, Reason, Rewrite, Rule, RuleId};
-use crate::graph::is_op;
+use crate::graph::{is_op, Label};
 use crate::kernel::read::{read_conv, read_pad};
 use crate::proto::{attribute_proto::AttributeType, AttributeProto};
 
@@ -50,7 +50,7 @@ impl Rule for FoldPad {
                 pads.extend(k.pads_end.iter().zip(&c.amounts.1).map(|(a, b)| a + b));
                 Checked::Fits(pads)
             }
-            Err(err) => Checked::refuse(Reason::Conv { conv: n.name().to_string(), err }),
+            Err(err) => Checked::refuse(Reason::Conv { conv: n.label().to_string(), err }),
         }
     }
 
@@ -66,15 +66,15 @@ impl Rule for FoldPad {
         });
         let log = Rewrite {
             rule: Self::ID,
-            node: node.name().to_string(),
-            detail: format!("Pad '{}' into the Conv's padding", cx.node(c.pad).name()),
+            node: node.label().to_string(),
+            detail: format!("Pad '{}' into the Conv's padding", cx.node(c.pad).label()),
             weights: vec![],
         };
         Patch { at: c.conv, remove: vec![c.pad], insert: vec![], replace: vec![(c.conv, node)], initializers: vec![], log }
     }
 
     fn node(&self, cx: &Cx, c: &Candidate) -> String {
-        cx.node(c.conv).name().to_string()
+        cx.node(c.conv).label().to_string()
     }
 }
 

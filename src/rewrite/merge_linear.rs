@@ -10,7 +10,7 @@
 
 use super::sum_tree::{is_root, leaves};
 use super::{Checked, Cx, Patch, Reason, Rewrite, Rule, RuleId};
-use crate::graph::{attr_float, attr_int, is_op, ConstError};
+use crate::graph::{attr_float, attr_int, is_op, ConstError, Label};
 use crate::model::tensor::FloatType;
 use ndarray::{Array1, Array2, ArrayD, Axis, Ix2};
 
@@ -143,7 +143,7 @@ impl Rule for MergeLinear {
         let w = w.as_standard_layout().into_owned();
         let mut remove = c.internal;
         remove.extend(c.heads.iter().map(|h| h.gemm));
-        let heads: Vec<String> = c.heads.iter().map(|h| format!("'{}'", cx.node(h.gemm).name())).collect();
+        let heads: Vec<String> = c.heads.iter().map(|h| format!("'{}'", cx.node(h.gemm).label())).collect();
         Patch {
             at: c.root,
             remove,
@@ -152,7 +152,7 @@ impl Rule for MergeLinear {
             initializers: vec![(wname, w.into_dyn().into(), plan.ft), (cname, plan.c.into_dyn().into(), plan.ft)],
             log: Rewrite {
                 rule: Self::ID,
-                node: first.name().to_string(),
+                node: first.label().to_string(),
                 detail: format!("{} Gemms ({}) of one input into one", heads.len(), heads.join(", ")),
                 weights: vec![],
             },
@@ -160,7 +160,7 @@ impl Rule for MergeLinear {
     }
 
     fn node(&self, cx: &Cx, c: &Candidate) -> String {
-        cx.node(c.root).name().to_string()
+        cx.node(c.root).label().to_string()
     }
 }
 

@@ -11,7 +11,7 @@
 //! - rewrite: one Conv, with the second's node name, reads the first's input.
 
 use super::{kernel_str, rewired_conv, Checked, Cx, Patch, Reason, Rewrite, Rule, RuleId};
-use crate::graph::{attr_ints, attr_string, is_op};
+use crate::graph::{attr_ints, attr_string, is_op, Label};
 use crate::kernel::read::read_conv;
 use crate::kernel::AffineConv;
 use crate::model::tensor::FloatType;
@@ -61,7 +61,7 @@ impl Rule for MergeSequential {
     fn check(&self, cx: &Cx, c: &Candidate) -> Checked<Self::Plan> {
         let (n1, n2) = (cx.node(c.first), cx.node(c.second));
         let read = |n: &NodeProto| {
-            read_conv(&cx.consts, n).map_err(|err| Reason::Conv { conv: n.name().to_string(), err })
+            read_conv(&cx.consts, n).map_err(|err| Reason::Conv { conv: n.label().to_string(), err })
         };
         let ((k1, f1), (k2, f2)) = match (read(n1), read(n2)) {
             (Ok(a), Ok(b)) => (a, b),
@@ -70,7 +70,7 @@ impl Rule for MergeSequential {
         if f1 != f2 {
             return Checked::refuse(Reason::BranchDtypes);
         }
-        let (first, second) = (n1.name().to_string(), n2.name().to_string());
+        let (first, second) = (n1.label().to_string(), n2.label().to_string());
         let k = match k1.then_conv(&k2) {
             Ok(k) => k,
             Err(misfit) => return Checked::refuse(Reason::Sequential { first, second, misfit }),
@@ -125,9 +125,9 @@ impl Rule for MergeSequential {
         });
         let detail = format!(
             "Conv '{}' {} then Conv '{}' {} into one {} ({}-d)",
-            n1.name(),
+            n1.label(),
             kernel_str(&cx.consts.f64(&n1.input[1]).map(|(w, _)| w.shape()[2..].to_vec()).unwrap_or_default()),
-            n2.name(),
+            n2.label(),
             kernel_str(&cx.consts.f64(&n2.input[1]).map(|(w, _)| w.shape()[2..].to_vec()).unwrap_or_default()),
             kernel_str(k.kernel()),
             r
@@ -140,12 +140,12 @@ impl Rule for MergeSequential {
             initializers: std::iter::once((wname, k.weight.into(), ft))
                 .chain(bias.map(|b| (b, k.bias.into_dyn().into(), ft)))
                 .collect(),
-            log: Rewrite { rule: Self::ID, node: n2.name().to_string(), detail, weights: vec![] },
+            log: Rewrite { rule: Self::ID, node: n2.label().to_string(), detail, weights: vec![] },
         }
     }
 
     fn node(&self, cx: &Cx, c: &Candidate) -> String {
-        cx.node(c.second).name().to_string()
+        cx.node(c.second).label().to_string()
     }
 }
 

@@ -33,7 +33,7 @@ pub(crate) use driver::Cx;
 pub(crate) use patch::Patch;
 
 use crate::error::{Error, Result};
-use crate::graph::GraphIndex;
+use crate::graph::{GraphIndex, Label};
 use crate::model::tensor::{checked_numel, FloatType};
 use crate::model::Model;
 use serde::Serialize;
@@ -164,7 +164,7 @@ impl<R: Rule> Try for R {
         let written = patch.insert.iter().chain(patch.replace.iter().map(|r| &r.1));
         for n in written.filter(|n| n.op_type() == "Conv" && n.input.len() > 1) {
             if let Some(k) = patch.initializers.iter().position(|(name, _, _)| *name == n.input[1]) {
-                patch.log.weights.push(scans[k].stats(n.name()));
+                patch.log.weights.push(scans[k].stats(n.label()));
             }
         }
         Step::Fired(patch, refused)
@@ -255,8 +255,12 @@ pub struct FuseReport {
     pub refused: Vec<Refusal>,
     pub before: Stats,
     pub after: Stats,
-    /// What the user should know about the model as a whole (one line each).
+    /// What the user should know about the model as a whole, or about the run (staging folders
+    /// of killed runs removed), one line each.
     pub notes: Vec<String>,
+    /// Every warning about the merged weights, one line per Conv and problem (the summary puts
+    /// those of one kind on one line).
+    pub warnings: Vec<String>,
 }
 
 impl FuseReport {
@@ -286,7 +290,7 @@ impl FuseReport {
                 s.push_str(&format!("  {} at '{}': {}\n", r.rule, r.node, r.reason));
             }
         }
-        for w in self.rewrites.iter().flat_map(|r| &r.weights).flat_map(|w| w.warnings()) {
+        for w in weights::summarise(self.rewrites.iter().flat_map(|r| &r.weights)) {
             s.push_str(&format!("warning: {w}\n"));
         }
         for n in &self.notes {
@@ -326,6 +330,7 @@ pub fn fuse_at(model: &mut Model, input_shapes: &[(String, Vec<usize>)]) -> Resu
     let after = Stats::of(model);
     Ok(FuseReport {
         notes,
+        warnings: rewrites.iter().flat_map(|r| &r.weights).flat_map(|w| w.warnings()).collect(),
         blocks_merged: rewrites.iter().filter(|r| r.rule.merges_block()).count(),
         bns_folded: rewrites.iter().filter(|r| r.rule.folds_bn()).count(),
         rewrites,
@@ -372,8 +377,8 @@ pub(crate) fn folded_bn_patch(
         initializers: vec![(wname, weight, ft), (bname, bias.into(), ft)],
         log: Rewrite {
             rule,
-            node: l.name().to_string(),
-            detail: format!("BatchNormalization '{}' folded", b.name()),
+            node: l.label().to_string(),
+            detail: format!("BatchNormalization '{}' folded", b.label()),
             weights: vec![],
         },
     }

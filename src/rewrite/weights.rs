@@ -370,28 +370,88 @@ impl Scan {
     }
 }
 
+/// What merged weights can do wrong where they are deployed: one kind per line of the summary.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Problem {
+    Float16Overflow,
+    Float16Flush,
+    Int8Crush,
+}
+
+impl Problem {
+    const ALL: [Problem; 3] = [Problem::Float16Overflow, Problem::Float16Flush, Problem::Int8Crush];
+
+    /// The line of one Conv (`detail`: its count).
+    fn one(self, conv: &str, detail: &str) -> String {
+        match self {
+            Problem::Float16Overflow => format!("Conv '{conv}': {detail} merged weight(s) beyond float16's range (±65504)"),
+            Problem::Float16Flush => format!("Conv '{conv}': {detail} non-zero merged weight(s) flush to zero in float16"),
+            Problem::Int8Crush => format!(
+                "Conv '{conv}': per-tensor int8 would crush {detail} output channels (their largest weight is under 1/16 of the tensor's: fewer than 8 of 127 levels); quantise per channel"
+            ),
+        }
+    }
+
+    /// The line of several Convs: the count, what they have, and the first few.
+    fn many(self, convs: &[(&str, String)]) -> String {
+        let what = match self {
+            Problem::Float16Overflow => "have merged weights beyond float16's range (±65504)",
+            Problem::Float16Flush => "have non-zero merged weights that flush to zero in float16",
+            Problem::Int8Crush => "would have most of their output channels crushed by per-tensor int8 (their largest weight is under 1/16 of the tensor's: fewer than 8 of 127 levels); quantise per channel",
+        };
+        let shown: Vec<String> = convs.iter().take(SHOWN).map(|(c, d)| format!("'{c}' ({d})")).collect();
+        let mut line = format!("{} merged Convs {what}: {}", convs.len(), shown.join(", "));
+        if convs.len() > SHOWN {
+            line.push_str(&format!(" and {} more (the JSON report lists each)", convs.len() - SHOWN));
+        }
+        line
+    }
+}
+
+/// How many Convs a summarised warning names.
+const SHOWN: usize = 3;
+
 impl WeightStats {
-    /// One line per problem.
-    pub fn warnings(&self) -> Vec<String> {
-        let conv = &self.conv;
-        let mut w = Vec::new();
+    /// The problems of this tensor, each with its count (`3`, `30 of 64`).
+    fn problems(&self) -> Vec<(Problem, String)> {
+        let mut p = Vec::new();
         if self.float16_overflow > 0 {
-            w.push(format!(
-                "Conv '{conv}': {} merged weight(s) beyond float16's range (±65504)",
-                self.float16_overflow
-            ));
+            p.push((Problem::Float16Overflow, self.float16_overflow.to_string()));
         }
         if self.float16_flush > 0 {
-            w.push(format!("Conv '{conv}': {} non-zero merged weight(s) flush to zero in float16", self.float16_flush));
+            p.push((Problem::Float16Flush, self.float16_flush.to_string()));
         }
         if self.int8_crushed_channels * 2 > self.channels {
-            w.push(format!(
-                "Conv '{conv}': per-tensor int8 would crush {} of {} output channels (their largest weight is under 1/16 of the tensor's: fewer than 8 of 127 levels); quantise per channel",
-                self.int8_crushed_channels, self.channels
-            ));
+            p.push((Problem::Int8Crush, format!("{} of {}", self.int8_crushed_channels, self.channels)));
         }
-        w
+        p
     }
+
+    /// One line per problem.
+    pub fn warnings(&self) -> Vec<String> {
+        self.problems().into_iter().map(|(p, d)| p.one(&self.conv, &d)).collect()
+    }
+}
+
+/// The warnings of many merged weights, one line per kind of problem: a Conv's own line when it
+/// is the only one, else the count of Convs and the first few.
+pub(crate) fn summarise<'a>(stats: impl IntoIterator<Item = &'a WeightStats>) -> Vec<String> {
+    let mut by_kind: Vec<Vec<(&str, String)>> = vec![Vec::new(); Problem::ALL.len()];
+    for s in stats {
+        for (p, d) in s.problems() {
+            let k = Problem::ALL.iter().position(|&q| q == p).expect("every kind is listed");
+            by_kind[k].push((s.conv.as_str(), d));
+        }
+    }
+    Problem::ALL
+        .iter()
+        .zip(by_kind)
+        .filter_map(|(&p, convs)| match convs.as_slice() {
+            [] => None,
+            [(c, d)] => Some(p.one(c, d)),
+            _ => Some(p.many(&convs)),
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -75,8 +75,23 @@ fn onnx_op_of(path: &Path, node_name: &str) -> Option<(String, String)> {
     }
 }
 
+/// What a tract error is about: the operator tract has no implementation of (if that is the
+/// error), the ONNX node it names (its name, or its first output when it has none, as tract
+/// names nodes) and the message, one line naming that node and its operator.
+pub(crate) struct Failure {
+    pub unimplemented: Option<String>,
+    pub node: Option<String>,
+    pub msg: String,
+}
+
 /// Names the ONNX node an error is about, from tract's `#12 "name" Op` node display.
 pub(crate) fn describe_failure(path: &Path, e: &TractError) -> (Option<String>, String) {
+    let f = failure(path, e);
+    (f.unimplemented, f.msg)
+}
+
+/// [`describe_failure`], with the ONNX node.
+pub(crate) fn failure(path: &Path, e: &TractError) -> Failure {
     let mut op = None;
     let mut node = None;
     for c in e.chain() {
@@ -99,10 +114,12 @@ pub(crate) fn describe_failure(path: &Path, e: &TractError) -> (Option<String>, 
         }
     }
     let mut msg = chain_msg(e);
+    let mut onnx = None;
     if let Some(n) = &node {
         if let Some((onnx_node, op_type)) = onnx_op_of(path, n) {
             msg = summarize(&format!("at ONNX node `{onnx_node}` ({op_type}): {msg}"));
+            onnx = Some(onnx_node);
         }
     }
-    (op, msg)
+    Failure { unimplemented: op, node: onnx, msg }
 }

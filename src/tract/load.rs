@@ -49,6 +49,27 @@ pub(crate) fn signature_without_weights(model: &Model, path: &Path) -> Option<Si
     from_parsed(path, res).ok()?.signature().ok()
 }
 
+/// What `model` (read from `path`) declares about its graph inputs, as tract reads it, and its
+/// outputs' names, whatever its nodes are (tract parses a copy without nodes or weights): the
+/// signature of a model that holds nodes tract cannot run.
+pub(crate) fn declared_signature(model: &Model, path: &Path) -> Result<Signature, Error> {
+    use prost::Message;
+    let mut proto = model.without_weights(REFERENCE_BYTES);
+    let g = proto.graph.as_mut().expect("a Model has a graph");
+    g.node.clear();
+    g.output.clear();
+    g.value_info.clear();
+    let outputs: Vec<String> = model.graph().output.iter().map(|o| o.name().to_string()).collect();
+    let bytes = proto.encode_to_vec();
+    let onnx = tract_onnx::onnx();
+    let res = catch(|| {
+        onnx.proto_model_for_read(&mut bytes.as_slice()).and_then(|pb| onnx.parse(&pb, None)).map(|p| p.model)
+    });
+    let mut loaded = from_parsed(path, res)?;
+    loaded.outputs = outputs;
+    loaded.signature()
+}
+
 /// A model tract parsed (or failed to), checked for operators tract cannot run.
 fn from_parsed(path: &Path, res: Result<TractResult<InferenceModel>, crate::error::Panic>) -> Result<Loaded, Error> {
     let load_err = |msg: String| Error::Load { path: path.to_path_buf(), msg };
@@ -110,7 +131,7 @@ fn from_parsed(path: &Path, res: Result<TractResult<InferenceModel>, crate::erro
 
 /// Weights smaller than this stay inline when tract is pointed at the model's file (see
 /// [`parse_file`]).
-const REFERENCE_BYTES: usize = 4096;
+pub(crate) const REFERENCE_BYTES: usize = 4096;
 
 /// tract's model of the ONNX file at `path`, each weight copied once.
 ///

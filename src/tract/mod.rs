@@ -1,9 +1,10 @@
 //! The only code that builds tract models: loading model files ([`load`]), typed plans at
 //! concrete input shapes ([`plan`]: the un-optimised reference plan the check runs, or tract's
 //! optimised plan for latency), the noise criterion's perturbed weights ([`perturb`]), what
-//! tract must not be handed or asked to run ([`safety`]), a region of a
-//! model evaluated on its own ([`region`]), the shapes a model's tensors really have ([`shapes`]), and tract's errors
-//! as one line ([`errors`]).
+//! tract must not be handed or asked to run ([`safety`]), which nodes of a model tract cannot
+//! run ([`runnable`]), edits that let tract run what it would refuse as written ([`compat`]), a
+//! region of a model evaluated on its own ([`region`]), the shapes a model's tensors really have
+//! ([`shapes`]), and tract's errors as one line ([`errors`]).
 
 pub(crate) mod compat;
 pub(crate) mod errors;
@@ -11,13 +12,17 @@ pub(crate) mod load;
 pub(crate) mod perturb;
 pub(crate) mod plan;
 pub(crate) mod region;
+pub(crate) mod runnable;
 pub(crate) mod safety;
 pub(crate) mod shapes;
 
-pub(crate) use load::{load, signature_without_weights, DeclDim, Loaded, Signature};
+pub(crate) use load::{declared_signature, load, signature_without_weights, DeclDim, Loaded, Signature};
 pub(crate) use perturb::{perturb_in_place, Draws};
-pub(crate) use plan::{on_threads, output_shapes, prepare, run, weigh, InputFact, PlanKind, PlanSpec};
+pub(crate) use plan::{
+    infer_inputs, on_threads, output_shapes, prepare, run, weigh, InputFact, PartialFact, PlanKind, PlanSpec,
+};
 pub(crate) use region::RegionPlan;
+pub(crate) use runnable::{unknown_nodes, unrunnable_nodes, Why};
 pub(crate) use shapes::ShapeFacts;
 
 use tract_onnx::prelude::DatumType;

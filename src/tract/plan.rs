@@ -1,7 +1,7 @@
 //! Plans: a loaded model typed at concrete input shapes, as the check runs it (typed, not
 //! decluttered or optimised) or as a deployment runs it (optimised); and running one.
 
-use super::errors::{chain_msg, describe_failure, panic_msg, summarize};
+use super::errors::{chain_msg, describe_failure, failure, panic_msg, summarize, Failure};
 use super::load::{decl_dims, DeclDim, Loaded};
 use super::safety::{unrunnable, MAX_TENSOR_ELEMENTS};
 use crate::error::{catch, Error};
@@ -129,14 +129,16 @@ pub(crate) fn prepare(
     match res {
         Err(p) => Err(run_err(panic_msg(p))),
         Ok(Err(e)) => {
-            let (op, msg) = describe_failure(&path, &e);
-            match op {
-                Some(op) => Err(Error::Unsupported { path, op }),
-                None if overridden => Err(run_err(summarize(&format!(
+            let Failure { unimplemented, node, msg } = failure(&path, &e);
+            match (unimplemented, node) {
+                (Some(op), _) => Err(Error::Unsupported { path, op }),
+                (None, _) if overridden => Err(run_err(summarize(&format!(
                     "cannot type the model with the requested input shape (it overrides a fixed \
                      dim the model declares; the model may not support it): {msg}"
                 )))),
-                None => Err(run_err(format!("cannot type the model: {msg}"))),
+                // a node tract refuses for these inputs: the check can cut the models there
+                (None, Some(node)) => Err(Error::Refused { path, node, msg: format!("cannot type the model: {msg}") }),
+                (None, None) => Err(run_err(format!("cannot type the model: {msg}"))),
             }
         }
         Ok(Ok(plan)) => Ok((plan, in_names, out_names)),
@@ -226,5 +228,74 @@ pub(crate) fn output_shapes(plan: &Plan) -> Vec<Option<Vec<usize>>> {
         .outputs
         .iter()
         .map(|o| model.outlet_fact(*o).ok().and_then(|f| f.shape.as_concrete().map(|s| s.to_vec())))
+        .collect()
+}
+
+/// What is known of one input of a model: its type, and its dims (`None` where one is not known;
+/// `dims` `None` when not even the rank is).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) struct PartialFact {
+    pub name: String,
+    pub dt: Option<DatumType>,
+    pub dims: Option<Vec<Option<usize>>>,
+}
+
+impl PartialFact {
+    /// The input pinned to its type and shape, when both are wholly known.
+    pub fn concrete(&self) -> Option<InputFact> {
+        let shape = self.dims.as_ref()?.iter().copied().collect::<Option<Vec<usize>>>()?;
+        Some(InputFact { name: self.name.clone(), dt: self.dt?, shape })
+    }
+}
+
+/// What tract's analysis of `m` fixes about its inputs once what is `known` of them is pinned
+/// (the operators that read an input constrain it: a Conv its channels, a Concat the dims
+/// besides its axis, ...): per input of `known`, its type and dims as known after the analysis.
+/// Best effort: what the analysis cannot tell (or where it fails) stays as it was known.
+pub(crate) fn infer_inputs(m: &Loaded, known: &[PartialFact]) -> Vec<PartialFact> {
+    use tract_onnx::tract_hir::infer::{Factoid, ShapeFactoid};
+    let mut model = m.model.clone();
+    let analysed = catch(|| -> TractResult<()> {
+        for (ix, name) in m.inputs.iter().enumerate() {
+            let Some(k) = known.iter().find(|k| &k.name == name) else { continue };
+            let mut fact = InferenceFact::default();
+            if let Some(dt) = k.dt {
+                fact = fact.with_datum_type(dt);
+            }
+            if let Some(dims) = &k.dims {
+                let dims = dims.iter().map(|d| match d {
+                    Some(v) => GenericFactoid::Only((*v as i64).to_dim()),
+                    None => GenericFactoid::Any,
+                });
+                fact = fact.with_shape(ShapeFactoid::closed(dims.collect()));
+            }
+            model.set_input_fact(ix, fact)?;
+        }
+        let _ = model.analyse(true);
+        Ok(())
+    });
+    if !matches!(analysed, Ok(Ok(()))) {
+        return known.to_vec();
+    }
+    known
+        .iter()
+        .map(|k| {
+            let Some(ix) = m.inputs.iter().position(|n| n == &k.name) else { return k.clone() };
+            let Ok(fact) = model.input_fact(ix) else { return k.clone() };
+            let dt = k.dt.or(fact.datum_type.concretize());
+            let dims = match decl_dims(&fact.shape) {
+                Some(d) => Some(
+                    d.iter()
+                        .enumerate()
+                        .map(|(i, d)| match d {
+                            DeclDim::Fixed(v) => Some(*v),
+                            _ => k.dims.as_ref().and_then(|k| k.get(i).copied().flatten()),
+                        })
+                        .collect(),
+                ),
+                None => k.dims.clone(),
+            };
+            PartialFact { name: k.name.clone(), dt, dims }
+        })
         .collect()
 }

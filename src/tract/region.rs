@@ -2,6 +2,7 @@
 
 use super::safety::{grows_too_big, unrunnable, MAX_TENSOR_ELEMENTS};
 use crate::error::catch;
+use crate::graph::Label;
 use crate::model::Model;
 use crate::proto::ModelProto;
 use ndarray::{ArrayD, IxDyn};
@@ -116,7 +117,7 @@ pub(crate) fn crashes_analysis(m: &Model) -> Option<String> {
         .iter()
         .filter(|n| n.op_type() == "BatchNormalization")
         .find(|n| n.input.first().and_then(|x| rank(x)).is_some_and(|r| r < 2))
-        .map(|n| format!("BatchNormalization '{}' reads a tensor of fewer than 2 axes", n.name()))
+        .map(|n| format!("BatchNormalization '{}' reads a tensor of fewer than 2 axes", n.label()))
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ pub(crate) fn unrunnable(m: &TypedModel, limit: u128) -> Option<String> {
 /// aborts the process. Each bound is a lower bound of the output's size that needs no shape
 /// analysis (the product over axes of the growth each amount alone implies).
 pub(crate) fn grows_too_big(model: &crate::model::Model, limit: u128) -> Option<String> {
-    use crate::graph::{attr, is_default_domain};
+    use crate::graph::{attr, is_default_domain, Label};
     let g = model.graph();
     let ints = |name: &str| -> Option<Vec<i64>> {
         let t = g.initializer.iter().find(|t| t.name() == name).or_else(|| {
@@ -70,7 +70,7 @@ pub(crate) fn grows_too_big(model: &crate::model::Model, limit: u128) -> Option<
             return Some(format!(
                 "{} '{}' {what} at least {at_least} elements, too big to run (at most {limit})",
                 n.op_type(),
-                n.name()
+                n.label()
             ));
         }
     }

@@ -275,6 +275,7 @@ pub(crate) fn finish(name: &str, acc: Acc, j: &Judge) -> OutputReport {
         atol: j.atol,
         rtol: j.rtol,
         passed: !hard_fail && within,
+        part: None,
         problem: if problems.is_empty() { None } else { Some(problems.join("; ")) },
     }
 }

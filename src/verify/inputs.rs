@@ -235,6 +235,7 @@ fn random_tensor(dt: DatumType, shape: &[usize], rng: &mut StdRng) -> Result<Ten
 }
 
 /// One input of the check: its name, type and shape, and where its values come from.
+#[derive(Clone)]
 pub(crate) struct ResolvedInput {
     pub(crate) name: String,
     pub(crate) dt: DatumType,
@@ -327,6 +328,26 @@ pub(crate) fn first_sample(
         specs: resolved.iter().map(|i| i.spec()).collect(),
         data,
     })
+}
+
+/// The values the reference's graph fixes for its inputs' symbolic dims (see
+/// [`crate::tract::shapes`]), when some input has a symbolic dim that no `--input-shape` or input
+/// file sets; else nothing (no analysis).
+pub(crate) fn fixed_symbols(
+    model: &crate::model::Model,
+    sig: &Signature,
+    opts: &VerifyOptions,
+) -> BTreeMap<String, SymbolValue> {
+    let open = sig.inputs.iter().any(|name| {
+        let set = opts.input_shapes.iter().any(|(n, _)| n == name)
+            || opts.input_files.iter().any(|(n, _)| n == name)
+            || opts.inputs_npz.is_some();
+        !set && sig.input_decl(name).1.is_some_and(|d| d.iter().any(|d| !matches!(d, DeclDim::Fixed(_))))
+    });
+    if !open {
+        return BTreeMap::new();
+    }
+    crate::tract::shapes::analyse(model, &opts.input_shapes).symbols
 }
 
 /// The inputs both models run at: given shapes and files, declared dims, and for a symbolic dim

@@ -73,6 +73,8 @@ pub struct OutputReport {
     /// shape mismatch), if so.
     pub problem: Option<String>,
     pub passed: bool,
+    /// The part it was compared in, when the models were cut (see [`VerifyReport::parts`]).
+    pub part: Option<usize>,
 }
 
 /// The first tensor, in the candidate's order, that both models compute under the same name and
@@ -92,6 +94,54 @@ pub struct Divergence {
     pub ratio: f64,
     /// How many tensors both models compute (and were compared, in order, up to this one).
     pub compared: usize,
+}
+
+/// A node tract cannot run, at which the check cuts both models: it is not checked itself; its
+/// inputs are compared, its outputs are inputs of the parts after it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CutNode {
+    /// The node (in the reference): its name, operator and domain (`""` for ONNX's own).
+    pub node: String,
+    pub op: String,
+    pub domain: String,
+    /// Why tract cannot run it.
+    pub why: String,
+    /// Its input and output tensors.
+    pub inputs: Vec<String>,
+    pub outputs: Vec<String>,
+    /// How the candidate's node differs from the reference's (operator, domain, attributes,
+    /// tensors, constant inputs), if it does: a failure, for a node the check cannot run.
+    pub problem: Option<String>,
+}
+
+/// One part of the models between the cuts, checked as a model of its own.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PartReport {
+    /// Its place, in the order the parts run (each reads only graph inputs, constants and what
+    /// the cuts and the parts before it write).
+    pub index: usize,
+    /// What it reads, as it was fed: graph inputs and cut tensors (random, drawn as graph
+    /// inputs are, the same for both models; `source` says which cut).
+    pub inputs: Vec<InputSpec>,
+    /// The tensors compared: graph outputs it writes, and what the cuts and later parts read.
+    pub outputs: Vec<String>,
+    /// Its nodes in the reference and in the candidate.
+    pub nodes: usize,
+    pub candidate_nodes: usize,
+    /// Whether it ran; when not, `problem` says why.
+    pub checked: bool,
+    /// When it did not run: whether the two models' parts are the same nodes with the same
+    /// weights (then nothing is lost by not running it).
+    pub identical: Option<bool>,
+    /// When it ran: whether every output passed, the worst output, its ratio (noise criterion)
+    /// and largest difference, and where the candidate goes wrong when one failed.
+    pub passed: Option<bool>,
+    pub worst_output: Option<String>,
+    pub ratio: Option<f64>,
+    pub max_abs_diff: Option<f64>,
+    pub divergence: Option<Divergence>,
+    /// Why it did not run, or what stops its outputs from being compared.
+    pub problem: Option<String>,
 }
 
 /// Result of [`verify`](super::verify).
@@ -125,16 +175,48 @@ pub struct VerifyReport {
     pub reference: String,
     /// Path of the candidate model.
     pub candidate: String,
+    /// Whether everything in which the models differ was checked: false when a part that
+    /// differs could not run (then `passed` is false, exit code 2, unless
+    /// [`allow_unchecked`](super::VerifyOptions::allow_unchecked)).
+    pub checked: bool,
+    /// The nodes tract cannot run, at which both models were cut; null when tract ran them
+    /// whole.
+    pub cuts: Option<Vec<CutNode>>,
+    /// The parts between the cuts, each checked as a model of its own; null when tract ran the
+    /// models whole.
+    pub parts: Option<Vec<PartReport>>,
 }
 
 impl VerifyReport {
-    /// Process exit code for this report: 0 when passed, 1 otherwise.
+    /// Process exit code for this report: 0 when passed, 1 when something compared fails (an
+    /// output, a cut node that differs), 2 when the check could not run a part in which the
+    /// models differ (and that was not accepted).
     pub fn exit_code(&self) -> i32 {
         if self.passed {
             0
-        } else {
+        } else if self.failed() {
             1
+        } else {
+            2
         }
+    }
+
+    /// Whether something compared fails: an output, a cut node the candidate changed, a part
+    /// whose outputs the candidate does not compute.
+    pub fn failed(&self) -> bool {
+        self.outputs.iter().any(|o| !o.passed)
+            || self.cuts.iter().flatten().any(|c| c.problem.is_some())
+            || self.parts.iter().flatten().any(|p| p.passed == Some(false))
+    }
+
+    /// The parts that could not run and in which the models differ, one line each.
+    pub fn unchecked(&self) -> Vec<String> {
+        self.parts
+            .iter()
+            .flatten()
+            .filter(|p| !p.checked && p.identical != Some(true))
+            .map(|p| format!("part {}: {}", p.index, p.problem.as_deref().unwrap_or("not run")))
+            .collect()
     }
 
     /// A fixed-width table, one row per output, then the verdict line.
@@ -156,7 +238,11 @@ impl VerifyReport {
                 "result",
             ]
         };
-        let left = |i: usize| i <= 1 || headers[i] == "worst index";
+        // with cuts, the part each output was compared in comes first
+        let cut = self.parts.is_some();
+        let headers: Vec<&str> = if cut { [&["part"][..], headers].concat() } else { headers.to_vec() };
+        let first = cut as usize;
+        let left = |i: usize| i <= first + 1 || headers[i] == "worst index";
         let mut rows: Vec<Vec<String>> = vec![];
         for o in &self.outputs {
             let result = if o.passed { "PASS".to_string() } else { "FAIL".to_string() };
@@ -188,6 +274,9 @@ impl VerifyReport {
                     result,
                 ]
             });
+            if cut {
+                rows.last_mut().expect("pushed above").insert(0, o.part.map_or("-".into(), |p| p.to_string()));
+            }
         }
         let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
         for r in &rows {
@@ -222,6 +311,46 @@ impl VerifyReport {
                 let _ = writeln!(out, "{}: {}", o.name, p);
             }
         }
+        for c in self.cuts.iter().flatten() {
+            let domain = if c.domain.is_empty() { String::new() } else { format!(" (domain {})", c.domain) };
+            let same = match &c.problem {
+                None => "the same in both models".to_string(),
+                Some(p) => format!("FAIL: {p}"),
+            };
+            let _ = writeln!(out, "cut at {} '{}'{domain}: {}; not checked itself, {same}", c.op, c.node, c.why);
+        }
+        for p in self.parts.iter().flatten() {
+            let reads: Vec<&str> = p.inputs.iter().map(|i| i.name.as_str()).collect();
+            let what = format!(
+                "part {}: {} node(s) ({} in the candidate) reading {}",
+                p.index,
+                p.nodes,
+                p.candidate_nodes,
+                if reads.is_empty() { "constants only".into() } else { reads.join(", ") }
+            );
+            let verdict = match (p.checked, p.passed, p.identical) {
+                (true, Some(true), _) => match (p.ratio, &p.worst_output) {
+                    (Some(r), Some(o)) => format!("PASS (worst ratio {} at '{o}')", fmt_ratio(r)),
+                    (None, Some(o)) => {
+                        format!("PASS (largest difference {} at '{o}')", fmt_num(p.max_abs_diff.unwrap_or(0.0)))
+                    }
+                    _ => "PASS".into(),
+                },
+                (true, _, _) => match (p.ratio, &p.worst_output) {
+                    (Some(r), Some(o)) => format!("FAIL (ratio {} at '{o}')", fmt_ratio(r)),
+                    _ => format!("FAIL{}", p.problem.as_ref().map(|m| format!(": {m}")).unwrap_or_default()),
+                },
+                (false, Some(false), _) => format!("FAIL: {}", p.problem.as_deref().unwrap_or("")),
+                (false, _, Some(true)) => {
+                    format!(
+                        "not run ({}); the same nodes and weights in both models",
+                        p.problem.as_deref().unwrap_or("")
+                    )
+                }
+                (false, _, _) => format!("NOT CHECKED: {}", p.problem.as_deref().unwrap_or("")),
+            };
+            let _ = writeln!(out, "{what}: {verdict}");
+        }
         if let Some(d) = &self.divergence {
             let _ = writeln!(
                 out,
@@ -246,10 +375,28 @@ impl VerifyReport {
             ),
             (false, _) => format!("within atol={} rtol={} ({})", self.atol, self.rtol, self.stat),
         };
+        let verdict = match self.exit_code() {
+            0 if self.checked => "EQUIVALENT",
+            0 => "EQUIVALENT WHERE CHECKED",
+            1 => "NOT EQUIVALENT",
+            _ => "NOT CHECKED",
+        };
+        let around = match (&self.parts, &self.cuts) {
+            (Some(p), Some(c)) => format!(
+                " in {} part(s) around {} node(s) tract cannot run{}",
+                p.len(),
+                c.len(),
+                match self.unchecked().len() {
+                    0 => String::new(),
+                    n if self.passed => format!("; {n} part(s) not checked where the models differ (accepted)"),
+                    n => format!("; {n} part(s) not checked where the models differ (--allow-unchecked accepts it)"),
+                }
+            ),
+            _ => String::new(),
+        };
         let _ = writeln!(
             out,
-            "{}: {} of {} output(s) {within} over {} sample(s) ({} vs {})",
-            if self.passed { "EQUIVALENT" } else { "NOT EQUIVALENT" },
+            "{verdict}: {} of {} output(s) {within} over {} sample(s){around} ({} vs {})",
             self.outputs.len() - failed,
             self.outputs.len(),
             self.samples,

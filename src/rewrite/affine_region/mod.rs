@@ -25,7 +25,7 @@ mod window;
 
 use super::sum_tree::{is_root, leaves};
 use super::{kernel_str, rewired_conv, Checked, Cx, Patch, Reason, RegionReason, Rewrite, Rule, RuleId};
-use crate::graph::is_op;
+use crate::graph::{is_op, Label};
 use crate::kernel::AffineConv;
 use crate::model::tensor::FloatType;
 use crate::proto::{attribute_proto::AttributeType, AttributeProto, NodeProto};
@@ -162,7 +162,7 @@ impl Rule for AffineRegion {
             r#type: Some(AttributeType::Int as i32),
             ..Default::default()
         });
-        let name = node.name().to_string();
+        let name = node.label().to_string();
         let detail = format!(
             "{} nodes between '{}' and '{}' into Conv '{}' {}",
             region.dep.len(),
@@ -182,7 +182,7 @@ impl Rule for AffineRegion {
     }
 
     fn node(&self, cx: &Cx, c: &Candidate) -> String {
-        cx.node(c.root).name().to_string()
+        cx.node(c.root).label().to_string()
     }
 }
 

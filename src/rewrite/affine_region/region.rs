@@ -2,7 +2,7 @@
 //! region reads, through operators affine in x with constant parameters.
 
 use super::{Cx, RegionReason};
-use crate::graph::{attr_int, attr_ints, is_default_domain, GraphIndex};
+use crate::graph::{attr_int, attr_ints, is_default_domain, GraphIndex, Label};
 use crate::proto::{tensor_proto::DataType, GraphProto, NodeProto};
 use std::collections::{HashMap, HashSet};
 
@@ -124,7 +124,7 @@ pub(super) fn find_region<'g>(
             };
             // computed amounts (TorchScript's shape arithmetic) are caught once typed, in tract
             if pads.is_some_and(|v| v.iter().any(|&a| a < 0)) {
-                return Err(RegionReason::NegativePad { pad: n.name().to_string() });
+                return Err(RegionReason::NegativePad { pad: n.label().to_string() });
             }
         }
     }

@@ -2,7 +2,7 @@
 //! through a BatchNormalization; with its constant factors), and what a Conv branch reads through.
 
 use super::Cx;
-use crate::graph::is_op;
+use crate::graph::{is_op, Label};
 use crate::kernel::read::{read_pad, read_slice, ReadError};
 use crate::proto::NodeProto;
 use ndarray::ArrayD;
@@ -116,7 +116,7 @@ pub(super) fn leaked_conv(cx: &Cx, branches: &[Branch], source: &str) -> Option<
             .and_then(|q| q.input.first())
             .unwrap_or(x);
         (matches!(b.kind, Kind::Identity { .. }) && reads.as_str() == source && cx.uses(&b.leaf) > 1)
-            .then(|| n.name().to_string())
+            .then(|| n.label().to_string())
     })
 }
 

@@ -19,7 +19,7 @@ mod values;
 
 use super::sum_tree::{is_root, leaves};
 use super::{kernel_str, rewired_conv, Checked, Cx, Patch, Reason, Rewrite, Rule, RuleId};
-use crate::graph::{is_op, Exact, Names};
+use crate::graph::{is_op, Exact, Label, Names};
 use crate::model::tensor::FloatType;
 use crate::proto::{attribute_proto::AttributeType, AttributeProto, NodeProto};
 use branch::{classify, leaked_conv, Branch, Kind};
@@ -218,7 +218,7 @@ impl Rule for MergeBranches {
                 "{} branches ({}) into Conv '{}' {}",
                 m.members.len(),
                 kernels.join(", "),
-                cnode.name(),
+                cnode.label(),
                 merged_kernel
             ));
         }
@@ -252,12 +252,12 @@ impl Rule for MergeBranches {
         }
         remove.sort_unstable();
         remove.dedup();
-        let node = insert[0].name().to_string();
+        let node = insert[0].label().to_string();
         Patch { at: i, remove, insert, replace: vec![], initializers: inits, log: Rewrite { rule: Self::ID, node, detail: details.join("; "), weights: vec![] } }
     }
 
     fn node(&self, cx: &Cx, c: &Candidate) -> String {
-        cx.node(c.root).name().to_string()
+        cx.node(c.root).label().to_string()
     }
 }
 

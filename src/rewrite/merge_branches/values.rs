@@ -4,7 +4,7 @@
 use super::branch::{read_through, Branch, Kind};
 use super::constants::channel_vector;
 use super::{Cx, Merged, Reason};
-use crate::graph::Exact;
+use crate::graph::{Exact, Label};
 use crate::kernel::read::{read_bn, read_conv, ReadError};
 use crate::kernel::AffineConv;
 use crate::model::tensor::FloatType;
@@ -16,7 +16,7 @@ pub(super) fn merge_values(cx: &Cx, group: &[&Branch]) -> Result<Merged, Reason>
     for b in group {
         loaded.push(match b.kind {
             Kind::Conv { conv, through } => Some(
-                load(cx, conv, through).map_err(|err| Reason::Conv { conv: cx.node(conv).name().to_string(), err })?,
+                load(cx, conv, through).map_err(|err| Reason::Conv { conv: cx.node(conv).label().to_string(), err })?,
             ),
             Kind::Identity { .. } => None,
         });
@@ -87,7 +87,7 @@ fn identity(cx: &Cx, acc: &AffineConv, b: &Branch, bn: Option<usize>, ft: FloatT
     let mut id = AffineConv::identity(acc.out_channels(), acc.groups, acc.rank());
     let Some(bn) = bn else { return Ok((id, ft)) };
     let n = cx.node(bn);
-    let (p, bft) = read_bn(&cx.consts, n).map_err(|err| Reason::IdentityBn { bn: n.name().to_string(), err })?;
+    let (p, bft) = read_bn(&cx.consts, n).map_err(|err| Reason::IdentityBn { bn: n.label().to_string(), err })?;
     if p.scale.len() != acc.out_channels() {
         return Err(Reason::IdentityBnChannels(p.scale.len()));
     }

@@ -72,7 +72,10 @@ pub(crate) fn analyse(model: &Model, given: &[(String, Vec<usize>)]) -> ShapeFac
         return ShapeFacts { incomplete: Some(why), ..Default::default() };
     }
     let bytes = match m.to_inline() {
-        Ok(p) => p.encode_to_vec(),
+        Ok(mut p) => {
+            shape_preserving(&mut p);
+            p.encode_to_vec()
+        }
         Err(e) => return ShapeFacts { incomplete: Some(e.to_string()), ..Default::default() },
     };
     let inputs = declared_inputs(m, given);
@@ -82,6 +85,27 @@ pub(crate) fn analyse(model: &Model, given: &[(String, Vec<usize>)]) -> ShapeFac
             incomplete: Some(format!("tract panicked: {}", p.text.unwrap_or_default())),
             ..Default::default()
         },
+    }
+}
+
+/// The model as its shapes are analysed: every BatchNormalization (inference form: one output)
+/// an Identity of its input, which has the same shape. tract's BatchNormalization rules index the
+/// input's channel axis unchecked, a wild read when the input turns out to have fewer than 2 axes
+/// — known only once the analysis is under way (found by the structural fuzz test).
+fn shape_preserving(p: &mut crate::proto::ModelProto) {
+    let Some(g) = p.graph.as_mut() else { return };
+    for n in &mut g.node {
+        let one_output = n.output.iter().skip(1).all(|o| o.is_empty());
+        if n.op_type() == "BatchNormalization"
+            && crate::graph::is_default_domain(n)
+            && one_output
+            && !n.input.is_empty()
+        {
+            n.op_type = Some("Identity".into());
+            n.input.truncate(1);
+            n.output.truncate(1);
+            n.attribute.clear();
+        }
     }
 }
 
@@ -344,6 +368,19 @@ mod tests {
         let f = analyse(&reshaped(&[-1, 48]).build(), &[("x".into(), vec![3, 2, 4, 4])]);
         assert!(f.symbols.is_empty());
         assert_eq!(f.shapes["r"], [3, 48]);
+    }
+
+    #[test]
+    fn a_batch_norm_of_a_tensor_that_turns_out_a_vector_is_analysed_without_tract_reading_wild() {
+        // Reshape to [-1]: the BN's input is a vector, which only the analysis finds out (tract's
+        // BatchNormalization rules would index its channel axis unchecked: SIGSEGV)
+        let mut b = Builder::new(2, 4, 4);
+        let flat = b.initializer_i64("flat", &[-1]);
+        let v = b.node("Reshape", "flatten", &["x", &flat], &["v"], vec![]);
+        let (y, _) = b.bn("bn", &v, 2, None);
+        b.output(&y);
+        let f = analyse(&b.build(), &[]);
+        assert_eq!(f.shapes[&y], [32]);
     }
 
     #[test]

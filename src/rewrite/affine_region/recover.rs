@@ -114,6 +114,12 @@ pub(super) fn recover(cx: &Cx, r: &Region, y: &str, ft: FloatType) -> Result<(Af
     // make it thousands of times the Conv's output: found by fuzzing, ~1 s a region)
     let ys = plan.output_shape().to_vec();
     let o = ys.get(1).copied().unwrap_or(0);
+    // (before any evaluation, the probes' included: one sample out per sample in)
+    if ys.len() != rank + 2 || ys[0] != batch {
+        let mut want = vec![batch as i64, o as i64];
+        want.extend(ys.iter().skip(2).map(|&v| v as i64));
+        return Err(RegionReason::OutputShape { got: ys, want }.into());
+    }
     // Evaluated in float64, the region differs from a convolution only by the rounding of its
     // own stored constants (DBB's pad value is stored rounded to the model's dtype, the BN it
     // stands for is computed): a few units of the dtype's precision, never a float32 evaluation's.

@@ -40,7 +40,8 @@ impl RegionPlan {
             return Err(format!("inside the region: {why}"));
         }
         let bytes = region.encode_to_vec();
-        catch(|| Self::build(&bytes, shape, out)).unwrap_or_else(|_| Err("tract failed on the region".into()))
+        catch(|| Self::build(&bytes, shape, out))
+            .unwrap_or_else(|p| Err(format!("tract failed on the region (it panicked: {})", p.text.unwrap_or_default())))
     }
 
     fn build(bytes: &[u8], shape: &[usize], out: usize) -> Result<RegionPlan, String> {
@@ -68,7 +69,7 @@ impl RegionPlan {
             let v = t.try_as_plain_ram().map_err(msg)?.as_slice::<f64>().map_err(msg)?.to_vec();
             ArrayD::from_shape_vec(IxDyn(t.shape()), v).map_err(|e| e.to_string())
         })
-        .unwrap_or_else(|_| Err("tract failed on the region".into()))
+        .unwrap_or_else(|p| Err(format!("tract failed on the region (it panicked: {})", p.text.unwrap_or_default())))
     }
 }
 

@@ -263,10 +263,12 @@ fn write_npz(path: &Path, arrays: &[(&str, &Npy)]) {
     z.finish().unwrap();
 }
 
-/// The model's outputs for `inputs` in tract: the typed, un-optimised plan (what the check runs).
+/// The model's outputs for `inputs` in tract: the typed, un-optimised plan (what the check runs,
+/// with the shapes the file declares forgotten as it does: a `value_info` with a symbolic batch,
+/// as paddle2onnx writes, does not unify with an input of a fixed one).
 fn run(path: &Path, inputs: &[Tensor]) -> Result<Vec<Tensor>, String> {
     let e = |e: TractError| format!("{e:#}");
-    let mut m = tract_onnx::onnx().model_for_path(path).map_err(e)?;
+    let mut m = tract_onnx::onnx().with_ignore_value_info(true).model_for_path(path).map_err(e)?;
     for (k, x) in inputs.iter().enumerate() {
         m = m.with_input_fact(k, InferenceFact::dt_shape(x.datum_type(), x.shape())).map_err(e)?;
     }
@@ -314,7 +316,7 @@ fn check_run(
                 }
                 let (g, w) = (values(g)?, w.as_f64()?);
                 let diff = g.iter().zip(&w).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
-                if !(diff <= tol) {
+                if diff.is_nan() || diff > tol {
                     return Err(format!("output '{name}': max abs diff {diff:.3e} from the framework > {tol:.3e}"));
                 }
             }

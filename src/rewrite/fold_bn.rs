@@ -157,7 +157,7 @@ mod tests {
     fn a_conv_padded_by_the_input_size_folds_and_keeps_its_auto_pad() {
         for constant in [false, true] {
             let mut b = Builder::new(2, 6, 6);
-            super::super::merge_branches::tests::symbolic_x(&mut b, [Some(1), Some(2), None, None]);
+            crate::support::symbolic_input(&mut b, "x", &[Some(1), Some(2), None, None]);
             let (y, _, _) = b.conv_rand("conv", "x", 3, 2, &[3, 3], true, ConvAttrs::default().strides(&[2, 2]));
             b.graph.node[0].attribute.push(crate::support::attr_string("auto_pad", "SAME_UPPER"));
             if constant {

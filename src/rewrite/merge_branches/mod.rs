@@ -337,7 +337,7 @@ fn set_pads(n: &mut NodeProto, (begin, end): &(Vec<i64>, Vec<i64>)) {
 }
 
 #[cfg(test)]
-pub(in crate::rewrite) mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::graph::ConstError;
     use crate::kernel::read::{Form, ReadError};
@@ -564,26 +564,6 @@ pub(in crate::rewrite) mod tests {
         assert_eq!(m.proto, before);
     }
 
-    /// Declare graph input `x` as `[batch, c, h, w]` with the dims given as `None` symbolic.
-    pub(in crate::rewrite) fn symbolic_x(b: &mut Builder, dims: [Option<usize>; 4]) {
-        use crate::proto::tensor_shape_proto::{dimension::Value, Dimension};
-        let x = b.graph.input.iter_mut().find(|v| v.name() == "x").expect("an input x");
-        let Some(crate::proto::type_proto::Value::TensorType(t)) = x.r#type.as_mut().and_then(|t| t.value.as_mut())
-        else {
-            panic!("a tensor input")
-        };
-        let names = ["batch", "c", "height", "width"];
-        t.shape.as_mut().expect("a shape").dim = (0..4)
-            .map(|a| Dimension {
-                value: Some(match dims[a] {
-                    Some(v) => Value::DimValue(v as i64),
-                    None => Value::DimParam(names[a].into()),
-                }),
-                ..Default::default()
-            })
-            .collect();
-    }
-
     /// A stride-2 ACNet block as TensorFlow pads it ("same") on even sizes: 3x3 pads (0, 0, 1, 1),
     /// 3x1 (0, 0, 1, 0), 1x3 (0, 0, 0, 1), 1x1 none, on x of `[1, 2, h, w]`. The branches.
     pub(super) fn tf_same_stride_2(h: usize, w: usize) -> (Builder, Vec<AffineConv>) {
@@ -632,14 +612,14 @@ pub(in crate::rewrite) mod tests {
         crate::support::assert_close(&k.apply(&x), &sum_of_convs(&convs, &x), 1e-6, "merged vs branches");
         // a symbolic batch leaves the spatial size fixed
         let (mut b, _) = tf_same_stride_2(8, 10);
-        symbolic_x(&mut b, [None, Some(2), Some(8), Some(10)]);
+        crate::support::symbolic_input(&mut b, "x", &[None, Some(2), Some(8), Some(10)]);
         assert_eq!(check_at(&b, "add_2"), (vec![vec![0, 1, 2, 3]], vec![]));
     }
 
     #[test]
     fn on_a_symbolic_spatial_size_output_sizes_that_differ_at_some_sizes_are_refused() {
         let (mut b, _) = tf_same_stride_2(8, 10);
-        symbolic_x(&mut b, [None, Some(2), None, None]);
+        crate::support::symbolic_input(&mut b, "x", &[None, Some(2), None, None]);
         let (groups, refused) = check_at(&b, "add_2");
         assert!(groups.is_empty());
         let text: Vec<String> = refused.iter().map(|r| r.to_string()).collect();
@@ -716,7 +696,7 @@ pub(in crate::rewrite) mod tests {
     #[test]
     fn auto_pad_same_with_stride_2_on_a_size_not_fixed_is_refused_as_such() {
         let (mut b, _) = paddle_same_stride_2(8, 10);
-        symbolic_x(&mut b, [Some(1), Some(2), None, Some(10)]);
+        crate::support::symbolic_input(&mut b, "x", &[Some(1), Some(2), None, Some(10)]);
         let (groups, refused) = check_at(&b, "add_2");
         assert!(groups.is_empty());
         assert_eq!(

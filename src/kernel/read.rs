@@ -182,12 +182,19 @@ pub(crate) fn read_conv(k: &Consts, n: &NodeProto) -> Read<(AffineConv, FloatTyp
     Ok((f.conv(w), ft))
 }
 
-/// [`read_conv`] for a Conv whose input has spatial size `len` when that size is fixed
-/// (`None`: it is not): an `auto_pad` that pads by the input size is resolved at that size.
-pub(crate) fn read_conv_at(k: &Consts, n: &NodeProto, len: Option<&[usize]>) -> Read<(AffineConv, FloatType)> {
+/// [`read_conv`] for a Conv whose input has spatial size `len()` when that size is fixed (`None`:
+/// it is not): an `auto_pad` that pads by the input size is resolved at that size (`len` is asked
+/// only then).
+pub(crate) fn read_conv_at(
+    k: &Consts,
+    n: &NodeProto,
+    len: impl FnOnce() -> Option<Vec<usize>>,
+) -> Read<(AffineConv, FloatType)> {
     let (w, mut f, ft) = read_conv_unresolved(k, n)?;
-    let len: Option<Vec<i64>> = len.map(|l| l.iter().map(|&v| v as i64).collect());
-    f.resolve(len.as_deref())?;
+    if f.by_size.is_some() {
+        let len: Option<Vec<i64>> = len().map(|l| l.iter().map(|&v| v as i64).collect());
+        f.resolve(len.as_deref())?;
+    }
     Ok((f.conv(w), ft))
 }
 

@@ -50,7 +50,7 @@ fn window(cx: &Cx, r: &Region, t: &str, rank: usize, memo: &mut HashMap<String, 
         match n.op_type() {
             "Conv" | "AveragePool" => {
                 let (k, s, d, pb) = if is_op(n, "Conv") {
-                    let (c, _) = read_conv_at(&cx.consts, n, cx.fixed_spatial(&n.input[0]).as_deref()).ok()?;
+                    let (c, _) = read_conv_at(&cx.consts, n, || cx.fixed_spatial(&n.input[0])).ok()?;
                     (c.kernel().to_vec(), c.strides.clone(), c.dilations.clone(), c.pads_begin.clone())
                 } else {
                     let ks: Vec<usize> = attr_ints(n, "kernel_shape")?.iter().map(|&v| v as usize).collect();
@@ -158,7 +158,7 @@ pub(super) fn geometry(cx: &Cx, r: &Region, y: &str, rank: usize) -> Option<Geom
         let n = cx.node(p);
         if is_op(n, "Conv") && n.input[0] == r.x {
             // a conv whose weight is computed (e.g. DBB's weight + identity) is evaluated, not read
-            let Ok((k, _)) = read_conv_at(&cx.consts, n, cx.fixed_spatial(&r.x).as_deref()) else { continue };
+            let Ok((k, _)) = read_conv_at(&cx.consts, n, || cx.fixed_spatial(&r.x)) else { continue };
             let vol: usize = k.kernel().iter().product();
             if k.rank() == rank && base.as_ref().is_none_or(|(_, b)| vol > b.kernel().iter().product()) {
                 base = Some((p, k));

@@ -57,8 +57,9 @@ struct Merged {
     ft: FloatType,
     /// index (into `members`) of the branch whose geometry and node the merged conv takes
     base: usize,
-    /// per member, its kernel size (Conv branches)
-    kernels: Vec<Option<Vec<usize>>>,
+    /// per member, its kernel size, and its dilation where it has more than one tap (Conv
+    /// branches): `3x3`, `7x7 dilation 2`
+    kernels: Vec<Option<String>>,
     /// the base branch's own padding (`None`: its `auto_pad` pads by the input size)
     base_pads: Option<(Vec<i64>, Vec<i64>)>,
 }
@@ -207,7 +208,7 @@ impl Rule for MergeBranches {
                 .zip(&m.kernels)
                 .map(|(&k, kernel)| {
                     let name = match (&branches[k].kind, kernel) {
-                        (Kind::Conv { .. }, Some(kernel)) => kernel_str(kernel),
+                        (Kind::Conv { .. }, Some(kernel)) => kernel.clone(),
                         (Kind::Identity { bn: Some(_) }, _) => "identity+BN".into(),
                         _ => "identity".into(),
                     };
@@ -263,6 +264,17 @@ impl Rule for MergeBranches {
 
     fn node(&self, cx: &Cx, c: &Candidate) -> String {
         cx.node(c.root).name().to_string()
+    }
+}
+
+/// A Conv branch's kernel as reports name it: its size, and its dilation where it has more than
+/// one tap (`7x7 dilation 2`, `3x1 dilation 2x1`).
+fn kernel_label(kernel: &[usize], dilations: &[usize]) -> String {
+    let d: Vec<usize> = kernel.iter().zip(dilations).map(|(&k, &d)| if k > 1 { d } else { 1 }).collect();
+    match d.iter().max() {
+        Some(&m) if m > 1 && d.iter().all(|&v| v == m) => format!("{} dilation {m}", kernel_str(kernel)),
+        Some(&m) if m > 1 => format!("{} dilation {}", kernel_str(kernel), kernel_str(&d)),
+        _ => kernel_str(kernel),
     }
 }
 
@@ -742,6 +754,9 @@ pub(super) mod tests {
             assert!(report.refused.is_empty(), "{order:?}: {:?}", report.refused);
             let k = crate::support::only_conv(&m.proto);
             assert_eq!((k.kernel(), &k.dilations[..], &k.pads_begin[..]), (&[7usize, 7][..], &[1usize, 1][..], &[3i64, 3][..]));
+            // the report names each branch's dilation
+            let detail = &report.rewrites.iter().find(|w| w.rule == RuleId::MERGE_BRANCHES).unwrap().detail;
+            assert!(detail.contains("3x3 dilation 3") && detail.ends_with("into Conv 'k7' 7x7"), "{detail}");
             let x = crate::support::rand_input(3, &[1, 4, 9, 11]);
             let got = crate::support::run_f32(&m, std::slice::from_ref(&x));
             crate::support::assert_close(&got, &crate::support::run_f32(&original, &[x]), 1e-5, &format!("{order:?}"));

@@ -3,7 +3,7 @@
 
 use super::branch::{base_key, conv_form, place, Branch, Kind, SourceSize};
 use super::constants::channel_vector;
-use super::{Cx, Merged};
+use super::{kernel_label, Cx, Merged};
 use crate::graph::Exact;
 use crate::kernel::read::read_conv_form;
 use crate::kernel::{tap_positions, Geometry};
@@ -140,7 +140,7 @@ pub(super) fn merge_stored(cx: &Cx, group: &[&Branch]) -> Option<Merged> {
         pads: (big.pads_begin.clone(), big.pads_end.clone()),
         ft,
         base: bi,
-        kernels: loaded.iter().map(|s| Some(s.kernel().to_vec())).collect(),
+        kernels: loaded.iter().map(|s| Some(kernel_label(s.kernel(), &s.dilations))).collect(),
         base_pads: (!big.sized).then(|| (big.pads_begin.clone(), big.pads_end.clone())),
     })
 }

@@ -3,7 +3,7 @@
 
 use super::branch::{base_key, load_conv, place, Branch, Kind, SourceSize};
 use super::constants::channel_vector;
-use super::{Cx, Merged, Reason};
+use super::{kernel_label, Cx, Merged, Reason};
 use crate::graph::Exact;
 use crate::kernel::read::read_bn;
 use crate::kernel::AffineConv;
@@ -47,7 +47,7 @@ pub(super) fn merge_values(cx: &Cx, group: &[&Branch]) -> Result<Merged, Reason>
             crop_end: big.crop_end.clone(),
         });
     }
-    let kernels = loaded.iter().map(|l| l.as_ref().map(|(c, _)| c.kernel().to_vec())).collect();
+    let kernels = loaded.iter().map(|l| l.as_ref().map(|(c, _)| kernel_label(c.kernel(), &c.dilations))).collect();
     let base_pads = (!sized[bi]).then(|| (big.pads_begin.clone(), big.pads_end.clone()));
     // the sum: the base, plus every other branch in order
     let mut acc = loaded[bi].take().expect("the base is a loaded Conv").0;

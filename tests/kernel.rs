@@ -6,7 +6,7 @@
 // ndarray's `s![.., 1..-1]` counts negative ends from the back; clippy reads them as empty ranges
 #![allow(clippy::reversed_empty_ranges)]
 
-use acnet_onnx::kernel::{AffineConv, BatchNorm};
+use acnet_onnx::kernel::{same_pads, AffineConv, BatchNorm, Placement};
 use ndarray::{s, Array1, Array4, ArrayD, Ix1, Ix4, IxDyn};
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
@@ -59,7 +59,7 @@ fn check_merge(big: &AffineConv, smalls: &[&AffineConv], x: &ArrayD<f64>, what: 
     for (k, s) in smalls.iter().enumerate() {
         let o = s.offset_in(big).unwrap_or_else(|e| panic!("{what}: branch {k} refused: {e}"));
         merged.add_at(s, &o);
-        offs.push(o);
+        offs.push(o.offset);
         let y = s.apply(x);
         assert_eq!(y.shape(), want.shape(), "{what}: branch {k} output shape");
         want += &y;
@@ -414,7 +414,7 @@ fn case_identity_with_groups() {
         assert_eq!(id.apply(&x), x, "groups {groups}: identity.apply");
         let big = conv(&mut rng, c, c, groups, &[3, 3], &[1, 1], &[1, 1], &[1, 1], &[1, 1]);
         let offs = id.offset_in(&big).unwrap();
-        assert_eq!(offs, vec![1, 1]);
+        assert_eq!(offs.offset, vec![1, 1]);
         let mut merged = big.clone();
         merged.add_at(&id, &offs);
         let want = big.apply(&x) + &x;
@@ -464,8 +464,8 @@ fn case_crop_branches_into_unpadded_3x3() {
     assert_eq!(offs, vec![vec![0, 1], vec![1, 0], vec![1, 1]]);
     // and the merged conv against the independent convolution
     let mut merged = big.clone();
-    for (s, o) in [&ver, &hor, &one].iter().zip(&offs) {
-        merged.add_at(s, o);
+    for s in [&ver, &hor, &one] {
+        merged.add_at(s, &s.offset_in(&big).unwrap());
     }
     let want = naive_of(&big, &x)
         + naive_of(&plain_ver, &x.slice(s![.., .., .., 1..-1]).to_owned().into_dyn())
@@ -483,6 +483,155 @@ fn case_crop_branches_into_unpadded_3x3() {
         };
     assert_close(&merged.apply(&x), &want, "crop merged vs naive");
     assert_close(&naive_of(&merged, &x), &want, "crop merged (naive) vs naive branches");
+}
+
+// ---------------------------------------------------------------------------------------------
+// dilated branches, and output sizes equal at one input size only
+
+/// Merge `smalls` into a copy of `big` at the placements `offset_in_at` gives for `x`'s size;
+/// check the merged conv equals the sum of all branches on `x`, both computed by `apply` and by
+/// the independent convolution (2-d, no crops); return the placements.
+fn check_merge_at(big: &AffineConv, smalls: &[&AffineConv], x: &ArrayD<f64>, what: &str) -> Vec<Placement> {
+    let len = &x.shape()[2..];
+    let mut merged = big.clone();
+    let mut placed = Vec::new();
+    let mut want = big.apply(x);
+    let mut naive = naive_of(big, x);
+    for (k, s) in smalls.iter().enumerate() {
+        let at = s.offset_in_at(big, len).unwrap_or_else(|e| panic!("{what}: branch {k} refused: {e}"));
+        merged.add_at(s, &at);
+        placed.push(at);
+        let y = s.apply(x);
+        assert_eq!(y.shape(), want.shape(), "{what}: branch {k} output shape");
+        want += &y;
+        naive += &naive_of(s, x);
+    }
+    assert_close(&merged.apply(x), &want, what);
+    assert_close(&naive_of(&merged, x), &naive, &format!("{what} (independent convolution)"));
+    placed
+}
+
+fn at(offset: &[usize], step: &[usize]) -> Placement {
+    Placement { offset: offset.to_vec(), step: step.to_vec() }
+}
+
+/// UniRepLKNet's dilated reparam block: a large depthwise kernel summed with smaller kernels of
+/// larger dilations, each a kernel of zeros between its taps ((k − 1)·d + 1 wide) placed on the
+/// large one's taps; RepNeXt's 2x2 kernel of dilation 2 inside a 3x3.
+#[test]
+fn case_dilated_kernels_land_on_the_large_kernels_taps() {
+    let mut rng = StdRng::seed_from_u64(30);
+    let (c, s1) = (3, [1, 1]);
+    let big = conv(&mut rng, c, c, c, &[9, 9], &s1, &[1, 1], &[4, 4], &[4, 4]);
+    let k5 = conv(&mut rng, c, c, c, &[5, 5], &s1, &[1, 1], &[2, 2], &[2, 2]);
+    let k3d2 = conv(&mut rng, c, c, c, &[3, 3], &s1, &[2, 2], &[2, 2], &[2, 2]);
+    let k3d3 = conv(&mut rng, c, c, c, &[3, 3], &s1, &[3, 3], &[3, 3], &[3, 3]);
+    let k3d4 = conv(&mut rng, c, c, c, &[3, 3], &s1, &[4, 4], &[4, 4], &[4, 4]);
+    // dilations per axis, off the centre
+    let k32 = conv(&mut rng, c, c, c, &[3, 2], &s1, &[2, 3], &[2, 1], &[2, 2]);
+    let x = rand_arr(&mut rng, &[1, c, 9, 11]);
+    let placed = check_merge_at(&big, &[&k5, &k3d2, &k3d3, &k3d4, &k32], &x, "dilated reparam block");
+    assert_eq!(
+        placed,
+        vec![
+            at(&[2, 2], &[1, 1]),
+            at(&[2, 2], &[2, 2]),
+            at(&[1, 1], &[3, 3]),
+            at(&[0, 0], &[4, 4]),
+            at(&[2, 3], &[2, 3])
+        ]
+    );
+    // at every input size too (the output sizes are)
+    assert_eq!(k3d3.offset_in(&big), Ok(at(&[1, 1], &[3, 3])));
+    // RepNeXt: 3x3 + 2x2 of dilation 2 with pad 1, at stride 1 and 2
+    for s in [1, 2] {
+        let big = conv(&mut rng, c, c, c, &[3, 3], &[s, s], &[1, 1], &[1, 1], &[1, 1]);
+        let k2 = conv(&mut rng, c, c, c, &[2, 2], &[s, s], &[2, 2], &[1, 1], &[1, 1]);
+        let x = rand_arr(&mut rng, &[1, c, 7, 8]);
+        assert_eq!(check_merge_at(&big, &[&k2], &x, &format!("RepNeXt stride {s}")), vec![at(&[0, 0], &[2, 2])]);
+    }
+    // a dilated large kernel: 3x3 of dilation 4 on the taps of a 5x5 of dilation 2
+    let big = conv(&mut rng, c, c, 1, &[5, 5], &s1, &[2, 2], &[4, 4], &[4, 4]);
+    let k3d4 = conv(&mut rng, c, c, 1, &[3, 3], &s1, &[4, 4], &[4, 4], &[4, 4]);
+    let k2d4 = conv(&mut rng, c, c, 1, &[2, 2], &s1, &[4, 4], &[2, 2], &[2, 2]);
+    let x = rand_arr(&mut rng, &[1, c, 10, 9]);
+    assert_eq!(
+        check_merge_at(&big, &[&k3d4, &k2d4], &x, "dilation 4 in 2"),
+        vec![at(&[0, 0], &[2, 2]), at(&[1, 1], &[2, 2])]
+    );
+}
+
+#[test]
+fn case_dilated_kernels_off_the_large_kernels_taps_or_window_are_refused() {
+    let mut rng = StdRng::seed_from_u64(31);
+    let s1 = [1, 1];
+    // dilation 3 on a grid of 2: taps 0, 3, 6 against 0, 2, 4, ...
+    let big = conv(&mut rng, 2, 2, 1, &[5, 5], &s1, &[2, 2], &[4, 4], &[4, 4]);
+    let d3 = conv(&mut rng, 2, 2, 1, &[3, 3], &s1, &[3, 3], &[3, 3], &[3, 3]);
+    refused(&d3, &big, "dilation 3 vs 2 on axis 0: not a multiple");
+    // a 3x3 of dilation 3 spans 7 positions: not inside a 5x5
+    let big = plain(&mut rng, 2, 2, &[5, 5], &[2, 2], &[2, 2]);
+    let wide = conv(&mut rng, 2, 2, 1, &[3, 3], &s1, &[3, 3], &[3, 3], &[3, 3]);
+    refused(&wide, &big, "kernel of 3 at offset -1, one tap every 3, does not fit in 5 on axis 0 (taps -1 to 5)");
+    let x = rand_arr(&mut rng, &[1, 2, 8, 8]);
+    assert!(wide.offset_in_at(&big, &x.shape()[2..]).is_err());
+}
+
+/// TensorFlow's "same" padding at stride 2 on an even size pads only at the end: the 3x3 gets
+/// pads (0, 1), the 3x1 (0, 1) on H only, the 1x1 none. The output sizes are those of the 3x3 at
+/// even sizes only (the spans differ), where every branch is a kernel at the 3x3's first tap.
+#[test]
+fn case_tf_same_padding_at_stride_2_merges_at_the_input_size() {
+    let mut rng = StdRng::seed_from_u64(32);
+    let (s2, d1) = ([2, 2], [1, 1]);
+    let big = conv(&mut rng, 3, 2, 1, &[3, 3], &s2, &d1, &[0, 0], &[1, 1]);
+    let ver = conv(&mut rng, 3, 2, 1, &[3, 1], &s2, &d1, &[0, 0], &[1, 0]);
+    let hor = conv(&mut rng, 3, 2, 1, &[1, 3], &s2, &d1, &[0, 0], &[0, 1]);
+    let one = conv(&mut rng, 3, 2, 1, &[1, 1], &s2, &d1, &[0, 0], &[0, 0]);
+    // not at every size
+    refused(&ver, &big, "paddings give a different output size on axis 1 at some input sizes");
+    for shape in [[1, 2, 8, 8], [1, 2, 6, 10], [1, 2, 20, 12]] {
+        let x = rand_arr(&mut rng, &shape);
+        let placed = check_merge_at(&big, &[&ver, &hor, &one], &x, &format!("TF same on {shape:?}"));
+        assert_eq!(placed, vec![at(&[0, 0], &[1, 1]); 3]);
+    }
+    // at an odd width the 3x1 has one output more: refused with both sizes
+    let e = ver.offset_in_at(&big, &[8, 9]).unwrap_err();
+    assert_eq!(e.to_string(), "output size 5 vs 4 on axis 1 (input size 9)");
+    let x = rand_arr(&mut rng, &[1, 2, 8, 9]);
+    assert_eq!((ver.apply(&x).shape()[3], big.apply(&x).shape()[3]), (5, 4), "the sizes the refusal names");
+}
+
+/// `same_pads`: ONNX's `auto_pad` SAME_UPPER / SAME_LOWER and TensorFlow's "same".
+#[test]
+fn case_same_pads_follow_the_tf_formula() {
+    // (len, k, s, d) -> SAME_UPPER pads
+    for ((len, k, s, d), want) in [
+        ((20, 3, 2, 1), (0, 1)),
+        ((5, 3, 2, 1), (1, 1)),
+        ((10, 1, 2, 1), (0, 0)),
+        ((10, 3, 1, 1), (1, 1)),
+        ((10, 4, 1, 1), (1, 2)),
+        ((7, 3, 1, 2), (2, 2)),
+        ((8, 5, 3, 1), (1, 2)),
+        ((7, 5, 3, 1), (2, 2)),
+        ((5, 1, 3, 1), (0, 0)),
+    ] {
+        assert_eq!(same_pads(len, k, s, d, true), want, "SAME_UPPER len {len} k {k} s {s} d {d}");
+        assert_eq!(same_pads(len, k, s, d, false), (want.1, want.0), "SAME_LOWER len {len} k {k} s {s} d {d}");
+        // the output has ceil(len / s) elements
+        let conv = AffineConv::new(
+            ArrayD::ones(IxDyn(&[1, 1, k as usize])),
+            None,
+            1,
+            vec![s as usize],
+            vec![d as usize],
+            vec![want.0],
+            vec![want.1],
+        );
+        let x = ArrayD::ones(IxDyn(&[1, 1, len as usize]));
+        assert_eq!(conv.apply(&x).shape()[2] as i64, (len + s - 1) / s, "len {len} k {k} s {s} d {d}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -516,7 +665,7 @@ fn case_offset_in_refuses_different_dilation() {
     refused(&small, &big, "dilation");
     // while a one-tap axis may have any dilation
     let ok = conv(&mut rng, 3, 2, 1, &[3, 1], &[1, 1], &[2, 3], &[2, 0], &[2, 0]);
-    assert_eq!(ok.offset_in(&big), Ok(vec![0, 1]));
+    assert_eq!(ok.offset_in(&big).map(|p| p.offset), Ok(vec![0, 1]));
 }
 
 #[test]

@@ -261,8 +261,34 @@ fn case_refuse_kernel_that_does_not_fit() {
 
 #[test]
 fn case_refuse_paddings_changing_output_size() {
-    let b = two_branch(&[3, 3], ConvAttrs::pads(&[1, 1, 1, 1]), &[1, 3], ConvAttrs::pads(&[0, 0, 0, 0]));
-    expect_refusal(&b, "merge_branches", "sum", "different output size");
+    // on the 5x5 input the model runs at, the 1x3 without padding has 3 columns, the 3x3 5
+    let mut b = two_branch(&[3, 3], ConvAttrs::pads(&[1, 1, 1, 1]), &[1, 3], ConvAttrs::pads(&[0, 0, 0, 0]));
+    expect_refusal(&b, "merge_branches", "sum", "output size 3 vs 5 on axis 1 (input size 5)");
+    // on an input of any size (symbolic H, W), at every size
+    symbolic_input(&mut b, "x", &[Some(1), Some(C), None, None]);
+    expect_refusal(&b, "merge_branches", "sum", "different output size on axis 1 at some input sizes");
+}
+
+#[test]
+fn case_refuse_auto_pad_by_the_input_size_when_it_is_not_fixed() {
+    // SAME_UPPER at stride 2 pads by the input size: resolved at a fixed one, refused at any
+    let same = |b: &mut Builder| {
+        for n in b.graph.node.iter_mut().filter(|n| n.op_type() == "Conv") {
+            n.attribute.retain(|a| a.name() != "pads");
+            n.attribute.push(attr_string("auto_pad", "SAME_UPPER"));
+        }
+    };
+    let mut b =
+        two_branch(&[3, 3], ConvAttrs::default().strides(&[2, 2]), &[1, 1], ConvAttrs::default().strides(&[2, 2]));
+    same(&mut b);
+    expect_fused(&b, &[("Conv", 1)]);
+    symbolic_input(&mut b, "x", &[Some(1), Some(C), None, None]);
+    expect_refusal(
+        &b,
+        "merge_branches",
+        "sum",
+        "auto_pad SAME_UPPER with stride > 1 pads by the input size, which is not fixed",
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 //! An affine convolution — weight, bias and geometry — and the algebra of re-parameterisation:
 //! fold a BatchNormalization into it, place a smaller kernel inside a larger one at the tap offset
-//! its geometry implies, add. All maths in f64. [`read`] reads Conv, BatchNormalization, Slice and
+//! (and, dilated more, the tap step) its geometry implies, add. All maths in f64. [`read`] reads Conv, BatchNormalization, Slice and
 //! Pad nodes into it.
 
 pub(crate) mod read;
@@ -27,6 +27,8 @@ pub enum Misfit {
         large: usize,
         axis: usize,
     },
+    /// The small kernel's dilation is not a multiple of the large one's: its taps (one every
+    /// `small` positions) fall between the large kernel's (one every `large`).
     Dilation {
         small: i64,
         large: i64,
@@ -39,9 +41,17 @@ pub enum Misfit {
     NegativeCrop {
         axis: usize,
     },
-    /// The paddings make the output sizes differ.
+    /// The paddings and crops make the output sizes differ at some input sizes, and the input
+    /// size is not known (so not fixed).
+    OutputSizeVaries {
+        axis: usize,
+    },
+    /// The output sizes differ at the input size the model runs at.
     OutputSize {
         axis: usize,
+        small: i64,
+        large: i64,
+        input: usize,
     },
     /// The taps land between the large kernel's (dilated) taps: offset `num / dilation`.
     BetweenTaps {
@@ -49,10 +59,12 @@ pub enum Misfit {
         num: i64,
         dilation: i64,
     },
-    /// A kernel of `k` at offset `offset` does not fit in `large`.
+    /// A kernel of `k` taps, one every `step` taps of the large kernel from `offset`, does not
+    /// fit in `large`.
     DoesNotFit {
         k: i64,
         offset: i64,
+        step: i64,
         large: i64,
         axis: usize,
     },
@@ -66,16 +78,30 @@ impl fmt::Display for Misfit {
             Misfit::Groups(a, b) => write!(f, "groups {a} vs {b}"),
             Misfit::InChannelsPerGroup(a, b) => write!(f, "{a} vs {b} input channels per group"),
             Misfit::Stride { small, large, axis } => write!(f, "stride {small} vs {large} on axis {axis}"),
-            Misfit::Dilation { small, large, axis } => write!(f, "dilation {small} vs {large} on axis {axis}"),
+            Misfit::Dilation { small, large, axis } => write!(
+                f,
+                "dilation {small} vs {large} on axis {axis}: not a multiple, its taps fall between the large kernel's"
+            ),
             Misfit::CropAndPad { axis } => write!(f, "crop and padding on the same side of axis {axis}"),
             Misfit::NegativeCrop { axis } => write!(f, "negative crop on axis {axis}"),
-            Misfit::OutputSize { axis } => write!(f, "paddings give a different output size on axis {axis}"),
+            Misfit::OutputSizeVaries { axis } => write!(
+                f,
+                "paddings give a different output size on axis {axis} at some input sizes, and the input size is not fixed"
+            ),
+            Misfit::OutputSize { axis, small, large, input } => {
+                write!(f, "output size {small} vs {large} on axis {axis} (input size {input})")
+            }
             Misfit::BetweenTaps { axis, num, dilation } => {
                 write!(f, "taps fall between the large kernel's taps on axis {axis} (offset {num}/{dilation})")
             }
-            Misfit::DoesNotFit { k, offset, large, axis } => {
+            Misfit::DoesNotFit { k, offset, step: 1, large, axis } => {
                 write!(f, "kernel of {k} at offset {offset} does not fit in {large} on axis {axis}")
             }
+            Misfit::DoesNotFit { k, offset, step, large, axis } => write!(
+                f,
+                "kernel of {k} at offset {offset}, one tap every {step}, does not fit in {large} on axis {axis} (taps {offset} to {})",
+                offset + (k - 1) * step
+            ),
         }
     }
 }
@@ -117,6 +143,36 @@ impl BatchNorm {
     }
 }
 
+/// Where a smaller kernel's taps land in a larger one, per axis: its tap `i` at the large
+/// kernel's tap `offset + i·step` (`step` > 1 for a kernel dilated more than the large one).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub offset: Vec<usize>,
+    pub step: Vec<usize>,
+}
+
+/// Output length of a convolution on an input of length `len`: `floor((len − crop + pads −
+/// d·(k − 1) − 1) / s) + 1` (0 or less: no valid output).
+pub fn output_len(len: i64, pads: (i64, i64), crop: (i64, i64), k: i64, s: i64, d: i64) -> i64 {
+    (len - crop.0 - crop.1 + pads.0 + pads.1 - d * (k - 1) - 1).div_euclid(s) + 1
+}
+
+/// The pads (begin, end) `auto_pad` SAME_UPPER (`upper`) or SAME_LOWER gives a kernel of `k`
+/// taps, dilation `d`, stride `s` on an input of length `len`: the output has `ceil(len / s)`
+/// elements, the total padding is `max((ceil(len / s) − 1)·s + (k − 1)·d + 1 − len, 0)`, its odd
+/// element at the end (UPPER) or the beginning (LOWER). At stride 1 this is `(k − 1)·d` whatever
+/// the length.
+pub fn same_pads(len: i64, k: i64, s: i64, d: i64, upper: bool) -> (i64, i64) {
+    let out = (len + s - 1).div_euclid(s);
+    let total = ((out - 1) * s + (k - 1) * d + 1 - len).max(0);
+    let (small, big) = (total / 2, total - total / 2);
+    if upper {
+        (small, big)
+    } else {
+        (big, small)
+    }
+}
+
 /// A convolution's shape and window, its values aside: what decides where a smaller kernel's
 /// taps land in a larger one.
 #[derive(Clone, Copy, Debug)]
@@ -143,10 +199,32 @@ impl Geometry<'_> {
         &self.dims[2..]
     }
 
+    /// The input positions its window spans per axis, `(k − 1)·d + 1` (a one-tap axis: 1).
+    pub fn window(&self) -> Vec<usize> {
+        self.kernel().iter().zip(self.dilations).map(|(&k, &d)| if k > 1 { (k - 1) * d + 1 } else { 1 }).collect()
+    }
+
     /// Where this (smaller) convolution's taps land inside `big`'s kernel, per axis, or why they
-    /// cannot. Both must read the same input; the merged convolution has `big`'s geometry, which
-    /// must have no crop.
-    pub fn offset_in(&self, big: &Geometry) -> Result<Vec<usize>, Misfit> {
+    /// cannot, at every input length. Both read the same input; the merged convolution has
+    /// `big`'s geometry, which must have no crop.
+    ///
+    /// Output `y` reads input position `y·s − p + c + i·d` at tap `i` (begin padding `p`, crop
+    /// `c`, dilation `d`); `big` reads `y·s − P + j·D`. So tap `i` is `big`'s tap `j = o + i·d/D`
+    /// with `o = (P − p + c)/D`: exact when `d/D` and `o` are whole (a one-tap axis has any
+    /// dilation), every `j` is in `0..K`, and both give the same output size. Where this one
+    /// pads, `big` reads the same positions outside the input (zeros too); where it crops, it
+    /// never pads the same side, so it reads only inside the crop.
+    pub fn offset_in(&self, big: &Geometry) -> Result<Placement, Misfit> {
+        self.place_in(big, None)
+    }
+
+    /// [`Geometry::offset_in`] for an input of spatial size `len` (per axis) only: the output
+    /// sizes must be equal at that size.
+    pub fn offset_in_at(&self, big: &Geometry, len: &[usize]) -> Result<Placement, Misfit> {
+        self.place_in(big, Some(len))
+    }
+
+    fn place_in(&self, big: &Geometry, len: Option<&[usize]>) -> Result<Placement, Misfit> {
         if self.rank() != big.rank() {
             return Err(Misfit::Rank(self.rank(), big.rank()));
         }
@@ -159,16 +237,18 @@ impl Geometry<'_> {
         if self.dims[1] != big.dims[1] {
             return Err(Misfit::InChannelsPerGroup(self.dims[1], big.dims[1]));
         }
-        let mut offs = Vec::with_capacity(self.rank());
-        for ax in 0..self.rank() {
+        let r = self.rank();
+        let (mut offset, mut step) = (Vec::with_capacity(r), Vec::with_capacity(r));
+        for ax in 0..r {
             let (k, kk) = (self.kernel()[ax] as i64, big.kernel()[ax] as i64);
-            if self.strides[ax] != big.strides[ax] {
-                return Err(Misfit::Stride { small: self.strides[ax], large: big.strides[ax], axis: ax });
+            let s = self.strides[ax];
+            if s != big.strides[ax] {
+                return Err(Misfit::Stride { small: s, large: big.strides[ax], axis: ax });
             }
-            let dd = big.dilations[ax] as i64;
             // a one-tap kernel has no dilation to speak of
+            let dd = if kk == 1 { 1 } else { big.dilations[ax] as i64 };
             let d = if k == 1 { dd } else { self.dilations[ax] as i64 };
-            if d != dd && kk > 1 {
+            if d % dd != 0 {
                 return Err(Misfit::Dilation { small: d, large: dd, axis: ax });
             }
             let (pb, pe, cb, ce) = (self.pads_begin[ax], self.pads_end[ax], self.crop_begin[ax], self.crop_end[ax]);
@@ -178,39 +258,48 @@ impl Geometry<'_> {
             if cb < 0 || ce < 0 {
                 return Err(Misfit::NegativeCrop { axis: ax });
             }
-            // output length: floor((L - cb - ce + pb + pe - d(k-1) - 1)/s) + 1, equal for every L
+            // output length: floor((L - cb - ce + pb + pe - d(k-1) - 1)/s) + 1, equal for every L,
+            // or at the one L given
             let span_small = pb + pe - cb - ce - d * (k - 1);
-            let span_big = big.pads_begin[ax] + big.pads_end[ax] - dd * (kk - 1);
+            let (pbb, peb) = (big.pads_begin[ax], big.pads_end[ax]);
+            let span_big = pbb + peb - dd * (kk - 1);
             if span_small != span_big {
-                return Err(Misfit::OutputSize { axis: ax });
+                let Some(len) = len else { return Err(Misfit::OutputSizeVaries { axis: ax }) };
+                let l = len[ax] as i64;
+                let small = output_len(l, (pb, pe), (cb, ce), k, s as i64, d);
+                let large = output_len(l, (pbb, peb), (0, 0), kk, s as i64, dd);
+                if small != large {
+                    return Err(Misfit::OutputSize { axis: ax, small, large, input: len[ax] });
+                }
             }
-            let num = big.pads_begin[ax] - pb + cb;
+            let num = pbb - pb + cb;
             if num % dd != 0 {
                 return Err(Misfit::BetweenTaps { axis: ax, num, dilation: dd });
             }
-            let o = num / dd;
-            if o < 0 || o + k > kk {
-                return Err(Misfit::DoesNotFit { k, offset: o, large: kk, axis: ax });
+            let (o, st) = (num / dd, d / dd);
+            if o < 0 || o + (k - 1) * st + 1 > kk {
+                return Err(Misfit::DoesNotFit { k, offset: o, step: st, large: kk, axis: ax });
             }
-            offs.push(o as usize);
+            offset.push(o as usize);
+            step.push(st as usize);
         }
-        Ok(offs)
+        Ok(Placement { offset, step })
     }
 }
 
-/// For a kernel `k` placed at tap offsets `offs` inside kernel `big`: where each of its taps (in
-/// row-major order) lands in `big`'s, as an index into one `[o, c]` block of `big`.
-pub fn tap_positions(k: &[usize], big: &[usize], offs: &[usize]) -> Vec<usize> {
+/// For a kernel `k` placed `at` inside kernel `big`: where each of its taps (in row-major order)
+/// lands in `big`'s, as an index into one `[o, c]` block of `big`.
+pub fn tap_positions(k: &[usize], big: &[usize], at: &Placement) -> Vec<usize> {
     let sv: usize = k.iter().product();
     let mut pos = Vec::with_capacity(sv);
     for t in 0..sv {
-        let (mut rest, mut at, mut stride) = (t, 0, 1);
+        let (mut rest, mut idx, mut stride) = (t, 0, 1);
         for a in (0..k.len()).rev() {
-            at += (offs[a] + rest % k[a]) * stride;
+            idx += (at.offset[a] + (rest % k[a]) * at.step[a]) * stride;
             rest /= k[a];
             stride *= big[a];
         }
-        pos.push(at);
+        pos.push(idx);
     }
     pos
 }
@@ -297,20 +386,25 @@ impl AffineConv {
         }
     }
 
-    /// Where this (smaller) convolution's taps land inside `big`'s kernel: see
-    /// [`Geometry::offset_in`].
-    pub fn offset_in(&self, big: &AffineConv) -> Result<Vec<usize>, Misfit> {
+    /// Where this (smaller) convolution's taps land inside `big`'s kernel, at every input size:
+    /// see [`Geometry::offset_in`].
+    pub fn offset_in(&self, big: &AffineConv) -> Result<Placement, Misfit> {
         self.geometry().offset_in(&big.geometry())
     }
 
-    /// Add `small` (weights and bias) into this convolution at tap offsets `offs`.
-    pub fn add_at(&mut self, small: &AffineConv, offs: &[usize]) {
+    /// The same on an input of spatial size `len` only: see [`Geometry::offset_in_at`].
+    pub fn offset_in_at(&self, big: &AffineConv, len: &[usize]) -> Result<Placement, Misfit> {
+        self.geometry().offset_in_at(&big.geometry(), len)
+    }
+
+    /// Add `small` (weights and bias) into this convolution, its taps placed `at`.
+    pub fn add_at(&mut self, small: &AffineConv, at: &Placement) {
         self.bias += &small.bias;
         let (big_k, k) = (self.kernel().to_vec(), small.kernel().to_vec());
         if let (Some(dst), Some(src)) = (self.weight.as_slice_mut(), small.weight.as_slice()) {
             // contiguous (the usual case): per [o, c] block, each small tap's place in the big block
             let (bv, sv): (usize, usize) = (big_k.iter().product(), k.iter().product());
-            let pos = tap_positions(&k, &big_k, offs);
+            let pos = tap_positions(&k, &big_k, at);
             let add = |(dst, src): (&mut [f64], &[f64])| {
                 for (d, s) in dst.chunks_exact_mut(bv).zip(src.chunks_exact(sv)) {
                     for (&p, &x) in pos.iter().zip(s) {
@@ -335,7 +429,8 @@ impl AffineConv {
             if i < 2 {
                 Slice::from(..)
             } else {
-                Slice::from(offs[i - 2]..offs[i - 2] + k[i - 2])
+                let (o, st) = (at.offset[i - 2], at.step[i - 2]);
+                Slice::new(o as isize, Some((o + (k[i - 2] - 1) * st + 1) as isize), st as isize)
             }
         });
         view += &small.weight;

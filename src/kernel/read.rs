@@ -1,7 +1,7 @@
 //! Reading operators into the kernel algebra: Conv and BatchNormalization as [`AffineConv`] and
 //! [`BatchNorm`], Slice and Pad as crops and paddings. Each reader says why when it cannot.
 
-use super::{AffineConv, BatchNorm};
+use super::{same_pads, AffineConv, BatchNorm};
 use crate::graph::{attr, attr_float, attr_int, attr_ints, attr_string, ConstError, Consts};
 use crate::model::tensor::FloatType;
 use crate::proto::NodeProto;
@@ -47,6 +47,8 @@ pub enum Form {
         rank: usize,
     },
     AutoPadWithStride(String),
+    /// `auto_pad` SAME_* with a stride > 1, on an input whose size is not fixed.
+    AutoPadSizeNotFixed(String),
     AutoPadUnknown(String),
     BnTrainingMode,
     BnTrainingOutputs,
@@ -80,6 +82,9 @@ impl fmt::Display for Form {
             }
             Form::Attribute { name, value, rank } => write!(f, "{name} {value:?} invalid for a {rank}-d kernel"),
             Form::AutoPadWithStride(a) => write!(f, "auto_pad {a} with stride > 1 pads by the input size"),
+            Form::AutoPadSizeNotFixed(a) => {
+                write!(f, "auto_pad {a} with stride > 1 pads by the input size, which is not fixed")
+            }
             Form::AutoPadUnknown(a) => write!(f, "auto_pad {a:?} unknown"),
             Form::BnTrainingMode => f.write_str("BatchNormalization in training mode"),
             Form::BnTrainingOutputs => {
@@ -167,28 +172,96 @@ pub(crate) fn read_bn(k: &Consts, n: &NodeProto) -> Read<(BatchNorm, FloatType)>
     Ok((bn, ft))
 }
 
-/// A Conv with constant weight (and bias) as an affine convolution with explicit pads.
+/// A Conv with constant weight (and bias) as an affine convolution with explicit pads; refused
+/// when its `auto_pad` pads by the input size (SAME_* with a stride > 1): see [`read_conv_at`].
 pub(crate) fn read_conv(k: &Consts, n: &NodeProto) -> Read<(AffineConv, FloatType)> {
+    let (w, f, ft) = read_conv_unresolved(k, n)?;
+    if let Some(a) = f.by_size {
+        return Err(Form::AutoPadWithStride(a.name().into()).into());
+    }
+    Ok((f.conv(w), ft))
+}
+
+/// [`read_conv`] for a Conv whose input has spatial size `len()` when that size is fixed (`None`:
+/// it is not): an `auto_pad` that pads by the input size is resolved at that size (`len` is asked
+/// only then).
+pub(crate) fn read_conv_at(
+    k: &Consts,
+    n: &NodeProto,
+    len: impl FnOnce() -> Option<Vec<usize>>,
+) -> Read<(AffineConv, FloatType)> {
+    let (w, mut f, ft) = read_conv_unresolved(k, n)?;
+    if f.by_size.is_some() {
+        let len: Option<Vec<i64>> = len().map(|l| l.iter().map(|&v| v as i64).collect());
+        f.resolve(len.as_deref())?;
+    }
+    Ok((f.conv(w), ft))
+}
+
+/// A Conv's weight in f64 and its form, its `auto_pad` not resolved ([`ConvForm::by_size`]): what
+/// a rule that changes only the weight and bias, never the window, reads.
+pub(crate) fn read_conv_unresolved(k: &Consts, n: &NodeProto) -> Read<(ArrayD<f64>, ConvForm, FloatType)> {
     if n.input.len() < 2 {
         return Err(Form::ConvWithoutWeight.into());
     }
     let (w, ft) = k.f64(&n.input[1]).map_err(ReadError::Weight)?;
     let f = read_conv_form(k, n, w.shape(), ft)?;
-    Ok((AffineConv::new(w, f.bias, f.groups, f.strides, f.dilations, f.pads_begin, f.pads_end), ft))
+    Ok((w, f, ft))
+}
+
+/// A Conv's `auto_pad` SAME mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Same {
+    Upper,
+    Lower,
+}
+
+impl Same {
+    pub fn name(self) -> &'static str {
+        match self {
+            Same::Upper => "SAME_UPPER",
+            Same::Lower => "SAME_LOWER",
+        }
+    }
 }
 
 /// A Conv but for its weight's values: what [`read_conv`] reads besides them.
 pub(crate) struct ConvForm {
     pub bias: Option<Array1<f64>>,
     pub groups: usize,
+    pub kernel: Vec<usize>,
     pub strides: Vec<usize>,
     pub dilations: Vec<usize>,
     pub pads_begin: Vec<i64>,
     pub pads_end: Vec<i64>,
+    /// `auto_pad` SAME_* with a stride > 1: the pads depend on the input size, and `pads_begin`
+    /// and `pads_end` are not known (zeros) until [`ConvForm::resolve`] computes them.
+    pub by_size: Option<Same>,
+}
+
+impl ConvForm {
+    /// The pads at input size `len` (per spatial axis; `None`: the size is not fixed) when they
+    /// depend on it, or why they cannot be known.
+    pub fn resolve(&mut self, len: Option<&[i64]>) -> Read<()> {
+        let Some(same) = self.by_size else { return Ok(()) };
+        let Some(len) = len else { return Err(Form::AutoPadSizeNotFixed(same.name().into()).into()) };
+        for (a, &l) in len.iter().enumerate().take(self.kernel.len()) {
+            let (k, s, d) = (self.kernel[a] as i64, self.strides[a] as i64, self.dilations[a] as i64);
+            (self.pads_begin[a], self.pads_end[a]) = same_pads(l, k, s, d, same == Same::Upper);
+        }
+        self.by_size = None;
+        Ok(())
+    }
+
+    /// The affine convolution of weight `w` (zero crop).
+    pub fn conv(self, w: ArrayD<f64>) -> AffineConv {
+        debug_assert!(self.by_size.is_none(), "pads resolved");
+        AffineConv::new(w, self.bias, self.groups, self.strides, self.dilations, self.pads_begin, self.pads_end)
+    }
 }
 
 /// Conv `n` whose weight has shape `shape` and type `ft`, but for the weight's values (the checks
-/// and the refusals of [`read_conv`]).
+/// and the refusals of [`read_conv`], but for an `auto_pad` that pads by the input size).
 pub(crate) fn read_conv_form(k: &Consts, n: &NodeProto, shape: &[usize], ft: FloatType) -> Read<ConvForm> {
     if shape.len() < 3 {
         return Err(Form::WeightRank(shape.len()).into());
@@ -225,6 +298,7 @@ pub(crate) fn read_conv_form(k: &Consts, n: &NodeProto, shape: &[usize], ft: Flo
     let strides = pos("strides")?;
     let dilations = pos("dilations")?;
     let auto_pad = attr_string(n, "auto_pad").unwrap_or_default();
+    let mut by_size = None;
     let (pb, pe) = match auto_pad.as_str() {
         "" | "NOTSET" => match attr_ints(n, "pads") {
             None => (vec![0; r], vec![0; r]),
@@ -233,21 +307,18 @@ pub(crate) fn read_conv_form(k: &Consts, n: &NodeProto, shape: &[usize], ft: Flo
         },
         "VALID" => (vec![0; r], vec![0; r]),
         "SAME_UPPER" | "SAME_LOWER" => {
+            let same = if auto_pad == "SAME_UPPER" { Same::Upper } else { Same::Lower };
             if strides.iter().any(|&s| s > 1) {
-                return Err(Form::AutoPadWithStride(auto_pad).into());
-            }
-            let total: Vec<i64> = (0..r).map(|a| (dilations[a] * (kernel[a] - 1)) as i64).collect();
-            let small: Vec<i64> = total.iter().map(|t| t / 2).collect();
-            let big: Vec<i64> = total.iter().map(|t| t - t / 2).collect();
-            if auto_pad == "SAME_UPPER" {
-                (small, big)
+                by_size = Some(same);
+                (vec![0; r], vec![0; r])
             } else {
-                (big, small)
+                // (at stride 1 the same at every input size)
+                (0..r).map(|a| same_pads(1, kernel[a] as i64, 1, dilations[a] as i64, same == Same::Upper)).unzip()
             }
         }
         _ => return Err(Form::AutoPadUnknown(auto_pad).into()),
     };
-    Ok(ConvForm { bias, groups: groups as usize, strides, dilations, pads_begin: pb, pads_end: pe })
+    Ok(ConvForm { bias, groups: groups as usize, kernel, strides, dilations, pads_begin: pb, pads_end: pe, by_size })
 }
 
 /// Crop per spatial axis (begin, end) that a Slice applies to a tensor of rank `rank`.

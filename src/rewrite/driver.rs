@@ -7,6 +7,7 @@ use crate::graph::{default_opset, graph_names, is_op, Consts, Exact, GraphIndex,
 use crate::model::tensor::{checked_numel, FloatType};
 use crate::model::Model;
 use crate::proto::{GraphProto, NodeProto, TensorProto};
+use crate::tract::shapes::Free;
 use crate::tract::ShapeFacts;
 use bytes::Bytes;
 use std::cell::RefCell;
@@ -285,6 +286,39 @@ impl<'a> Cx<'a> {
             }
         }
         self.facts().shapes.get(name).cloned()
+    }
+
+    /// The spatial size (axes 2 and after) of tensor `name` when it is the only one the model
+    /// runs at: its shape ([`Cx::shape_of`]) when no graph input has a symbolic dim left free,
+    /// or when tract's analysis with the free ones as symbols finds those dims fixed. `None`
+    /// otherwise: symbolic spatial dims (the model runs at any size), or not known.
+    pub fn fixed_spatial(&self, name: &str) -> Option<Vec<usize>> {
+        let shape = self.shape_of(name).filter(|s| s.len() >= 3)?;
+        let spatial = shape[2..].to_vec();
+        if self.inputs_declared_fixed() {
+            return Some(spatial);
+        }
+        let facts = self.facts();
+        let fixed = match &facts.free {
+            Free::Nothing => true,
+            Free::Dims(m) => m
+                .get(name)
+                .is_some_and(|d| d.len() == shape.len() && d[2..].iter().zip(&spatial).all(|(a, b)| *a == Some(*b))),
+            Free::Unknown => false,
+        };
+        fixed.then_some(spatial)
+    }
+
+    /// Whether every graph input (initializers aside) has a declared or given shape of numbers.
+    fn inputs_declared_fixed(&self) -> bool {
+        let g = self.g;
+        let mut declared = self.cache.declared.borrow_mut();
+        let declared = declared.get_or_insert_with(|| declared_shapes(g, &self.cache.given));
+        g.input.iter().filter(|v| !self.ix.initializer.contains_key(v.name())).all(|v| {
+            declared
+                .get(v.name())
+                .is_some_and(|d| d.as_ref().is_some_and(|d| d.iter().all(|d| matches!(d, Dim::Value(_)))))
+        })
     }
 
     /// The values of the graph inputs' symbolic dims, by name, when they are known without

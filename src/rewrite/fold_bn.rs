@@ -7,7 +7,7 @@
 
 use super::{Checked, Cx, Patch, Reason, Rule, RuleId};
 use crate::graph::{is_op, Exact, Label};
-use crate::kernel::read::{read_bn, read_conv, read_conv_form};
+use crate::kernel::read::{read_bn, read_conv_form, read_conv_unresolved};
 use crate::model::tensor::{FloatType, Scaled};
 use ndarray::{Array1, ArrayD};
 
@@ -41,14 +41,18 @@ impl Rule for FoldBn {
         }
         let refuse_conv = |err| Checked::refuse(Reason::Conv { conv: conv.label().to_string(), err });
         let stored = conv.input.get(1).and_then(|w| cx.stored_weight(w));
-        // the weight's values are read now only when they are not a stored tensor
+        // the weight's values are read now only when they are not a stored tensor (and the
+        // padding never: the fold does not depend on it, and the Conv keeps it as written)
         let (weight, bias, ft) = match &stored {
             Some((_, ft, dims)) => match read_conv_form(&cx.consts, conv, dims, *ft) {
                 Ok(f) => (None, f.bias.unwrap_or_else(|| Array1::zeros(dims[0])), *ft),
                 Err(err) => return refuse_conv(err),
             },
-            None => match read_conv(&cx.consts, conv) {
-                Ok((k, ft)) => (Some(k.weight), k.bias, ft),
+            None => match read_conv_unresolved(&cx.consts, conv) {
+                Ok((w, f, ft)) => {
+                    let o = w.shape()[0];
+                    (Some(w), f.bias.unwrap_or_else(|| Array1::zeros(o)), ft)
+                }
                 Err(err) => return refuse_conv(err),
             },
         };
@@ -144,5 +148,51 @@ mod tests {
         let (z, _) = b.bn("bn", &y, 4, None);
         b.output(&z);
         assert_eq!(refused(check_at(&b, "bn")), Reason::BnChannels { bn: 4, conv: 3 });
+    }
+
+    /// The fold never depends on the Conv's padding: an `auto_pad` that pads by the input size
+    /// (SAME_UPPER at stride 2, on a size not fixed) folds, and stays as written; so does a
+    /// weight that is not a stored tensor (a Constant node's).
+    #[test]
+    fn a_conv_padded_by_the_input_size_folds_and_keeps_its_auto_pad() {
+        for constant in [false, true] {
+            let mut b = Builder::new(2, 6, 6);
+            crate::support::symbolic_input(&mut b, "x", &[Some(1), Some(2), None, None]);
+            let (y, _, _) = b.conv_rand("conv", "x", 3, 2, &[3, 3], true, ConvAttrs::default().strides(&[2, 2]));
+            b.graph.node[0].attribute.push(crate::support::attr_string("auto_pad", "SAME_UPPER"));
+            if constant {
+                // the weight as a Constant node's value
+                let k = b.graph.initializer.iter().position(|t| t.name() == "conv.w").unwrap();
+                let t = b.graph.initializer.remove(k);
+                let attr = crate::proto::AttributeProto {
+                    name: Some("value".into()),
+                    t: Some(t),
+                    r#type: Some(crate::proto::attribute_proto::AttributeType::Tensor as i32),
+                    ..Default::default()
+                };
+                b.graph.node.insert(0, crate::proto::NodeProto {
+                    op_type: Some("Constant".into()),
+                    name: Some("w".into()),
+                    output: vec!["conv.w".into()],
+                    attribute: vec![attr],
+                    ..Default::default()
+                });
+            }
+            let (z, _) = b.bn("bn", &y, 3, None);
+            b.output(&z);
+            assert!(matches!(check_at(&b, "bn"), Checked::Fits(_)), "constant weight: {constant}");
+            let original = b.build();
+            let mut m = b.build();
+            let report = crate::rewrite::fuse(&mut m).unwrap();
+            assert_eq!(report.bns_folded, 1, "{:?}", report.refused);
+            let conv = m.graph().node.iter().find(|n| n.op_type() == "Conv").unwrap();
+            assert_eq!(crate::graph::attr_string(conv, "auto_pad").as_deref(), Some("SAME_UPPER"));
+            assert!(m.graph().node.iter().all(|n| n.op_type() != "BatchNormalization"));
+            for (h, w) in [(6, 6), (7, 9)] {
+                let x = crate::support::rand_input(2, &[1, 2, h, w]);
+                let want = crate::support::run_f32(&original, std::slice::from_ref(&x));
+                crate::support::assert_close(&crate::support::run_f32(&m, &[x]), &want, 1e-5, &format!("{h}x{w}"));
+            }
+        }
     }
 }

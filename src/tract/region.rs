@@ -40,8 +40,9 @@ impl RegionPlan {
             return Err(format!("inside the region: {why}"));
         }
         let bytes = region.encode_to_vec();
-        catch(|| Self::build(&bytes, shape, out))
-            .unwrap_or_else(|p| Err(format!("tract failed on the region (it panicked: {})", p.text.unwrap_or_default())))
+        catch(|| Self::build(&bytes, shape, out)).unwrap_or_else(|p| {
+            Err(format!("tract failed on the region (it panicked: {})", p.text.unwrap_or_default()))
+        })
     }
 
     fn build(bytes: &[u8], shape: &[usize], out: usize) -> Result<RegionPlan, String> {

@@ -40,6 +40,22 @@ pub(crate) struct ShapeFacts {
     pub symbols: BTreeMap<String, SymbolValue>,
     /// Why the analysis stopped short of the whole graph, if it did.
     pub incomplete: Option<String>,
+    /// Which dims are the same whatever the symbolic input dims nothing fixes (those set to 1).
+    pub free: Free,
+}
+
+/// The symbolic input dims nothing fixes, and the dims they leave fixed.
+#[derive(Clone, Debug, Default)]
+pub(crate) enum Free {
+    /// Not known (the analysis did not get that far).
+    #[default]
+    Unknown,
+    /// There are none: each shape is the only one the tensor has.
+    Nothing,
+    /// Each tensor's dims in the analysis with the free ones as symbols, `None` for a dim that is
+    /// not a known number (it depends on them, or the analysis did not find it); a tensor not
+    /// listed is not known.
+    Dims(HashMap<String, Vec<Option<usize>>>),
 }
 
 /// The values a symbol is tried at when its equation is not linear.
@@ -162,10 +178,13 @@ fn facts(bytes: &[u8], inputs: &[(String, Option<Vec<Dim>>)]) -> ShapeFacts {
         v.dedup();
         v
     };
-    // each round fixes at least one more symbol, or ends
+    // each round fixes at least one more symbol, or ends (with the dims the free ones leave
+    // fixed)
+    let mut free = if names.is_empty() { Free::Nothing } else { Free::Unknown };
     for _ in 0..=names.len() {
         let open: Vec<&String> = names.iter().filter(|n| !symbols.contains_key(*n)).collect();
         if open.is_empty() {
+            free = Free::Nothing;
             break;
         }
         let Ok(model) = load(bytes, inputs, &symbols) else { break };
@@ -173,18 +192,23 @@ fn facts(bytes: &[u8], inputs: &[(String, Option<Vec<Dim>>)]) -> ShapeFacts {
         let _ = model.analyse(true);
         let found = solve(&model, &tsyms);
         if found.is_empty() {
+            free = Free::Dims(fixed_dims(&model));
             break;
         }
         for (name, v) in found {
             symbols.entry(name).or_insert(v);
         }
     }
+    if inputs.iter().any(|(_, d)| d.is_none()) {
+        // (an input of no declared shape: nothing is known of what it makes)
+        free = Free::Unknown;
+    }
     for n in &names {
         symbols.entry(n.clone()).or_insert(SymbolValue { value: 1, fixed: Fixed::Default });
     }
     let (mut model, _) = match load(bytes, inputs, &symbols) {
         Ok(m) => m,
-        Err(e) => return ShapeFacts { symbols, incomplete: Some(e), ..Default::default() },
+        Err(e) => return ShapeFacts { symbols, incomplete: Some(e), free, ..Default::default() },
     };
     let incomplete = model.analyse(true).err().map(msg);
     let mut shapes = HashMap::new();
@@ -198,7 +222,33 @@ fn facts(bytes: &[u8], inputs: &[(String, Option<Vec<Dim>>)]) -> ShapeFacts {
             }
         }
     }
-    ShapeFacts { shapes, symbols, incomplete }
+    ShapeFacts { shapes, symbols, incomplete, free }
+}
+
+/// Each tensor's dims in an analysis with symbolic input dims: `None` for one that is not a
+/// known number (it depends on a symbol, or the analysis did not find it).
+fn fixed_dims(model: &InferenceModel) -> HashMap<String, Vec<Option<usize>>> {
+    let mut m = HashMap::new();
+    for node in model.nodes() {
+        for slot in 0..node.outputs.len() {
+            let outlet = OutletId::new(node.id, slot);
+            // (a graph input's outlet has no label: its node has the input's name)
+            let label = model
+                .outlet_label(outlet)
+                .or_else(|| model.input_outlets().ok()?.contains(&outlet).then_some(&*node.name));
+            if let (Some(label), Ok(fact)) = (label, model.outlet_fact(outlet)) {
+                if !fact.shape.is_open() {
+                    let dims = fact
+                        .shape
+                        .dims()
+                        .map(|d| d.concretize().and_then(|d| d.to_i64().ok()).and_then(|v| usize::try_from(v).ok()))
+                        .collect();
+                    m.insert(label.to_string(), dims);
+                }
+            }
+        }
+    }
+    m
 }
 
 /// The model with its input facts: given and declared values, the values found so far, and a

@@ -19,6 +19,17 @@
 //!   must either leave the model untouched and say why, or produce a model that verifies in
 //!   tract (and, when the block became one Conv, matches the branches computed here).
 //!
+//! * `case_random_branch_geometries_merge_exactly_or_are_refused_with_a_true_reason`: blocks
+//!   around a large base kernel (up to 13, dilation 1-3, stride 1-3 per axis, "same", TensorFlow's
+//!   "same" at the stride, pads per side or `auto_pad` SAME_UPPER / SAME_LOWER / VALID) on even
+//!   and odd, non-square inputs, with 1-4 branches (KxK, Kx1, 1xK, 1x1 of dilations 1-3, through
+//!   a Slice or a Pad that crops, identity): most placed on the base's taps at the input size
+//!   (asymmetric pads, `auto_pad` where it means them), the others anywhere (other dilations,
+//!   strides, a crop and a pad of one side, an output size of 1 that broadcasts). Worked out tap
+//!   by tap here (`geometry`): merge_branches merges the block exactly when every branch lands in
+//!   the base (the one Conv then equals the branches computed here), and every reason it gives
+//!   otherwise is true of the block (the output sizes it names are the block's, the taps it says
+//!   fall between or outside the base's do).
 //! * `case_random_sequential_convs_merge_exactly_or_stay_with_a_reason`: random chains of 2-3
 //!   convs (1-3 d, 1x1 and KxK, stride, dilation, groups, depthwise with a channel multiplier,
 //!   paddings anywhere, biases, BNs after each, a zero Pad before, a 1x1 skip and the identity
@@ -31,7 +42,7 @@
 //!   1xK, 1x1, identity and identity-BN where m = 1, stride 2, a `Add(0, ·)` accumulator, BN after
 //!   the sum): one depthwise Conv of the largest kernel, equal to the branches computed here.
 //!
-//! Cases: 256 each by default (a few seconds in release); `PROPTEST_CASES=N` overrides both
+//! Cases: 256 each by default (a few seconds in release); `PROPTEST_CASES=N` overrides them all
 //! (`PROPTEST_CASES=5000 cargo test --release --test proptest_blocks`). Other `PROPTEST_*`
 //! variables (`PROPTEST_RNG_SEED`, `PROPTEST_MAX_SHRINK_ITERS`, ...) work as usual. No
 //! regression files are written; a failure prints the minimal block. The tests after the
@@ -40,7 +51,8 @@
 //! This file holds the properties and the regression tests; the modules hold what they draw and
 //! check: `block` (the block description), `generate` (drawn from the choices), `build` (its
 //! graph), `reference` (the branches computed here), `checks` (a fused block against the reference
-//! and in tract), `chains` (convolutions in sequence), `depthwise` (channel-multiplier blocks).
+//! and in tract), `geometry` (the branch geometry property: drawn, and worked out tap by tap),
+//! `chains` (convolutions in sequence), `depthwise` (channel-multiplier blocks).
 //!
 //! tract 0.23 cannot run a Pad with negative amounts (a crop, valid ONNX): both models are
 //! verified with such Pads rewritten as Slice + Pad (`tract_runnable`).
@@ -54,6 +66,7 @@ mod chains;
 mod checks;
 mod depthwise;
 mod generate;
+mod geometry;
 mod reference;
 
 use acnet_onnx::proto::{attribute_proto::AttributeType, tensor_proto::DataType, AttributeProto, NodeProto};
@@ -68,6 +81,7 @@ use chains::*;
 use checks::*;
 use depthwise::*;
 use generate::*;
+use geometry::*;
 use ndarray::{ArrayD, Ix1, IxDyn, Slice};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -152,6 +166,19 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// Blocks placed by paddings per side, `auto_pad`, strides 1-3, input sizes even and odd,
+    /// dilations 1-3 around a large base kernel (see [`geometry`]): merged exactly when every
+    /// branch lands on the base's taps at the input size (tap by tap), refused otherwise, every
+    /// reason true.
+    #[test]
+    fn case_random_branch_geometries_merge_exactly_or_are_refused_with_a_true_reason(block in choices(CHOICES).prop_map(|v| gen_geometry(&v))) {
+        check_geometry(&block)?;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // what the properties found in src, as regression tests: a wrong rewrite and heap corruption in
 // affine_region on negative Pad amounts (fixed in 3f20a1c), a constant bias left in the sum
@@ -159,8 +186,8 @@ proptest! {
 
 /// A two-branch block whose 1x3 branch reads `Pad(x)` with a negative pad (a crop, valid ONNX,
 /// which `read_pad` treats as one): 3x3 pads 1 + [Pad H begin -1] 1x3 dilation (1, 2) pads
-/// (0, 2, 1, 2), groups 2, on a [1, 2, h, w] input. merge_branches refuses it (dilation 2 vs 1),
-/// so the general path evaluates the region in tract.
+/// (0, 2, 1, 2), groups 2, on a [1, 2, h, w] input. merge_branches refuses it (the 1x3's taps,
+/// one every 2, do not fit in the 3x3), so the general path evaluates the region in tract.
 fn negative_pad_block(h: usize, w: usize, pad_b: [i64; 2], pad_e: [i64; 2], conv_pads: [i64; 4]) -> Block {
     let geo = |kernel: Vec<usize>, dilations: Vec<usize>, pads: Vec<i64>, pad| Geo {
         kernel,

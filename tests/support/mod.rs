@@ -69,6 +69,27 @@ pub fn tensor_info(name: &str, elem_type: DataType, dims: &[i64]) -> ValueInfoPr
     }
 }
 
+/// Declare graph input `name` of `b`'s graph with `dims`, `None` for a symbolic dim (named
+/// `{name}_{axis}`).
+pub fn symbolic_input(b: &mut Builder, name: &str, dims: &[Option<usize>]) {
+    let v = b.graph.input.iter_mut().find(|v| v.name() == name).expect("a graph input of that name");
+    let Some(type_proto::Value::TensorType(t)) = v.r#type.as_mut().and_then(|t| t.value.as_mut()) else {
+        panic!("a tensor input")
+    };
+    let dim = dims
+        .iter()
+        .enumerate()
+        .map(|(a, d)| tensor_shape_proto::Dimension {
+            value: Some(match d {
+                Some(v) => tensor_shape_proto::dimension::Value::DimValue(*v as i64),
+                None => tensor_shape_proto::dimension::Value::DimParam(format!("{name}_{a}")),
+            }),
+            ..Default::default()
+        })
+        .collect();
+    t.shape = Some(TensorShapeProto { dim });
+}
+
 /// Optional Conv attributes (`kernel_shape` is always written, from the weight).
 #[derive(Clone, Debug, Default)]
 pub struct ConvAttrs {

@@ -252,6 +252,32 @@ mod tests {
         crate::support::conv_of(&m.proto, convs[0])
     }
 
+    /// Conv(x) + AveragePool(x), both `auto_pad` SAME_UPPER at stride 2 (padded by the input
+    /// size, the borders counted): read at the input size, the Conv's geometry is the region's,
+    /// on even and odd sizes.
+    #[test]
+    fn convs_and_pools_padded_by_the_input_size_are_read_at_it() {
+        for (h, w) in [(8, 8), (7, 9)] {
+            let mut b = Builder::new(2, h, w);
+            let (c, _, _) = b.conv_rand("conv", "x", 2, 2, &[3, 3], true, ConvAttrs::default().strides(&[2, 2]));
+            let same = crate::support::attr_string("auto_pad", "SAME_UPPER");
+            b.graph.node[0].attribute.push(same.clone());
+            let attrs = vec![
+                attr_ints("kernel_shape", &[3, 3]),
+                attr_ints("strides", &[2, 2]),
+                same,
+                crate::support::attr_int("count_include_pad", 1),
+            ];
+            let p = b.node("AveragePool", "pool", &["x"], &[], attrs);
+            let y = b.add("sum", &c, &p);
+            b.output(&y);
+            let k = fuses_to_one_conv(&b, &[1, 2, h, w], &[]);
+            let want: (Vec<i64>, Vec<i64>) =
+                (0..2).map(|a| crate::kernel::same_pads([h, w][a] as i64, 3, 2, 1, true)).unzip();
+            assert_eq!((k.kernel(), (k.pads_begin.clone(), k.pads_end.clone())), (&[3usize, 3][..], want), "{h}x{w}");
+        }
+    }
+
     /// A region of `rank` spatial axes: Conv(x) (dilated) + AveragePool(Pad(x)).
     fn conv_plus_padded_pool(rank: usize, dilation: usize) -> Builder {
         let mut b = Builder::new(2, 9, 9);

@@ -4,8 +4,8 @@
 use super::region::Region;
 use super::Cx;
 use crate::graph::{attr_ints, is_op};
-use crate::kernel::read::{read_conv, read_pad, read_slice};
-use crate::kernel::AffineConv;
+use crate::kernel::read::{read_conv_at, read_pad, read_slice};
+use crate::kernel::{same_pads, AffineConv};
 use std::collections::HashMap;
 
 /// Where the region's output reads its input, per spatial axis: y[j] reads x[j·stride + lo ..=
@@ -50,17 +50,34 @@ fn window(cx: &Cx, r: &Region, t: &str, rank: usize, memo: &mut HashMap<String, 
         match n.op_type() {
             "Conv" | "AveragePool" => {
                 let (k, s, d, pb) = if is_op(n, "Conv") {
-                    let (c, _) = read_conv(&cx.consts, n).ok()?;
+                    let (c, _) = read_conv_at(&cx.consts, n, || cx.fixed_spatial(&n.input[0])).ok()?;
                     (c.kernel().to_vec(), c.strides.clone(), c.dilations.clone(), c.pads_begin.clone())
                 } else {
                     let ks: Vec<usize> = attr_ints(n, "kernel_shape")?.iter().map(|&v| v as usize).collect();
                     let get = |name: &str, d: i64| attr_ints(n, name).unwrap_or_else(|| vec![d; ks.len()]);
-                    if crate::graph::attr_string(n, "auto_pad").is_some_and(|a| a != "NOTSET" && a != "VALID") {
-                        return None;
-                    }
                     let (s, d) = (get("strides", 1), get("dilations", 1));
-                    let p = attr_ints(n, "pads").unwrap_or_else(|| vec![0; 2 * ks.len()]);
-                    (ks, s.iter().map(|&v| v as usize).collect(), d.iter().map(|&v| v as usize).collect(), p[..p.len() / 2].to_vec())
+                    let pb = match crate::graph::attr_string(n, "auto_pad").unwrap_or_default().as_str() {
+                        "" | "NOTSET" => {
+                            let p = attr_ints(n, "pads").unwrap_or_else(|| vec![0; 2 * ks.len()]);
+                            p[..p.len() / 2].to_vec()
+                        }
+                        "VALID" => vec![0; ks.len()],
+                        same @ ("SAME_UPPER" | "SAME_LOWER") => {
+                            // (the same at every input size at stride 1)
+                            let len = match s.iter().all(|&v| v == 1) {
+                                true => vec![1; ks.len()],
+                                false => cx.fixed_spatial(&n.input[0])?,
+                            };
+                            if len.len() != ks.len() || s.len() != ks.len() || d.len() != ks.len() {
+                                return None;
+                            }
+                            (0..ks.len())
+                                .map(|a| same_pads(len[a] as i64, ks[a] as i64, s[a], d[a], same == "SAME_UPPER").0)
+                                .collect()
+                        }
+                        _ => return None,
+                    };
+                    (ks, s.iter().map(|&v| v as usize).collect(), d.iter().map(|&v| v as usize).collect(), pb)
                 };
                 let w = inner(memo)?;
                 if k.len() != rank || s.len() != rank || d.len() != rank || pb.len() != rank {
@@ -141,7 +158,7 @@ pub(super) fn base_conv(cx: &Cx, r: &Region, rank: usize) -> Option<(usize, Affi
         let n = cx.node(p);
         if is_op(n, "Conv") && n.input[0] == r.x {
             // a conv whose weight is computed (e.g. DBB's weight + identity) is evaluated, not read
-            let Ok((k, _)) = read_conv(&cx.consts, n) else { continue };
+            let Ok((k, _)) = read_conv_at(&cx.consts, n, || cx.fixed_spatial(&r.x)) else { continue };
             let vol: usize = k.kernel().iter().product();
             if k.rank() == rank && base.as_ref().is_none_or(|(_, b)| vol > b.kernel().iter().product()) {
                 base = Some((p, k));

@@ -3,9 +3,12 @@
 
 use super::Cx;
 use crate::graph::{is_op, Label};
-use crate::kernel::read::{read_pad, read_slice, ReadError};
+use crate::kernel::read::{read_conv_unresolved, read_pad, read_slice, ConvForm, ReadError};
+use crate::kernel::{AffineConv, Geometry, Misfit, Placement};
+use crate::model::tensor::FloatType;
 use crate::proto::NodeProto;
 use ndarray::ArrayD;
+use std::cell::OnceCell;
 
 pub(super) enum Kind {
     /// A Conv (node index), reading through an optional Slice (crop) or Pad (node index).
@@ -132,4 +135,84 @@ pub(super) fn read_through(cx: &Cx, q: usize, r: usize) -> Result<[Vec<i64>; 4],
     let neg = |v: &Vec<i64>| v.iter().map(|&x| (-x).max(0)).collect::<Vec<_>>();
     let pos = |v: &Vec<i64>| v.iter().map(|&x| x.max(0)).collect::<Vec<_>>();
     Ok([neg(&pb), neg(&pe), pos(&pb), pos(&pe)])
+}
+
+/// The spatial size of the tensor a group's branches read, when the model runs at no other
+/// ([`Cx::fixed_spatial`]); asked for only when a branch's geometry depends on it.
+pub(super) struct SourceSize<'c, 'a> {
+    cx: &'c Cx<'a>,
+    source: &'c str,
+    size: OnceCell<Option<Vec<usize>>>,
+}
+
+impl<'c, 'a> SourceSize<'c, 'a> {
+    pub(super) fn new(cx: &'c Cx<'a>, source: &'c str) -> Self {
+        SourceSize { cx, source, size: OnceCell::new() }
+    }
+
+    /// The size, for a convolution of spatial rank `r`.
+    pub(super) fn get(&self, r: usize) -> Option<&[usize]> {
+        self.size.get_or_init(|| self.cx.fixed_spatial(self.source)).as_deref().filter(|s| s.len() == r)
+    }
+}
+
+/// A Conv branch's form, with the padding it reads through added to the Conv's own, its
+/// `auto_pad` resolved at the size of `size`'s tensor when its pads depend on it; and the crop it
+/// reads through (begin, end), and whether its pads were resolved so.
+pub(super) fn conv_form(
+    cx: &Cx,
+    mut f: ConvForm,
+    through: Option<usize>,
+    size: &SourceSize,
+) -> Result<(ConvForm, [Vec<i64>; 2], bool), ReadError> {
+    let r = f.kernel.len();
+    let [cb, ce, pb, pe] = match through {
+        Some(q) => read_through(cx, q, r)?,
+        None => [vec![0; r], vec![0; r], vec![0; r], vec![0; r]],
+    };
+    let sized = f.by_size.is_some();
+    if sized {
+        // (the Conv's input: the source cropped and padded)
+        let len = size.get(r).map(|l| (0..r).map(|a| l[a] as i64 - cb[a] - ce[a] + pb[a] + pe[a]).collect::<Vec<_>>());
+        f.resolve(len.as_deref())?;
+    }
+    for a in 0..r {
+        f.pads_begin[a] += pb[a];
+        f.pads_end[a] += pe[a];
+    }
+    Ok((f, [cb, ce], sized))
+}
+
+/// A Conv branch (node `conv`, reading through node `through`) in f64, its type, and whether
+/// its pads were resolved at the input size: see [`conv_form`].
+pub(super) fn load_conv(
+    cx: &Cx,
+    conv: usize,
+    through: Option<usize>,
+    size: &SourceSize,
+) -> Result<(AffineConv, FloatType, bool), ReadError> {
+    let (w, f, ft) = read_conv_unresolved(&cx.consts, cx.node(conv))?;
+    let (f, [cb, ce], sized) = conv_form(cx, f, through, size)?;
+    let mut k = f.conv(w);
+    k.crop_begin = cb;
+    k.crop_end = ce;
+    Ok((k, ft, sized))
+}
+
+/// Where `small`'s taps land in `big`'s: at every input size, or else at the size of the
+/// tensor they read, when the model runs at no other.
+pub(super) fn place(small: &Geometry, big: &Geometry, size: &SourceSize) -> Result<Placement, Misfit> {
+    match small.offset_in(big) {
+        Err(Misfit::OutputSizeVaries { axis }) => match size.get(small.dims.len() - 2) {
+            Some(len) => small.offset_in_at(big, len),
+            None => Err(Misfit::OutputSizeVaries { axis }),
+        },
+        placed => placed,
+    }
+}
+
+/// The order in which the base of a group is chosen: the largest window (input positions its
+/// taps span), then the most taps.
+pub(super) fn base_key(g: &Geometry) -> (usize, usize) {
+    (g.window().iter().product(), g.dims[2..].iter().product())
 }

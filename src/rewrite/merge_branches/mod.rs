@@ -4,13 +4,18 @@
 //!   branches, grouped by the tensor they read. A branch is Conv(x), Conv(Slice(x)) (ACNet's crop),
 //!   Conv(Pad(x)) with zero padding, BatchNormalization(x) (RepVGG's identity) or x itself, each
 //!   optionally multiplied by constant per-channel scales (RepOpt).
-//! - check: every branch of a group fits, at a whole tap offset, inside the group's largest
-//!   kernel with the same output size (see [`AffineConv::offset_in`]); constant per-channel
-//!   operands of the sum fold into the bias.
-//! - rewrite: one Conv with the largest branch's geometry writes each group's sum; what else the
-//!   sum added stays an Add.
+//! - check: the group's base is the Conv branch of the largest window (`(k − 1)·d + 1` input
+//!   positions per axis), then the most taps. Every other branch lands on the base's taps: at a
+//!   whole tap offset, one tap every `d / D` of the base's (a branch dilated `d`, the base `D`),
+//!   inside the base's kernel, with the same output size — at every input size, or else at the
+//!   size the model runs at when it runs at no other (see [`Geometry::offset_in`] and
+//!   [`Cx::fixed_spatial`]). An `auto_pad` that pads by the input size (SAME_* at stride > 1) is
+//!   resolved at that size. Constant per-channel operands of the sum fold into the bias.
+//! - rewrite: one Conv with the base's geometry writes each group's sum (explicit pads where the
+//!   base's were resolved at the input size); what else the sum added stays an Add.
 //!
-//! [`AffineConv::offset_in`]: crate::kernel::AffineConv::offset_in
+//! [`Geometry::offset_in`]: crate::kernel::Geometry::offset_in
+//! [`Cx::fixed_spatial`]: super::driver::Cx::fixed_spatial
 
 mod branch;
 mod constants;
@@ -52,10 +57,11 @@ struct Merged {
     ft: FloatType,
     /// index (into `members`) of the branch whose geometry and node the merged conv takes
     base: usize,
-    /// per member, its kernel size (Conv branches)
-    kernels: Vec<Option<Vec<usize>>>,
-    /// the base branch's own padding
-    base_pads: (Vec<i64>, Vec<i64>),
+    /// per member, its kernel size, and its dilation where it has more than one tap (Conv
+    /// branches): `3x3`, `7x7 dilation 2`
+    kernels: Vec<Option<String>>,
+    /// the base branch's own padding (`None`: its `auto_pad` pads by the input size)
+    base_pads: Option<(Vec<i64>, Vec<i64>)>,
 }
 
 pub(crate) struct Plan {
@@ -185,7 +191,7 @@ impl Rule for MergeBranches {
             let output = if n_terms == 1 { out.clone() } else { cnode.output[0].clone() };
             let (wname, bname) = names.conv_params(cx.ix, cnode);
             let mut node = rewired_conv(cnode, &branches[base].source, &wname, &bname, &output);
-            if m.base_pads != m.pads || branches[base].nodes.len() > 1 {
+            if m.base_pads.as_ref() != Some(&m.pads) || branches[base].nodes.len() > 1 {
                 set_pads(&mut node, &m.pads);
             }
             insert.push(node);
@@ -202,7 +208,7 @@ impl Rule for MergeBranches {
                 .zip(&m.kernels)
                 .map(|(&k, kernel)| {
                     let name = match (&branches[k].kind, kernel) {
-                        (Kind::Conv { .. }, Some(kernel)) => kernel_str(kernel),
+                        (Kind::Conv { .. }, Some(kernel)) => kernel.clone(),
                         (Kind::Identity { bn: Some(_) }, _) => "identity+BN".into(),
                         _ => "identity".into(),
                     };
@@ -261,8 +267,19 @@ impl Rule for MergeBranches {
     }
 }
 
+/// A Conv branch's kernel as reports name it: its size, and its dilation where it has more than
+/// one tap (`7x7 dilation 2`, `3x1 dilation 2x1`).
+fn kernel_label(kernel: &[usize], dilations: &[usize]) -> String {
+    let d: Vec<usize> = kernel.iter().zip(dilations).map(|(&k, &d)| if k > 1 { d } else { 1 }).collect();
+    match d.iter().max() {
+        Some(&m) if m > 1 && d.iter().all(|&v| v == m) => format!("{} dilation {m}", kernel_str(kernel)),
+        Some(&m) if m > 1 => format!("{} dilation {}", kernel_str(kernel), kernel_str(&d)),
+        _ => kernel_str(kernel),
+    }
+}
+
 /// Merge one group of branches reading the same tensor into one conv with the geometry of its
-/// largest kernel. (`members` of the result is filled by the caller.)
+/// base (the largest window). (`members` of the result is filled by the caller.)
 fn merge(cx: &Cx, group: &[&Branch]) -> Result<Merged, Reason> {
     match merge_stored(cx, group) {
         Some(m) => Ok(m),
@@ -332,7 +349,7 @@ fn set_pads(n: &mut NodeProto, (begin, end): &(Vec<i64>, Vec<i64>)) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::graph::ConstError;
     use crate::kernel::read::{Form, ReadError};
@@ -557,5 +574,207 @@ mod tests {
         let report = crate::rewrite::fuse(&mut m).unwrap();
         assert!(report.rewrites.is_empty(), "{:?}", report.rewrites);
         assert_eq!(m.proto, before);
+    }
+
+    /// A stride-2 ACNet block as TensorFlow pads it ("same") on even sizes: 3x3 pads (0, 0, 1, 1),
+    /// 3x1 (0, 0, 1, 0), 1x3 (0, 0, 0, 1), 1x1 none, on x of `[1, 2, h, w]`. The branches.
+    pub(super) fn tf_same_stride_2(h: usize, w: usize) -> (Builder, Vec<AffineConv>) {
+        let mut b = Builder::new(2, h, w);
+        let s2 = |p: &[i64]| ConvAttrs::pads(p).strides(&[2, 2]);
+        let mut convs = vec![];
+        let mut outs = vec![];
+        for (name, k, pads) in [
+            ("sq", [3, 3], [0, 0, 1, 1]),
+            ("ver", [3, 1], [0, 0, 1, 0]),
+            ("hor", [1, 3], [0, 0, 0, 1]),
+            ("one", [1, 1], [0, 0, 0, 0]),
+        ] {
+            let (y, wt, bias) = b.conv_rand(name, "x", 3, 2, &k, true, s2(&pads));
+            convs.push(crate::support::affine(&wt, bias.as_ref(), 1, &[2, 2], &[1, 1], &pads));
+            outs.push(y);
+        }
+        let s = b.add("add", &outs[0], &outs[1]);
+        let s = b.add("add_1", &s, &outs[2]);
+        let y = b.add("add_2", &s, &outs[3]);
+        b.output(&y);
+        (b, convs)
+    }
+
+    /// The sum of `convs` on `x`.
+    fn sum_of_convs(convs: &[AffineConv], x: &ArrayD<f64>) -> ArrayD<f64> {
+        let mut want = convs[0].apply(x);
+        for c in &convs[1..] {
+            want += &c.apply(x);
+        }
+        want
+    }
+
+    #[test]
+    fn tf_same_padding_at_stride_2_merges_at_the_input_size_the_model_runs_at() {
+        // every branch is a kernel at the 3x3's first tap, at even sizes (the model's)
+        let (b, convs) = tf_same_stride_2(8, 10);
+        let (groups, refused) = check_at(&b, "add_2");
+        assert_eq!((groups, refused), (vec![vec![0, 1, 2, 3]], vec![]));
+        let mut m = b.build();
+        let report = crate::rewrite::fuse(&mut m).unwrap();
+        assert!(report.refused.is_empty(), "{:?}", report.refused);
+        let k = crate::support::only_conv(&m.proto);
+        assert_eq!((&k.pads_begin[..], &k.pads_end[..], &k.strides[..]), (&[0, 0][..], &[1, 1][..], &[2, 2][..]));
+        let x = crate::support::rand_input(3, &[1, 2, 8, 10]);
+        crate::support::assert_close(&k.apply(&x), &sum_of_convs(&convs, &x), 1e-6, "merged vs branches");
+        // a symbolic batch leaves the spatial size fixed
+        let (mut b, _) = tf_same_stride_2(8, 10);
+        crate::support::symbolic_input(&mut b, "x", &[None, Some(2), Some(8), Some(10)]);
+        assert_eq!(check_at(&b, "add_2"), (vec![vec![0, 1, 2, 3]], vec![]));
+    }
+
+    #[test]
+    fn on_a_symbolic_spatial_size_output_sizes_that_differ_at_some_sizes_are_refused() {
+        let (mut b, _) = tf_same_stride_2(8, 10);
+        crate::support::symbolic_input(&mut b, "x", &[None, Some(2), None, None]);
+        let (groups, refused) = check_at(&b, "add_2");
+        assert!(groups.is_empty());
+        let text: Vec<String> = refused.iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            text,
+            ["branch 'ver.y': paddings give a different output size on axis 1 at some input sizes, and the input size is not fixed"]
+        );
+    }
+
+    #[test]
+    fn output_sizes_that_differ_at_the_input_size_are_refused_with_both() {
+        // 3x3 without padding on a width of 3 (one output column) + a 1x1 (three), broadcast
+        let mut b = Builder::new(2, 5, 3);
+        let (sq, _, _) = b.conv_rand("sq", "x", 3, 2, &[3, 3], true, ConvAttrs::pads(&[1, 0, 1, 0]));
+        let (one, _, _) = b.conv_rand("one", "x", 3, 2, &[1, 1], true, ConvAttrs::default());
+        let y = b.add("add", &sq, &one);
+        b.output(&y);
+        let (groups, refused) = check_at(&b, "add");
+        assert!(groups.is_empty());
+        let text: Vec<String> = refused.iter().map(|r| r.to_string()).collect();
+        assert_eq!(text, ["branch 'one.y': output size 3 vs 1 on axis 1 (input size 3)"]);
+        // (and so they are)
+        let x = crate::support::rand_input(1, &[1, 2, 5, 3]);
+        let shape = |k: &[usize], p: &[i64]| {
+            crate::support::affine(&ArrayD::zeros(ndarray::IxDyn(&[3, 2, k[0], k[1]])), None, 1, &[1, 1], &[1, 1], p)
+                .apply(&x)
+                .shape()[3]
+        };
+        assert_eq!((shape(&[1, 1], &[0, 0, 0, 0]), shape(&[3, 3], &[1, 0, 1, 0])), (3, 1));
+    }
+
+    /// Paddle's `padding="SAME"`: `auto_pad` SAME_UPPER on every branch, stride 2, even and odd
+    /// sizes.
+    pub(super) fn paddle_same_stride_2(h: usize, w: usize) -> (Builder, Vec<AffineConv>) {
+        let mut b = Builder::new(2, h, w);
+        let mut outs = vec![];
+        let mut convs = vec![];
+        for (name, k) in [("sq", [3, 3]), ("ver", [3, 1]), ("hor", [1, 3]), ("one", [1, 1])] {
+            let (y, wt, bias) = b.conv_rand(name, "x", 3, 2, &k, true, ConvAttrs::default().strides(&[2, 2]));
+            b.graph.node.last_mut().unwrap().attribute.push(crate::support::attr_string("auto_pad", "SAME_UPPER"));
+            let pads: Vec<i64> = {
+                let (pb, pe): (Vec<i64>, Vec<i64>) = (0..2)
+                    .map(|a| crate::kernel::same_pads([h, w][a] as i64, k[a] as i64, 2, 1, true))
+                    .unzip();
+                [pb, pe].concat()
+            };
+            convs.push(crate::support::affine(&wt, bias.as_ref(), 1, &[2, 2], &[1, 1], &pads));
+            outs.push(y);
+        }
+        let s = b.add("add", &outs[0], &outs[1]);
+        let s = b.add("add_1", &s, &outs[2]);
+        let y = b.add("add_2", &s, &outs[3]);
+        b.output(&y);
+        (b, convs)
+    }
+
+    #[test]
+    fn auto_pad_same_with_stride_2_merges_at_the_input_size_into_explicit_pads() {
+        for (h, w) in [(8, 10), (7, 9), (8, 9)] {
+            let (b, convs) = paddle_same_stride_2(h, w);
+            let original = b.build();
+            let mut m = b.build();
+            let report = crate::rewrite::fuse(&mut m).unwrap();
+            assert!(report.refused.is_empty(), "{:?}", report.refused);
+            // only_conv reads explicit pads and refuses an auto_pad
+            let k = crate::support::only_conv(&m.proto);
+            let x = crate::support::rand_input(3, &[1, 2, h, w]);
+            crate::support::assert_close(&k.apply(&x), &sum_of_convs(&convs, &x), 1e-6, &format!("{h}x{w}: merged"));
+            let got = crate::support::run_f32(&m, std::slice::from_ref(&x));
+            crate::support::assert_close(&got, &crate::support::run_f32(&original, &[x]), 1e-5, "in tract");
+        }
+    }
+
+    #[test]
+    fn auto_pad_same_with_stride_2_on_a_size_not_fixed_is_refused_as_such() {
+        let (mut b, _) = paddle_same_stride_2(8, 10);
+        crate::support::symbolic_input(&mut b, "x", &[Some(1), Some(2), None, Some(10)]);
+        let (groups, refused) = check_at(&b, "add_2");
+        assert!(groups.is_empty());
+        assert_eq!(
+            refused,
+            [Reason::Conv { conv: "sq".into(), err: ReadError::Form(Form::AutoPadSizeNotFixed("SAME_UPPER".into())) }]
+        );
+        assert_eq!(
+            refused[0].to_string(),
+            "Conv 'sq': auto_pad SAME_UPPER with stride > 1 pads by the input size, which is not fixed"
+        );
+    }
+
+    /// UniRepLKNet's dilated reparam block (depthwise): a 7x7 and smaller kernels of larger
+    /// dilations, each with a BatchNormalization if `bn`, in `order`; RepNeXt's 2x2 of dilation 2
+    /// too.
+    pub(super) fn dilated_block(order: &[usize], bn: bool) -> Builder {
+        let mut b = Builder::new(4, 9, 11);
+        let all: [(&str, [usize; 2], i64, i64); 5] =
+            [("k7", [7, 7], 1, 3), ("k5", [5, 5], 1, 2), ("k3d2", [3, 3], 2, 2), ("k3d3", [3, 3], 3, 3), ("k2d2", [2, 2], 2, 1)];
+        let mut outs = vec![];
+        for &i in order {
+            let (name, k, d, p) = all[i];
+            let a = ConvAttrs::pads(&[p, p, p, p]).dilations(&[d, d]).group(4);
+            let (y, _, _) = b.conv_rand(name, "x", 4, 1, &k, !bn, a);
+            outs.push(if bn { b.bn(&format!("{name}.bn"), &y, 4, None).0 } else { y });
+        }
+        let mut s = outs[0].clone();
+        for (j, o) in outs[1..].iter().enumerate() {
+            s = b.add(&format!("add{j}"), &s, o);
+        }
+        b.output(&s);
+        b
+    }
+
+    #[test]
+    fn dilated_branches_merge_into_the_largest_window_on_its_taps() {
+        // the 3x3 of dilation 3 spans 7 like the 7x7: the base is the one with more taps
+        for order in [vec![0, 1, 2, 3], vec![3, 2, 1, 0], vec![4, 0, 3]] {
+            let b = dilated_block(&order, true);
+            let original = b.build();
+            let mut m = b.build();
+            let report = crate::rewrite::fuse(&mut m).unwrap();
+            assert!(report.refused.is_empty(), "{order:?}: {:?}", report.refused);
+            let k = crate::support::only_conv(&m.proto);
+            assert_eq!((k.kernel(), &k.dilations[..], &k.pads_begin[..]), (&[7usize, 7][..], &[1usize, 1][..], &[3i64, 3][..]));
+            // the report names each branch's dilation
+            let detail = &report.rewrites.iter().find(|w| w.rule == RuleId::MERGE_BRANCHES).unwrap().detail;
+            assert!(detail.contains("3x3 dilation 3") && detail.ends_with("into Conv 'k7' 7x7"), "{detail}");
+            let x = crate::support::rand_input(3, &[1, 4, 9, 11]);
+            let got = crate::support::run_f32(&m, std::slice::from_ref(&x));
+            crate::support::assert_close(&got, &crate::support::run_f32(&original, &[x]), 1e-5, &format!("{order:?}"));
+        }
+    }
+
+    #[test]
+    fn a_branch_dilated_off_the_base_grid_is_refused_with_the_dilations() {
+        // the 3x3 of dilation 3 spans 7 positions, the 5x5 5: the base is the dilated one, and
+        // the 5x5's taps (every position) fall between its taps
+        let (groups, refused) = check_at(&dilated_block(&[1, 3], false), "add0");
+        assert!(groups.is_empty());
+        let text: Vec<String> = refused.iter().map(|r| r.to_string()).collect();
+        assert_eq!(
+            text,
+            ["branch 'k5.y': dilation 1 vs 3 on axis 0: not a multiple, its taps fall between the large kernel's"]
+        );
+        // with the 7x7 (the base, then) the 3x3 of dilation 3 lands on its taps 0, 3, 6
+        assert_eq!(check_at(&dilated_block(&[1, 3, 0], false), "add1"), (vec![vec![0, 1, 2]], vec![]));
     }
 }

@@ -1,9 +1,9 @@
 //! The merge of a group whose branches are all Conv branches with stored weights, without
 //! reading the weights' values.
 
-use super::branch::{read_through, Branch, Kind};
+use super::branch::{base_key, conv_form, place, Branch, Kind, SourceSize};
 use super::constants::channel_vector;
-use super::{Cx, Merged};
+use super::{kernel_label, Cx, Merged};
 use crate::graph::Exact;
 use crate::kernel::read::read_conv_form;
 use crate::kernel::{tap_positions, Geometry};
@@ -22,6 +22,8 @@ struct Stored {
     pads_end: Vec<i64>,
     crop_begin: Vec<i64>,
     crop_end: Vec<i64>,
+    /// its pads were resolved at the input size
+    sized: bool,
 }
 
 impl Stored {
@@ -30,7 +32,7 @@ impl Stored {
     /// cannot be read (the reason is [`load`]'s).
     ///
     /// [`load`]: super::values::load
-    fn read(cx: &Cx, b: &Branch) -> Option<Stored> {
+    fn read(cx: &Cx, b: &Branch, size: &SourceSize) -> Option<Stored> {
         let Kind::Conv { conv, through } = b.kind else { return None };
         let n = cx.node(conv);
         let name = n.input.get(1)?;
@@ -47,9 +49,9 @@ impl Stored {
             }
         };
         let f = read_conv_form(&cx.consts, n, &weight.dims, ft).ok()?;
-        let r = weight.dims.len() - 2;
+        let (f, [crop_begin, crop_end], sized) = conv_form(cx, f, through, size).ok()?;
         let bias = f.bias.unwrap_or_else(|| Array1::zeros(weight.dims[0]));
-        let mut s = Stored {
+        Some(Stored {
             weight,
             ft,
             bias,
@@ -58,19 +60,10 @@ impl Stored {
             dilations: f.dilations,
             pads_begin: f.pads_begin,
             pads_end: f.pads_end,
-            crop_begin: vec![0; r],
-            crop_end: vec![0; r],
-        };
-        if let Some(q) = through {
-            let [cb, ce, pb, pe] = read_through(cx, q, r).ok()?;
-            for a in 0..r {
-                s.crop_begin[a] += cb[a];
-                s.crop_end[a] += ce[a];
-                s.pads_begin[a] += pb[a];
-                s.pads_end[a] += pe[a];
-            }
-        }
-        Some(s)
+            crop_begin,
+            crop_end,
+            sized,
+        })
     }
 
     fn geometry(&self) -> Geometry<'_> {
@@ -100,12 +93,13 @@ impl Stored {
 ///
 /// [`merge_values`]: super::values::merge_values
 pub(super) fn merge_stored(cx: &Cx, group: &[&Branch]) -> Option<Merged> {
-    let loaded: Vec<Stored> = group.iter().map(|b| Stored::read(cx, b)).collect::<Option<_>>()?;
-    // the largest kernel (the first of equal ones), as the full merge picks it
-    let volume = |s: &Stored| s.kernel().iter().product::<usize>();
+    let size = SourceSize::new(cx, &group.first()?.source);
+    let loaded: Vec<Stored> = group.iter().map(|b| Stored::read(cx, b, &size)).collect::<Option<_>>()?;
+    // the largest window, then the most taps (the first of equal ones), as the full merge picks it
+    let key = |s: &Stored| base_key(&s.geometry());
     let mut bi = 0;
     for k in 1..loaded.len() {
-        if volume(&loaded[k]) > volume(&loaded[bi]) {
+        if key(&loaded[k]) > key(&loaded[bi]) {
             bi = k;
         }
     }
@@ -132,9 +126,9 @@ pub(super) fn merge_stored(cx: &Cx, group: &[&Branch]) -> Option<Merged> {
     for k in (0..loaded.len()).filter(|&k| k != bi) {
         let s = &loaded[k];
         let (factors, b) = scaled(k)?;
-        let offs = s.geometry().offset_in(&big.geometry()).ok()?;
+        let at = place(&s.geometry(), &big.geometry(), &size).ok()?;
         bias += &b;
-        terms.push(Term { values: s.weight.clone(), factors, at: tap_positions(s.kernel(), big.kernel(), &offs) });
+        terms.push(Term { values: s.weight.clone(), factors, at: tap_positions(s.kernel(), big.kernel(), &at) });
     }
     let summed = Summed::new(big.weight.clone(), base_factors, terms)?;
     debug_assert_eq!((summed.dims()[0], summed.dims().len() - 2), (o, r));
@@ -146,8 +140,8 @@ pub(super) fn merge_stored(cx: &Cx, group: &[&Branch]) -> Option<Merged> {
         pads: (big.pads_begin.clone(), big.pads_end.clone()),
         ft,
         base: bi,
-        kernels: loaded.iter().map(|s| Some(s.kernel().to_vec())).collect(),
-        base_pads: (big.pads_begin.clone(), big.pads_end.clone()),
+        kernels: loaded.iter().map(|s| Some(kernel_label(s.kernel(), &s.dilations))).collect(),
+        base_pads: (!big.sized).then(|| (big.pads_begin.clone(), big.pads_end.clone())),
     })
 }
 
@@ -163,9 +157,12 @@ mod tests {
 
     /// The merge of stored weights (a sum computed when it is written) has the bits of the merge
     /// that reads every branch in f64: stored weights as they are, weights a BatchNormalization was
-    /// folded into (factors of both signs), a branch scaled by a per-channel constant.
+    /// folded into (factors of both signs), a branch scaled by a per-channel constant; branches
+    /// dilated more than the base (taps placed a step apart), the base not first; branches
+    /// placed at the input size (TensorFlow's and `auto_pad`'s padding at stride 2).
     #[test]
     fn stored_branches_merge_to_the_bits_of_branches_read_in_f64() {
+        use super::super::tests::{dilated_block, paddle_same_stride_2, tf_same_stride_2};
         use crate::graph::GraphIndex;
         use crate::model::tensor::from_f64;
         use crate::rewrite::driver::Cache;
@@ -180,15 +177,22 @@ mod tests {
         let s = scaled.add("add", &sq, &ver);
         let y = scaled.add("add_1", &s, &hor);
         scaled.output(&y);
-        for b in [acb(ConvAttrs::pads(&[0, 1, 0, 1])), scaled] {
-            let root = "add_1";
+        let acnet = ["sq", "ver", "hor"];
+        let blocks = [
+            (acb(ConvAttrs::pads(&[0, 1, 0, 1])), "add_1", &acnet[..], 0),
+            (scaled, "add_1", &acnet[..], 0),
+            (dilated_block(&[3, 0, 1, 2, 4], false), "add3", &["k3d3", "k7", "k5", "k3d2", "k2d2"][..], 1),
+            (tf_same_stride_2(8, 10).0, "add_2", &["sq", "ver", "hor", "one"][..], 0),
+            (paddle_same_stride_2(7, 10).0, "add_2", &["sq", "ver", "hor", "one"][..], 0),
+        ];
+        for (b, root, convs, base) in blocks {
             let m = b.build();
             for folded in [false, true] {
                 let ix = GraphIndex::new(m.graph());
                 let mut cache = Cache::new(m.graph());
                 if folded {
-                    for (k, conv) in ["sq", "ver", "hor"].into_iter().enumerate() {
-                        let n = m.graph().node.iter().find(|n| n.name() == conv).unwrap();
+                    for (k, conv) in convs.iter().enumerate() {
+                        let n = m.graph().node.iter().find(|n| n.name() == *conv).unwrap();
                         let t = ix.constant(m.graph(), &n.input[1]).unwrap();
                         let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
                         let factors = (0..dims[0]).map(|o| [0.7, -1.3, 2.1][(o + k) % 3]).collect();
@@ -201,7 +205,7 @@ mod tests {
                 let at = m.graph().node.iter().position(|n| n.name() == root).unwrap();
                 let c = MergeBranches.find(&cx, at).expect("a sum");
                 let group: Vec<&Branch> = c.branches.iter().filter(|b| matches!(b.kind, Kind::Conv { .. })).collect();
-                assert_eq!(group.len(), 3);
+                assert_eq!(group.len(), convs.len());
                 let stored = merge_stored(&cx, &group).expect("every branch's weight is stored");
                 let full = merge_values(&cx, &group).expect("the block merges");
                 assert!(matches!(stored.weight, Exact::Summed(_)));
@@ -210,6 +214,7 @@ mod tests {
                 assert_eq!(bits(stored.bias.clone().into_dyn()), bits(full.bias.clone().into_dyn()));
                 assert_eq!((&stored.dims, &stored.pads, stored.base), (&full.dims, &full.pads, full.base));
                 assert_eq!((&stored.kernels, &stored.base_pads, stored.ft), (&full.kernels, &full.base_pads, full.ft));
+                assert_eq!(full.base, base, "{convs:?}");
                 let want = from_f64("w", &full.weight.to_f64(), FloatType::F32);
                 assert_eq!(stored.weight.encode("w", FloatType::F32), Some(want));
             }

@@ -1,31 +1,39 @@
 //! The merge of a group with every branch's weight read in f64: the identity (through a
 //! BatchNormalization) as a one-tap kernel, each branch's constant factors applied.
 
-use super::branch::{read_through, Branch, Kind};
+use super::branch::{base_key, load_conv, place, Branch, Kind, SourceSize};
 use super::constants::channel_vector;
-use super::{Cx, Merged, Reason};
+use super::{kernel_label, Cx, Merged, Reason};
 use crate::graph::{Exact, Label};
-use crate::kernel::read::{read_bn, read_conv, ReadError};
+use crate::kernel::read::read_bn;
 use crate::kernel::AffineConv;
 use crate::model::tensor::FloatType;
 use ndarray::Array1;
 
 /// [`merge`](super::merge), reading every branch's weight in f64.
 pub(super) fn merge_values(cx: &Cx, group: &[&Branch]) -> Result<Merged, Reason> {
+    let size = SourceSize::new(cx, &group[0].source);
     let mut loaded: Vec<Option<(AffineConv, FloatType)>> = Vec::with_capacity(group.len());
+    let mut sized = Vec::with_capacity(group.len());
     for b in group {
         loaded.push(match b.kind {
-            Kind::Conv { conv, through } => Some(
-                load(cx, conv, through).map_err(|err| Reason::Conv { conv: cx.node(conv).label().to_string(), err })?,
-            ),
-            Kind::Identity { .. } => None,
+            Kind::Conv { conv, through } => {
+                let (k, ft, s) = load_conv(cx, conv, through, &size)
+                    .map_err(|err| Reason::Conv { conv: cx.node(conv).label().to_string(), err })?;
+                sized.push(s);
+                Some((k, ft))
+            }
+            Kind::Identity { .. } => {
+                sized.push(false);
+                None
+            }
         });
     }
-    // the largest kernel (the first of equal ones)
-    let volume = |l: &Option<(AffineConv, FloatType)>| l.as_ref().map(|(c, _)| c.kernel().iter().product::<usize>());
+    // the largest window, then the most taps (the first of equal ones)
+    let key = |l: &Option<(AffineConv, FloatType)>| l.as_ref().map(|(c, _)| base_key(&c.geometry()));
     let mut base: Option<usize> = None;
     for k in 0..loaded.len() {
-        if volume(&loaded[k]).is_some() && base.is_none_or(|j| volume(&loaded[k]) > volume(&loaded[j])) {
+        if key(&loaded[k]).is_some() && base.is_none_or(|j| key(&loaded[k]) > key(&loaded[j])) {
             base = Some(k);
         }
     }
@@ -39,8 +47,8 @@ pub(super) fn merge_values(cx: &Cx, group: &[&Branch]) -> Result<Merged, Reason>
             crop_end: big.crop_end.clone(),
         });
     }
-    let kernels = loaded.iter().map(|l| l.as_ref().map(|(c, _)| c.kernel().to_vec())).collect();
-    let base_pads = (big.pads_begin.clone(), big.pads_end.clone());
+    let kernels = loaded.iter().map(|l| l.as_ref().map(|(c, _)| kernel_label(c.kernel(), &c.dilations))).collect();
+    let base_pads = (!sized[bi]).then(|| (big.pads_begin.clone(), big.pads_end.clone()));
     // the sum: the base, plus every other branch in order
     let mut acc = loaded[bi].take().expect("the base is a loaded Conv").0;
     scale(&mut acc, group[bi])?;
@@ -57,8 +65,9 @@ pub(super) fn merge_values(cx: &Cx, group: &[&Branch]) -> Result<Merged, Reason>
             return Err(Reason::BranchDtypes);
         }
         scale(&mut k, b)?;
-        let offs = k.offset_in(&acc).map_err(|misfit| Reason::Misfit { branch: b.leaf.clone(), misfit })?;
-        acc.add_at(&k, &offs);
+        let at = place(&k.geometry(), &acc.geometry(), &size)
+            .map_err(|misfit| Reason::Misfit { branch: b.leaf.clone(), misfit })?;
+        acc.add_at(&k, &at);
     }
     let pads = (acc.pads_begin.clone(), acc.pads_end.clone());
     Ok(Merged {
@@ -103,20 +112,4 @@ fn scale(k: &mut AffineConv, b: &Branch) -> Result<(), Reason> {
         k.then_affine(&a, &Array1::zeros(a.len()));
     }
     Ok(())
-}
-
-/// A Conv branch's geometry and weights (the crop or padding it reads through included), or
-/// why they cannot be read. Weights are decoded only here, for a group that is being merged.
-fn load(cx: &Cx, conv: usize, through: Option<usize>) -> Result<(AffineConv, FloatType), ReadError> {
-    let (mut k, ft) = read_conv(&cx.consts, cx.node(conv))?;
-    if let Some(q) = through {
-        let [cb, ce, pb, pe] = read_through(cx, q, k.rank())?;
-        for a in 0..k.rank() {
-            k.crop_begin[a] += cb[a];
-            k.crop_end[a] += ce[a];
-            k.pads_begin[a] += pb[a];
-            k.pads_end[a] += pe[a];
-        }
-    }
-    Ok((k, ft))
 }

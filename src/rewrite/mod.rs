@@ -26,7 +26,7 @@ mod reason;
 mod sum_tree;
 mod weights;
 
-pub use reason::{Reason, RegionReason};
+pub use reason::{ChainSum, Reason, RegionReason};
 pub use weights::WeightStats;
 
 pub(crate) use driver::Cx;

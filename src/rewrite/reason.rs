@@ -96,6 +96,9 @@ pub enum Reason {
         weights: usize,
         chain_weights: usize,
         chain_macs: usize,
+        /// the sum the two are a branch of, if they are one: whether a Conv of it takes them at
+        /// no cost
+        sum: Option<ChainSum>,
     },
     /// A value the rewrite would write does not fit its type (float16 weights past ±65504 after
     /// a BN fold, say, or tiny ones that would round to zero).
@@ -107,6 +110,24 @@ pub enum Reason {
     },
     /// The general path could not prove the region is one convolution.
     Region(RegionReason),
+}
+
+/// Two convolutions in sequence that are a branch of a sum: what the sum does with them.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ChainSum {
+    /// A Conv of the sum reading the same input holds their composition (the same output,
+    /// stride and groups, its taps inside the Conv's window): merged into it, it costs nothing.
+    Held {
+        sum: String,
+        /// the Conv, and its kernel
+        conv: String,
+        kernel: String,
+        /// whether the sum is merged (else it is refused, and says why)
+        merged: bool,
+    },
+    /// No Conv branch of the sum reading the same input holds it; the largest of them (name,
+    /// kernel), if there is one.
+    NotHeld { sum: String, largest: Option<(String, String)> },
 }
 
 /// Why the general path (`affine_region`) refused a region.
@@ -196,10 +217,31 @@ impl fmt::Display for Reason {
                 write!(f, "MatMul '{node}' has no constant bias Add to take the shift of BatchNormalization '{bn}'")
             }
             Reason::Sequential { first, second, misfit } => write!(f, "Conv '{first}' then Conv '{second}': {misfit}"),
-            Reason::SequentialCost { first, second, kernel, weights, chain_weights, chain_macs } => write!(
-                f,
-                "Conv '{first}' then Conv '{second}' would become one {kernel} Conv of {weights} weights and multiply-adds per output position, vs {chain_weights} weights and {chain_macs} multiply-adds for the two: left as two"
-            ),
+            Reason::SequentialCost { first, second, kernel, weights, chain_weights, chain_macs, sum } => {
+                write!(
+                    f,
+                    "Conv '{first}' then Conv '{second}' would become one {kernel} Conv of {weights} weights and multiply-adds per output position, vs {chain_weights} weights and {chain_macs} multiply-adds for the two"
+                )?;
+                match sum {
+                    None => f.write_str(": left as two"),
+                    Some(ChainSum::Held { sum, conv, kernel: k, merged: true }) => write!(
+                        f,
+                        "; they are a branch of sum '{sum}', whose {k} Conv '{conv}' holds the {kernel}: merged into it there, at no cost"
+                    ),
+                    Some(ChainSum::Held { sum, conv, kernel: k, merged: false }) => write!(
+                        f,
+                        "; they are a branch of sum '{sum}', whose {k} Conv '{conv}' holds the {kernel} at no cost, but the sum is not merged (see merge_branches at '{sum}'): left as two"
+                    ),
+                    Some(ChainSum::NotHeld { sum, largest: Some((conv, k)) }) => write!(
+                        f,
+                        "; they are a branch of sum '{sum}', whose Conv branches of the same input do not hold the {kernel} with the same output, stride and groups (the largest is the {k} Conv '{conv}'), so merging it there costs the same: left as two"
+                    ),
+                    Some(ChainSum::NotHeld { sum, largest: None }) => write!(
+                        f,
+                        "; they are a branch of sum '{sum}', which has no other Conv branch of the same input, so merging it there costs the same: left as two"
+                    ),
+                }
+            }
             Reason::BnZeroScale { bn } => {
                 write!(f, "BatchNormalization '{bn}' zeroes a channel: it cannot fold into the next one")
             }

@@ -26,12 +26,22 @@
 //!   holds no more conv weights, is one Conv whenever every merge is exact and no costlier, and
 //!   convs left in sequence come with a reason (unless a window conv's output is padded by the
 //!   next: never one Conv, not a candidate).
+//! * `case_random_chains_in_sums_merge_when_a_conv_holds_them`: a KxK (3, 5, 7; stride 1 or 2;
+//!   depthwise or dense), an aligned smaller Conv, and one or two chains of two convs (1xk → kx1,
+//!   kx1 → 1xk, 1x1 → KxK, small ones; the stride on either; the padding on the first or, where the
+//!   first is one tap, on the second; biases; groups that differ; shifted so the composition may
+//!   not fit; a per-channel scale), summed in any order. The cost is judged on the merge: the fused
+//!   model computes the block (computed here, branch by branch), holds no more conv weights (a
+//!   chain is never made a dense kernel the sum does not take), every chain whose composition the
+//!   KxK holds (computed here) is merged into it, a chain that is not one convolution is never
+//!   composed, and a chain that costs more composed and is not held stays two with a refusal that
+//!   names the sum; when the KxK holds every chain the block is one Conv of the KxK's size.
 //! * `case_random_channel_multiplier_blocks_are_one_depthwise_conv`: depthwise blocks with
 //!   groups = C_in and C_out = m·C_in in every branch kind (KxK up to 7x7, smaller squares, Kx1,
 //!   1xK, 1x1, identity and identity-BN where m = 1, stride 2, a `Add(0, ·)` accumulator, BN after
 //!   the sum): one depthwise Conv of the largest kernel, equal to the branches computed here.
 //!
-//! Cases: 256 each by default (a few seconds in release); `PROPTEST_CASES=N` overrides both
+//! Cases: 256 each by default (a few seconds in release); `PROPTEST_CASES=N` overrides all
 //! (`PROPTEST_CASES=5000 cargo test --release --test proptest_blocks`). Other `PROPTEST_*`
 //! variables (`PROPTEST_RNG_SEED`, `PROPTEST_MAX_SHRINK_ITERS`, ...) work as usual. No
 //! regression files are written; a failure prints the minimal block. The tests after the
@@ -40,7 +50,8 @@
 //! This file holds the properties and the regression tests; the modules hold what they draw and
 //! check: `block` (the block description), `generate` (drawn from the choices), `build` (its
 //! graph), `reference` (the branches computed here), `checks` (a fused block against the reference
-//! and in tract), `chains` (convolutions in sequence), `depthwise` (channel-multiplier blocks).
+//! and in tract), `chains` (convolutions in sequence), `chain_sums` (chains as branches of a sum),
+//! `depthwise` (channel-multiplier blocks).
 //!
 //! tract 0.23 cannot run a Pad with negative amounts (a crop, valid ONNX): both models are
 //! verified with such Pads rewritten as Slice + Pad (`tract_runnable`).
@@ -50,6 +61,7 @@ mod support;
 
 mod block;
 mod build;
+mod chain_sums;
 mod chains;
 mod checks;
 mod depthwise;
@@ -64,6 +76,7 @@ use acnet_onnx::{fuse, FuseReport, RuleId};
 use acnet_onnx::{save, DataMode};
 use block::*;
 use build::*;
+use chain_sums::*;
 use chains::*;
 use checks::*;
 use depthwise::*;
@@ -439,6 +452,20 @@ fn case_chain_with_one_output_element_from_cancelling_terms_is_not_failed_by_the
         identity: false,
     };
     check_chain(&chain).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// chains of two convs as branches of a sum (merge_branches, merge_sequential)
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// Random sums of a KxK and chains of two convs (see [`SumWithChains`]): a chain is composed
+    /// exactly when the KxK holds it, as the sum is merged; else it stays two, with a reason.
+    #[test]
+    fn case_random_chains_in_sums_merge_when_a_conv_holds_them(bl in choices(CHOICES).prop_map(|v| gen_chain_sum(&v))) {
+        check_chain_sum(&bl)?;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

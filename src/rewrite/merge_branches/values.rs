@@ -18,14 +18,17 @@ pub(super) fn merge_values(cx: &Cx, group: &[&Branch]) -> Result<Merged, Reason>
             Kind::Conv { conv, through } => Some(
                 load(cx, conv, through).map_err(|err| Reason::Conv { conv: cx.node(conv).name().to_string(), err })?,
             ),
+            Kind::Chain { first, through, second } => Some(load_chain(cx, first, through, second)?),
             Kind::Identity { .. } => None,
         });
     }
-    // the largest kernel (the first of equal ones)
+    // the largest kernel (the first of equal ones; never a chain: a Conv of the group holds it)
     let volume = |l: &Option<(AffineConv, FloatType)>| l.as_ref().map(|(c, _)| c.kernel().iter().product::<usize>());
+    let chain = |k: usize| matches!(group[k].kind, Kind::Chain { .. });
     let mut base: Option<usize> = None;
     for k in 0..loaded.len() {
-        if volume(&loaded[k]).is_some() && base.is_none_or(|j| volume(&loaded[k]) > volume(&loaded[j])) {
+        let larger = base.is_none_or(|j| volume(&loaded[k]) > volume(&loaded[j]));
+        if volume(&loaded[k]).is_some() && !chain(k) && larger {
             base = Some(k);
         }
     }
@@ -51,7 +54,7 @@ pub(super) fn merge_values(cx: &Cx, group: &[&Branch]) -> Result<Merged, Reason>
         let (mut k, kft) = match (l.take(), &b.kind) {
             (Some(v), _) => v,
             (None, Kind::Identity { bn }) => identity(cx, &acc, b, *bn, ft)?,
-            (None, Kind::Conv { .. }) => unreachable!("every Conv branch was loaded"),
+            (None, Kind::Conv { .. } | Kind::Chain { .. }) => unreachable!("every Conv branch was loaded"),
         };
         if kft != ft {
             return Err(Reason::BranchDtypes);
@@ -105,9 +108,28 @@ fn scale(k: &mut AffineConv, b: &Branch) -> Result<(), Reason> {
     Ok(())
 }
 
+/// A chain's composition (see [`super::chain`]), or why it cannot be read or composed.
+pub(super) fn load_chain(
+    cx: &Cx,
+    first: usize,
+    through: Option<usize>,
+    second: usize,
+) -> Result<(AffineConv, FloatType), Reason> {
+    let read = |conv: usize, through| {
+        load(cx, conv, through).map_err(|err| Reason::Conv { conv: cx.node(conv).name().to_string(), err })
+    };
+    let ((k1, f1), (k2, f2)) = (read(first, through)?, read(second, None)?);
+    if f1 != f2 {
+        return Err(Reason::BranchDtypes);
+    }
+    let (first, second) = (cx.node(first).name().to_string(), cx.node(second).name().to_string());
+    let k = k1.then_conv(&k2).map_err(|misfit| Reason::Sequential { first, second, misfit })?;
+    Ok((k, f2))
+}
+
 /// A Conv branch's geometry and weights (the crop or padding it reads through included), or
 /// why they cannot be read. Weights are decoded only here, for a group that is being merged.
-fn load(cx: &Cx, conv: usize, through: Option<usize>) -> Result<(AffineConv, FloatType), ReadError> {
+pub(super) fn load(cx: &Cx, conv: usize, through: Option<usize>) -> Result<(AffineConv, FloatType), ReadError> {
     let (mut k, ft) = read_conv(&cx.consts, cx.node(conv))?;
     if let Some(q) = through {
         let [cb, ce, pb, pe] = read_through(cx, q, k.rank())?;

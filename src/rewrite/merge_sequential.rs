@@ -86,7 +86,7 @@ impl Rule for MergeSequential {
         if weights > chain_weights || weights > chain_macs {
             // in a sum whose Conv holds the composition, merge_branches composes them as it
             // merges the sum, at no cost (and only then); say which
-            let sum = chain_in_sum(cx, c.second);
+            let sum = chain_in_sum(cx, c.second).map(Box::new);
             return Checked::refuse(Reason::SequentialCost {
                 first,
                 second,

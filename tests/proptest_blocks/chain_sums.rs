@@ -30,10 +30,18 @@ pub(crate) struct SumWithChains {
     pub(crate) order: Vec<usize>,
 }
 
-/// The composition of a chain, computed here: (kernel, dilations, pads begin, pads end, groups),
-/// or `None` when it is not one convolution (the second zero-pads an axis on which the first has
-/// a window or a bias). Strides: the products.
-fn composed(ch: &SumChain) -> Option<(Vec<usize>, Vec<usize>, Vec<i64>, Vec<i64>, usize)> {
+/// A chain's composition, computed here (its strides: the products).
+struct Composed {
+    kernel: Vec<usize>,
+    dilations: Vec<usize>,
+    pads_begin: Vec<i64>,
+    pads_end: Vec<i64>,
+    groups: usize,
+}
+
+/// The composition of a chain, or `None` when it is not one convolution (the second zero-pads an
+/// axis on which the first has a window or a bias).
+fn composed(ch: &SumChain) -> Option<Composed> {
     let (f, s) = (&ch.first, &ch.second);
     let (mut k, mut d) = (vec![0; 2], vec![1; 2]);
     let (mut pb, mut pe) = (vec![0; 2], vec![0; 2]);
@@ -52,7 +60,7 @@ fn composed(ch: &SumChain) -> Option<(Vec<usize>, Vec<usize>, Vec<i64>, Vec<i64>
         pe[a] = f.pads[2 + a] + s1 as i64 * p2e;
     }
     let groups = if f.groups == s.groups { f.groups } else { 1 };
-    Some((k, d, pb, pe, groups))
+    Some(Composed { kernel: k, dilations: d, pads_begin: pb, pads_end: pe, groups })
 }
 
 /// Whether the block's KxK holds the chain's composition (computed here, as `offset_in` does not
@@ -61,7 +69,9 @@ fn composed(ch: &SumChain) -> Option<(Vec<usize>, Vec<usize>, Vec<i64>, Vec<i64>
 /// a window) and its taps are inside: whether a dilated kernel is placed in an undilated one is
 /// merge_branches' geometry, not this property's.
 fn held(bl: &SumWithChains, ch: &SumChain) -> Option<bool> {
-    let Some((k, d, pb, pe, groups)) = composed(ch) else { return Some(false) };
+    let Some(Composed { kernel: k, dilations: d, pads_begin: pb, pads_end: pe, groups }) = composed(ch) else {
+        return Some(false);
+    };
     let p = (bl.big / 2) as i64;
     let inside = groups == bl.groups
         && (0..2).all(|a| {
@@ -79,7 +89,7 @@ fn held(bl: &SumWithChains, ch: &SumChain) -> Option<bool> {
 /// Whether the chain alone costs more composed than as two (merge_sequential's criterion:
 /// weights, and multiply-adds per output position).
 fn costly(bl: &SumWithChains, ch: &SumChain) -> bool {
-    let Some((k, _, _, _, groups)) = composed(ch) else { return false };
+    let Some(Composed { kernel: k, groups, .. }) = composed(ch) else { return false };
     let w = |sc: &SeqConv| bl.c * (bl.c / sc.groups) * sc.kernel.iter().product::<usize>();
     let (w1, w2) = (w(&ch.first), w(&ch.second));
     let merged = bl.c * (bl.c / groups) * k.iter().product::<usize>();
@@ -165,10 +175,13 @@ pub(crate) fn gen_chain_sum(v: &[u16]) -> SumWithChains {
     SumWithChains { seed, input, c, groups, stride, big, small, chains, order }
 }
 
+/// A conv's weight, bias and geometry.
+type ConvAndGeo = (ArrayD<f64>, Option<ArrayD<f64>>, Geo);
+
 struct BuiltSum {
     builder: Builder,
     /// per branch (in `order`'s numbering), the convs' parameters and geometry, and the scale
-    convs: BTreeMap<usize, Vec<(ArrayD<f64>, Option<ArrayD<f64>>, Geo)>>,
+    convs: BTreeMap<usize, Vec<ConvAndGeo>>,
     scales: BTreeMap<usize, ArrayD<f64>>,
 }
 
@@ -193,7 +206,7 @@ fn build_sum(bl: &SumWithChains) -> BuiltSum {
     let mut convs = BTreeMap::new();
     let mut scales = BTreeMap::new();
     let mut leaves = BTreeMap::new();
-    let mut conv = |b: &mut Builder, name: &str, x: &str, sc: &SeqConv| {
+    let conv = |b: &mut Builder, name: &str, x: &str, sc: &SeqConv| {
         let attrs = ConvAttrs::pads(&sc.pads)
             .strides(&sc.strides.iter().map(|&v| v as i64).collect::<Vec<_>>())
             .group(sc.groups as i64);
@@ -312,8 +325,8 @@ pub(crate) fn check_chain_sum(bl: &SumWithChains) -> Result<(), TestCaseError> {
             }
             // costlier composed and not held: two convs, and the reason names the sum
             Some(false) if costly(bl, ch) => {
-                let sum_named =
-                    matches!(refusal, Some(Reason::SequentialCost { sum: Some(ChainSum::NotHeld { .. }), .. }));
+                let sum_named = matches!(refusal, Some(Reason::SequentialCost { sum: Some(s), .. })
+                    if matches!(**s, ChainSum::NotHeld { .. }));
                 if !stays(i) || !sum_named {
                     return Err(fail(&format!("chain {i}: not held, costly"), format!("{refusal:?}"), &r));
                 }

@@ -166,7 +166,7 @@ mod tests {
             .find(|f| f.node == second)
             .unwrap_or_else(|| panic!("no refusal at '{second}': {:?}", r.refused));
         match &refusal.reason {
-            Reason::SequentialCost { sum, .. } => sum.clone(),
+            Reason::SequentialCost { sum, .. } => sum.as_deref().cloned(),
             other => panic!("not a cost refusal: {other}"),
         }
     }

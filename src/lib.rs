@@ -61,7 +61,7 @@ pub use pipeline::{
     InspectReport, VerifyFileOptions,
 };
 pub use rewrite::{
-    fuse, fuse_at, validate, ChainSum, FuseReport, Reason, Refusal, RegionReason, Rewrite, RuleId, Stats,
+    fuse, fuse_at, validate, ChainSum, FcMisfit, FuseReport, Reason, Refusal, RegionReason, Rewrite, RuleId, Stats,
 };
 pub use verify::{verify, VerifyOptions, VerifyReport};
 

@@ -6,7 +6,7 @@ use crate::graph::is_op;
 use crate::model::tensor::{from_f64, to_f64, FloatType};
 use crate::proto::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto, AttributeProto, GraphProto,
-    ModelProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    ModelProto, NodeProto, TensorShapeProto, TypeProto, ValueInfoProto,
 };
 use ndarray::{ArrayD, IxDyn};
 use std::collections::HashSet;
@@ -14,27 +14,42 @@ use std::collections::HashSet;
 /// The region as a model of its own computing in float64: input x (concrete shape), output y.
 /// Float initializers, Constant nodes and casts to float types become float64.
 pub(super) fn submodel(cx: &Cx, r: &Region, y: &str, shape: &[usize]) -> Result<ModelProto, RegionReason> {
-    let g = cx.g;
     let mut nodes: Vec<usize> = r.dep.iter().chain(&r.stat).copied().collect();
     nodes.sort_unstable();
-    let needed: HashSet<&str> = nodes.iter().flat_map(|&p| g.node[p].input.iter().map(|s| s.as_str())).collect();
-    let mut inits = Vec::new();
+    let nodes = nodes.iter().map(|&p| cx.node(p).clone()).collect();
+    nodes_model(cx, nodes, &[], &r.x, y, shape)
+}
+
+/// `nodes` (in an order that computes them: the graph's, say) as a model of their own computing
+/// in float64, with input `x` (concrete `shape`) and output `y`: the graph's initializers they
+/// read and `extra` (written as float64), Constant nodes and casts to float types in float64.
+pub(crate) fn nodes_model(
+    cx: &Cx,
+    nodes: Vec<NodeProto>,
+    extra: &[(String, ArrayD<f64>)],
+    x: &str,
+    y: &str,
+    shape: &[usize],
+) -> Result<ModelProto, RegionReason> {
+    let g = cx.g;
+    let needed: HashSet<&str> = nodes.iter().flat_map(|n| n.input.iter().map(|s| s.as_str())).collect();
+    let mut inits: Vec<_> = extra.iter().map(|(name, a)| from_f64(name, a, FloatType::F64)).collect();
     for t in &g.initializer {
-        if needed.contains(t.name()) {
+        if needed.contains(t.name()) && extra.iter().all(|(name, _)| name != t.name()) {
             let mut t = cx.settled(t).unwrap_or_else(|| t.clone());
             cx.model.inline_tensor(&mut t).map_err(|e| RegionReason::Tract(e.to_string()))?;
             inits.push(to_double(t)?);
         }
     }
     let mut region_nodes = Vec::with_capacity(nodes.len());
-    for &p in &nodes {
-        let mut n = g.node[p].clone();
+    for mut n in nodes {
+        let cast = is_op(&n, "Cast");
         for a in &mut n.attribute {
             if let Some(t) = a.t.take() {
                 a.t = Some(to_double(t)?);
             }
             let floats = [DataType::Float, DataType::Float16, DataType::Bfloat16].map(|d| d as i64);
-            if a.name() == "to" && a.i.is_some_and(|v| floats.contains(&v)) && is_op(&g.node[p], "Cast") {
+            if a.name() == "to" && a.i.is_some_and(|v| floats.contains(&v)) && cast {
                 a.i = Some(DataType::Double as i64);
             }
         }
@@ -77,7 +92,7 @@ pub(super) fn submodel(cx: &Cx, r: &Region, y: &str, shape: &[usize]) -> Result<
             name: Some("region".into()),
             node: region_nodes,
             initializer: inits,
-            input: vec![ValueInfoProto { name: Some(r.x.clone()), r#type: Some(tensor_type(Some(shape))), ..Default::default() }],
+            input: vec![ValueInfoProto { name: Some(x.to_string()), r#type: Some(tensor_type(Some(shape))), ..Default::default() }],
             output: vec![ValueInfoProto { name: Some(y.to_string()), r#type: Some(tensor_type(None)), ..Default::default() }],
             ..Default::default()
         }),

@@ -123,13 +123,17 @@ pub(crate) struct Path {
     t: String,
 }
 
+/// A sum, the FC paths to it with their regions (the FC of most weights first: the one the others
+/// are most likely merged into), or why the region of one cannot be taken (when none can).
 pub(crate) struct Candidate {
     root: usize,
-    path: Path,
-    region: Result<Region, RegionReason>,
+    fcs: Vec<(Path, Region)>,
+    refused: Option<RegionReason>,
 }
 
 pub(crate) struct Plan {
+    /// which of the candidate's FCs
+    fc: usize,
     /// in the FC's weight layout
     weight: ArrayD<f64>,
     bias: Array1<f64>,
@@ -230,37 +234,55 @@ impl Rule for MergeIntoFc {
             return None;
         }
         let y: &str = &n.output[0];
-        let mut refused = None;
+        let (mut fcs, mut refused) = (Vec::new(), None);
         for l in &operands {
             let Some(path) = fc_path(cx, &l.name) else { continue };
-            match region_from(cx, y, &path.t) {
-                Ok(Some(r)) if r.input() == path.t && r.dep().contains(&path.fc) => {
-                    return Some(Candidate { root: at, path, region: Ok(r) })
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    if refused.is_none() {
-                        refused = Some(Candidate { root: at, path, region: Err(e) });
+            // the region from t, else from a tensor further along the path (the partitioned
+            // tensor may be read outside: what reads it there stays)
+            for start in 0..=path.pre.len() {
+                let t = if start == 0 { path.t.clone() } else { cx.node(path.pre[start - 1]).output[0].clone() };
+                match region_from(cx, y, &t) {
+                    Ok(Some(r)) if r.input() == t && r.dep().contains(&path.fc) => {
+                        let pre = path.pre[start..].to_vec();
+                        fcs.push((Path { pre, t, ..path }, r));
+                        break;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        refused.get_or_insert(e);
                     }
                 }
             }
         }
-        refused
+        let weights =
+            |p: &Path| cx.ix.constant(cx.g, &cx.node(p.fc).input[1]).map_or(0, |t| t.dims.iter().product::<i64>());
+        fcs.sort_by_key(|(p, _)| std::cmp::Reverse(weights(p)));
+        (!fcs.is_empty() || refused.is_some()).then_some(Candidate { root: at, fcs, refused })
     }
 
     fn check(&self, cx: &Cx, c: &Candidate) -> Checked<Plan> {
-        match &c.region {
-            Ok(r) => match recover_fc(cx, c, r) {
-                Ok(plan) => Checked::Fits(plan),
-                Err(e) => Checked::refuse(e),
-            },
-            Err(e) => Checked::refuse(e.clone()),
+        let mut first = None;
+        for (j, (path, region)) in c.fcs.iter().enumerate() {
+            match recover_fc(cx, c.root, path, region) {
+                Ok(mut plan) => {
+                    plan.fc = j;
+                    return Checked::Fits(plan);
+                }
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        match (first, &c.refused) {
+            (Some(e), _) => Checked::refuse(e),
+            (None, Some(e)) => Checked::refuse(e.clone()),
+            (None, None) => Checked::Refused(vec![]),
         }
     }
 
     fn rewrite(&self, cx: &Cx, c: Candidate, plan: Plan) -> Patch {
-        let Candidate { root, path, region } = c;
-        let region = region.expect("checked");
+        let Candidate { root, mut fcs, .. } = c;
+        let (path, region) = fcs.swap_remove(plan.fc);
         let fcn = cx.node(path.fc);
         let y = cx.node(root).output[0].clone();
         let mut names = cx.names();
@@ -422,9 +444,8 @@ fn permutation(a: &ArrayD<f64>, n: usize) -> Option<Vec<usize>> {
 }
 
 /// The FC the region is, in its weight layout, with its bias; or why it is not one.
-fn recover_fc(cx: &Cx, c: &Candidate, r: &Region) -> Result<Plan, Reason> {
-    let p = &c.path;
-    let y = cx.node(c.root).output[0].clone();
+fn recover_fc(cx: &Cx, root: usize, p: &Path, r: &Region) -> Result<Plan, Reason> {
+    let y = cx.node(root).output[0].clone();
     let fcn = cx.node(p.fc);
     let fc = fcn.name().to_string();
     let misfit = |why: FcMisfit| Reason::Fc { fc: fc.clone(), why };
@@ -582,7 +603,7 @@ fn recover_fc(cx: &Cx, c: &Candidate, r: &Region) -> Result<Plan, Reason> {
             return Err(misfit(if mixes { FcMisfit::MixesRows } else { FcMisfit::NotRecovered { max_diff: diff } }));
         }
     }
-    Ok(Plan { weight: p.kind.layout(&wg, ushape.len() - 2), bias, ft })
+    Ok(Plan { fc: 0, weight: p.kind.layout(&wg, ushape.len() - 2), bias, ft })
 }
 
 /// `n` zeros but a one at `at`.

@@ -36,6 +36,14 @@
 //!   KxK holds (computed here) is merged into it, a chain that is not one convolution is never
 //!   composed, and a chain that costs more composed and is not held stays two with a refusal that
 //!   names the sum; when the KxK holds every chain the block is one Conv of the KxK's size.
+//! * `case_random_fc_regions_are_the_fc_with_new_weights`: RepMLP blocks (1-3 sharesets of 1-2
+//!   channels, patches of 1-4 x 1-4, 1-2 x 1-2 of them, batch 1-2; the grouped FC with or without
+//!   a bias and the BN after its reshape; 1-3 local convs of 1x1, 3x3, 5x5 with BN or bias, a
+//!   `0 +` accumulator) and linear layers (MatMul on [N, L, K], Gemm on [N, K]) with more linear
+//!   layers, per-feature scales and the identity beside them: the fused model computes what the
+//!   original does (in tract); a block whose map is an FC of its form becomes that FC alone (no
+//!   BN, no Add); one whose conv joins the FC's groups, or crosses the patches (a 3x3 on the
+//!   whole image), is refused by merge_into_fc with that reason.
 //! * `case_random_channel_multiplier_blocks_are_one_depthwise_conv`: depthwise blocks with
 //!   groups = C_in and C_out = m·C_in in every branch kind (KxK up to 7x7, smaller squares, Kx1,
 //!   1xK, 1x1, identity and identity-BN where m = 1, stride 2, a `Add(0, ·)` accumulator, BN after
@@ -51,7 +59,7 @@
 //! check: `block` (the block description), `generate` (drawn from the choices), `build` (its
 //! graph), `reference` (the branches computed here), `checks` (a fused block against the reference
 //! and in tract), `chains` (convolutions in sequence), `chain_sums` (chains as branches of a sum),
-//! `depthwise` (channel-multiplier blocks).
+//! `fc_regions` (sums around an FC), `depthwise` (channel-multiplier blocks).
 //!
 //! tract 0.23 cannot run a Pad with negative amounts (a crop, valid ONNX): both models are
 //! verified with such Pads rewritten as Slice + Pad (`tract_runnable`).
@@ -65,6 +73,7 @@ mod chain_sums;
 mod chains;
 mod checks;
 mod depthwise;
+mod fc_regions;
 mod generate;
 mod reference;
 
@@ -80,6 +89,7 @@ use chain_sums::*;
 use chains::*;
 use checks::*;
 use depthwise::*;
+use fc_regions::*;
 use generate::*;
 use ndarray::{ArrayD, Ix1, IxDyn, Slice};
 use proptest::prelude::*;
@@ -465,6 +475,20 @@ proptest! {
     #[test]
     fn case_random_chains_in_sums_merge_when_a_conv_holds_them(bl in choices(CHOICES).prop_map(|v| gen_chain_sum(&v))) {
         check_chain_sum(&bl)?;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// sums around an FC (merge_into_fc)
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// Random RepMLP blocks and linear layers with linear branches (see [`FcCase`]): the FC with
+    /// new weights when the region is one, else refused with the reason.
+    #[test]
+    fn case_random_fc_regions_are_the_fc_with_new_weights(case in choices(CHOICES).prop_map(|v| gen_fc(&v))) {
+        check_fc(&case)?;
     }
 }
 

@@ -2,7 +2,7 @@
 
 use super::region::Region;
 use super::{Cx, RegionReason};
-use crate::graph::is_op;
+use crate::graph::{attr_float, attr_int, is_op};
 use crate::model::tensor::{from_f64, to_f64, FloatType};
 use crate::proto::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto, AttributeProto, GraphProto,
@@ -32,6 +32,17 @@ pub(crate) fn nodes_model(
     shape: &[usize],
 ) -> Result<ModelProto, RegionReason> {
     let g = cx.g;
+    // tract runs a Gemm in float32 only (its alpha and beta are float32): one of constant
+    // operands is written as a MatMul and an Add of float64 constants
+    let mut extra = extra.to_vec();
+    let mut lowered = Vec::with_capacity(nodes.len());
+    for n in nodes {
+        match gemm_as_matmul(cx, &n, &mut extra) {
+            Some(ns) => lowered.extend(ns),
+            None => lowered.push(n),
+        }
+    }
+    let nodes = lowered;
     let needed: HashSet<&str> = nodes.iter().flat_map(|n| n.input.iter().map(|s| s.as_str())).collect();
     let mut inits: Vec<_> = extra.iter().map(|(name, a)| from_f64(name, a, FloatType::F64)).collect();
     for t in &g.initializer {
@@ -98,6 +109,59 @@ pub(crate) fn nodes_model(
         }),
         ..Default::default()
     })
+}
+
+/// Gemm node `n` of constant B (and C: constants of the graph or of `extra`) as a MatMul (after a
+/// Transpose of A, if it is transposed) and an Add: alpha and beta in B and C, written to `extra`.
+fn gemm_as_matmul(cx: &Cx, n: &NodeProto, extra: &mut Vec<(String, ArrayD<f64>)>) -> Option<Vec<NodeProto>> {
+    if !is_op(n, "Gemm") || n.input.len() < 2 || n.output.len() != 1 {
+        return None;
+    }
+    // (a constant of the graph, or one of `extra`)
+    let value = |t: &str| match extra.iter().find(|(name, _)| name == t) {
+        Some((_, a)) => Some(a.clone()),
+        None => cx.consts.f64(t).ok().map(|(a, _)| a),
+    };
+    let b = value(&n.input[1])?;
+    if b.ndim() != 2 {
+        return None;
+    }
+    let (alpha, beta) = (attr_float(n, "alpha", 1.0) as f64, attr_float(n, "beta", 1.0) as f64);
+    let b = if attr_int(n, "transB", 0) != 0 { b.t().to_owned() } else { b } * alpha;
+    let c = match n.input.get(2).filter(|c| !c.is_empty()) {
+        Some(c) => Some(value(c)? * beta),
+        None => None,
+    };
+    let out = &n.output[0];
+    let name = |s: &str| format!("{out}.gemm_{s}");
+    let node = |op: &str, input: Vec<String>, output: String, attribute: Vec<AttributeProto>| NodeProto {
+        op_type: Some(op.into()),
+        name: Some(format!("{}.{op}", n.name())),
+        input,
+        output: vec![output],
+        attribute,
+        ..Default::default()
+    };
+    let mut nodes = Vec::new();
+    let mut a = n.input[0].clone();
+    if attr_int(n, "transA", 0) != 0 {
+        let perm = AttributeProto {
+            name: Some("perm".into()),
+            ints: vec![1, 0],
+            r#type: Some(AttributeType::Ints as i32),
+            ..Default::default()
+        };
+        nodes.push(node("Transpose", vec![a], name("a"), vec![perm]));
+        a = name("a");
+    }
+    extra.push((name("b"), b));
+    let mm = if c.is_some() { name("mm") } else { out.clone() };
+    nodes.push(node("MatMul", vec![a, name("b")], mm.clone(), vec![]));
+    if let Some(c) = c {
+        extra.push((name("c"), c));
+        nodes.push(node("Add", vec![mm, name("c")], out.clone(), vec![]));
+    }
+    Some(nodes)
 }
 
 /// A float tensor as float64 (others as they are).

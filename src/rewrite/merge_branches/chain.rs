@@ -233,8 +233,7 @@ mod tests {
             Some(ChainSum::NotHeld { sum: "sum".into(), largest: Some(("k3".into(), "3x3".into())) })
         );
         assert!(
-            r.summary()
-                .contains("(the largest is the 3x3 Conv 'k3'), so merging it there costs the same: left as two"),
+            r.summary().contains("(the largest is the 3x3 Conv 'k3'), so merging it there costs the same: left as two"),
             "{}",
             r.summary()
         );

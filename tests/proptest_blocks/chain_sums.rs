@@ -30,8 +30,10 @@ pub(crate) struct SumWithChains {
     pub(crate) order: Vec<usize>,
 }
 
-/// A chain's composition, computed here (its strides: the products).
-struct Composed {
+/// A convolution of x in the block (a branch, or a chain's composition), as it decides where it
+/// lands in another: kernel, dilations, pads, groups (all have the block's stride and channels).
+#[derive(Clone, Debug, PartialEq)]
+struct Window {
     kernel: Vec<usize>,
     dilations: Vec<usize>,
     pads_begin: Vec<i64>,
@@ -39,9 +41,35 @@ struct Composed {
     groups: usize,
 }
 
+impl Window {
+    fn volume(&self) -> usize {
+        self.kernel.iter().product()
+    }
+
+    /// Whether its taps are on some axis `d > 1` apart (a stride of a chain's first on an axis
+    /// where only the second has a window).
+    fn dilated(&self) -> bool {
+        self.dilations.iter().zip(&self.kernel).any(|(&d, &k)| d > 1 && k > 1)
+    }
+
+    /// Whether it fits inside `big` (undilated) at a whole tap offset with the same output size
+    /// (computed here, as `offset_in` does not see it).
+    fn inside(&self, big: &Window) -> bool {
+        self.groups == big.groups
+            && (0..2).all(|a| {
+                let span = (self.dilations[a] * (self.kernel[a] - 1)) as i64;
+                let big_span = big.kernel[a] as i64 - 1;
+                let same_size =
+                    self.pads_begin[a] + self.pads_end[a] - span == big.pads_begin[a] + big.pads_end[a] - big_span;
+                let o = big.pads_begin[a] - self.pads_begin[a];
+                same_size && o >= 0 && o + span <= big_span
+            })
+    }
+}
+
 /// The composition of a chain, or `None` when it is not one convolution (the second zero-pads an
 /// axis on which the first has a window or a bias).
-fn composed(ch: &SumChain) -> Option<Composed> {
+fn composed(ch: &SumChain) -> Option<Window> {
     let (f, s) = (&ch.first, &ch.second);
     let (mut k, mut d) = (vec![0; 2], vec![1; 2]);
     let (mut pb, mut pe) = (vec![0; 2], vec![0; 2]);
@@ -60,36 +88,49 @@ fn composed(ch: &SumChain) -> Option<Composed> {
         pe[a] = f.pads[2 + a] + s1 as i64 * p2e;
     }
     let groups = if f.groups == s.groups { f.groups } else { 1 };
-    Some(Composed { kernel: k, dilations: d, pads_begin: pb, pads_end: pe, groups })
+    Some(Window { kernel: k, dilations: d, pads_begin: pb, pads_end: pe, groups })
 }
 
-/// Whether the block's KxK holds the chain's composition (computed here, as `offset_in` does not
-/// see it): the same groups, output size and stride (by construction), the taps inside. `None`
-/// when the composition is dilated (a stride of the first on an axis where only the second has
-/// a window) and its taps are inside: whether a dilated kernel is placed in an undilated one is
-/// merge_branches' geometry, not this property's.
-fn held(bl: &SumWithChains, ch: &SumChain) -> Option<bool> {
-    let Some(Composed { kernel: k, dilations: d, pads_begin: pb, pads_end: pe, groups }) = composed(ch) else {
-        return Some(false);
-    };
+/// The block's own square convs (the KxK, the small one) as windows.
+fn squares(bl: &SumWithChains) -> Vec<Window> {
     let p = (bl.big / 2) as i64;
-    let inside = groups == bl.groups
-        && (0..2).all(|a| {
-            let span = (d[a] * (k[a] - 1)) as i64;
-            let span_same = pb[a] + pe[a] - span == 2 * p - (bl.big as i64 - 1);
-            let o = p - pb[a];
-            span_same && o >= 0 && o + span < bl.big as i64
-        });
-    match (inside, d.iter().zip(&k).any(|(&d, &k)| d > 1 && k > 1)) {
-        (true, true) => None,
-        (inside, _) => Some(inside),
+    let square = |k: Vec<usize>| {
+        let pads: Vec<i64> = k.iter().map(|&k| p - (bl.big - k) as i64 / 2).collect();
+        Window { kernel: k, dilations: vec![1, 1], pads_begin: pads.clone(), pads_end: pads, groups: bl.groups }
+    };
+    [Some(vec![bl.big, bl.big]), bl.small.clone()].into_iter().flatten().map(square).collect()
+}
+
+/// What the sum's Convs of x are once merge_sequential has composed the cheap chains: the base
+/// (the largest: the merged Conv's window) and whether every one fits inside it (the group
+/// merges); `None` when not decided here (a dilated composition: merge_branches' geometry; or
+/// two largest of different windows: which is the base depends on the operands' order).
+fn group(bl: &SumWithChains) -> Option<(Window, bool)> {
+    let mut convs = squares(bl);
+    for ch in &bl.chains {
+        if let Some(w) = composed(ch) {
+            if w.dilated() {
+                return None;
+            }
+            if !costly(bl, ch) {
+                convs.push(w);
+            }
+        }
     }
+    let largest = convs.iter().map(Window::volume).max().expect("the KxK");
+    let bases: Vec<&Window> = convs.iter().filter(|w| w.volume() == largest).collect();
+    if bases.iter().any(|w| *w != bases[0]) {
+        return None;
+    }
+    let base = bases[0].clone();
+    let fits = convs.iter().all(|w| w.inside(&base));
+    Some((base, fits))
 }
 
 /// Whether the chain alone costs more composed than as two (merge_sequential's criterion:
 /// weights, and multiply-adds per output position).
 fn costly(bl: &SumWithChains, ch: &SumChain) -> bool {
-    let Some(Composed { kernel: k, groups, .. }) = composed(ch) else { return false };
+    let Some(Window { kernel: k, groups, .. }) = composed(ch) else { return false };
     let w = |sc: &SeqConv| bl.c * (bl.c / sc.groups) * sc.kernel.iter().product::<usize>();
     let (w1, w2) = (w(&ch.first), w(&ch.second));
     let merged = bl.c * (bl.c / groups) * k.iter().product::<usize>();
@@ -297,49 +338,42 @@ pub(crate) fn check_chain_sum(bl: &SumWithChains) -> Result<(), TestCaseError> {
         let (first, second) = (format!("c{i}.w"), format!("c{i}.h"));
         g.node.iter().any(|n| n.name() == first) && g.node.iter().any(|n| n.name() == second)
     };
-    // whether the KxK's group merges: a chain composed alone (cheap) that the KxK does not hold
-    // makes it refuse (a misfit), and with it the chains it holds; `None`: not decided here
-    let group = if bl.chains.iter().any(|ch| held(bl, ch).is_none()) {
-        None
-    } else {
-        Some(!bl.chains.iter().any(|ch| held(bl, ch) == Some(false) && composed(ch).is_some() && !costly(bl, ch)))
-    };
+    // the group of x's Convs, once the cheap chains are composed: a chain that costs more
+    // composed is held when it fits inside the group's base (the largest)
+    let Some((base, merges)) = group(bl) else { return Ok(()) };
+    let held = |ch: &SumChain| composed(ch).is_some_and(|w| w.inside(&base));
     for (i, ch) in bl.chains.iter().enumerate() {
         let second = format!("c{i}.h");
         let refusal = r.refused.iter().find(|f| f.node == second).map(|f| &f.reason);
-        match held(bl, ch) {
-            // a KxK of the sum holds it: merged into it, when the sum is
-            Some(true) if stays(i) && group == Some(true) => {
-                return Err(fail(&format!("chain {i} is held by the KxK but stays"), format!("{:?}", r.after.ops), &r));
-            }
-            Some(true) | None => {}
+        if composed(ch).is_none() {
             // not one convolution: never composed
-            Some(false) if composed(ch).is_none() => {
-                if !stays(i) {
-                    return Err(fail(
-                        &format!("chain {i} is not one Conv but was composed"),
-                        format!("{:?}", r.after.ops),
-                        &r,
-                    ));
-                }
+            if !stays(i) {
+                return Err(fail(
+                    &format!("chain {i} is not one Conv but was composed"),
+                    format!("{:?}", r.after.ops),
+                    &r,
+                ));
             }
+        } else if costly(bl, ch) && held(ch) && merges {
+            // held by the base of a group that merges: merged into it
+            if stays(i) {
+                return Err(fail(&format!("chain {i} is held but stays"), format!("{:?}", r.after.ops), &r));
+            }
+        } else if costly(bl, ch) && !held(ch) {
             // costlier composed and not held: two convs, and the reason names the sum
-            Some(false) if costly(bl, ch) => {
-                let sum_named = matches!(refusal, Some(Reason::SequentialCost { sum: Some(s), .. })
-                    if matches!(**s, ChainSum::NotHeld { .. }));
-                if !stays(i) || !sum_named {
-                    return Err(fail(&format!("chain {i}: not held, costly"), format!("{refusal:?}"), &r));
-                }
+            let sum_named = matches!(refusal, Some(Reason::SequentialCost { sum: Some(s), .. })
+                if matches!(**s, ChainSum::NotHeld { .. }));
+            if !stays(i) || !sum_named {
+                return Err(fail(&format!("chain {i}: not held, costly"), format!("{refusal:?}"), &r));
             }
-            Some(false) => {}
         }
     }
-    if group == Some(true) && bl.chains.iter().all(|ch| held(bl, ch) == Some(true)) {
-        // every branch fits the KxK: the block is one Conv of its size
+    if merges && bl.chains.iter().all(|ch| composed(ch).is_some() && (held(ch) || !costly(bl, ch))) {
+        // every branch fits the base: the block is one Conv of its size
         let convs: Vec<_> = g.node.iter().filter(|n| n.op_type() == "Conv").collect();
         let kernel = convs.first().map(|n| init_f64(&m.proto, &n.input[1]).shape()[2..].to_vec());
-        if convs.len() != 1 || kernel != Some(vec![bl.big, bl.big]) || !r.refused.is_empty() {
-            return Err(fail("not one Conv of the KxK", format!("{:?}", r.after.ops), &r));
+        if convs.len() != 1 || kernel != Some(base.kernel.clone()) || !r.refused.is_empty() {
+            return Err(fail("not one Conv of the base", format!("{:?} {base:?}", r.after.ops), &r));
         }
     }
     Ok(())

@@ -201,6 +201,21 @@ mod tests {
         }
     }
 
+    /// RepNeXt's RepDWConvS at stride 2 (its dilated 2x2 aside): 3x3 stride 2 + (1x3 stride
+    /// (1, 2) → 3x1 stride (2, 1), no biases): one 3x3 of stride 2.
+    #[test]
+    fn a_strided_1x3_3x1_chain_beside_a_strided_3x3_merges_into_it() {
+        let mut b = Builder::new(C, 9, 10);
+        let sq = square(&mut b, "k3", "x", 3, 2);
+        let c3 = chain(&mut b, "c3", "x", 3, 2, false);
+        let y = b.add("sum", &sq, &c3);
+        b.output(&y);
+        let (m, r) = fused(&b);
+        assert!(r.refused.is_empty(), "{}", r.summary());
+        let k = only_conv(&m.proto);
+        assert_eq!((k.kernel(), k.strides.as_slice()), (&[3usize, 3][..], &[2usize, 2][..]));
+    }
+
     /// Alone, a 1x7 → 7x1 chain would become a dense 7x7: it stays two, for its cost.
     #[test]
     fn a_chain_alone_stays_two_for_its_cost() {

@@ -60,7 +60,9 @@ pub use pipeline::{
     fuse_file, fuse_file_with, inspect_file, verify_files, Event, FuseFileReport, FuseOptions, InitializerInfo,
     InspectReport, VerifyFileOptions,
 };
-pub use rewrite::{fuse, fuse_at, validate, FuseReport, Reason, Refusal, RegionReason, Rewrite, RuleId, Stats};
+pub use rewrite::{
+    fuse, fuse_at, validate, ChainSum, FcMisfit, FuseReport, Reason, Refusal, RegionReason, Rewrite, RuleId, Stats,
+};
 pub use verify::{verify, VerifyOptions, VerifyReport};
 
 /// glibc's allocator as the command line's process runs it. glibc returns freed memory above

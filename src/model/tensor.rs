@@ -50,6 +50,16 @@ impl FloatType {
             FloatType::F64 => 8,
         }
     }
+
+    /// The type's precision: the distance from 1 to the next value.
+    pub fn eps(self) -> f64 {
+        match self {
+            FloatType::F64 => f64::EPSILON,
+            FloatType::F32 => f32::EPSILON as f64,
+            FloatType::F16 => 2f64.powi(-10),
+            FloatType::BF16 => 2f64.powi(-7),
+        }
+    }
 }
 
 /// The lower-case name of an ONNX data type (`float`, `int64`, ...), for messages.

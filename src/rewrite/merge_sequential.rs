@@ -7,9 +7,12 @@
 //! - check: the composition is exact ([`SeqMisfit`]: the second may zero-pad the first's output
 //!   only where the first is a one-tap kernel without bias), and worth it: the composed Conv holds
 //!   no more weights and costs no more multiply-adds per output position than the two (1x1 →
-//!   depthwise 5x5 would become a dense 5x5, many times the cost: refused, with the numbers).
+//!   depthwise 5x5 would become a dense 5x5, many times the cost: refused, with the numbers). A
+//!   chain that is a branch of a sum whose Conv holds the composition costs nothing there:
+//!   merge_branches composes it when it merges the sum (the refusal says so, or why not).
 //! - rewrite: one Conv, with the second's node name, reads the first's input.
 
+use super::merge_branches::chain_in_sum;
 use super::{kernel_str, rewired_conv, Checked, Cx, Patch, Reason, Rewrite, Rule, RuleId};
 use crate::graph::{attr_ints, attr_string, is_op, Label};
 use crate::kernel::read::read_conv;
@@ -81,6 +84,9 @@ impl Rule for MergeSequential {
         let chain_macs = k1.weight.len() * k2.strides.iter().product::<usize>() + k2.weight.len();
         let weights = k.weight.len();
         if weights > chain_weights || weights > chain_macs {
+            // in a sum whose Conv holds the composition, merge_branches composes them as it
+            // merges the sum, at no cost (and only then); say which
+            let sum = chain_in_sum(cx, c.second).map(Box::new);
             return Checked::refuse(Reason::SequentialCost {
                 first,
                 second,
@@ -88,6 +94,7 @@ impl Rule for MergeSequential {
                 weights,
                 chain_weights,
                 chain_macs,
+                sum,
             });
         }
         Checked::Fits((k, f2))
@@ -214,7 +221,8 @@ mod tests {
                 kernel: "5x5".into(),
                 weights: 8 * 8 * 25,
                 chain_weights: 64 + 200,
-                chain_macs: 64 + 200
+                chain_macs: 64 + 200,
+                sum: None
             }
         );
     }

@@ -26,7 +26,7 @@ mod reason;
 mod sum_tree;
 mod weights;
 
-pub use reason::{Reason, RegionReason};
+pub use reason::{ChainSum, FcMisfit, Reason, RegionReason};
 pub use weights::WeightStats;
 
 pub(crate) use driver::Cx;
@@ -54,6 +54,7 @@ impl RuleId {
     pub const MERGE_SEQUENTIAL: RuleId = RuleId("merge_sequential");
     pub const FOLD_PAD: RuleId = RuleId("fold_pad");
     pub const FOLD_BN_TRANSPOSED: RuleId = RuleId("fold_bn_transposed");
+    pub const MERGE_INTO_FC: RuleId = RuleId("merge_into_fc");
 
     /// Whether the rule folds a BatchNormalization into a layer.
     pub fn folds_bn(self) -> bool {
@@ -62,7 +63,14 @@ impl RuleId {
 
     /// Whether the rule merges a block (branches, layers in sequence or in parallel) into one.
     pub fn merges_block(self) -> bool {
-        matches!(self, RuleId::MERGE_BRANCHES | RuleId::MERGE_SEQUENTIAL | RuleId::MERGE_LINEAR | RuleId::AFFINE_REGION)
+        matches!(
+            self,
+            RuleId::MERGE_BRANCHES
+                | RuleId::MERGE_SEQUENTIAL
+                | RuleId::MERGE_LINEAR
+                | RuleId::AFFINE_REGION
+                | RuleId::MERGE_INTO_FC
+        )
     }
 
     /// The rule's name in reports (`fold_bn`, ...).
@@ -189,6 +197,7 @@ rules![
     merge_branches::MergeBranches,
     merge_linear::MergeLinear,
     affine_region::AffineRegion,
+    merge_into_fc::MergeIntoFc,
     fold_bn_forward::FoldBnForward,
 ];
 

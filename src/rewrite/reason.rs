@@ -96,6 +96,9 @@ pub enum Reason {
         weights: usize,
         chain_weights: usize,
         chain_macs: usize,
+        /// the sum the two are a branch of, if they are one: whether a Conv of it takes them at
+        /// no cost
+        sum: Option<Box<ChainSum>>,
     },
     /// A value the rewrite would write does not fit its type (float16 weights past ±65504 after
     /// a BN fold, say, or tiny ones that would round to zero).
@@ -107,6 +110,53 @@ pub enum Reason {
     },
     /// The general path could not prove the region is one convolution.
     Region(RegionReason),
+    /// The region around an FC (a 1x1 Conv, MatMul or Gemm on rearranged elements) is not that
+    /// FC with new weights.
+    Fc {
+        fc: String,
+        why: FcMisfit,
+    },
+}
+
+/// Why a region is not the FC it holds with new weights (`merge_into_fc`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum FcMisfit {
+    /// The operators from `from` to `to` on the FC's path do more than rearrange elements.
+    NotRearranged { from: String, to: String },
+    /// A shape on the FC's path is computed from a branch that the rewrite removes.
+    ShapeFromRemoved { node: String },
+    /// The FC's weight is not of its operator's form (groups that do not divide it).
+    Weight { shape: Vec<usize> },
+    /// The FC's input is not rows of its input features.
+    Input { shape: Vec<usize>, features: usize },
+    /// The response to zero, in the FC's output coordinates, differs between rows.
+    BiasNotPerFeature,
+    /// An impulse in one row of the FC's input reaches another row.
+    MixesRows,
+    /// The recovered matrix has weights between the FC's groups.
+    Groups { groups: usize, max_abs: f64 },
+    /// The matrix to recover would hold more weights than the general path evaluates.
+    TooBig { weights: u128 },
+    /// The FC with the recovered weights does not reproduce the region.
+    NotRecovered { max_diff: f64 },
+}
+
+/// Two convolutions in sequence that are a branch of a sum: what the sum does with them.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ChainSum {
+    /// A Conv of the sum reading the same input holds their composition (the same output,
+    /// stride and groups, its taps inside the Conv's window): merged into it, it costs nothing.
+    Held {
+        sum: String,
+        /// the Conv, and its kernel
+        conv: String,
+        kernel: String,
+        /// whether the sum is merged (else it is refused, and says why)
+        merged: bool,
+    },
+    /// No Conv branch of the sum reading the same input holds it; the largest of them (name,
+    /// kernel), if there is one.
+    NotHeld { sum: String, largest: Option<(String, String)> },
 }
 
 /// Why the general path (`affine_region`) refused a region.
@@ -196,10 +246,31 @@ impl fmt::Display for Reason {
                 write!(f, "MatMul '{node}' has no constant bias Add to take the shift of BatchNormalization '{bn}'")
             }
             Reason::Sequential { first, second, misfit } => write!(f, "Conv '{first}' then Conv '{second}': {misfit}"),
-            Reason::SequentialCost { first, second, kernel, weights, chain_weights, chain_macs } => write!(
-                f,
-                "Conv '{first}' then Conv '{second}' would become one {kernel} Conv of {weights} weights and multiply-adds per output position, vs {chain_weights} weights and {chain_macs} multiply-adds for the two: left as two"
-            ),
+            Reason::SequentialCost { first, second, kernel, weights, chain_weights, chain_macs, sum } => {
+                write!(
+                    f,
+                    "Conv '{first}' then Conv '{second}' would become one {kernel} Conv of {weights} weights and multiply-adds per output position, vs {chain_weights} weights and {chain_macs} multiply-adds for the two"
+                )?;
+                match sum.as_deref() {
+                    None => f.write_str(": left as two"),
+                    Some(ChainSum::Held { sum, conv, kernel: k, merged: true }) => write!(
+                        f,
+                        "; they are a branch of sum '{sum}', whose {k} Conv '{conv}' holds the {kernel}: merged into it there, at no cost"
+                    ),
+                    Some(ChainSum::Held { sum, conv, kernel: k, merged: false }) => write!(
+                        f,
+                        "; they are a branch of sum '{sum}', whose {k} Conv '{conv}' holds the {kernel} at no cost, but the sum is not merged (see merge_branches at '{sum}'): left as two"
+                    ),
+                    Some(ChainSum::NotHeld { sum, largest: Some((conv, k)) }) => write!(
+                        f,
+                        "; they are a branch of sum '{sum}', whose Conv branches of the same input do not hold the {kernel} with the same output, stride and groups (the largest is the {k} Conv '{conv}'), so merging it there costs the same: left as two"
+                    ),
+                    Some(ChainSum::NotHeld { sum, largest: None }) => write!(
+                        f,
+                        "; they are a branch of sum '{sum}', which has no other Conv branch of the same input, so merging it there costs the same: left as two"
+                    ),
+                }
+            }
             Reason::BnZeroScale { bn } => {
                 write!(f, "BatchNormalization '{bn}' zeroes a channel: it cannot fold into the next one")
             }
@@ -212,6 +283,43 @@ impl fmt::Display for Reason {
                 }
             }
             Reason::Region(r) => write!(f, "{r}"),
+            Reason::Fc { fc, why } => write!(f, "FC '{fc}': {why}"),
+        }
+    }
+}
+
+impl fmt::Display for FcMisfit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FcMisfit::NotRearranged { from, to } => write!(
+                f,
+                "the operators from '{from}' to '{to}' do more than rearrange its elements: the region is not the FC in other coordinates"
+            ),
+            FcMisfit::ShapeFromRemoved { node } => {
+                write!(f, "'{node}' computes a shape on the FC's path from a branch the rewrite would remove")
+            }
+            FcMisfit::Weight { shape } => write!(f, "its weight of shape {shape:?} does not divide into its groups"),
+            FcMisfit::Input { shape, features } => {
+                write!(f, "its input of shape {shape:?} is not rows of its {features} input features")
+            }
+            FcMisfit::BiasNotPerFeature => {
+                f.write_str("the region's response to zero is not one value per FC output (its rows differ)")
+            }
+            FcMisfit::MixesRows => f.write_str(
+                "the region mixes the rows the FC maps one by one (an impulse in one row reaches another): it is not an FC of them",
+            ),
+            FcMisfit::Groups { groups, max_abs } => write!(
+                f,
+                "the region's matrix joins the FC's {groups} groups (weights up to {max_abs:.3e} between them): it is not an FC of its groups"
+            ),
+            FcMisfit::TooBig { weights } => write!(
+                f,
+                "the matrix to recover would hold {weights} weights, more than the general path evaluates (2^26)"
+            ),
+            FcMisfit::NotRecovered { max_diff } => write!(
+                f,
+                "the region is not the FC with the recovered weights (max diff {max_diff:.3e} on random inputs)"
+            ),
         }
     }
 }

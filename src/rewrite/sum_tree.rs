@@ -133,3 +133,34 @@ fn collect(cx: &Cx, at: usize, outer: &[ArrayD<f64>], leaves: &mut Vec<Leaf>, in
         }
     }
 }
+
+/// The root of the sum tree that tensor `t` (a branch's output) is a leaf of, if it is one: past
+/// the Muls and Divs by constants around the branch alone (its scales), the tree node reading it,
+/// then up to the root.
+pub(crate) fn root_above(cx: &Cx, t: &str) -> Option<usize> {
+    let mut t = t.to_string();
+    for _ in 0..=64 {
+        if cx.uses(&t) != 1 || cx.ix.outputs.contains(&t) {
+            return None;
+        }
+        let c = *cx.ix.consumers_of(&t).first()?;
+        let reads = operands(cx, c).is_some_and(|ops| ops.iter().any(|(o, _)| *o == t));
+        if !reads {
+            return None;
+        }
+        if has_sum(cx, c, 0) {
+            let mut at = c;
+            // a tree node that is not the root is read once, by the node it descends from
+            for _ in 0..=64 {
+                if is_root(cx, at) {
+                    return Some(at);
+                }
+                at = *cx.ix.consumers_of(&cx.node(at).output[0]).first()?;
+            }
+            return None;
+        }
+        // a scale of this branch alone
+        t = cx.node(c).output[0].clone();
+    }
+    None
+}

@@ -37,6 +37,24 @@
 //!   holds no more conv weights, is one Conv whenever every merge is exact and no costlier, and
 //!   convs left in sequence come with a reason (unless a window conv's output is padded by the
 //!   next: never one Conv, not a candidate).
+//! * `case_random_chains_in_sums_merge_when_a_conv_holds_them`: a KxK (3, 5, 7; stride 1 or 2;
+//!   depthwise or dense), an aligned smaller Conv, and one or two chains of two convs (1xk → kx1,
+//!   kx1 → 1xk, 1x1 → KxK, small ones; the stride on either; the padding on the first or, where the
+//!   first is one tap, on the second; biases; groups that differ; shifted so the composition may
+//!   not fit; a per-channel scale), summed in any order. The cost is judged on the merge: the fused
+//!   model computes the block (computed here, branch by branch), holds no more conv weights (a
+//!   chain is never made a dense kernel the sum does not take), every chain whose composition the
+//!   KxK holds (computed here) is merged into it, a chain that is not one convolution is never
+//!   composed, and a chain that costs more composed and is not held stays two with a refusal that
+//!   names the sum; when the KxK holds every chain the block is one Conv of the KxK's size.
+//! * `case_random_fc_regions_are_the_fc_with_new_weights`: RepMLP blocks (1-3 sharesets of 1-2
+//!   channels, patches of 1-4 x 1-4, 1-2 x 1-2 of them, batch 1-2; the grouped FC with or without
+//!   a bias and the BN after its reshape; 1-3 local convs of 1x1, 3x3, 5x5 with BN or bias, a
+//!   `0 +` accumulator) and linear layers (MatMul on [N, L, K], Gemm on [N, K]) with more linear
+//!   layers, per-feature scales and the identity beside them: the fused model computes what the
+//!   original does (in tract); a block whose map is an FC of its form becomes that FC alone (no
+//!   BN, no Add); one whose conv joins the FC's groups, or crosses the patches (a 3x3 on the
+//!   whole image), is refused by merge_into_fc with that reason.
 //! * `case_random_channel_multiplier_blocks_are_one_depthwise_conv`: depthwise blocks with
 //!   groups = C_in and C_out = m·C_in in every branch kind (KxK up to 7x7, smaller squares, Kx1,
 //!   1xK, 1x1, identity and identity-BN where m = 1, stride 2, a `Add(0, ·)` accumulator, BN after
@@ -52,7 +70,8 @@
 //! check: `block` (the block description), `generate` (drawn from the choices), `build` (its
 //! graph), `reference` (the branches computed here), `checks` (a fused block against the reference
 //! and in tract), `geometry` (the branch geometry property: drawn, and worked out tap by tap),
-//! `chains` (convolutions in sequence), `depthwise` (channel-multiplier blocks).
+//! `chains` (convolutions in sequence), `chain_sums` (chains as branches of a sum), `fc_regions`
+//! (sums around an FC), `depthwise` (channel-multiplier blocks).
 //!
 //! tract 0.23 cannot run a Pad with negative amounts (a crop, valid ONNX): both models are
 //! verified with such Pads rewritten as Slice + Pad (`tract_runnable`).
@@ -62,9 +81,11 @@ mod support;
 
 mod block;
 mod build;
+mod chain_sums;
 mod chains;
 mod checks;
 mod depthwise;
+mod fc_regions;
 mod generate;
 mod geometry;
 mod reference;
@@ -77,9 +98,11 @@ use acnet_onnx::{fuse, FuseReport, RuleId};
 use acnet_onnx::{save, DataMode};
 use block::*;
 use build::*;
+use chain_sums::*;
 use chains::*;
 use checks::*;
 use depthwise::*;
+use fc_regions::*;
 use generate::*;
 use geometry::*;
 use ndarray::{ArrayD, Ix1, IxDyn, Slice};
@@ -466,6 +489,34 @@ fn case_chain_with_one_output_element_from_cancelling_terms_is_not_failed_by_the
         identity: false,
     };
     check_chain(&chain).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// chains of two convs as branches of a sum (merge_branches, merge_sequential)
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// Random sums of a KxK and chains of two convs (see [`SumWithChains`]): a chain is composed
+    /// exactly when the KxK holds it, as the sum is merged; else it stays two, with a reason.
+    #[test]
+    fn case_random_chains_in_sums_merge_when_a_conv_holds_them(bl in choices(CHOICES).prop_map(|v| gen_chain_sum(&v))) {
+        check_chain_sum(&bl)?;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// sums around an FC (merge_into_fc)
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// Random RepMLP blocks and linear layers with linear branches (see [`FcCase`]): the FC with
+    /// new weights when the region is one, else refused with the reason.
+    #[test]
+    fn case_random_fc_regions_are_the_fc_with_new_weights(case in choices(CHOICES).prop_map(|v| gen_fc(&v))) {
+        check_fc(&case)?;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -30,8 +30,42 @@ use crate::kernel::AffineConv;
 use crate::model::tensor::FloatType;
 use crate::proto::{attribute_proto::AttributeType, AttributeProto, NodeProto};
 use recover::recover;
-use region::{find_region, Region};
+use region::find_region;
+pub(crate) use region::Region;
 use std::collections::HashMap;
+pub(crate) use submodel::nodes_model;
+
+/// What other rules see of a region (merge_into_fc): its input, and the nodes that depend on it
+/// and those it needs that do not.
+impl Region {
+    pub(crate) fn input(&self) -> &str {
+        &self.x
+    }
+    pub(crate) fn dep(&self) -> &[usize] {
+        &self.dep
+    }
+    pub(crate) fn stat(&self) -> &[usize] {
+        &self.stat
+    }
+}
+
+/// The region from `stop` to `y` (a node's output), as the general path takes it: `Ok(None)` when
+/// there is no single-input affine region from `stop` worth taking.
+pub(crate) fn region_from<'g>(cx: &Cx<'g>, y: &'g str, stop: &str) -> Result<Option<Region>, RegionReason> {
+    find_region(cx, y, Some(stop), &mut HashMap::new())
+}
+
+/// The region evaluated in tract, in float64, at input shape `shape`; `out`: how many elements
+/// its output may have.
+pub(crate) fn region_plan(
+    cx: &Cx,
+    r: &Region,
+    y: &str,
+    shape: &[usize],
+    out: usize,
+) -> Result<crate::tract::RegionPlan, RegionReason> {
+    crate::tract::RegionPlan::new(&submodel::submodel(cx, r, y, shape)?, shape, out).map_err(RegionReason::CannotEvaluate)
+}
 
 pub(crate) struct AffineRegion;
 

@@ -24,7 +24,7 @@ fn affine_inputs(n: &NodeProto) -> Option<Vec<usize>> {
     let all = (0..n.input.len()).collect::<Vec<_>>();
     Some(match n.op_type() {
         "Conv" | "BatchNormalization" | "Pad" | "Slice" | "Reshape" | "Transpose" | "Identity" | "Unsqueeze"
-        | "Squeeze" | "AveragePool" | "Expand" | "Gather" | "Neg" | "Div" | "Tile" => vec![0],
+        | "Squeeze" | "AveragePool" | "Expand" | "Gather" | "Neg" | "Div" | "Tile" | "MatMul" | "Gemm" => vec![0],
         "Add" | "Sub" | "Sum" | "Concat" => all,
         "Mul" => all, // at most one of them (checked by the caller)
         "ScatterND" | "ScatterElements" => vec![0, 2],

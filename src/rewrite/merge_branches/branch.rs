@@ -10,13 +10,18 @@ use crate::proto::NodeProto;
 use ndarray::ArrayD;
 use std::cell::OnceCell;
 
+#[derive(Clone)]
 pub(super) enum Kind {
     /// A Conv (node index), reading through an optional Slice (crop) or Pad (node index).
     Conv { conv: usize, through: Option<usize> },
+    /// Two Convs in sequence (node indices), the first reading through an optional Slice or Pad:
+    /// a chain that a Conv of its group holds (see [`super::chain`]).
+    Chain { first: usize, through: Option<usize>, second: usize },
     /// The identity, optionally through a BatchNormalization (node index).
     Identity { bn: Option<usize> },
 }
 
+#[derive(Clone)]
 pub(super) struct Branch {
     pub(super) leaf: String,
     pub(super) source: String,

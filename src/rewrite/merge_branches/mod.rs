@@ -4,6 +4,8 @@
 //!   branches, grouped by the tensor they read. A branch is Conv(x), Conv(Slice(x)) (ACNet's crop),
 //!   Conv(Pad(x)) with zero padding, BatchNormalization(x) (RepVGG's identity) or x itself, each
 //!   optionally multiplied by constant per-channel scales (RepOpt).
+//! - check: a branch Conv(Conv(x)) whose composition a Conv of x's group holds is a branch of
+//!   that group (see [`chain`]).
 //! - check: the group's base is the Conv branch of the largest window (`(k − 1)·d + 1` input
 //!   positions per axis), then the most taps. Every other branch lands on the base's taps: at a
 //!   whole tap offset, one tap every `d / D` of the base's (a branch dilated `d`, the base `D`),
@@ -18,6 +20,7 @@
 //! [`Cx::fixed_spatial`]: super::driver::Cx::fixed_spatial
 
 mod branch;
+mod chain;
 mod constants;
 mod stored;
 mod values;
@@ -28,6 +31,7 @@ use crate::graph::{is_op, Exact, Label, Names};
 use crate::model::tensor::FloatType;
 use crate::proto::{attribute_proto::AttributeType, AttributeProto, NodeProto};
 use branch::{classify, leaked_conv, Branch, Kind};
+pub(crate) use chain::chain_in_sum;
 use constants::{absorb_constants, channel_vector, rest_coef, Coef};
 use ndarray::Array1;
 use std::collections::HashSet;
@@ -70,6 +74,8 @@ pub(crate) struct Plan {
     absorbed: HashSet<usize>,
     /// the branches left as they are, each with the factor the sum tree multiplied it by
     rest: Vec<(usize, Coef)>,
+    /// the candidate's branches with the chains a Conv holds made branches of its group, if any
+    promoted: Option<Vec<Branch>>,
 }
 
 impl Rule for MergeBranches {
@@ -95,7 +101,8 @@ impl Rule for MergeBranches {
     }
 
     fn check(&self, cx: &Cx, c: &Candidate) -> Checked<Plan> {
-        let branches = &c.branches;
+        let promoted = chain::promote(cx, &c.branches);
+        let branches: &[Branch] = promoted.as_deref().unwrap_or(&c.branches);
         let mut refused = Vec::new();
         let mut merged: Vec<Merged> = Vec::new();
         // groups by source, in order of first appearance
@@ -162,7 +169,7 @@ impl Rule for MergeBranches {
                 }
             }
         }
-        let plan = Plan { merged, absorbed, rest };
+        let plan = Plan { merged, absorbed, rest, promoted };
         if refused.is_empty() {
             Checked::Fits(plan)
         } else {
@@ -174,7 +181,8 @@ impl Rule for MergeBranches {
         let Candidate { root: i, internal, branches } = c;
         let root = cx.node(i);
         let out = &root.output[0];
-        let Plan { merged, absorbed, rest } = plan;
+        let Plan { merged, absorbed, rest, promoted } = plan;
+        let branches = promoted.unwrap_or(branches);
         let ft = merged[0].ft;
         let n_terms = merged.len() + rest.len();
         let mut names = cx.names();
@@ -209,6 +217,9 @@ impl Rule for MergeBranches {
                 .map(|(&k, kernel)| {
                     let name = match (&branches[k].kind, kernel) {
                         (Kind::Conv { .. }, Some(kernel)) => kernel.clone(),
+                        (Kind::Chain { first, second, .. }, _) => {
+                            format!("{} then {}", conv_kernel(cx, *first), conv_kernel(cx, *second))
+                        }
                         (Kind::Identity { bn: Some(_) }, _) => "identity+BN".into(),
                         _ => "identity".into(),
                     };
@@ -276,6 +287,12 @@ fn kernel_label(kernel: &[usize], dilations: &[usize]) -> String {
         Some(&m) if m > 1 => format!("{} dilation {}", kernel_str(kernel), kernel_str(&d)),
         _ => kernel_str(kernel),
     }
+}
+
+/// The kernel size of Conv node `i`, as `3x3` (`?` when its weight cannot be read).
+fn conv_kernel(cx: &Cx, i: usize) -> String {
+    let n = cx.node(i);
+    n.input.get(1).and_then(|w| cx.consts.f64(w).ok()).map_or("?".into(), |(w, _)| kernel_str(&w.shape()[2..]))
 }
 
 /// Merge one group of branches reading the same tensor into one conv with the geometry of its

@@ -5,7 +5,7 @@ use super::branch::{base_key, load_conv, place, Branch, Kind, SourceSize};
 use super::constants::channel_vector;
 use super::{kernel_label, Cx, Merged, Reason};
 use crate::graph::{Exact, Label};
-use crate::kernel::read::read_bn;
+use crate::kernel::read::{read_bn, ReadError};
 use crate::kernel::AffineConv;
 use crate::model::tensor::FloatType;
 use ndarray::Array1;
@@ -23,17 +23,23 @@ pub(super) fn merge_values(cx: &Cx, group: &[&Branch]) -> Result<Merged, Reason>
                 sized.push(s);
                 Some((k, ft))
             }
+            Kind::Chain { first, through, second } => {
+                sized.push(false);
+                Some(load_chain(cx, first, through, second)?)
+            }
             Kind::Identity { .. } => {
                 sized.push(false);
                 None
             }
         });
     }
-    // the largest window, then the most taps (the first of equal ones)
+    // the largest window, then the most taps (the first of equal ones; never a chain: a Conv of
+    // the group holds it)
     let key = |l: &Option<(AffineConv, FloatType)>| l.as_ref().map(|(c, _)| base_key(&c.geometry()));
+    let chain = |k: usize| matches!(group[k].kind, Kind::Chain { .. });
     let mut base: Option<usize> = None;
     for k in 0..loaded.len() {
-        if key(&loaded[k]).is_some() && base.is_none_or(|j| key(&loaded[k]) > key(&loaded[j])) {
+        if key(&loaded[k]).is_some() && !chain(k) && base.is_none_or(|j| key(&loaded[k]) > key(&loaded[j])) {
             base = Some(k);
         }
     }
@@ -59,7 +65,7 @@ pub(super) fn merge_values(cx: &Cx, group: &[&Branch]) -> Result<Merged, Reason>
         let (mut k, kft) = match (l.take(), &b.kind) {
             (Some(v), _) => v,
             (None, Kind::Identity { bn }) => identity(cx, &acc, b, *bn, ft)?,
-            (None, Kind::Conv { .. }) => unreachable!("every Conv branch was loaded"),
+            (None, Kind::Conv { .. } | Kind::Chain { .. }) => unreachable!("every Conv branch was loaded"),
         };
         if kft != ft {
             return Err(Reason::BranchDtypes);
@@ -112,4 +118,35 @@ fn scale(k: &mut AffineConv, b: &Branch) -> Result<(), Reason> {
         k.then_affine(&a, &Array1::zeros(a.len()));
     }
     Ok(())
+}
+
+/// A chain's composition (see [`super::chain`]), or why it cannot be read or composed.
+pub(super) fn load_chain(
+    cx: &Cx,
+    first: usize,
+    through: Option<usize>,
+    second: usize,
+) -> Result<(AffineConv, FloatType), Reason> {
+    let read = |conv: usize, through| {
+        load(cx, conv, through).map_err(|err| Reason::Conv { conv: cx.node(conv).label().to_string(), err })
+    };
+    let ((k1, f1), (k2, f2)) = (read(first, through)?, read(second, None)?);
+    if f1 != f2 {
+        return Err(Reason::BranchDtypes);
+    }
+    let (first, second) = (cx.node(first).label().to_string(), cx.node(second).label().to_string());
+    let k = k1.then_conv(&k2).map_err(|misfit| Reason::Sequential { first, second, misfit })?;
+    Ok((k, f2))
+}
+
+/// A Conv's geometry and weights (the crop or padding it reads through, `through`, included; an
+/// `auto_pad` that pads by the input size resolved at the size of what it reads, when fixed).
+pub(super) fn load(cx: &Cx, conv: usize, through: Option<usize>) -> Result<(AffineConv, FloatType), ReadError> {
+    let n = cx.node(conv);
+    let source = match through {
+        Some(q) => cx.node(q).input.first().cloned().unwrap_or_default(),
+        None => n.input.first().cloned().unwrap_or_default(),
+    };
+    let size = SourceSize::new(cx, &source);
+    load_conv(cx, conv, through, &size).map(|(k, ft, _)| (k, ft))
 }

@@ -20,6 +20,7 @@
 //! One new file in this folder with a unit struct implementing [`Rule`], and one line in the
 //! `rules!` list below (the order is the order the driver tries them at each node).
 
+mod affine;
 pub(crate) mod driver;
 mod patch;
 mod reason;

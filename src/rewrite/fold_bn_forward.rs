@@ -185,8 +185,9 @@ impl Walk {
             let end = match n.op_type() {
                 "Conv" if at.axis == 1 && rank >= 3 => Some(End::Conv(c)),
                 "Gemm" if at.axis == 1 && rank == 2 && attr_int(n, "transA", 0) == 0 => Some(End::Gemm(c)),
-                "MatMul" if at.axis + 1 == rank && rank >= 2 && matrix(cx, &n.input[1]).is_some() => {
-                    Some(End::MatMul(c, bias_add(cx, &n.output[0], at.shape[at.axis])))
+                // (the bias is of the MatMul's output width)
+                "MatMul" if at.axis + 1 == rank && rank >= 2 => {
+                    matrix(cx, &n.input[1]).map(|(w, _)| End::MatMul(c, bias_add(cx, &n.output[0], w.shape()[1])))
                 }
                 "BatchNormalization" if at.axis == 1 => Some(End::Bn(c)),
                 _ => None,
@@ -664,6 +665,19 @@ mod tests {
         let (z, _, _) = b.conv_rand("conv", &r, 3, 4, &[1, 1], true, ConvAttrs::default());
         b.output(&z);
         assert!(at_node(&b, "bn", |cx, at| FoldBnForward.find(cx, at)).is_none());
+    }
+
+    #[test]
+    fn a_bias_add_of_the_matmuls_output_width_takes_the_shift() {
+        // qkv: 4 channels in, 12 out, its bias Add of 12 values
+        let mut b = features(4);
+        let (y, _) = b.bn("bn", "x", 4, None);
+        let (w, bias) = (b.rand(&[4, 12]), b.rand(&[12]));
+        let (w, bias) = (b.initializer("w", &w), b.initializer("bias", &bias));
+        let z = b.node("MatMul", "qkv", &[&y, &w], &[], vec![]);
+        let z = b.node("Add", "qkv_bias", &[&z, &bias], &[], vec![]);
+        b.output(&z);
+        folds_and_agrees(&b, &rand_input(1, &[1, 4]));
     }
 
     #[test]

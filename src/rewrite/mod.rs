@@ -55,6 +55,7 @@ impl RuleId {
     pub const MERGE_SEQUENTIAL: RuleId = RuleId("merge_sequential");
     pub const FOLD_PAD: RuleId = RuleId("fold_pad");
     pub const FOLD_BN_TRANSPOSED: RuleId = RuleId("fold_bn_transposed");
+    pub const FOLD_AFFINE: RuleId = RuleId("fold_affine");
 
     /// Whether the rule folds a BatchNormalization into a layer.
     pub fn folds_bn(self) -> bool {
@@ -191,6 +192,7 @@ rules![
     merge_linear::MergeLinear,
     affine_region::AffineRegion,
     fold_bn_forward::FoldBnForward,
+    fold_affine::FoldAffine,
 ];
 
 /// A candidate that was left untouched, and why.

@@ -227,7 +227,10 @@ fn back(cx: &Cx, map: &ConstAffine) -> Option<Back> {
                 let (w, _) = cx.consts.f64(n.input.get(1)?).ok().filter(|(w, _)| w.ndim() == 2)?;
                 Some((Layer::MatMul(p), w.shape()[1]))
             }
-            "Gemm" if rank == 2 && on(1) => Some((Layer::Gemm(p), at.shape[1])),
+            "Gemm" if rank == 2 && on(1) => {
+                cx.consts.f64(n.input.get(1)?).ok().filter(|(b, _)| b.ndim() == 2)?;
+                Some((Layer::Gemm(p), at.shape[1]))
+            }
             "Conv" if rank >= 3 && on(1) => Some((Layer::Conv(p), at.shape[1])),
             _ => None,
         };
@@ -449,7 +452,14 @@ fn conv(
 ) -> Result<(), Reason> {
     let n = cx.node(i);
     let refuse = |err| Reason::Conv { conv: n.name().to_string(), err };
-    let stored = n.input.get(1).and_then(|w| cx.stored_weight(w));
+    let channels = |layer_channels: usize| Reason::Channels {
+        op: map.0.to_string(),
+        node: map.1.to_string(),
+        channels: t.len(),
+        layer: n.name().to_string(),
+        layer_channels,
+    };
+    let stored = n.input.get(1).and_then(|w| cx.stored_weight(w)).filter(|(_, _, dims)| dims[0] == t.len());
     // the weight's values are read only when they are not a stored tensor
     let (weight, bias, ft) = match stored {
         Some((raw, ft, dims)) => {
@@ -460,18 +470,12 @@ fn conv(
         }
         None => {
             let (k, ft) = read_conv(&cx.consts, n).map_err(refuse)?;
+            if k.out_channels() != t.len() {
+                return Err(channels(k.out_channels()));
+            }
             (scales.then(|| Exact::Values(scale_along(&k.weight, 0, t))), k.bias, ft)
         }
     };
-    if bias.len() != t.len() {
-        return Err(Reason::Channels {
-            op: map.0.to_string(),
-            node: map.1.to_string(),
-            channels: t.len(),
-            layer: n.name().to_string(),
-            layer_channels: bias.len(),
-        });
-    }
     let bias = &bias * t + s;
     let node = nodes.entry(i).or_insert_with(|| n.clone());
     let bname = match weight {

@@ -59,8 +59,8 @@ struct Back {
     layer: Layer,
     /// the layer's output channels
     outputs: usize,
-    /// an Add of a constant on the way: node, index of the constant operand, where the channels
-    /// are in the tensor it adds to
+    /// an Add (or Sub) of a constant on the way, the layer's bias: node, index of the constant
+    /// operand, where the channels are in the tensor it adds to
     bias: Option<(usize, usize, At)>,
 }
 

@@ -30,13 +30,15 @@ impl Rule for FoldBn {
         if !is_op(bn, "BatchNormalization") {
             return None;
         }
-        let conv = cx.producer(bn.input.first()?)?;
+        // (through Identity nodes: paddle2onnx writes Conv → Add → Identity → BatchNormalization)
+        let (conv, _) = super::affine::producer_through_identity(cx, bn.input.first()?)?;
         is_op(cx.node(conv), "Conv").then_some(Candidate { bn: at, conv })
     }
 
     fn check(&self, cx: &Cx, c: &Candidate) -> Checked<Self::Plan> {
         let (bn, conv) = (cx.node(c.bn), cx.node(c.conv));
-        if cx.uses(&bn.input[0]) != 1 {
+        let path = super::affine::producer_through_identity(cx, &bn.input[0]).map_or(vec![], |p| p.1);
+        if path.iter().any(|t| cx.uses(t) != 1) {
             return Checked::refuse(Reason::UsedOutside { conv: conv.label().to_string() });
         }
         let refuse_conv = |err| Checked::refuse(Reason::Conv { conv: conv.label().to_string(), err });

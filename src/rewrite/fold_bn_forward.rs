@@ -1,7 +1,8 @@
 //! A BatchNormalization before a linear layer folds forward into it (NormLinear heads, pre-norm
 //! designs: NextViT's `merge_pre_bn`). The BN is `t·x + s` per channel; a Conv, Gemm or MatMul that
 //! reads it becomes one reading x with its input channels scaled by t and `W·s` added to its bias:
-//! W' = W·diag(t), b' = b + W·s. A second BatchNormalization absorbs it as well.
+//! W' = W·diag(t), b' = b + W·s. A second BatchNormalization absorbs it as well. (The walk and the
+//! algebra here serve `fold_affine` too, for a Mul or Add of a constant before a layer.)
 //!
 //! - find: a BatchNormalization whose output reaches, through operators that move the channel
 //!   axis but keep it whole (Reshape, Flatten, Transpose, Squeeze, Unsqueeze, Identity) or average
@@ -9,12 +10,14 @@
 //!   axis 1), a Gemm (input A, channels its columns), a MatMul with a constant 2-d right operand
 //!   (channels its last axis), or another BatchNormalization (channels on axis 1).
 //! - check: every reader on the way must be one of those, or read only the shape (Shape, Size),
-//!   otherwise the BN stays and the reason names the reader; a padded Conv takes the fold only where the shift is zero (its border
-//!   reads zeros, not s); an AveragePool that counts its padding likewise; a MatMul needs a
-//!   constant bias Add after it to take `W·s` (or a zero shift).
+//!   otherwise the BN stays and the reason names the reader; a padded Conv takes the fold only
+//!   where the shift is zero (its border reads zeros, not s); an AveragePool that counts its
+//!   padding likewise. A MatMul takes `W·s` into the constant bias Add after it (or a zero
+//!   shift); without one, the BN stays.
 //! - rewrite: the BN is removed, its first readers read its input; each layer at the end gets its
 //!   new weights (and bias) in place; the operators between are untouched.
 
+use super::affine::sized;
 use super::{Checked, Cx, Patch, Reason, Rewrite, Rule, RuleId};
 use crate::graph::{attr_float, attr_int, attr_ints, attr_string, is_op, Label, Names};
 use crate::kernel::read::read_bn;
@@ -25,14 +28,22 @@ use std::collections::{HashMap, HashSet};
 
 pub(crate) struct FoldBnForward;
 
-/// A layer the BN folds into.
+/// A layer the map folds into.
 #[derive(Clone, Debug)]
-enum End {
+pub(super) enum End {
     Conv(usize),
     Gemm(usize),
     /// the MatMul, and the Add of a constant bias after it (node, index of the constant operand)
     MatMul(usize, Option<(usize, usize)>),
     Bn(usize),
+}
+
+impl End {
+    fn node(&self) -> usize {
+        match *self {
+            End::Conv(i) | End::Gemm(i) | End::MatMul(i, _) | End::Bn(i) => i,
+        }
+    }
 }
 
 pub(crate) struct Candidate {
@@ -48,12 +59,45 @@ pub(crate) struct Candidate {
 pub(crate) struct Plan {
     nodes: HashMap<usize, NodeProto>,
     inits: Vec<(String, ArrayD<f64>, FloatType)>,
+    /// a MatMul given a bias Add of its own: its index, and the MatMul and the Add that replace it
+    created: Option<(usize, Vec<NodeProto>)>,
 }
 
-/// Where the channels are in a tensor on the way: its axis, and the tensor's shape.
-struct At {
-    axis: usize,
-    shape: Vec<usize>,
+/// Where the channels are in a tensor on the way: its axis (`None`: the map is the same on every
+/// channel, any axis will do), and the tensor's shape.
+#[derive(Clone, Debug)]
+pub(super) struct At {
+    pub axis: Option<usize>,
+    pub shape: Vec<usize>,
+}
+
+/// The affine map folded forward, as the layers after it take it: what reports call it, its
+/// input and output, and its scale and shift per channel (one value each when it is the same on
+/// every channel).
+pub(super) struct Src {
+    pub op: String,
+    pub node: String,
+    pub x: String,
+    pub y: String,
+    pub t: Array1<f64>,
+    pub s: Array1<f64>,
+}
+
+impl Src {
+    /// The scale and shift on the `n` input channels of layer `layer`.
+    fn on(&self, n: usize, layer: &str) -> Result<(Array1<f64>, Array1<f64>), Reason> {
+        match (sized(&self.t, n), sized(&self.s, n)) {
+            (Some(t), Some(s)) => Ok((t, s)),
+            _ if self.op == "BatchNormalization" => Err(Reason::BnChannels { bn: self.t.len(), conv: n }),
+            _ => Err(Reason::Channels {
+                op: self.op.clone(),
+                node: self.node.clone(),
+                channels: self.t.len(),
+                layer: layer.to_string(),
+                layer_channels: n,
+            }),
+        }
+    }
 }
 
 impl Rule for FoldBnForward {
@@ -75,79 +119,122 @@ impl Rule for FoldBnForward {
         if shape.len() < 2 {
             return None;
         }
-        let mut walk = Walk { ends: vec![], blocked: None, seen: HashSet::new() };
-        walk.from(cx, y, At { axis: 1, shape }, 0);
-        if walk.ends.is_empty() {
+        let (ends, blocked) = walk(cx, y, At { axis: Some(1), shape });
+        if ends.is_empty() {
             return None;
         }
         let readers = cx.ix.consumers_of(y).to_vec();
-        Some(Candidate { bn: at, ends: walk.ends, readers, blocked: walk.blocked })
+        Some(Candidate { bn: at, ends, readers, blocked })
     }
 
     fn check(&self, cx: &Cx, c: &Candidate) -> Checked<Plan> {
         let bn = cx.node(c.bn);
-        let name = bn.label().to_string();
-        if let Some((node, op)) = &c.blocked {
-            return Checked::refuse(Reason::BnForwardBlocked { bn: name, node: node.clone(), op: op.clone() });
+        let op = "BatchNormalization".to_string();
+        if let Some((reader, reader_op)) = &c.blocked {
+            let (reader, reader_op) = (reader.clone(), reader_op.clone());
+            return Checked::refuse(Reason::ForwardBlocked { op, node: bn.label().to_string(), reader, reader_op });
         }
         let (p, _) = match read_bn(&cx.consts, bn) {
             Ok(v) => v,
             Err(err) => return Checked::refuse(Reason::Bn(err)),
         };
         let (t, s) = p.affine();
-        let mut names = cx.names();
-        let mut plan = Plan { nodes: HashMap::new(), inits: vec![] };
-        for e in &c.ends {
-            let r = match *e {
-                End::Conv(i) => into_conv(cx, i, &t, &s, &name, &mut names, &mut plan),
-                End::Gemm(i) => into_gemm(cx, i, &t, &s, &mut names, &mut plan),
-                End::MatMul(i, add) => into_matmul(cx, i, add, &t, &s, &name, &mut names, &mut plan),
-                End::Bn(i) => into_bn(cx, i, &t, &s, &name, &mut names, &mut plan),
-            };
-            if let Err(reason) = r {
-                return Checked::refuse(reason);
-            }
+        let src = Src { op, node: bn.label().to_string(), x: bn.input[0].clone(), y: bn.output[0].clone(), t, s };
+        // (a MatMul without a bias would need a new Add for the BN's shift: a BN traded for an
+        // Add, not fewer nodes)
+        match fold_into(cx, &src, &c.ends, &c.readers, false) {
+            Ok(plan) => Checked::Fits(plan),
+            Err(reason) => Checked::refuse(reason),
         }
-        // the first readers read the BN's input
-        let (x, y) = (&bn.input[0], &bn.output[0]);
-        for &r in &c.readers {
-            let n = plan.nodes.entry(r).or_insert_with(|| cx.node(r).clone());
-            for i in n.input.iter_mut().filter(|i| *i == y) {
-                *i = x.clone();
-            }
-        }
-        Checked::Fits(plan)
     }
 
     fn rewrite(&self, cx: &Cx, c: Candidate, plan: Plan) -> Patch {
-        let bn = cx.node(c.bn);
-        let into: Vec<String> = c
-            .ends
-            .iter()
-            .map(|e| {
-                let i = match *e {
-                    End::Conv(i) | End::Gemm(i) | End::MatMul(i, _) | End::Bn(i) => i,
-                };
-                format!("{} '{}'", cx.node(i).op_type(), cx.node(i).label())
-            })
-            .collect();
-        Patch {
-            at: c.bn,
-            remove: vec![c.bn],
-            insert: vec![],
-            replace: plan.nodes.into_iter().collect(),
-            initializers: plan.inits.into_iter().map(|(n, a, ft)| (n, a.into(), ft)).collect(),
-            log: Rewrite {
-                rule: Self::ID,
-                node: bn.label().to_string(),
-                detail: format!("BatchNormalization folded forward into {}", into.join(", ")),
-                weights: vec![],
-            },
-        }
+        let detail = "BatchNormalization folded forward into";
+        let name = cx.node(c.bn).label().to_string();
+        patch(cx, Self::ID, c.bn, &c.ends, plan, detail, name)
     }
 
     fn node(&self, cx: &Cx, c: &Candidate) -> String {
         cx.node(c.bn).label().to_string()
+    }
+}
+
+/// The layers `y` folds into (through the operators that carry its channels, from `at`), and the
+/// first reader on the way it cannot fold into (node name, operator).
+pub(super) fn walk(cx: &Cx, y: &str, at: At) -> (Vec<End>, Option<(String, String)>) {
+    let mut walk = Walk { ends: vec![], blocked: None, seen: HashSet::new() };
+    walk.from(cx, y, at, 0);
+    (walk.ends, walk.blocked)
+}
+
+/// The plan of `src` folded into `ends` (`readers`: the nodes reading its output directly). A
+/// MatMul without a bias Add to take its shift gets one when `add_for_one` (the node removed
+/// balances it: an Add of a constant) and it is the only one.
+pub(super) fn fold_into(cx: &Cx, src: &Src, ends: &[End], readers: &[usize], add_for_one: bool) -> Result<Plan, Reason> {
+    let mut names = cx.names();
+    let mut plan = Plan { nodes: HashMap::new(), inits: vec![], created: None };
+    // MatMuls with no bias Add to take their shift: (node, W·s, dtype)
+    let mut need_bias = Vec::new();
+    for e in ends {
+        match *e {
+            End::Conv(i) => into_conv(cx, i, src, &mut names, &mut plan)?,
+            End::Gemm(i) => into_gemm(cx, i, src, &mut names, &mut plan)?,
+            End::MatMul(i, add) => {
+                if let Some(v) = into_matmul(cx, i, add, src, &mut names, &mut plan)? {
+                    need_bias.push((i, v));
+                }
+            }
+            End::Bn(i) => into_bn(cx, i, src, &mut names, &mut plan)?,
+        }
+    }
+    if need_bias.len() > usize::from(add_for_one) {
+        let matmuls = need_bias.iter().map(|(i, _)| cx.node(*i).label().to_string()).collect();
+        return Err(Reason::ShiftNoBias { op: src.op.clone(), node: src.node.clone(), matmuls });
+    }
+    // the first readers read the map's input
+    for &r in readers {
+        let n = plan.nodes.entry(r).or_insert_with(|| cx.node(r).clone());
+        for i in n.input.iter_mut().filter(|i| **i == src.y) {
+            *i = src.x.clone();
+        }
+    }
+    if let Some((i, v)) = need_bias.pop() {
+        // MatMul → Add(W·s), the Add writing what the MatMul wrote
+        let mut mm = plan.nodes.remove(&i).unwrap_or_else(|| cx.node(i).clone());
+        let ft = cx.consts.f64(&cx.node(i).input[1]).map_err(Reason::Const)?.1;
+        let out = mm.output[0].clone();
+        let product = names.fresh(&format!("{out}_product"));
+        let bname = names.fresh(&format!("{}_bias", mm.input[1]));
+        mm.output[0] = product.clone();
+        let add = NodeProto {
+            op_type: Some("Add".into()),
+            name: Some(names.fresh(&format!("{}_bias", mm.name()))),
+            input: vec![product, bname.clone()],
+            output: vec![out],
+            ..Default::default()
+        };
+        plan.inits.push((bname, v.into_dyn(), ft));
+        plan.created = Some((i, vec![mm, add]));
+    }
+    Ok(plan)
+}
+
+/// The patch of `plan`: the map (node `src`) removed, the layers it folds into rewritten.
+pub(super) fn patch(cx: &Cx, rule: RuleId, src: usize, ends: &[End], plan: Plan, detail: &str, node: String) -> Patch {
+    let into: Vec<String> =
+        ends.iter().map(|e| format!("{} '{}'", cx.node(e.node()).op_type(), cx.node(e.node()).label())).collect();
+    let (at, remove, insert) = match plan.created {
+        // (the new nodes go where the MatMul was, after what it reads)
+        Some((i, nodes)) => (i, vec![src, i], nodes),
+        None => (src, vec![src], vec![]),
+    };
+    Patch {
+        at,
+        remove,
+        insert,
+        replace: plan.nodes.into_iter().collect(),
+        initializers: plan.inits.into_iter().map(|(n, a, ft)| (n, a.into(), ft)).collect(),
+        log: Rewrite { rule, node, detail: format!("{detail} {}", into.join(", ")), weights: vec![] },
     }
 }
 
@@ -182,13 +269,16 @@ impl Walk {
                 continue;
             }
             let rank = at.shape.len();
+            // the channels on this axis (or the same map on every channel)
+            let on = |a: usize| at.axis.is_none_or(|x| x == a);
             let end = match n.op_type() {
-                "Conv" if at.axis == 1 && rank >= 3 => Some(End::Conv(c)),
-                "Gemm" if at.axis == 1 && rank == 2 && attr_int(n, "transA", 0) == 0 => Some(End::Gemm(c)),
-                "MatMul" if at.axis + 1 == rank && rank >= 2 && matrix(cx, &n.input[1]).is_some() => {
-                    Some(End::MatMul(c, bias_add(cx, &n.output[0], at.shape[at.axis])))
+                "Conv" if on(1) && rank >= 3 => Some(End::Conv(c)),
+                "Gemm" if on(1) && rank == 2 && attr_int(n, "transA", 0) == 0 => Some(End::Gemm(c)),
+                // (the bias is of the MatMul's output width)
+                "MatMul" if rank >= 2 && on(rank - 1) => {
+                    matrix(cx, &n.input[1]).map(|(w, _)| End::MatMul(c, bias_add(cx, &n.output[0], w.shape()[1])))
                 }
-                "BatchNormalization" if at.axis == 1 => Some(End::Bn(c)),
+                "BatchNormalization" if on(1) && rank >= 2 => Some(End::Bn(c)),
                 _ => None,
             };
             if let Some(e) = end.filter(|_| crate::graph::is_default_domain(n)) {
@@ -217,7 +307,7 @@ const CARRIERS: &[&str] = &[
 
 /// Whether a Conv, Gemm, MatMul or BatchNormalization reads `t`, directly or through operators
 /// that may carry the channels (by operator only).
-fn reaches_a_layer(cx: &Cx, t: &str) -> bool {
+pub(super) fn reaches_a_layer(cx: &Cx, t: &str) -> bool {
     let mut stack = vec![(t.to_string(), 0)];
     while let Some((t, depth)) = stack.pop() {
         for &c in cx.ix.consumers_of(&t) {
@@ -261,30 +351,37 @@ fn carry(cx: &Cx, n: &NodeProto, at: &At) -> Option<At> {
     if !crate::graph::is_default_domain(n) {
         return None;
     }
-    let (a, shape) = (at.axis, &at.shape);
+    let shape = &at.shape;
     let rank = shape.len();
     match n.op_type() {
-        "Identity" => Some(At { axis: a, shape: shape.clone() }),
+        "Identity" => Some(at.clone()),
         "Transpose" => {
             let perm: Vec<usize> = match attr_ints(n, "perm") {
                 Some(p) => p.iter().map(|&v| usize::try_from(v).ok().filter(|&v| v < rank)).collect::<Option<_>>()?,
                 None => (0..rank).rev().collect(),
             };
-            let axis = perm.iter().position(|&p| p == a)?;
+            let axis = match at.axis {
+                Some(a) => Some(perm.iter().position(|&p| p == a)?),
+                None => None,
+            };
             Some(At { axis, shape: perm.iter().map(|&p| shape[p]).collect() })
         }
         "Reshape" | "Flatten" | "Squeeze" | "Unsqueeze" => {
             let out = cx.shape_of(&n.output[0])?;
+            if out.iter().product::<usize>() != shape.iter().product::<usize>() {
+                return None;
+            }
+            let Some(a) = at.axis else { return Some(At { axis: None, shape: out }) };
             // the batch stays on axis 0 and the channels stay one axis, after the same elements
-            if a == 0 || out.is_empty() || out[0] != shape[0] || out.iter().product::<usize>() != shape.iter().product::<usize>() {
+            if a == 0 || out.is_empty() || out[0] != shape[0] {
                 return None;
             }
             let before: usize = shape[..a].iter().product();
             let axis = (1..out.len()).find(|&b| out[..b].iter().product::<usize>() == before && out[b] == shape[a])?;
-            Some(At { axis, shape: out })
+            Some(At { axis: Some(axis), shape: out })
         }
-        "GlobalAveragePool" if a == 1 => Some(At { axis: 1, shape: cx.shape_of(&n.output[0])? }),
-        "AveragePool" if a == 1 => {
+        "GlobalAveragePool" if on_channels(at) => Some(At { axis: at.axis, shape: cx.shape_of(&n.output[0])? }),
+        "AveragePool" if on_channels(at) => {
             // exact when the average counts only real elements (or there is no padding)
             let pads = attr_ints(n, "pads").unwrap_or_default();
             let auto = attr_string(n, "auto_pad").unwrap_or_default();
@@ -292,7 +389,7 @@ fn carry(cx: &Cx, n: &NodeProto, at: &At) -> Option<At> {
             if padded && attr_int(n, "count_include_pad", 0) != 0 {
                 return None;
             }
-            Some(At { axis: 1, shape: cx.shape_of(&n.output[0])? })
+            Some(At { axis: at.axis, shape: cx.shape_of(&n.output[0])? })
         }
         "ReduceMean" => {
             let axes = match attr_ints(n, "axes") {
@@ -312,11 +409,12 @@ fn carry(cx: &Cx, n: &NodeProto, at: &At) -> Option<At> {
                     usize::try_from(v).ok().filter(|&v| v < rank)
                 })
                 .collect::<Option<_>>()?;
-            if axes.contains(&a) {
-                return None;
-            }
             let keep = attr_int(n, "keepdims", 1) != 0;
-            let axis = if keep { a } else { a - axes.iter().filter(|&&v| v < a).count() };
+            let axis = match at.axis {
+                Some(a) if axes.contains(&a) => return None,
+                Some(a) => Some(if keep { a } else { a - axes.iter().filter(|&&v| v < a).count() }),
+                None => None,
+            };
             let out: Vec<usize> = (0..rank)
                 .filter_map(|i| if axes.contains(&i) { keep.then_some(1) } else { Some(shape[i]) })
                 .collect();
@@ -324,6 +422,11 @@ fn carry(cx: &Cx, n: &NodeProto, at: &At) -> Option<At> {
         }
         _ => None,
     }
+}
+
+/// Whether the channels are on axis 1 (or the map is the same on every channel).
+fn on_channels(at: &At) -> bool {
+    at.axis.is_none_or(|a| a == 1)
 }
 
 fn float_attr(name: &str, v: f32) -> AttributeProto {
@@ -345,25 +448,14 @@ fn scale_and_shift(w: &ArrayD<f64>, axis: usize, t: &Array1<f64>, s: &Array1<f64
     (w2, v)
 }
 
-fn into_conv(
-    cx: &Cx,
-    i: usize,
-    t: &Array1<f64>,
-    s: &Array1<f64>,
-    bn: &str,
-    names: &mut Names,
-    plan: &mut Plan,
-) -> Result<(), Reason> {
+fn into_conv(cx: &Cx, i: usize, src: &Src, names: &mut Names, plan: &mut Plan) -> Result<(), Reason> {
     let n = cx.node(i);
     let conv_err = |err| Reason::Conv { conv: n.label().to_string(), err };
     let (k, ft) = crate::kernel::read::read_conv(&cx.consts, n).map_err(conv_err)?;
-    let c = k.in_channels();
-    if c != t.len() {
-        return Err(Reason::BnChannels { bn: t.len(), conv: c });
-    }
+    let (t, s) = src.on(k.in_channels(), n.label())?;
     let padded = k.pads_begin.iter().chain(&k.pads_end).any(|&p| p != 0);
     if padded && s.iter().any(|&v| v != 0.0) {
-        return Err(Reason::BnShiftPadded { bn: bn.to_string(), conv: n.label().to_string() });
+        return Err(Reason::ShiftPadded { op: src.op.clone(), node: src.node.clone(), conv: n.label().to_string() });
     }
     // per group: input channel ci of output o is global channel (o / og)·cg + ci
     let (o, cg) = (k.out_channels(), k.weight.shape()[1]);
@@ -378,8 +470,16 @@ fn into_conv(
             lane *= t[base + ci];
         }
     }
-    let (wname, bname) = names.conv_params(cx.ix, n);
     let node = plan.nodes.entry(i).or_insert_with(|| n.clone());
+    let biased = n.input.get(2).is_some_and(|b| !b.is_empty());
+    if !biased && bias.iter().all(|&v| v == 0.0) {
+        // (a scale only, into a Conv without bias: none to write)
+        let wname = names.own_or_fresh(cx.ix, &n.input[1]);
+        node.input[1] = wname.clone();
+        plan.inits.push((wname, w, ft));
+        return Ok(());
+    }
+    let (wname, bname) = names.conv_params(cx.ix, n);
     node.input.truncate(1);
     node.input.push(wname.clone());
     node.input.push(bname.clone());
@@ -388,22 +488,30 @@ fn into_conv(
     Ok(())
 }
 
-fn into_gemm(cx: &Cx, i: usize, t: &Array1<f64>, s: &Array1<f64>, names: &mut Names, plan: &mut Plan) -> Result<(), Reason> {
+fn into_gemm(cx: &Cx, i: usize, src: &Src, names: &mut Names, plan: &mut Plan) -> Result<(), Reason> {
     let n = cx.node(i);
     let (b, ft) = cx.consts.f64(&n.input[1]).map_err(Reason::Const)?;
     let trans_b = attr_int(n, "transB", 0) != 0;
     let (alpha, beta) = (attr_float(n, "alpha", 1.0) as f64, attr_float(n, "beta", 1.0) as f64);
     // B is [in, out], or [out, in] with transB
     let in_axis = usize::from(trans_b);
-    if b.ndim() != 2 || b.shape()[in_axis] != t.len() {
-        return Err(Reason::BnChannels { bn: t.len(), conv: b.shape().get(in_axis).copied().unwrap_or(0) });
+    if b.ndim() != 2 {
+        return Err(Reason::BnChannels { bn: src.t.len(), conv: b.shape().get(in_axis).copied().unwrap_or(0) });
     }
-    let (b2, v) = scale_and_shift(&b, in_axis, t, s, 1 - in_axis);
+    let (t, s) = src.on(b.shape()[in_axis], n.label())?;
+    let (b2, v) = scale_and_shift(&b, in_axis, &t, &s, 1 - in_axis);
     let o = v.len();
     let c = match n.input.get(2).filter(|c| !c.is_empty()) {
         Some(name) => Some(cx.consts.f64(name).map_err(Reason::Const)?.0),
         None => None,
     };
+    let bname = names.own_or_fresh(cx.ix, &n.input[1]);
+    if v.iter().all(|&x| x == 0.0) && (c.is_none() || beta == 0.0) {
+        // (a scale only, and no bias to shift)
+        plan.nodes.entry(i).or_insert_with(|| n.clone()).input[1] = bname.clone();
+        plan.inits.push((bname, b2, ft));
+        return Ok(());
+    }
     // y = α·A'B + β·C: the shift adds α·s·B, into C (scaled by 1/β), or into a new C with β = 1
     let (c2, beta2) = match c {
         Some(c) if beta != 0.0 => {
@@ -414,7 +522,6 @@ fn into_gemm(cx: &Cx, i: usize, t: &Array1<f64>, s: &Array1<f64>, names: &mut Na
         }
         _ => (v.mapv(|x| x * alpha).into_dyn(), Some(1.0f32)),
     };
-    let bname = names.own_or_fresh(cx.ix, &n.input[1]);
     let cname = match n.input.get(2).filter(|c| !c.is_empty()) {
         Some(name) => names.own_or_fresh(cx.ix, name),
         None => names.fresh(&format!("{bname}_bias")),
@@ -432,32 +539,29 @@ fn into_gemm(cx: &Cx, i: usize, t: &Array1<f64>, s: &Array1<f64>, names: &mut Na
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The MatMul's weight scaled, and `W·s` into its bias Add; `Some(W·s)` when it is not zero and
+/// there is no bias Add to take it.
 fn into_matmul(
     cx: &Cx,
     i: usize,
     add: Option<(usize, usize)>,
-    t: &Array1<f64>,
-    s: &Array1<f64>,
-    bn: &str,
+    src: &Src,
     names: &mut Names,
     plan: &mut Plan,
-) -> Result<(), Reason> {
+) -> Result<Option<Array1<f64>>, Reason> {
     let n = cx.node(i);
     let (w, ft) = matrix(cx, &n.input[1]).ok_or_else(|| Reason::Const(crate::graph::ConstError::NotConstant(n.input[1].clone())))?;
-    if w.shape()[0] != t.len() {
-        return Err(Reason::BnChannels { bn: t.len(), conv: w.shape()[0] });
+    let (t, s) = src.on(w.shape()[0], n.label())?;
+    let (w2, v) = scale_and_shift(&w, 0, &t, &s, 1);
+    if t.iter().any(|&x| x != 1.0) {
+        let wname = names.own_or_fresh(cx.ix, &n.input[1]);
+        plan.nodes.entry(i).or_insert_with(|| n.clone()).input[1] = wname.clone();
+        plan.inits.push((wname, w2, ft));
     }
-    let (w2, v) = scale_and_shift(&w, 0, t, s, 1);
-    let wname = names.own_or_fresh(cx.ix, &n.input[1]);
-    plan.nodes.entry(i).or_insert_with(|| n.clone()).input[1] = wname.clone();
-    plan.inits.push((wname, w2, ft));
     if v.iter().all(|&x| x == 0.0) {
-        return Ok(());
+        return Ok(None);
     }
-    let Some((a, k)) = add else {
-        return Err(Reason::BnShiftNoBias { bn: bn.to_string(), node: n.label().to_string() });
-    };
+    let Some((a, k)) = add else { return Ok(Some(v)) };
     let an = cx.node(a);
     let (b, bft) = cx.consts.f64(&an.input[k]).map_err(Reason::Const)?;
     let mut shape = b.shape().to_vec();
@@ -474,21 +578,19 @@ fn into_matmul(
     let bname = names.own_or_fresh(cx.ix, &an.input[k]);
     plan.nodes.entry(a).or_insert_with(|| an.clone()).input[k] = bname.clone();
     plan.inits.push((bname, b2, bft));
-    Ok(())
+    Ok(None)
 }
 
-fn into_bn(cx: &Cx, i: usize, t: &Array1<f64>, s: &Array1<f64>, bn: &str, names: &mut Names, plan: &mut Plan) -> Result<(), Reason> {
+fn into_bn(cx: &Cx, i: usize, src: &Src, names: &mut Names, plan: &mut Plan) -> Result<(), Reason> {
     // BN2(t·x + s) = γ2·(t·x + s − μ2)/σ2 + β2: γ2' = γ2·t, μ2' = (μ2 − s)/t
     let n = cx.node(i);
     let (p, ft) = read_bn(&cx.consts, n).map_err(|err| Reason::IdentityBn { bn: n.label().to_string(), err })?;
-    if p.scale.len() != t.len() {
-        return Err(Reason::BnChannels { bn: t.len(), conv: p.scale.len() });
-    }
+    let (t, s) = src.on(p.scale.len(), n.label())?;
     if t.iter().any(|&v| v == 0.0) {
-        return Err(Reason::BnZeroScale { bn: bn.to_string() });
+        return Err(Reason::ZeroScale { op: src.op.clone(), node: src.node.clone() });
     }
-    let gamma = &p.scale * t;
-    let mean = (&p.mean - s) / t;
+    let gamma = &p.scale * &t;
+    let mean = (&p.mean - &s) / &t;
     let (gname, mname) = (names.own_or_fresh(cx.ix, &n.input[1]), names.own_or_fresh(cx.ix, &n.input[3]));
     let node = plan.nodes.entry(i).or_insert_with(|| n.clone());
     node.input[1] = gname.clone();
@@ -637,7 +739,7 @@ mod tests {
         folds_and_agrees(&conv_after_bn(&[0, 0, 0, 0], false), &rand_input(3, &[1, 4, 5, 5]));
         assert_eq!(
             refused(check_at(&conv_after_bn(&[1, 1, 1, 1], false), "bn")),
-            Reason::BnShiftPadded { bn: "bn".into(), conv: "conv".into() }
+            Reason::ShiftPadded { op: "BatchNormalization".into(), node: "bn".into(), conv: "conv".into() }
         );
         folds_and_agrees(&conv_after_bn(&[1, 1, 1, 1], true), &rand_input(3, &[1, 4, 5, 5]));
     }
@@ -652,7 +754,12 @@ mod tests {
         b.output(&r);
         assert_eq!(
             refused(check_at(&b, "bn")),
-            Reason::BnForwardBlocked { bn: "bn".into(), node: "relu".into(), op: "Relu".into() }
+            Reason::ForwardBlocked {
+                op: "BatchNormalization".into(),
+                node: "bn".into(),
+                reader: "relu".into(),
+                reader_op: "Relu".into()
+            }
         );
     }
 
@@ -668,12 +775,29 @@ mod tests {
 
     #[test]
     fn a_matmul_without_bias_keeps_the_bn() {
+        // (the BN would become an Add after the MatMul: a node for a node)
         let mut b = features(6);
         let (y, _) = b.bn("bn", "x", 6, None);
         let w = b.rand(&[6, 4]);
         let wn = b.initializer("w", &w);
         let z = b.node("MatMul", "mm", &[&y, &wn], &[], vec![]);
         b.output(&z);
-        assert_eq!(refused(check_at(&b, "bn")), Reason::BnShiftNoBias { bn: "bn".into(), node: "mm".into() });
+        assert_eq!(
+            refused(check_at(&b, "bn")),
+            Reason::ShiftNoBias { op: "BatchNormalization".into(), node: "bn".into(), matmuls: vec!["mm".into()] }
+        );
+    }
+
+    #[test]
+    fn a_bias_add_of_the_matmuls_output_width_takes_the_shift() {
+        // qkv: 4 channels in, 12 out, its bias Add of 12 values
+        let mut b = features(4);
+        let (y, _) = b.bn("bn", "x", 4, None);
+        let (w, bias) = (b.rand(&[4, 12]), b.rand(&[12]));
+        let (w, bias) = (b.initializer("w", &w), b.initializer("bias", &bias));
+        let z = b.node("MatMul", "qkv", &[&y, &w], &[], vec![]);
+        let z = b.node("Add", "qkv_bias", &[&z, &bias], &[], vec![]);
+        b.output(&z);
+        folds_and_agrees(&b, &rand_input(1, &[1, 4]));
     }
 }

@@ -32,14 +32,16 @@ impl Rule for FoldBnTransposed {
         if !is_op(bn, "BatchNormalization") {
             return None;
         }
-        let deconv = cx.producer(bn.input.first()?)?;
+        // (through Identity nodes)
+        let (deconv, _) = super::affine::producer_through_identity(cx, bn.input.first()?)?;
         is_op(cx.node(deconv), "ConvTranspose").then_some(Candidate { bn: at, deconv })
     }
 
     fn check(&self, cx: &Cx, c: &Candidate) -> Checked<Plan> {
         let (bn, d) = (cx.node(c.bn), cx.node(c.deconv));
         let conv = d.label().to_string();
-        if cx.uses(&bn.input[0]) != 1 || cx.ix.outputs.contains(&bn.input[0]) {
+        let path = super::affine::producer_through_identity(cx, &bn.input[0]).map_or(vec![], |p| p.1);
+        if path.iter().any(|t| cx.uses(t) != 1 || cx.ix.outputs.contains(t)) {
             return Checked::refuse(Reason::UsedOutside { conv });
         }
         let (w, ft) = match cx.consts.f64(&d.input[1]) {
@@ -99,13 +101,25 @@ mod tests {
 
     #[test]
     fn a_grouped_strided_conv_transpose_then_bn_is_one_conv_transpose() {
+        grouped_strided_conv_transpose_then_bn(false);
+    }
+
+    #[test]
+    fn a_conv_transpose_then_identity_then_bn_is_one_conv_transpose() {
+        grouped_strided_conv_transpose_then_bn(true);
+    }
+
+    fn grouped_strided_conv_transpose_then_bn(identity: bool) {
         // 4 → 6 channels, groups 2, stride 2 (an upsampling neck block)
         let mut b = Builder::new(4, 5, 5);
         let w = b.rand(&[4, 3, 3, 3]);
         let bias = b.rand(&[6]);
         let (w, bias) = (b.initializer("up.w", &w), b.initializer("up.b", &bias));
         let attrs = vec![attr_ints("strides", &[2, 2]), attr_ints("pads", &[1, 1, 0, 0]), attr_int("group", 2)];
-        let y = b.node("ConvTranspose", "up", &["x", &w, &bias], &[], attrs);
+        let mut y = b.node("ConvTranspose", "up", &["x", &w, &bias], &[], attrs);
+        if identity {
+            y = b.node("Identity", "id", &[&y], &[], vec![]);
+        }
         let (z, _) = b.bn("bn", &y, 6, None);
         b.output(&z);
         let original = b.build();

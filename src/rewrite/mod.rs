@@ -20,6 +20,7 @@
 //! One new file in this folder with a unit struct implementing [`Rule`], and one line in the
 //! `rules!` list below (the order is the order the driver tries them at each node).
 
+mod affine;
 pub(crate) mod driver;
 mod patch;
 mod reason;
@@ -55,6 +56,7 @@ impl RuleId {
     pub const FOLD_PAD: RuleId = RuleId("fold_pad");
     pub const FOLD_BN_TRANSPOSED: RuleId = RuleId("fold_bn_transposed");
     pub const MERGE_INTO_FC: RuleId = RuleId("merge_into_fc");
+    pub const FOLD_AFFINE: RuleId = RuleId("fold_affine");
 
     /// Whether the rule folds a BatchNormalization into a layer.
     pub fn folds_bn(self) -> bool {
@@ -199,6 +201,7 @@ rules![
     affine_region::AffineRegion,
     merge_into_fc::MergeIntoFc,
     fold_bn_forward::FoldBnForward,
+    fold_affine::FoldAffine,
 ];
 
 /// A candidate that was left untouched, and why.

@@ -62,25 +62,41 @@ pub enum Reason {
     },
     /// No Conv among the branches of a group.
     NoConv,
-    /// A BatchNormalization to fold forward also reaches a node it cannot be folded into.
-    BnForwardBlocked {
-        bn: String,
-        node: String,
+    /// A per-channel affine map to fold forward (node `node` of operator `op`: a
+    /// BatchNormalization, or a Mul, Div, Add or Sub of a constant) also reaches a node it cannot
+    /// be folded into (`reader`, of operator `reader_op`).
+    ForwardBlocked {
         op: String,
+        node: String,
+        reader: String,
+        reader_op: String,
     },
-    /// A BatchNormalization with a nonzero shift before a Conv that zero-pads.
-    BnShiftPadded {
-        bn: String,
+    /// An affine map with a nonzero shift before a Conv that zero-pads.
+    ShiftPadded {
+        op: String,
+        node: String,
         conv: String,
     },
-    /// A BatchNormalization with a nonzero shift before a MatMul with no bias to take it.
-    BnShiftNoBias {
-        bn: String,
+    /// An affine map with a nonzero shift before MatMuls with no bias Add to take it (more than
+    /// one; or one, after a BatchNormalization, which would only become an Add).
+    ShiftNoBias {
+        op: String,
+        node: String,
+        matmuls: Vec<String>,
+    },
+    /// An affine map that zeroes a channel cannot fold into a following BatchNormalization.
+    ZeroScale {
+        op: String,
         node: String,
     },
-    /// A BatchNormalization that zeroes a channel cannot fold into a following one.
-    BnZeroScale {
-        bn: String,
+    /// An affine map by a constant (node `node` of operator `op`) of another number of channels
+    /// than the layer next to it has.
+    Channels {
+        op: String,
+        node: String,
+        channels: usize,
+        layer: String,
+        layer_channels: usize,
     },
     /// Two convolutions in sequence that are not one.
     Sequential {
@@ -234,16 +250,26 @@ impl fmt::Display for Reason {
                 write!(f, "branch '{branch}' is multiplied by a constant of shape {shape:?}, not per channel")
             }
             Reason::NoConv => f.write_str("no Conv among the branches"),
-            Reason::BnForwardBlocked { bn, node, op } => write!(
+            Reason::ForwardBlocked { op, node, reader, reader_op } => write!(
                 f,
-                "BatchNormalization '{bn}' also reaches '{node}' ({op}); it folds forward only when every reader is a Conv, Gemm, MatMul or BatchNormalization (through reshapes, transposes and averages)"
+                "{op} '{node}' also reaches '{reader}' ({reader_op}); it folds forward only when every reader is a Conv, a Gemm, a MatMul by a constant matrix or a BatchNormalization (through reshapes, transposes and averages)"
             ),
-            Reason::BnShiftPadded { bn, conv } => write!(
+            Reason::ShiftPadded { op, node, conv } => write!(
                 f,
-                "BatchNormalization '{bn}' shifts its output, and Conv '{conv}' zero-pads it: folded, the border would see the shift; left as it is"
+                "{op} '{node}' shifts its output, and Conv '{conv}' zero-pads it: folded, the border would see the shift; left as it is"
             ),
-            Reason::BnShiftNoBias { bn, node } => {
-                write!(f, "MatMul '{node}' has no constant bias Add to take the shift of BatchNormalization '{bn}'")
+            Reason::ShiftNoBias { op, node, matmuls } if matmuls.len() == 1 && op == "BatchNormalization" => write!(
+                f,
+                "MatMul '{}' has no constant bias Add to take the shift of BatchNormalization '{node}' (folded, the BN would become an Add after it: no fewer nodes)",
+                matmuls[0]
+            ),
+            Reason::ShiftNoBias { op, node, matmuls } => write!(
+                f,
+                "MatMuls {} have no constant bias Add to take the shift of {op} '{node}': folded, each would need an Add of its own, more nodes than the fold removes",
+                matmuls.iter().map(|m| format!("'{m}'")).collect::<Vec<_>>().join(", ")
+            ),
+            Reason::Channels { op, node, channels, layer, layer_channels } => {
+                write!(f, "{op} '{node}' is per channel over {channels} channels, but '{layer}' has {layer_channels}")
             }
             Reason::Sequential { first, second, misfit } => write!(f, "Conv '{first}' then Conv '{second}': {misfit}"),
             Reason::SequentialCost { first, second, kernel, weights, chain_weights, chain_macs, sum } => {
@@ -271,8 +297,8 @@ impl fmt::Display for Reason {
                     ),
                 }
             }
-            Reason::BnZeroScale { bn } => {
-                write!(f, "BatchNormalization '{bn}' zeroes a channel: it cannot fold into the next one")
+            Reason::ZeroScale { op, node } => {
+                write!(f, "{op} '{node}' zeroes a channel: it cannot fold into the BatchNormalization after it")
             }
             Reason::NotRepresentable { tensor, dtype, overflow, underflow } => {
                 write!(f, "'{tensor}' as {}: ", dtype.name())?;

@@ -194,12 +194,13 @@ pub(crate) fn check_independent(bl: &Block, built: &Built, m: &Model, tol: f64) 
     close(&got, &want, tol)
 }
 
-/// The node before x (a 1x1 Conv, a BatchNormalization) may merge into the block's Conv
-/// (merge_sequential, fold_bn_forward), or stay with the reason (its bias or shift would meet the
-/// block's zero padding): what the block's rules do is the same either way.
+/// The node before x (a 1x1 Conv, a BatchNormalization, a Mul by a constant) may merge into the
+/// block's Conv (merge_sequential, fold_bn_forward, fold_affine), or stay with the reason (its
+/// bias or shift would meet the block's zero padding, an identity branch reads it): what the
+/// block's rules do is the same either way.
 pub(crate) fn pre_merged_or_refused(bl: &Block, r: &FuseReport) -> bool {
-    matches!(bl.pre, Pre::Conv | Pre::ConvBn | Pre::Bn)
-        && r.refused.iter().all(|f| f.rule == RuleId::MERGE_SEQUENTIAL || f.rule == RuleId::FOLD_BN_FORWARD)
+    let pre = [RuleId::MERGE_SEQUENTIAL, RuleId::FOLD_BN_FORWARD, RuleId::FOLD_AFFINE];
+    matches!(bl.pre, Pre::Conv | Pre::ConvBn | Pre::Bn | Pre::Mul) && r.refused.iter().all(|f| pre.contains(&f.rule))
 }
 
 /// The operators of the block once fused: one Conv, and what is outside the block.
@@ -222,9 +223,13 @@ pub(crate) fn fused_ops(bl: &Block) -> BTreeMap<String, usize> {
 /// [`fused_ops`], and the same without the node before x when it can merge into the block's Conv.
 pub(crate) fn fused_ops_any(bl: &Block) -> Vec<BTreeMap<String, usize>> {
     let mut v = vec![fused_ops(bl)];
-    if matches!(bl.pre, Pre::Conv | Pre::ConvBn | Pre::Bn) {
+    if matches!(bl.pre, Pre::Conv | Pre::ConvBn | Pre::Bn | Pre::Mul) {
         let mut without = fused_ops(bl);
-        let op = if bl.pre == Pre::Bn { "BatchNormalization" } else { "Conv" };
+        let op = match bl.pre {
+            Pre::Bn => "BatchNormalization",
+            Pre::Mul => "Mul",
+            _ => "Conv",
+        };
         *without.get_mut(op).unwrap() -= 1;
         without.retain(|_, v| *v > 0);
         v.push(without);

@@ -60,6 +60,14 @@
 //!   1xK, 1x1, identity and identity-BN where m = 1, stride 2, a `Add(0, ·)` accumulator, BN after
 //!   the sum): one depthwise Conv of the largest kernel, equal to the branches computed here.
 //!
+//! * `case_random_affine_maps_fold_into_the_linear_layer_next_to_them`: a Mul, Div, Add or Sub
+//!   of a constant (per channel or a scalar; one, or two in a row) after or before a MatMul (rank
+//!   2-4, with or without its bias Add), a Gemm (transB, C or not, alpha, beta) or a Conv (1x1 or
+//!   3x3, padded or not, depthwise or not), through a Transpose, Flatten or Identity or directly,
+//!   sometimes with another reader of what lies between: the fused model verifies in tract, has
+//!   no more nodes, and, unless something else reads the intermediate or a shift would meet a
+//!   Conv's zero padding (then said), holds no Mul or Div, and no Add or Sub but a MatMul's bias.
+//!
 //! Cases: 256 each by default (a few seconds in release); `PROPTEST_CASES=N` overrides them all
 //! (`PROPTEST_CASES=5000 cargo test --release --test proptest_blocks`). Other `PROPTEST_*`
 //! variables (`PROPTEST_RNG_SEED`, `PROPTEST_MAX_SHRINK_ITERS`, ...) work as usual. No
@@ -71,7 +79,8 @@
 //! graph), `reference` (the branches computed here), `checks` (a fused block against the reference
 //! and in tract), `geometry` (the branch geometry property: drawn, and worked out tap by tap),
 //! `chains` (convolutions in sequence), `chain_sums` (chains as branches of a sum), `fc_regions`
-//! (sums around an FC), `depthwise` (channel-multiplier blocks).
+//! (sums around an FC), `depthwise` (channel-multiplier blocks), `affine` (affine maps next to a
+//! linear layer).
 //!
 //! tract 0.23 cannot run a Pad with negative amounts (a crop, valid ONNX): both models are
 //! verified with such Pads rewritten as Slice + Pad (`tract_runnable`).
@@ -79,6 +88,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod affine;
 mod block;
 mod build;
 mod chain_sums;
@@ -96,6 +106,7 @@ use acnet_onnx::verify::{verify, VerifyOptions};
 use acnet_onnx::Model;
 use acnet_onnx::{fuse, FuseReport, RuleId};
 use acnet_onnx::{save, DataMode};
+use affine::*;
 use block::*;
 use build::*;
 use chain_sums::*;
@@ -199,6 +210,12 @@ proptest! {
     #[test]
     fn case_random_branch_geometries_merge_exactly_or_are_refused_with_a_true_reason(block in choices(CHOICES).prop_map(|v| gen_geometry(&v))) {
         check_geometry(&block)?;
+    }
+
+    /// See [`AffineCase`]: affine maps by constants next to a linear layer fold exactly.
+    #[test]
+    fn case_random_affine_maps_fold_into_the_linear_layer_next_to_them(case in choices(CHOICES).prop_map(|v| gen_affine(&v))) {
+        check_affine(&case)?;
     }
 }
 

@@ -131,10 +131,11 @@ pub(super) fn recover(cx: &Cx, r: &Region, y: &str, ft: FloatType) -> Result<(Af
         }
         Ok(y0.get().expect("set above"))
     };
+    // (only at a Conv's stride: a region without one, whose operators give no window, may be a
+    // token mixer or an FC on rearranged positions, not a convolution)
     let has_base = base.is_some();
     let probe = |strides: &[i64]| -> Option<Vec<Win>> {
-        // at stride 1 without a Conv to tell it, only when the output has the input's size
-        if !has_base && (ys.len() != rank + 2 || ys[2..].iter().zip(&len).any(|(&a, &b)| a as i64 != b)) {
+        if !has_base {
             return None;
         }
         probe_window(&eval, zero().ok()?, &shape, &ys, strides, eps)

@@ -170,8 +170,8 @@ pub(super) fn base_conv(cx: &Cx, r: &Region, rank: usize) -> Option<(usize, Affi
 
 /// The geometry: the base Conv's (see [`base_conv`]), or else the window the region's operators
 /// give. Where an operator on the way gives no window (Transpose, Reshape, ScatterND), `probe`
-/// is asked for the window the region's responses show at the given strides (the base Conv's,
-/// or 1 when there is none; `None` when it cannot tell).
+/// is asked for the window the region's responses show at the given strides (the base Conv's;
+/// `None` when it cannot tell).
 pub(super) fn geometry(
     cx: &Cx,
     r: &Region,
@@ -217,7 +217,7 @@ pub(super) fn geometry(
             }
         }
     }
-    Some(of_window(&w.or_else(|| probe(&vec![1; rank]))?))
+    Some(of_window(&w?))
 }
 
 /// Two windows' union (the same stride).

@@ -10,13 +10,15 @@
 //! BatchNormalization or float Add nodes than deploy, and when it has fewer Convs, no more float
 //! weights. Adds of integers (shape arithmetic in dynamic-batch exports) are not counted.
 
-use acnet_onnx::proto::{tensor_proto::DataType, ModelProto, NodeProto};
+mod harness;
+
+use acnet_onnx::proto::{tensor_proto::DataType, ModelProto};
 use acnet_onnx::verify::{verify, VerifyOptions};
 use acnet_onnx::{fuse, save, DataMode, Model};
+use harness::ElemTypes;
 use ndarray::{ArrayD, IxDyn};
 use ndarray_npy::NpzReader;
 use serde_json::Value;
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use tract_onnx::prelude::*;
 
@@ -78,7 +80,7 @@ impl Counts {
                 }
             }
         }
-        let types = ElemTypes::new(m);
+        let types = ElemTypes::new(g);
         let float_adds = g.node.iter().filter(|n| n.op_type() == "Add" && !types.is_int(&n.output[0])).count();
         Counts { convs: ops("Conv"), gemms: ops("Gemm"), bns: ops("BatchNormalization"), float_adds, float_params }
     }
@@ -100,55 +102,6 @@ impl Counts {
             why.push(format!("fewer Convs but float weights {} > {}", self.float_params, deploy.float_params));
         }
         (!why.is_empty()).then(|| why.join(", "))
-    }
-}
-
-/// Element types of tensors, as far as these exports need: integer tensors are shape arithmetic.
-struct ElemTypes<'a> {
-    g: &'a acnet_onnx::proto::GraphProto,
-    producer: HashMap<&'a str, &'a NodeProto>,
-}
-
-impl<'a> ElemTypes<'a> {
-    fn new(m: &'a ModelProto) -> Self {
-        let g = m.graph.as_ref().unwrap();
-        let producer = g.node.iter().flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n))).collect();
-        ElemTypes { g, producer }
-    }
-
-    fn is_int(&self, t: &str) -> bool {
-        self.elem(t, 0).is_some_and(|e| {
-            [DataType::Int64, DataType::Int32, DataType::Int8, DataType::Uint8, DataType::Bool]
-                .iter()
-                .any(|&d| d as i32 == e)
-        })
-    }
-
-    fn elem(&self, t: &str, depth: usize) -> Option<i32> {
-        if depth > 200 {
-            return None;
-        }
-        if let Some(init) = self.g.initializer.iter().find(|i| i.name() == t) {
-            return Some(init.data_type());
-        }
-        if let Some(v) = self.g.input.iter().find(|v| v.name() == t) {
-            if let Some(acnet_onnx::proto::type_proto::Value::TensorType(tt)) = v.r#type.as_ref()?.value.as_ref() {
-                return tt.elem_type;
-            }
-        }
-        let n = self.producer.get(t)?;
-        let attr = |name: &str| n.attribute.iter().find(|a| a.name() == name);
-        match n.op_type() {
-            "Shape" | "Size" | "NonZero" | "ArgMax" | "ArgMin" => Some(DataType::Int64 as i32),
-            "Cast" => attr("to").and_then(|a| a.i).map(|v| v as i32),
-            "Constant" => attr("value").and_then(|a| a.t.as_ref()).map(|t| t.data_type()),
-            "ConstantOfShape" => {
-                Some(attr("value").and_then(|a| a.t.as_ref()).map_or(DataType::Float as i32, |t| t.data_type()))
-            }
-            "Equal" | "Less" | "Greater" | "Not" | "And" | "Or" => Some(DataType::Bool as i32),
-            "Where" => self.elem(n.input.get(1)?, depth + 1),
-            _ => n.input.iter().filter(|i| !i.is_empty()).find_map(|i| self.elem(i, depth + 1)),
-        }
     }
 }
 
@@ -211,17 +164,7 @@ fn check(model: &str, style: &str, meta: &Value) -> Result<(), String> {
         why.push(format!("does not reach deploy: {w} (refused: {refused:?})"));
     }
 
-    // nothing lost
-    let (g, og) = (m.proto.graph.as_ref().unwrap(), original.graph.as_ref().unwrap());
-    if g.input != og.input || g.output != og.output {
-        why.push("graph inputs or outputs changed".into());
-    }
-    if m.proto.metadata_props != original.metadata_props
-        || m.proto.opset_import != original.opset_import
-        || m.proto.producer_name != original.producer_name
-    {
-        why.push("model metadata changed".into());
-    }
+    why.extend(harness::lost(&original, &m.proto));
 
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("fused.onnx");

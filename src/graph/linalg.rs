@@ -16,7 +16,7 @@ fn numel(s: &[usize]) -> Option<usize> {
 }
 
 /// numpy's broadcast of two shapes.
-fn broadcast(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
+pub(crate) fn broadcast(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let r = a.len().max(b.len());
     let dim = |s: &[usize], i: usize| if i + s.len() >= r { s[i + s.len() - r] } else { 1 };
     (0..r)

@@ -6,6 +6,7 @@ pub(crate) mod consts;
 pub(crate) mod fold;
 mod index;
 mod linalg;
+pub(crate) use linalg::broadcast;
 pub(crate) mod names;
 
 pub(crate) use attrs::{

@@ -515,7 +515,7 @@ fn into_gemm(cx: &Cx, i: usize, src: &Src, names: &mut Names, plan: &mut Plan) -
     // y = α·A'B + β·C: the shift adds α·s·B, into C (scaled by 1/β), or into a new C with β = 1
     let (c2, beta2) = match c {
         Some(c) if beta != 0.0 => {
-            let shape = broadcast_shape(c.shape(), &[o]).ok_or(Reason::BnChannels { bn: t.len(), conv: o })?;
+            let shape = crate::graph::broadcast(c.shape(), &[o]).ok_or(Reason::BnChannels { bn: t.len(), conv: o })?;
             let mut c2 = c.broadcast(IxDyn(&shape)).ok_or(Reason::BnChannels { bn: t.len(), conv: o })?.to_owned();
             c2 += &(v.mapv(|x| x * alpha / beta));
             (c2, None)
@@ -600,24 +600,6 @@ fn into_bn(cx: &Cx, i: usize, src: &Src, names: &mut Names, plan: &mut Plan) -> 
     plan.inits.push((gname, as_shape(gamma, &n.input[1]), ft));
     plan.inits.push((mname, as_shape(mean, &n.input[3]), ft));
     Ok(())
-}
-
-/// numpy broadcasting of two shapes.
-fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
-    let r = a.len().max(b.len());
-    let dim = |s: &[usize], i: usize| if i + s.len() >= r { s[i + s.len() - r] } else { 1 };
-    (0..r)
-        .map(|i| {
-            let (p, q) = (dim(a, i), dim(b, i));
-            if p == q || q == 1 {
-                Some(p)
-            } else if p == 1 {
-                Some(q)
-            } else {
-                None
-            }
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! The check of two models on the same inputs: the reference on every sample, its noise, the
 //! candidate, every output judged; where they diverge.
 
-use super::compare::{finish, Acc, Judge};
+use super::compare::{finish, moving_elements, Acc, Judge};
 use super::inputs::read_npz_array;
 use super::prepared::{give_back, Prepared};
 use super::report::{Divergence, OutputReport};
@@ -74,7 +74,8 @@ impl Progress {
 }
 
 /// The noise criterion sees at least this many perturbed output elements per output: an output
-/// with fewer elements than that over all samples gets more draws per sample (at most
+/// with fewer non-zero elements than that over all samples (zeros, as a Relu leaves them, show
+/// no movement) gets more draws per sample (at most
 /// [`MAX_DRAWS`]). One draw of one element is one random sum of the weights' movements, which
 /// cancels to nearly nothing often enough to fail a correct model (below a tenth of its standard
 /// deviation one time in 12, for a normal sum); the largest of 64 independent such sums is about
@@ -206,7 +207,8 @@ pub(crate) fn check(
             // the reference perturbed in place, one draw at a time, each run on its sample; or,
             // stacked, each draw run on every sample: then as many draws as give the observations
             // on their own (samples under one draw are not independent), at most as many as rounds
-            let per_sample = ro[0].values().map(|t| t.len()).min().unwrap_or(0).max(1);
+            // (counting the elements that can move: a Relu's zeros show no weight's movement)
+            let per_sample = ro.iter().flat_map(|o| o.values()).map(moving_elements).min().unwrap_or(0).max(1);
             let (fewest, draws) = if stacked {
                 (per_sample, NOISE_OBSERVATIONS.div_ceil(per_sample).clamp(1, MAX_DRAWS * data.len()))
             } else {
@@ -236,11 +238,11 @@ pub(crate) fn check(
             }
             if draws > 1 && stacked {
                 notes.push(format!(
-                    "an output has {fewest} element(s) per sample: {draws} draws of the noise, each for all samples (they run stacked)"
+                    "an output has {fewest} non-zero element(s) per sample: {draws} draws of the noise, each for all samples (they run stacked)"
                 ));
             } else if draws > 1 {
                 notes.push(format!(
-                    "an output has {fewest} element(s) over all samples: {draws} draws of the noise per sample"
+                    "an output has {fewest} non-zero element(s) over all samples: {draws} draws of the noise per sample"
                 ));
             }
             progress.say(true, || "noise measured".into());

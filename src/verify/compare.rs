@@ -45,6 +45,12 @@ fn values_f64(t: &Tensor) -> Result<Vec<f64>, String> {
     Ok(v.as_slice::<f64>().map_err(|e| chain_msg(&e))?.to_vec())
 }
 
+/// How many elements of an output can show the weights' movement: its non-zero ones (an element
+/// that is exactly zero, cut off by a Relu or on a zero border, moves with no weight).
+pub(crate) fn moving_elements(t: &Tensor) -> usize {
+    values_f64(t).map_or(t.len(), |v| v.iter().filter(|&&x| x != 0.0).count())
+}
+
 fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
     let mut idx = vec![0; shape.len()];
     for (i, d) in shape.iter().enumerate().rev() {

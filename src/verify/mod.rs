@@ -16,7 +16,7 @@
 //! rounding noise: the reference is run again with every weight moved by one unit in the last
 //! place of the type it is stored in (up or down at random, a fresh draw for each sample, or one
 //! for all of them when they run stacked (see [Memory](#memory)); more draws when an output has
-//! few elements, see [`NOISE_OBSERVATIONS`]), and the candidate passes
+//! few non-zero elements, see [`NOISE_OBSERVATIONS`]), and the candidate passes
 //! when its error statistic (the largest |reference − candidate| by default) is at most
 //! [`VerifyOptions::noise_factor`] times the largest such movement (and never less than one
 //! rounding of the output's precision at its scale, `unit · max|reference|`). The bound is

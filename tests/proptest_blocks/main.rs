@@ -508,6 +508,62 @@ fn case_chain_with_one_output_element_from_cancelling_terms_is_not_failed_by_the
     check_chain(&chain).unwrap();
 }
 
+/// Found at 30,000 cases: a 1-d block of four branches (a 9-tap kernel of dilation 3 with
+/// auto_pad VALID, a cropped 1-tap with BN, a cropped 3-tap of dilation 6, a cropped 2-tap of
+/// dilation 3) on 25 elements gives one output element, whose random terms cancel to 4.9e-4:
+/// the merge is exact, and the comparison must judge it against the size of the terms summed
+/// rather than call it vacuous.
+#[test]
+fn case_one_output_element_whose_branches_cancel_is_compared_to_its_terms() {
+    let geo = |kernel: usize, dilation: usize, auto_pad: Option<AutoPad>, crop: Option<(i64, i64)>| Geo {
+        kernel: vec![kernel],
+        strides: vec![1],
+        dilations: vec![dilation],
+        pads: vec![0, 0],
+        auto_pad,
+        crop: crop.map(|(b, e)| (vec![b], vec![e])),
+        pad: None,
+        groups: 1,
+        out: 1,
+    };
+    let br = |name: &str, g: Geo, bn: bool| Branch {
+        name: name.into(),
+        kind: Kind::Conv(g),
+        bias: false,
+        bn: bn.then_some(BnStyle { epsilon: 1e-5, training_attr: false }),
+        scale: None,
+        share_weight: None,
+    };
+    let leaf = |i: usize| Box::new(Tree::Leaf(i));
+    let bl = Block {
+        seed: 43118,
+        opset: 17,
+        k: 9,
+        cin: 1,
+        cout: 1,
+        input: vec![25],
+        branches: vec![
+            br("base", geo(9, 3, Some(AutoPad::Valid), None), false),
+            br("b0", geo(1, 1, None, Some((6, 18))), true),
+            br("b1", geo(3, 6, None, Some((6, 6))), false),
+            br("b2", geo(2, 3, None, Some((0, 21))), false),
+        ],
+        const_bias: None,
+        tree: Tree::Add(leaf(1), Box::new(Tree::Add(leaf(2), Box::new(Tree::Add(leaf(3), leaf(0)))))),
+        bn_after: None,
+        f64: false,
+        pre: Pre::None,
+        bystander: false,
+        omit_kernel_shape: false,
+        shuffle: None,
+        explicit_defaults: false,
+        slice_negative_axes: false,
+        slice_steps: false,
+        mutations: vec![],
+    };
+    check_geometry(&bl).unwrap();
+}
+
 /// Found at 30,000 cases: a depthwise 1x1 Conv, then `(c - y) * m` and a Relu, folded exactly
 /// into the Conv. Of the output's 100 elements a handful were not cut to zero by the Relu, all in
 /// one channel, where the one draw of the noise (enough for 100 elements) moved c and the weight

@@ -315,12 +315,17 @@ fn scale_along(w: &ArrayD<f64>, axis: usize, t: &Array1<f64>) -> ArrayD<f64> {
 
 type AfterPlan = (HashMap<usize, NodeProto>, Vec<(String, Exact, FloatType)>);
 
+/// What `after` writes: the changed nodes, the new initializers, and the names it took.
+struct Edits<'a> {
+    names: crate::graph::Names<'a>,
+    nodes: HashMap<usize, NodeProto>,
+    inits: Vec<(String, Exact, FloatType)>,
+}
+
 /// The layer's weights and bias (and the bias Add on the way) scaled by t and shifted by s; the
 /// node before the map writes its output.
 fn after(cx: &Cx, what: (&str, &str), map: &ConstAffine, back: &Back) -> Result<AfterPlan, Reason> {
-    let mut names = cx.names();
-    let mut nodes: HashMap<usize, NodeProto> = HashMap::new();
-    let mut inits: Vec<(String, Exact, FloatType)> = Vec::new();
+    let mut p = Edits { names: cx.names(), nodes: HashMap::new(), inits: Vec::new() };
     let o = back.outputs;
     let (t, s) = (sized(&map.t, o).expect("sizes checked by find"), sized(&map.s, o).expect("sizes checked by find"));
     let scales = t.iter().any(|&v| v != 1.0);
@@ -332,13 +337,13 @@ fn after(cx: &Cx, what: (&str, &str), map: &ConstAffine, back: &Back) -> Result<
         Layer::MatMul(_) => {
             if scales {
                 let (w, ft) = cx.consts.f64(&l.input[1]).map_err(Reason::Const)?;
-                let wname = names.own_or_fresh(cx.ix, &l.input[1]);
-                nodes.entry(li).or_insert_with(|| l.clone()).input[1] = wname.clone();
-                inits.push((wname, scale_along(&w, 1, &t).into(), ft));
+                let wname = p.names.own_or_fresh(cx.ix, &l.input[1]);
+                p.nodes.entry(li).or_insert_with(|| l.clone()).input[1] = wname.clone();
+                p.inits.push((wname, scale_along(&w, 1, &t).into(), ft));
             }
         }
-        Layer::Gemm(_) => gemm(cx, what, li, &t, &layer_shift, scales, &mut names, &mut nodes, &mut inits)?,
-        Layer::Conv(_) => conv(cx, what, li, &t, &layer_shift, scales, &mut names, &mut nodes, &mut inits)?,
+        Layer::Gemm(_) => gemm(cx, what, li, &t, &layer_shift, scales, &mut p)?,
+        Layer::Conv(_) => conv(cx, what, li, &t, &layer_shift, scales, &mut p)?,
     }
     if let Some((a, k, at)) = &back.bias {
         // b' = b·t + s, per channel on the bias's axis (elementwise for a scalar map); a Sub's
@@ -358,25 +363,24 @@ fn after(cx: &Cx, what: (&str, &str), map: &ConstAffine, back: &Back) -> Result<
                 }
             }
         };
-        let bname = names.own_or_fresh(cx.ix, &an.input[*k]);
-        nodes.entry(*a).or_insert_with(|| an.clone()).input[*k] = bname.clone();
-        inits.push((bname, b2.into(), bft));
+        let bname = p.names.own_or_fresh(cx.ix, &an.input[*k]);
+        p.nodes.entry(*a).or_insert_with(|| an.clone()).input[*k] = bname.clone();
+        p.inits.push((bname, b2.into(), bft));
     }
     // the node before the map writes its output (and what reads the shape of its input reads it)
-    let p = cx.producer(&map.x).expect("a producer on the way");
-    let pn = nodes.entry(p).or_insert_with(|| cx.node(p).clone());
+    let before = cx.producer(&map.x).expect("a producer on the way");
+    let pn = p.nodes.entry(before).or_insert_with(|| cx.node(before).clone());
     pn.output[0] = map.y.clone();
     for r in shape_readers(cx, &map.x) {
-        let rn = nodes.entry(r).or_insert_with(|| cx.node(r).clone());
+        let rn = p.nodes.entry(r).or_insert_with(|| cx.node(r).clone());
         for i in rn.input.iter_mut().filter(|i| **i == map.x) {
             *i = map.y.clone();
         }
     }
-    Ok((nodes, inits))
+    Ok((p.nodes, p.inits))
 }
 
 /// t·(α·AB + β·C) + s = α·A(B·t) + β·(C·t + s/β), or a new C = s with β = 1.
-#[allow(clippy::too_many_arguments)]
 fn gemm(
     cx: &Cx,
     map: (&str, &str),
@@ -384,9 +388,7 @@ fn gemm(
     t: &Array1<f64>,
     s: &Array1<f64>,
     scales: bool,
-    names: &mut crate::graph::Names,
-    nodes: &mut HashMap<usize, NodeProto>,
-    inits: &mut Vec<(String, Exact, FloatType)>,
+    p: &mut Edits<'_>,
 ) -> Result<(), Reason> {
     let n = cx.node(g);
     let (b, ft) = cx.consts.f64(&n.input[1]).map_err(Reason::Const)?;
@@ -400,11 +402,11 @@ fn gemm(
             layer_channels: b.shape().get(out_axis).copied().unwrap_or(0),
         });
     }
-    let node = nodes.entry(g).or_insert_with(|| n.clone());
+    let node = p.nodes.entry(g).or_insert_with(|| n.clone());
     if scales {
-        let bname = names.own_or_fresh(cx.ix, &n.input[1]);
+        let bname = p.names.own_or_fresh(cx.ix, &n.input[1]);
         node.input[1] = bname.clone();
-        inits.push((bname, scale_along(&b, out_axis, t).into(), ft));
+        p.inits.push((bname, scale_along(&b, out_axis, t).into(), ft));
     }
     let beta = attr_float(n, "beta", 1.0) as f64;
     let shifts = s.iter().any(|&v| v != 0.0);
@@ -415,12 +417,12 @@ fn gemm(
     match c {
         Some((name, c)) if scales || shifts => {
             let c2 = &c * &t.view().into_dyn() + &s.mapv(|v| v / beta).into_dyn();
-            let cname = names.own_or_fresh(cx.ix, &name);
+            let cname = p.names.own_or_fresh(cx.ix, &name);
             node.input[2] = cname.clone();
-            inits.push((cname, c2.into(), ft));
+            p.inits.push((cname, c2.into(), ft));
         }
         None if shifts => {
-            let cname = names.fresh(&format!("{}_bias", n.input[1]));
+            let cname = p.names.fresh(&format!("{}_bias", n.input[1]));
             node.input.truncate(2);
             node.input.push(cname.clone());
             node.attribute.retain(|a| a.name() != "beta");
@@ -430,7 +432,7 @@ fn gemm(
                 r#type: Some(AttributeType::Float as i32),
                 ..Default::default()
             });
-            inits.push((cname, s.clone().into_dyn().into(), ft));
+            p.inits.push((cname, s.clone().into_dyn().into(), ft));
         }
         _ => {}
     }
@@ -438,7 +440,6 @@ fn gemm(
 }
 
 /// Each output channel's weights times t, the bias b·t + s.
-#[allow(clippy::too_many_arguments)]
 fn conv(
     cx: &Cx,
     map: (&str, &str),
@@ -446,9 +447,7 @@ fn conv(
     t: &Array1<f64>,
     s: &Array1<f64>,
     scales: bool,
-    names: &mut crate::graph::Names,
-    nodes: &mut HashMap<usize, NodeProto>,
-    inits: &mut Vec<(String, Exact, FloatType)>,
+    p: &mut Edits<'_>,
 ) -> Result<(), Reason> {
     let n = cx.node(i);
     let refuse = |err| Reason::Conv { conv: n.label().to_string(), err };
@@ -477,22 +476,22 @@ fn conv(
         }
     };
     let bias = &bias * t + s;
-    let node = nodes.entry(i).or_insert_with(|| n.clone());
+    let node = p.nodes.entry(i).or_insert_with(|| n.clone());
     let bname = match weight {
         Some(w) => {
-            let (wname, bname) = names.conv_params(cx.ix, n);
+            let (wname, bname) = p.names.conv_params(cx.ix, n);
             node.input[1] = wname.clone();
-            inits.push((wname, w, ft));
+            p.inits.push((wname, w, ft));
             bname
         }
         None => match n.input.get(2).filter(|b| !b.is_empty()) {
-            Some(b) => names.own_or_fresh(cx.ix, b),
-            None => names.fresh(&format!("{}_bias", n.input[1])),
+            Some(b) => p.names.own_or_fresh(cx.ix, b),
+            None => p.names.fresh(&format!("{}_bias", n.input[1])),
         },
     };
     node.input.truncate(2);
     node.input.push(bname.clone());
-    inits.push((bname, bias.into_dyn().into(), ft));
+    p.inits.push((bname, bias.into_dyn().into(), ft));
     Ok(())
 }
 

@@ -300,6 +300,41 @@ pub(crate) fn sample(inputs: &[ResolvedInput], rng: &mut StdRng) -> Result<HashM
     Ok(data)
 }
 
+/// The graph inputs both models run at and the samples drawn of them, as the whole check and a
+/// check in parts take them.
+pub(crate) struct Drawn {
+    pub(crate) inputs: Vec<ResolvedInput>,
+    /// Every input comes from a file (then there is one sample).
+    pub(crate) all_files: bool,
+    /// Each sample's values, by input name.
+    pub(crate) data: Vec<HashMap<String, Tensor>>,
+}
+
+/// The inputs the reference `r` and the candidate resolve to (their signatures `rsig` and `csig`
+/// checked alike), a half-precision input drawn in its stored type, and the samples drawn from
+/// them with the seed.
+pub(crate) fn draw_inputs(
+    r: &super::prepared::Prepared,
+    rsig: &Signature,
+    csig: &Signature,
+    opts: &VerifyOptions,
+    notes: &mut Vec<String>,
+) -> Result<Drawn, Error> {
+    let fixed = fixed_symbols(&r.model, rsig, opts);
+    let mut inputs = resolve_inputs(rsig, csig, opts, &fixed, notes)?;
+    for i in &mut inputs {
+        i.stored = r.half.get(&i.name).copied();
+    }
+    let all_files = inputs.iter().all(|i| i.data.is_some());
+    let samples = if all_files { 1 } else { opts.samples };
+    if all_files && opts.samples != 1 {
+        notes.push("every input comes from a file: one sample".into());
+    }
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    let data = (0..samples).map(|_| sample(&inputs, &mut rng)).collect::<Result<_, _>>()?;
+    Ok(Drawn { inputs, all_files, data })
+}
+
 /// What the latency bench runs two models on: the inputs the check resolves and the first sample
 /// it draws from them (the same seed, `--input-shape` and input files; symbolic dims as 1).
 pub(crate) struct FirstSample {

@@ -132,12 +132,10 @@ use crate::model::transform::has_half;
 use crate::model::Model;
 use crate::tract::{unknown_nodes, unrunnable_nodes, InputFact};
 use check::{batch_axis, check, Checked, Progress};
-use inputs::{fixed_symbols, resolve_inputs, sample, write_npz};
+use inputs::{draw_inputs, write_npz, Drawn};
 use parts::{verify_cut, Unrunnable};
 use prepared::{load_error, prepare_model, Prepared};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
 use tract_onnx::prelude::Tensor;
 
@@ -212,21 +210,9 @@ fn whole(
     };
     let rsig = r.tract()?.signature()?;
     check_signature(&rsig, &csig)?;
-    let fixed = fixed_symbols(&r.model, &rsig, opts);
-    let mut inputs = resolve_inputs(&rsig, &csig, opts, &fixed, &mut notes)?;
-    for i in &mut inputs {
-        i.stored = r.half.get(&i.name).copied();
-    }
+    let Drawn { inputs, all_files, data } = draw_inputs(r, &rsig, &csig, opts, &mut notes)?;
     progress.say(true, || "models loaded".into());
     let facts: Vec<InputFact> = inputs.iter().map(|i| i.fact()).collect();
-    let all_files = inputs.iter().all(|i| i.data.is_some());
-    let samples = if all_files { 1 } else { opts.samples };
-    if all_files && opts.samples != 1 {
-        notes.push("every input comes from a file: one sample".into());
-    }
-    let mut rng = StdRng::seed_from_u64(opts.seed);
-    let data: Vec<HashMap<String, Tensor>> =
-        (0..samples).map(|_| sample(&inputs, &mut rng)).collect::<Result<_, _>>()?;
     let stack = batch_axis(&rsig) && batch_axis(&csig);
     let Checked { outputs, divergence, first } =
         check(r, c, &facts, &data, stack, all_files, opts, &mut notes, progress)?;
@@ -248,7 +234,7 @@ fn whole(
         evaluation: if upcast { "float32 upcast".into() } else { "native".into() },
         golden: opts.load_outputs.as_ref().map(|p| p.display().to_string()),
         divergence,
-        samples,
+        samples: data.len(),
         seed: opts.seed,
         inputs: inputs.iter().map(|i| i.spec()).collect(),
         outputs,

@@ -4,7 +4,7 @@
 
 use super::check::{batch_axis, check, check_signature, Checked, Progress};
 use super::cut::{build, plan, same_slices, slice, From, Plan};
-use super::inputs::{fixed_symbols, resolve_inputs, sample, ResolvedInput};
+use super::inputs::{draw_inputs, sample, Drawn, ResolvedInput};
 use super::prepared::Prepared;
 use super::report::{CutNode, OutputReport, PartReport, VerifyReport};
 use super::VerifyOptions;
@@ -205,19 +205,7 @@ pub(crate) fn verify_cut(
     let rsig = declared_signature(&r.model, &r.shown)?;
     let csig = declared_signature(&c.model, &c.shown)?;
     check_signature(&rsig, &csig)?;
-    let fixed = fixed_symbols(&r.model, &rsig, opts);
-    let mut inputs = resolve_inputs(&rsig, &csig, opts, &fixed, &mut notes)?;
-    for i in &mut inputs {
-        i.stored = r.half.get(&i.name).copied();
-    }
-    let all_files = inputs.iter().all(|i| i.data.is_some());
-    let samples = if all_files { 1 } else { opts.samples };
-    if all_files && opts.samples != 1 {
-        notes.push("every input comes from a file: one sample".into());
-    }
-    let mut rng = StdRng::seed_from_u64(opts.seed);
-    let data: Vec<HashMap<String, Tensor>> =
-        (0..samples).map(|_| sample(&inputs, &mut rng)).collect::<Result<_, _>>()?;
+    let Drawn { inputs, data, .. } = draw_inputs(r, &rsig, &csig, opts, &mut notes)?;
     // the value chosen for every symbolic dim of a graph input
     let mut symbols: HashMap<String, usize> = HashMap::new();
     for i in &inputs {
@@ -428,7 +416,7 @@ pub(crate) fn verify_cut(
         evaluation: if upcast { "float32 upcast".into() } else { "native".into() },
         golden: None,
         divergence: reports.iter().find_map(|p| p.divergence.clone()),
-        samples,
+        samples: data.len(),
         seed: opts.seed,
         inputs: inputs.iter().map(|i| i.spec()).collect(),
         outputs,

@@ -146,6 +146,33 @@ pub(crate) struct Block {
 }
 
 impl Block {
+    /// The fields a hand-written block leaves as plain as they get (opset 17, float32, x the graph
+    /// input, no constant bias, no BN after the sum, no bystander, nodes in order, default
+    /// attributes left out): `Block { k, cin, cout, input, branches, tree, ..Block::plain() }`.
+    pub(crate) fn plain() -> Block {
+        Block {
+            seed: 0,
+            opset: 17,
+            k: 1,
+            cin: 1,
+            cout: 1,
+            input: vec![],
+            branches: vec![],
+            const_bias: None,
+            tree: Tree::Sum(vec![]),
+            bn_after: None,
+            f64: false,
+            pre: Pre::None,
+            bystander: false,
+            omit_kernel_shape: false,
+            shuffle: None,
+            explicit_defaults: false,
+            slice_negative_axes: false,
+            slice_steps: false,
+            mutations: vec![],
+        }
+    }
+
     pub(crate) fn rank(&self) -> usize {
         self.input.len()
     }

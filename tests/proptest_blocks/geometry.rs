@@ -379,27 +379,7 @@ fn gen_geometry_at(v: &[u16], at_least: &[usize]) -> Block {
     }
     let tree =
         if ch.chance(20) { Tree::Sum(order.iter().map(|&l| Tree::Leaf(l)).collect()) } else { gen_tree(ch, &order) };
-    Block {
-        seed,
-        opset: 17,
-        k: kk[0],
-        cin,
-        cout,
-        input,
-        branches,
-        const_bias: None,
-        tree,
-        bn_after: None,
-        f64: false,
-        pre: Pre::None,
-        bystander: false,
-        omit_kernel_shape: false,
-        shuffle: None,
-        explicit_defaults: false,
-        slice_negative_axes: false,
-        slice_steps: false,
-        mutations: vec![],
-    }
+    Block { seed, k: kk[0], cin, cout, input, branches, tree, ..Block::plain() }
 }
 
 /// Whether the refusal `misfit` of branch `i` against the base is true of the block.

@@ -250,7 +250,6 @@ fn negative_pad_block(h: usize, w: usize, pad_b: [i64; 2], pad_e: [i64; 2], conv
     };
     Block {
         seed: 0,
-        opset: 17,
         k: 3,
         cin: 2,
         cout: 2,
@@ -259,18 +258,8 @@ fn negative_pad_block(h: usize, w: usize, pad_b: [i64; 2], pad_e: [i64; 2], conv
             br("square", geo(vec![3, 3], vec![1, 1], vec![1, 1, 1, 1], None)),
             br("hor", geo(vec![1, 3], vec![1, 2], conv_pads.to_vec(), Some((pad_b.to_vec(), pad_e.to_vec())))),
         ],
-        const_bias: None,
         tree: Tree::Add(Box::new(Tree::Leaf(0)), Box::new(Tree::Leaf(1))),
-        bn_after: None,
-        f64: false,
-        pre: Pre::None,
-        bystander: false,
-        omit_kernel_shape: false,
-        shuffle: None,
-        explicit_defaults: false,
-        slice_negative_axes: false,
-        slice_steps: false,
-        mutations: vec![],
+        ..Block::plain()
     }
 }
 
@@ -399,7 +388,6 @@ fn case_general_path_recovers_kernels_in_f64_in_the_regions_own_window() {
     };
     let bl = Block {
         seed: 8270,
-        opset: 17,
         k: 5,
         cin: 2,
         cout: 1,
@@ -409,18 +397,9 @@ fn case_general_path_recovers_kernels_in_f64_in_the_regions_own_window() {
             br("ver", geo(vec![5, 1], vec![2, 0, 2, 1], Some((vec![0, 1], vec![0, 0]))), bn),
             br("hor", geo(vec![1, 5], vec![0, 0, 0, 4], None), bn),
         ],
-        const_bias: None,
         tree: Tree::Add(Box::new(Tree::Leaf(1)), Box::new(Tree::Add(Box::new(Tree::Leaf(2)), Box::new(Tree::Leaf(0))))),
-        bn_after: None,
-        f64: false,
-        pre: Pre::None,
-        bystander: false,
-        omit_kernel_shape: false,
-        shuffle: None,
-        explicit_defaults: false,
-        slice_negative_axes: false,
-        slice_steps: false,
         mutations: vec!["hor: conv pads shifted by -2 on axis 1 (0, 5)".into()],
+        ..Block::plain()
     };
     assert!(leaf_shapes(&bl).is_ok_and(|s| s.iter().all(|s| s == &[1, 1, 8, 8])), "{:?}", leaf_shapes(&bl));
     let built = build(&bl);
@@ -537,7 +516,6 @@ fn case_one_output_element_whose_branches_cancel_is_compared_to_its_terms() {
     let leaf = |i: usize| Box::new(Tree::Leaf(i));
     let bl = Block {
         seed: 43118,
-        opset: 17,
         k: 9,
         cin: 1,
         cout: 1,
@@ -548,18 +526,8 @@ fn case_one_output_element_whose_branches_cancel_is_compared_to_its_terms() {
             br("b1", geo(3, 6, None, Some((6, 6))), false),
             br("b2", geo(2, 3, None, Some((0, 21))), false),
         ],
-        const_bias: None,
         tree: Tree::Add(leaf(1), Box::new(Tree::Add(leaf(2), Box::new(Tree::Add(leaf(3), leaf(0)))))),
-        bn_after: None,
-        f64: false,
-        pre: Pre::None,
-        bystander: false,
-        omit_kernel_shape: false,
-        shuffle: None,
-        explicit_defaults: false,
-        slice_negative_axes: false,
-        slice_steps: false,
-        mutations: vec![],
+        ..Block::plain()
     };
     check_geometry(&bl).unwrap();
 }

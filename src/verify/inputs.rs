@@ -310,9 +310,9 @@ pub(crate) struct Drawn {
     pub(crate) data: Vec<HashMap<String, Tensor>>,
 }
 
-/// The inputs the reference `r` and the candidate resolve to (their signatures `rsig` and `csig`
-/// checked alike), a half-precision input drawn in its stored type, and the samples drawn from
-/// them with the seed.
+/// The inputs the reference `r` and the candidate (signatures `rsig` and `csig`, already found
+/// alike by `check_signature`) resolve to, a half-precision input drawn in its stored type, and
+/// the samples drawn from them with the seed.
 pub(crate) fn draw_inputs(
     r: &super::prepared::Prepared,
     rsig: &Signature,
